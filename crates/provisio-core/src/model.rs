@@ -1,0 +1,195 @@
+//! Enrollments, groups and registration records, as Provisio stores them.
+//!
+//! These are Provisio's own serde shapes (the store keeps them as JSON documents); the
+//! service API's wire shapes live in `provisio-proto` and are converted at the edge.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a device proves its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Attestation {
+    /// Symmetric keys (base64). For a group these are group keys from which device keys
+    /// are derived.
+    #[serde(rename_all = "camelCase")]
+    SymmetricKey {
+        /// Primary key.
+        primary_key: String,
+        /// Secondary key.
+        secondary_key: String,
+    },
+}
+
+impl Attestation {
+    /// The DPS name of the attestation type.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::SymmetricKey { .. } => "symmetricKey",
+        }
+    }
+}
+
+/// `reprovisionPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReprovisionPolicy {
+    /// Re-run allocation on a new registration.
+    pub update_hub_assignment: bool,
+    /// Migrate device data when the hub changes.
+    pub migrate_device_data: bool,
+}
+
+/// `customAllocationDefinition`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomAllocation {
+    /// Webhook URL.
+    pub webhook_url: String,
+    /// Enrollment schema version sent to the webhook.
+    pub api_version: String,
+}
+
+/// Settings shared by individual enrollments and groups.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentSettings {
+    /// `provisioningStatus` is `enabled` (absent counts as enabled).
+    pub enabled: bool,
+    /// Initial twin, kept verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
+    /// `capabilities.iotEdge`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iot_edge: Option<bool>,
+    /// Re-provisioning policy, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprovision_policy: Option<ReprovisionPolicy>,
+    /// Allocation policy name, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_policy: Option<String>,
+    /// Hubs this enrollment may use, if restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iot_hubs: Option<Vec<String>>,
+    /// Legacy single-hub field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iot_hub_host_name: Option<String>,
+    /// Custom allocation webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_allocation: Option<CustomAllocation>,
+}
+
+/// An individual enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enrollment {
+    /// Registration id as the operator spelled it.
+    pub registration_id: String,
+    /// Desired device id; the registration id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Attestation.
+    pub attestation: Attestation,
+    /// Shared settings.
+    pub settings: EnrollmentSettings,
+    /// `optionalDeviceInformation`, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional_device_information: Option<Value>,
+    /// Creation time (DPS format).
+    pub created: String,
+    /// Last update time (DPS format).
+    pub updated: String,
+}
+
+/// An enrollment group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentGroup {
+    /// Group id as the operator spelled it.
+    pub enrollment_group_id: String,
+    /// Attestation (group keys or signing certificates).
+    pub attestation: Attestation,
+    /// Shared settings.
+    pub settings: EnrollmentSettings,
+    /// Creation time (DPS format).
+    pub created: String,
+    /// Last update time (DPS format).
+    pub updated: String,
+}
+
+/// Which enrollment a registration went through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum EnrollmentSource {
+    /// An individual enrollment (same id as the registration).
+    Individual,
+    /// An enrollment group.
+    #[serde(rename_all = "camelCase")]
+    Group {
+        /// The group id.
+        enrollment_group_id: String,
+    },
+}
+
+/// `AssignedDeviceSubstatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Substatus {
+    /// First assignment.
+    InitialAssignment,
+    /// Moved, data migrated.
+    DeviceDataMigrated,
+    /// Moved, data reset.
+    DeviceDataReset,
+    /// Record lost, device already in hub.
+    ReprovisionedToInitialAssignment,
+}
+
+/// How a registration ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "camelCase")]
+pub enum Outcome {
+    /// Assigned to a hub.
+    #[serde(rename_all = "camelCase")]
+    Assigned {
+        /// Hub host name.
+        assigned_hub: String,
+        /// Device id in the hub.
+        device_id: String,
+        /// Substatus.
+        substatus: Substatus,
+        /// Payload returned to the device (custom allocation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<Value>,
+    },
+    /// Failed; code and message say why.
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        /// DPS error code.
+        error_code: u32,
+        /// Message.
+        error_message: String,
+    },
+    /// The enrollment or group is disabled.
+    Disabled,
+}
+
+/// The registration record of a device, written by each registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// Registration id as the device spelled it.
+    pub registration_id: String,
+    /// First registration.
+    pub created: String,
+    /// This registration.
+    pub updated: String,
+    /// Result.
+    pub outcome: Outcome,
+    /// The enrollment it matched.
+    pub source: EnrollmentSource,
+    /// The custom payload the device sent, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+}
