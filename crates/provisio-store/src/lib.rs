@@ -1,1 +1,166 @@
-//! placeholder
+//! Provisio's storage: the [`Store`] trait and its embedded SQLite implementation.
+//!
+//! The store versions opaque JSON documents (enrollments, groups, registration records,
+//! policies, instance metadata) with ETags and keeps registration operations. It knows
+//! nothing of DPS wire formats; `provisio-server` decides what goes in a body.
+//! Every write is a single atomic statement or one transaction, so ETag checks cannot
+//! race, and SQLite runs with `synchronous=FULL` so an acknowledged write survives a crash.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use thiserror::Error;
+
+pub use sqlite::SqliteStore;
+
+/// A kind of document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    /// Individual enrollments, keyed by case-folded registration id.
+    Enrollments,
+    /// Enrollment groups, keyed by case-folded group id.
+    EnrollmentGroups,
+    /// Registration records, keyed by case-folded registration id.
+    Registrations,
+    /// Shared access policies, keyed by name.
+    Policies,
+    /// Instance metadata (identity, CA, server certificate).
+    Meta,
+}
+
+impl Collection {
+    /// The name stored in the `collection` column.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enrollments => "enrollments",
+            Self::EnrollmentGroups => "enrollmentGroups",
+            Self::Registrations => "registrations",
+            Self::Policies => "policies",
+            Self::Meta => "meta",
+        }
+    }
+}
+
+/// A stored, versioned document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Key within its collection.
+    pub id: String,
+    /// Changes on every write.
+    pub etag: String,
+    /// JSON body.
+    pub body: String,
+}
+
+/// The condition a write must meet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// Only if no document has this id (`PUT` without `If-Match`).
+    CreateOnly,
+    /// Unconditionally (`If-Match: *`).
+    Any,
+    /// Only if the current etag is this one.
+    IfMatch(String),
+}
+
+/// One registration operation: a snapshot of the registration record it produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    /// Operation id.
+    pub id: String,
+    /// Case-folded registration id.
+    pub registration_id: String,
+    /// The record's etag after this operation.
+    pub registration_etag: String,
+    /// The record's body after this operation.
+    pub registration_body: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Storage failures.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The document does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A document with this id already exists.
+    #[error("already exists")]
+    Conflict,
+    /// The etag did not match.
+    #[error("etag mismatch")]
+    PreconditionFailed,
+    /// The database failed.
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Backend(e.to_string())
+    }
+}
+
+/// Result of store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Storage behind the registration engine and the service API.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads a document.
+    async fn get(&self, c: Collection, id: &str) -> Result<Option<Document>>;
+
+    /// Writes a document under `pre`; returns it with its new etag.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] for `CreateOnly` on an existing id,
+    /// [`StoreError::NotFound`] / [`StoreError::PreconditionFailed`] for `IfMatch`.
+    async fn put(&self, c: Collection, id: &str, body: &str, pre: Precondition) -> Result<Document>;
+
+    /// Inserts `body` unless the id exists; returns whichever document is stored. Used
+    /// to initialise instance state exactly once even when nodes start together.
+    async fn insert_if_absent(&self, c: Collection, id: &str, body: &str) -> Result<Document>;
+
+    /// Deletes a document, if `if_match` is given only when its etag matches.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or [`StoreError::PreconditionFailed`].
+    async fn delete(&self, c: Collection, id: &str, if_match: Option<&str>) -> Result<()>;
+
+    /// Lists documents in id order, starting after `after`, at most `limit`.
+    async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;
+
+    /// Writes a registration record and records the operation that produced it, in one
+    /// transaction. Returns the record with its new etag.
+    async fn record_registration(
+        &self,
+        registration_id: &str,
+        body: &str,
+        operation_id: &str,
+    ) -> Result<Document>;
+
+    /// Reads an operation.
+    async fn get_operation(&self, id: &str) -> Result<Option<Operation>>;
+
+    /// Deletes operations created before `before` (Unix seconds); returns how many.
+    async fn purge_operations(&self, before: i64) -> Result<u64>;
+}
+
+/// A fresh etag: base64 of a quoted UUID, the shape DPS uses.
+#[must_use]
+pub fn new_etag() -> String {
+    B64.encode(format!("\"{}\"", uuid::Uuid::new_v4()))
+}
+
+/// Seconds since the Unix epoch.
+#[must_use]
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,98 @@
+//! The store conformance suite. Every backend must pass it; today SQLite (file-backed,
+//! as in production, and in-memory).
+
+use crate::{Collection as C, Precondition as P, SqliteStore, Store, StoreError};
+
+async fn stores() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+    let mem = SqliteStore::in_memory().await.unwrap();
+    vec![(dir, Box::new(file)), (tempfile::tempdir().unwrap(), Box::new(mem))]
+}
+
+#[tokio::test]
+async fn put_get_and_etag_rules() {
+    for (_d, s) in stores().await {
+        let a = s.put(C::Enrollments, "dev1", "{\"v\":1}", P::CreateOnly).await.unwrap();
+        assert_eq!(s.get(C::Enrollments, "dev1").await.unwrap().unwrap(), a);
+        // Same id, other collection: independent.
+        assert!(s.get(C::EnrollmentGroups, "dev1").await.unwrap().is_none());
+        assert!(matches!(s.put(C::Enrollments, "dev1", "{}", P::CreateOnly).await, Err(StoreError::Conflict)));
+        assert!(matches!(
+            s.put(C::Enrollments, "dev1", "{}", P::IfMatch("nope".into())).await,
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert!(matches!(
+            s.put(C::Enrollments, "ghost", "{}", P::IfMatch("nope".into())).await,
+            Err(StoreError::NotFound)
+        ));
+        let b = s.put(C::Enrollments, "dev1", "{\"v\":2}", P::IfMatch(a.etag.clone())).await.unwrap();
+        assert_ne!(a.etag, b.etag);
+        // The old etag is stale now.
+        assert!(matches!(
+            s.put(C::Enrollments, "dev1", "{}", P::IfMatch(a.etag.clone())).await,
+            Err(StoreError::PreconditionFailed)
+        ));
+        let c = s.put(C::Enrollments, "dev1", "{\"v\":3}", P::Any).await.unwrap();
+        assert_eq!(s.get(C::Enrollments, "dev1").await.unwrap().unwrap().body, "{\"v\":3}");
+        assert!(matches!(s.delete(C::Enrollments, "dev1", Some(&b.etag)).await, Err(StoreError::PreconditionFailed)));
+        s.delete(C::Enrollments, "dev1", Some(&c.etag)).await.unwrap();
+        assert!(matches!(s.delete(C::Enrollments, "dev1", None).await, Err(StoreError::NotFound)));
+        assert!(s.get(C::Enrollments, "dev1").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn insert_if_absent_keeps_the_first() {
+    for (_d, s) in stores().await {
+        let a = s.insert_if_absent(C::Meta, "instance", "first").await.unwrap();
+        let b = s.insert_if_absent(C::Meta, "instance", "second").await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(b.body, "first");
+    }
+}
+
+#[tokio::test]
+async fn list_pages_in_id_order() {
+    for (_d, s) in stores().await {
+        for i in [3, 1, 2, 5, 4] {
+            s.put(C::EnrollmentGroups, &format!("g{i}"), "{}", P::CreateOnly).await.unwrap();
+        }
+        let p1 = s.list(C::EnrollmentGroups, None, 2).await.unwrap();
+        assert_eq!(p1.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["g1", "g2"]);
+        let p2 = s.list(C::EnrollmentGroups, Some("g2"), 10).await.unwrap();
+        assert_eq!(p2.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["g3", "g4", "g5"]);
+        assert!(s.list(C::Enrollments, None, 10).await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn registrations_and_operations() {
+    for (_d, s) in stores().await {
+        let r1 = s.record_registration("dev1", "{\"n\":1}", "op1").await.unwrap();
+        let r2 = s.record_registration("dev1", "{\"n\":2}", "op2").await.unwrap();
+        assert_ne!(r1.etag, r2.etag);
+        let op1 = s.get_operation("op1").await.unwrap().unwrap();
+        assert_eq!((op1.registration_body.as_str(), op1.registration_etag.as_str()), ("{\"n\":1}", r1.etag.as_str()));
+        assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
+        // Operation ids are unique: a replayed id fails and changes nothing.
+        assert!(s.record_registration("dev1", "{\"n\":3}", "op1").await.is_err());
+        assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
+        assert!(s.get_operation("nope").await.unwrap().is_none());
+        assert_eq!(s.purge_operations(crate::unix_now() + 10).await.unwrap(), 2);
+        assert!(s.get_operation("op2").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn file_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    {
+        let s = SqliteStore::open(&path).await.unwrap();
+        s.record_registration("dev1", "{}", "op1").await.unwrap();
+        // No close(): dropping without a clean shutdown, as after a crash.
+    }
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert!(s.get_operation("op1").await.unwrap().is_some());
+}

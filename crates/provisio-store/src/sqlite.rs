@@ -1,0 +1,260 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    Row,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreError, new_etag, unix_now};
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and applies migrations.
+    ///
+    /// # Errors
+    /// If the file cannot be opened or migrated.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged commit survives power loss, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        Self::connect(opts).await
+    }
+
+    /// Opens a private in-memory database (tests).
+    ///
+    /// # Errors
+    /// If SQLite fails.
+    pub async fn in_memory() -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        // One connection: each in-memory connection would otherwise be its own database.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let s = Self { pool };
+        s.migrate().await?;
+        Ok(s)
+    }
+
+    async fn connect(opts: SqliteConnectOptions) -> Result<Self> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        let s = Self { pool };
+        s.migrate().await?;
+        Ok(s)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migration failed: {e}")))
+    }
+
+    async fn exists(&self, c: Collection, id: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM documents WHERE collection = ? AND id = ?")
+            .bind(c.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Closes the pool, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn doc(row: &sqlx::sqlite::SqliteRow) -> Result<Document> {
+    Ok(Document { id: row.try_get("id")?, etag: row.try_get("etag")?, body: row.try_get("body")? })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, c: Collection, id: &str) -> Result<Option<Document>> {
+        sqlx::query("SELECT id, etag, body FROM documents WHERE collection = ? AND id = ?")
+            .bind(c.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(doc)
+            .transpose()
+    }
+
+    async fn put(&self, c: Collection, id: &str, body: &str, pre: Precondition) -> Result<Document> {
+        let etag = new_etag();
+        let now = unix_now();
+        let affected = match &pre {
+            Precondition::CreateOnly => sqlx::query(
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id) DO NOTHING",
+            )
+            .bind(c.as_str())
+            .bind(id)
+            .bind(&etag)
+            .bind(body)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Precondition::Any => sqlx::query(
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (collection, id) DO UPDATE
+                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at",
+            )
+            .bind(c.as_str())
+            .bind(id)
+            .bind(&etag)
+            .bind(body)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Precondition::IfMatch(expected) => sqlx::query(
+                "UPDATE documents SET etag = ?, body = ?, updated_at = ?
+                 WHERE collection = ? AND id = ? AND etag = ?",
+            )
+            .bind(&etag)
+            .bind(body)
+            .bind(now)
+            .bind(c.as_str())
+            .bind(id)
+            .bind(expected)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+        };
+        if affected == 0 {
+            return Err(match pre {
+                Precondition::CreateOnly => StoreError::Conflict,
+                _ if self.exists(c, id).await? => StoreError::PreconditionFailed,
+                _ => StoreError::NotFound,
+            });
+        }
+        Ok(Document { id: id.to_owned(), etag, body: body.to_owned() })
+    }
+
+    async fn insert_if_absent(&self, c: Collection, id: &str, body: &str) -> Result<Document> {
+        match self.put(c, id, body, Precondition::CreateOnly).await {
+            Err(StoreError::Conflict) => self.get(c, id).await?.ok_or(StoreError::NotFound),
+            other => other,
+        }
+    }
+
+    async fn delete(&self, c: Collection, id: &str, if_match: Option<&str>) -> Result<()> {
+        let affected = match if_match {
+            None => sqlx::query("DELETE FROM documents WHERE collection = ? AND id = ?")
+                .bind(c.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+            Some(etag) => sqlx::query("DELETE FROM documents WHERE collection = ? AND id = ? AND etag = ?")
+                .bind(c.as_str())
+                .bind(id)
+                .bind(etag)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        };
+        if affected == 0 {
+            return Err(if if_match.is_some() && self.exists(c, id).await? {
+                StoreError::PreconditionFailed
+            } else {
+                StoreError::NotFound
+            });
+        }
+        Ok(())
+    }
+
+    async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let rows = sqlx::query(
+            "SELECT id, etag, body FROM documents WHERE collection = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(c.as_str())
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(doc).collect()
+    }
+
+    async fn record_registration(&self, registration_id: &str, body: &str, operation_id: &str) -> Result<Document> {
+        let etag = new_etag();
+        let now = unix_now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO documents (collection, id, etag, body, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (collection, id) DO UPDATE
+             SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at",
+        )
+        .bind(Collection::Registrations.as_str())
+        .bind(registration_id)
+        .bind(&etag)
+        .bind(body)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(operation_id)
+        .bind(registration_id)
+        .bind(&etag)
+        .bind(body)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Document { id: registration_id.to_owned(), etag, body: body.to_owned() })
+    }
+
+    async fn get_operation(&self, id: &str) -> Result<Option<Operation>> {
+        let row = sqlx::query(
+            "SELECT id, registration_id, registration_etag, registration_body, created_at
+             FROM operations WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Operation {
+                id: r.try_get("id")?,
+                registration_id: r.try_get("registration_id")?,
+                registration_etag: r.try_get("registration_etag")?,
+                registration_body: r.try_get("registration_body")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn purge_operations(&self, before: i64) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM operations WHERE created_at < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+}
