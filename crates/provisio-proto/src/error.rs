@@ -37,6 +37,8 @@ pub mod codes {
     pub const UNAUTHORIZED_GENERIC: u32 = 401_000;
     /// DPS: unauthorized: the SAS token or certificate was not accepted.
     pub const UNAUTHORIZED: u32 = 401_002;
+    /// Provisio: the enrollment or group is disabled (reported inside a `disabled` result).
+    pub const ENROLLMENT_DISABLED: u32 = 403_002;
     /// Provisio: the service policy lacks the right the operation needs.
     pub const FORBIDDEN: u32 = 403_001;
     /// Provisio: route or ID scope not found.

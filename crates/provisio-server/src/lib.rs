@@ -1,1 +1,168 @@
-//! placeholder
+//! The Provisio server: the registration engine, the HTTPS front-end, the service API,
+//! TLS and configuration.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), provisio_server::ServerError> {
+//! let config = provisio_server::ServerConfig::default();
+//! let server = provisio_server::Provisio::open(config).await?;
+//! let listeners = server.bind().await?;
+//! println!("{:?}", server.info(&listeners));
+//! server.run(listeners, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod config;
+pub mod engine;
+mod error;
+pub mod http;
+pub mod instance;
+pub mod service_api;
+pub mod service_model;
+pub mod tls;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use config::ServerConfig;
+pub use error::ServerError;
+pub use instance::InstanceInfo;
+use provisio_store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+
+/// File name of the embedded database inside the data directory.
+pub const DATABASE_FILE: &str = "provisio.sqlite";
+
+/// The sockets a server serves on; bind them yourself (tests use `127.0.0.1:0`) or with
+/// [`Provisio::bind`].
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTPS: device API, service API, `/health`.
+    pub https: TcpListener,
+}
+
+/// An opened, initialised instance, ready to serve.
+pub struct Provisio {
+    config: ServerConfig,
+    store: Arc<SqliteStore>,
+    instance: instance::Instance,
+}
+
+/// Opens the embedded store of `config.data_dir`, creating the directory if needed.
+///
+/// # Errors
+/// If the directory or database cannot be created.
+pub async fn open_store(config: &ServerConfig) -> Result<SqliteStore, ServerError> {
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|e| ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+    Ok(SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?)
+}
+
+impl Provisio {
+    /// Opens the store and loads (or, on first start, creates) the instance.
+    ///
+    /// # Errors
+    /// If the store, the TLS material or the configuration is unusable.
+    pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        let store = Arc::new(open_store(&config).await?);
+        let instance = instance::load_or_init(store.as_ref(), &config).await?;
+        Ok(Self { config, store, instance })
+    }
+
+    /// Binds the configured listen addresses.
+    ///
+    /// # Errors
+    /// If an address is invalid or in use.
+    pub async fn bind(&self) -> Result<Listeners, ServerError> {
+        let addr: SocketAddr = self
+            .config
+            .https_listen
+            .parse()
+            .map_err(|_| ServerError::invalid(format!("--https-listen '{}' is not an address:port", self.config.https_listen)))?;
+        let https = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
+        Ok(Listeners { https })
+    }
+
+    /// The instance's ID scope.
+    #[must_use]
+    pub fn id_scope(&self) -> &str {
+        self.instance.scope.as_str()
+    }
+
+    /// The facts to print, for the given listeners.
+    #[must_use]
+    pub fn info(&self, listeners: &Listeners) -> InstanceInfo {
+        let endpoint = self.endpoint(listeners);
+        instance::info(
+            self.instance.scope.as_str(),
+            &self.instance.owner,
+            &endpoint,
+            self.instance.local_ca.then(|| self.config.data_dir.join("ca.pem")),
+            instance::linked_hubs(&self.config, self.instance.scope.as_str()),
+        )
+    }
+
+    fn endpoint(&self, listeners: &Listeners) -> instance::Endpoint {
+        let mut e = instance::default_endpoint(&self.config);
+        if let Ok(a) = listeners.https.local_addr() {
+            e.https_port = a.port();
+        }
+        e
+    }
+
+    /// Serves until `shutdown` resolves, then drains connections and closes the store.
+    ///
+    /// # Errors
+    /// If the TLS configuration is unusable or the store fails at start.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let store: Arc<dyn Store> = self.store.clone();
+        instance::record_endpoint(store.as_ref(), &self.endpoint(&listeners)).await?;
+        let tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[b"h2", b"http/1.1"])?;
+        let hostnames = self.config.effective_hostnames();
+        let c = &self.config;
+        let engine = engine::Engine::new(
+            store.clone(),
+            self.instance.scope.clone(),
+            engine::EngineSettings {
+                linked_hubs: instance::linked_hubs(c, self.instance.scope.as_str()),
+                sas_clock_skew_secs: c.sas_clock_skew_secs,
+            },
+        );
+        let state = Arc::new(http::AppState {
+            engine,
+            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs),
+            max_body_bytes: c.max_body_bytes,
+            retry_after_secs: c.retry_after_secs,
+            request_timeout: Duration::from_secs(c.request_timeout_secs),
+        });
+        let limits = http::ConnLimits {
+            max_connections: c.max_connections,
+            handshake_timeout: Duration::from_secs(c.handshake_timeout_secs),
+            header_timeout: Duration::from_secs(c.header_timeout_secs),
+        };
+        let purge = tokio::spawn(purge_operations(store.clone(), c.operation_retention_hours));
+        http::serve(listeners.https, tls, state, limits, shutdown).await;
+        purge.abort();
+        self.store.close().await;
+        Ok(())
+    }
+}
+
+/// Deletes operations older than the retention period, every ten minutes.
+async fn purge_operations(store: Arc<dyn Store>, retention_hours: u64) {
+    let retention = i64::try_from(retention_hours.saturating_mul(3600)).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tick.tick().await;
+        match store.purge_operations(provisio_store::unix_now().saturating_sub(retention)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired registration operations removed"),
+            Err(e) => tracing::warn!(error = %e, "purging operations failed"),
+        }
+    }
+}

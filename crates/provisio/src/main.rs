@@ -1,1 +1,139 @@
-fn main() {}
+//! `provisio`: the Provisio server and its command-line tools.
+
+mod config;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use provisio_server::{InstanceInfo, Provisio, ServerConfig};
+
+/// Provisio: a self-hostable IoT device provisioning service, wire-compatible with
+/// Azure IoT Hub DPS.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the provisioning service.
+    Serve(config::ServeArgs),
+    /// Print the ID scope, endpoints, service connection string and CA file of an instance.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    common: config::CommonArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Info(args) => info(args).await,
+    }
+}
+
+fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(info)?);
+        return Ok(());
+    }
+    println!("ID scope:                  {}", info.id_scope);
+    println!("Device endpoint:           {}", info.device_endpoint);
+    println!("HTTPS endpoint:            {}", info.https_endpoint);
+    println!("Service connection string: {}", info.service_connection_string);
+    match &info.ca_cert_file {
+        Some(ca) => println!("CA certificate:            {}", ca.display()),
+        None => println!("CA certificate:            (serving the operator's certificate from --tls-cert)"),
+    }
+    println!("Linked IoT hubs:           {}", info.linked_hubs.join(", "));
+    Ok(())
+}
+
+async fn serve(args: config::ServeArgs) -> Result<()> {
+    let (config, log): (ServerConfig, config::LogSettings) = config::load_serve(&args)?;
+    config::init_logging(&log)?;
+    let server = Provisio::open(config).await.context("cannot start Provisio")?;
+    let listeners = server.bind().await?;
+    let info = server.info(&listeners);
+    if !args.json {
+        println!("Provisio {} is ready.", env!("CARGO_PKG_VERSION"));
+    }
+    print_info(&info, args.json)?;
+    if !args.json {
+        println!("Devices use the device endpoint as their global endpoint, with the ID scope above.");
+        println!("Stock Azure SDK HTTP clients only connect to port 443: use --https-listen 0.0.0.0:443 for them.");
+    }
+    tracing::info!(id_scope = %info.id_scope, endpoint = %info.https_endpoint, "Provisio is serving");
+    server.run(listeners, shutdown_signal()).await?;
+    tracing::info!("Provisio stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+async fn info(args: InfoArgs) -> Result<()> {
+    let config = config::load_common(&args.common)?;
+    let db: PathBuf = config.data_dir.join(provisio_server::DATABASE_FILE);
+    if !db.exists() {
+        bail!(
+            "no Provisio instance in {} (run `provisio serve --data-dir {}` once to create it)",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+    }
+    let store = provisio_server::open_store(&config).await?;
+    let Some(info) = provisio_server::instance::read_info(&store, &config).await? else {
+        bail!("the instance in {} is not initialised yet", config.data_dir.display());
+    };
+    store.close().await;
+    print_info(&info, args.json)
+}

@@ -1,0 +1,82 @@
+//! Server configuration. The binary fills it from flags, `PROVISIO_*` variables and a
+//! TOML file (flags win); every field has a default that suits a first run.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `provisio serve` can be told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the embedded database, `ca.pem` and other state live.
+    pub data_dir: PathBuf,
+    /// Address of the HTTPS listener (device API, service API, `/health`).
+    pub https_listen: String,
+    /// Host names and IP addresses the server certificate covers; the first is the one
+    /// printed in the endpoint and the service connection string. Default: `localhost`,
+    /// `127.0.0.1` and the machine's host name.
+    pub hostnames: Vec<String>,
+    /// TLS certificate chain (PEM) to serve instead of one issued by the local CA.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// IoT hubs devices are assigned to. Default: one hub named after the instance.
+    pub linked_hubs: Vec<String>,
+    /// `Retry-After` sent with `assigning` answers, in seconds.
+    pub retry_after_secs: u32,
+    /// Clock skew tolerated on SAS token expiry, in seconds.
+    pub sas_clock_skew_secs: u64,
+    /// Largest request body accepted, in bytes (DPS's documented cap is 96 KB).
+    pub max_body_bytes: usize,
+    /// Most simultaneous connections; more are closed at once.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake, in seconds.
+    pub handshake_timeout_secs: u64,
+    /// Time allowed for a request's headers to arrive (also closes idle keep-alive
+    /// connections), in seconds.
+    pub header_timeout_secs: u64,
+    /// Time allowed to handle one request, in seconds.
+    pub request_timeout_secs: u64,
+    /// How long registration operations can be polled, in hours.
+    pub operation_retention_hours: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./provisio-data"),
+            https_listen: "0.0.0.0:8443".into(),
+            hostnames: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            linked_hubs: Vec::new(),
+            retry_after_secs: 2,
+            sas_clock_skew_secs: 30,
+            max_body_bytes: 96 * 1024,
+            max_connections: 10_000,
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 30,
+            request_timeout_secs: 30,
+            operation_retention_hours: 24,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The host names to serve: the configured ones, or the defaults.
+    #[must_use]
+    pub fn effective_hostnames(&self) -> Vec<String> {
+        if !self.hostnames.is_empty() {
+            return self.hostnames.clone();
+        }
+        let mut v = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if let Some(h) = gethostname::gethostname().to_str() {
+            let h = h.to_ascii_lowercase();
+            if provisio_pki::is_dns_name(&h) && !v.contains(&h) {
+                v.push(h);
+            }
+        }
+        v
+    }
+}

@@ -1,0 +1,334 @@
+//! The registration engine: the one implementation of DPS device semantics that every
+//! front-end (HTTPS today; MQTT and AMQP later) calls.
+//!
+//! `register` attests the device, finds its enrollment, allocates a hub and persists the
+//! registration record together with the operation in one transaction, then answers
+//! `assigning` with the operation id. Polls (`operation_status`) read that operation
+//! back, so any node sharing the store can answer them.
+
+use std::{sync::Arc, time::SystemTime};
+
+use provisio_core::{
+    allocation::{self, HubChoice},
+    attest::{self, Matched},
+    ids::RegistrationId,
+    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, Substatus},
+    sas::SasToken,
+    timefmt,
+};
+use provisio_proto::{
+    device::{
+        DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
+        SymmetricKeyRegistrationResult,
+    },
+    error::codes,
+};
+use provisio_store::{Collection, Store};
+
+use crate::{ServerError, service_model};
+
+/// The credentials a front-end extracted from the transport.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A SAS token (`Authorization` header, MQTT password, SASL PLAIN password).
+    Sas(String),
+    /// Nothing was presented.
+    None,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Linked hub host names.
+    pub linked_hubs: Vec<String>,
+    /// SAS expiry tolerance, seconds.
+    pub sas_clock_skew_secs: u64,
+}
+
+/// The registration engine.
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn Store>,
+    scope: provisio_core::ids::IdScope,
+    settings: Arc<EngineSettings>,
+}
+
+/// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
+const MAX_GROUPS: u32 = 1000;
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Engine {
+    /// An engine for the instance with this scope.
+    #[must_use]
+    pub fn new(store: Arc<dyn Store>, scope: provisio_core::ids::IdScope, settings: EngineSettings) -> Self {
+        Self { store, scope, settings: Arc::new(settings) }
+    }
+
+    /// The instance's ID scope.
+    #[must_use]
+    pub fn scope(&self) -> &str {
+        self.scope.as_str()
+    }
+
+    fn check_scope(&self, scope: &str) -> Result<(), ServerError> {
+        if self.scope.matches(scope) {
+            Ok(())
+        } else {
+            Err(ServerError::NotFound {
+                code: codes::NOT_FOUND,
+                message: format!("No provisioning service has the ID scope '{}'.", shorten(scope)),
+            })
+        }
+    }
+
+    /// Authenticates a device and returns the enrollment its credential proves.
+    async fn attest(&self, id: &RegistrationId, credential: &Credential) -> Result<Matched, ServerError> {
+        let Credential::Sas(raw) = credential else {
+            return Err(ServerError::Unauthorized {
+                public: "Unauthorized: no SAS token (Authorization header) was presented.".into(),
+                detail: format!("registration '{id}' presented no credential"),
+            });
+        };
+        let token = SasToken::parse(raw)?;
+        attest::check_device_token(
+            &token,
+            self.scope.as_str(),
+            id.as_str(),
+            unix_now(),
+            self.settings.sas_clock_skew_secs,
+        )?;
+        let individual = match self.store.get(Collection::Enrollments, id.key()).await? {
+            Some(doc) => Some(service_model::enrollment_from_doc(&doc)?),
+            None => None,
+        };
+        let groups = if individual.is_some() {
+            Vec::new()
+        } else {
+            self.store
+                .list(Collection::EnrollmentGroups, None, MAX_GROUPS)
+                .await?
+                .iter()
+                .map(service_model::group_from_doc)
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter(|g| matches!(g.attestation, Attestation::SymmetricKey { .. }))
+                .collect()
+        };
+        Ok(attest::symmetric_key(&token, id.as_str(), individual, groups)?)
+    }
+
+    fn parse_id(registration_id: &str) -> Result<RegistrationId, ServerError> {
+        Ok(RegistrationId::parse(registration_id)?)
+    }
+
+    /// `PUT {scope}/registrations/{id}/register`: returns the operation id.
+    ///
+    /// # Errors
+    /// Unknown scope, invalid id, refused credential, or a store failure.
+    pub async fn register(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        request: DeviceRegistration,
+        credential: &Credential,
+    ) -> Result<String, ServerError> {
+        self.check_scope(scope)?;
+        let id = Self::parse_id(registration_id)?;
+        if let Some(body_id) = &request.registration_id {
+            if !body_id.eq_ignore_ascii_case(id.as_str()) {
+                return Err(ServerError::invalid(format!(
+                    "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
+                    shorten(body_id)
+                )));
+            }
+        }
+        let matched = self.attest(&id, credential).await?;
+        let previous = match self.store.get(Collection::Registrations, id.key()).await? {
+            Some(doc) => Some(service_model::record_from_body(&doc.body)?),
+            None => None,
+        };
+        let now = timefmt::now();
+        let (settings, source, device_id) = match &matched {
+            Matched::Individual(e) => (
+                &e.settings,
+                EnrollmentSource::Individual,
+                e.device_id.clone().unwrap_or_else(|| id.as_str().to_owned()),
+            ),
+            Matched::Group(g) => (
+                &g.settings,
+                EnrollmentSource::Group { enrollment_group_id: g.enrollment_group_id.clone() },
+                id.as_str().to_owned(),
+            ),
+        };
+        let outcome = if settings.enabled {
+            self.allocate(&id, previous.as_ref(), settings, device_id)
+        } else {
+            Outcome::Disabled
+        };
+        let record = RegistrationRecord {
+            registration_id: id.as_str().to_owned(),
+            created: previous.as_ref().map_or_else(|| now.clone(), |p| p.created.clone()),
+            updated: now,
+            outcome,
+            source,
+            device_payload: request.payload.filter(|p| !p.is_null()),
+        };
+        let operation_id = new_operation_id();
+        let body = serde_json::to_string(&record).map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.store.record_registration(id.key(), &body, &operation_id).await?;
+        tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
+        Ok(operation_id)
+    }
+
+    /// Picks the hub: the previous one if the reprovision policy keeps devices in place,
+    /// otherwise the `hashed` choice among the linked hubs the enrollment allows.
+    fn allocate(
+        &self,
+        id: &RegistrationId,
+        previous: Option<&RegistrationRecord>,
+        settings: &provisio_core::model::EnrollmentSettings,
+        device_id: String,
+    ) -> Outcome {
+        let previous_hub = previous.and_then(|p| match &p.outcome {
+            Outcome::Assigned { assigned_hub, substatus, .. } => Some((assigned_hub.clone(), *substatus)),
+            _ => None,
+        });
+        let update_hub = settings.reprovision_policy.is_none_or(|p| p.update_hub_assignment);
+        let allowed: Vec<HubChoice<'_>> = self
+            .settings
+            .linked_hubs
+            .iter()
+            .filter(|h| {
+                settings
+                    .iot_hubs
+                    .as_ref()
+                    .is_none_or(|list| list.iter().any(|a| a.eq_ignore_ascii_case(h)))
+            })
+            .map(|h| HubChoice { name: h, weight: 1 })
+            .collect();
+        let chosen = match (&previous_hub, update_hub) {
+            (Some((hub, _)), false) => Some(hub.clone()),
+            _ => allocation::hashed(&allowed, id.key()).map(str::to_owned),
+        };
+        let Some(hub) = chosen else {
+            return Outcome::Failed {
+                error_code: codes::HUB_NOT_SPECIFIED,
+                error_message: "No linked IoT hub is available for this enrollment.".into(),
+            };
+        };
+        let substatus = match previous_hub {
+            None => Substatus::InitialAssignment,
+            Some((prev, sub)) if prev.eq_ignore_ascii_case(&hub) => sub,
+            Some(_) if settings.reprovision_policy.is_some_and(|p| !p.migrate_device_data) => {
+                Substatus::DeviceDataReset
+            }
+            Some(_) => Substatus::DeviceDataMigrated,
+        };
+        Outcome::Assigned { assigned_hub: hub, device_id, substatus, payload: None }
+    }
+
+    /// `GET {scope}/registrations/{id}/operations/{operationId}`.
+    ///
+    /// # Errors
+    /// Unknown scope, refused credential, or an operation that does not exist or belongs
+    /// to another device (both `404`).
+    pub async fn operation_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        operation_id: &str,
+        credential: &Credential,
+    ) -> Result<RegistrationOperationStatus, ServerError> {
+        self.check_scope(scope)?;
+        let id = Self::parse_id(registration_id)?;
+        self.attest(&id, credential).await?;
+        let not_found = || ServerError::NotFound {
+            code: codes::REGISTRATION_NOT_FOUND,
+            message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
+        };
+        let op = self.store.get_operation(operation_id).await?.ok_or_else(not_found)?;
+        if op.registration_id != id.key() {
+            return Err(not_found());
+        }
+        let record = service_model::record_from_body(&op.registration_body)?;
+        Ok(RegistrationOperationStatus::with_state(op.id, device_result(&record, &op.registration_etag)))
+    }
+
+    /// `POST {scope}/registrations/{id}`: the device's current registration state.
+    ///
+    /// # Errors
+    /// Unknown scope, refused credential, or no registration yet (`404`).
+    pub async fn registration_status(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<DeviceRegistrationResult, ServerError> {
+        self.check_scope(scope)?;
+        let id = Self::parse_id(registration_id)?;
+        self.attest(&id, credential).await?;
+        let doc = self.store.get(Collection::Registrations, id.key()).await?.ok_or_else(|| ServerError::NotFound {
+            code: codes::REGISTRATION_NOT_FOUND,
+            message: format!("Registration '{id}' has no registration state yet."),
+        })?;
+        Ok(device_result(&service_model::record_from_body(&doc.body)?, &doc.etag))
+    }
+}
+
+fn status_of(o: &Outcome) -> RegistrationStatus {
+    match o {
+        Outcome::Assigned { .. } => RegistrationStatus::Assigned,
+        Outcome::Failed { .. } => RegistrationStatus::Failed,
+        Outcome::Disabled => RegistrationStatus::Disabled,
+    }
+}
+
+/// The device's view of a registration record.
+#[must_use]
+pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrationResult {
+    let mut r = DeviceRegistrationResult::bare(&record.registration_id, status_of(&record.outcome));
+    r.created_date_time_utc = Some(record.created.clone());
+    r.last_updated_date_time_utc = Some(record.updated.clone());
+    r.etag = Some(etag.to_owned());
+    match &record.outcome {
+        Outcome::Assigned { assigned_hub, device_id, substatus, payload } => {
+            r.assigned_hub = Some(assigned_hub.clone());
+            r.device_id = Some(device_id.clone());
+            r.substatus = Some(service_model::substatus_to_wire(*substatus));
+            r.payload.clone_from(payload);
+        }
+        Outcome::Failed { error_code, error_message } => {
+            r.error_code = Some(*error_code);
+            r.error_message = Some(error_message.clone());
+        }
+        Outcome::Disabled => {
+            // Older Java SDKs hang on a terminal state without an error code.
+            r.error_code = Some(codes::ENROLLMENT_DISABLED);
+            r.error_message = Some("The enrollment or enrollment group is disabled.".into());
+        }
+    }
+    r.symmetric_key = Some(SymmetricKeyRegistrationResult {
+        enrollment_group_id: match &record.source {
+            EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
+            EnrollmentSource::Individual => None,
+        },
+    });
+    r
+}
+
+fn new_operation_id() -> String {
+    // Shaped like DPS's ids ("{n}.{16 hex}.{uuid}"); clients treat it as opaque.
+    let r: u64 = rand::random();
+    format!("4.{r:016x}.{}", uuid::Uuid::new_v4())
+}
+
+pub(crate) fn shorten(s: &str) -> String {
+    let mut out: String = s.chars().take(80).filter(|c| !c.is_control()).collect();
+    if s.chars().count() > 80 {
+        out.push('…');
+    }
+    out
+}

@@ -1,0 +1,158 @@
+//! The one place where failures become DPS error bodies.
+
+use provisio_core::{CoreError, attest::AttestError};
+use provisio_proto::error::{ErrorBody, codes};
+use provisio_store::StoreError;
+use thiserror::Error;
+
+/// Every failure the engine and the service API report.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Bad input: the message is safe to show.
+    #[error("{message}")]
+    BadRequest {
+        /// DPS error code (400xxx).
+        code: u32,
+        /// What was wrong.
+        message: String,
+    },
+    /// Credentials refused. `public` is what the caller sees; `detail` is logged only.
+    #[error("{public}")]
+    Unauthorized {
+        /// Shown to the caller.
+        public: String,
+        /// Logged with the tracking id.
+        detail: String,
+    },
+    /// The service policy lacks the right.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Something does not exist.
+    #[error("{message}")]
+    NotFound {
+        /// DPS error code (404xxx).
+        code: u32,
+        /// What was missing.
+        message: String,
+    },
+    /// Method not allowed on a route.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// Create of an existing id.
+    #[error("{0}")]
+    Conflict(String),
+    /// ETag mismatch.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// Body too large.
+    #[error("request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// Our fault. The detail is logged, not shown.
+    #[error("internal error")]
+    Internal(String),
+    /// Request took too long.
+    #[error("the request timed out")]
+    Timeout,
+}
+
+impl ServerError {
+    /// 400 with `400004` ("argument invalid").
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::BadRequest { code: codes::ARGUMENT_INVALID, message: message.into() }
+    }
+
+    /// 400 with `400001` (malformed body).
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self::BadRequest { code: codes::MALFORMED_BODY, message: message.into() }
+    }
+
+    /// 401 / `401002` with a generic public message and a logged detail.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::Unauthorized { public: "Unauthorized".into(), detail: detail.into() }
+    }
+
+    /// The DPS error code.
+    #[must_use]
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::BadRequest { code, .. } | Self::NotFound { code, .. } => *code,
+            Self::Unauthorized { .. } => codes::UNAUTHORIZED,
+            Self::Forbidden(_) => codes::FORBIDDEN,
+            Self::MethodNotAllowed(_) => codes::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => codes::ALREADY_EXISTS,
+            Self::PreconditionFailed(_) => codes::PRECONDITION_FAILED,
+            Self::PayloadTooLarge(_) => codes::PAYLOAD_TOO_LARGE,
+            Self::Internal(_) => codes::INTERNAL,
+            Self::Timeout => codes::UNAVAILABLE,
+        }
+    }
+
+    /// The HTTP status (the first three digits of the code).
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        codes::http_status(self.code())
+    }
+
+    /// What is logged beyond the public message.
+    #[must_use]
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::Unauthorized { detail, .. } | Self::Internal(detail) => Some(detail),
+            _ => None,
+        }
+    }
+
+    /// Builds the body, logging the failure under a fresh tracking id.
+    #[must_use]
+    pub fn to_body(&self) -> ErrorBody {
+        let tracking_id = uuid::Uuid::new_v4().to_string();
+        let code = self.code();
+        match self.detail() {
+            Some(detail) if code >= 500_000 => {
+                tracing::error!(tracking_id, error_code = code, detail, "request failed");
+            }
+            Some(detail) => tracing::info!(tracking_id, error_code = code, detail, "request refused"),
+            None => tracing::info!(tracking_id, error_code = code, message = %self, "request refused"),
+        }
+        ErrorBody {
+            error_code: code,
+            tracking_id,
+            message: self.to_string(),
+            timestamp_utc: provisio_core::timefmt::now(),
+            info: None,
+        }
+    }
+}
+
+impl From<StoreError> for ServerError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(format!("store: {e}"))
+    }
+}
+
+impl From<CoreError> for ServerError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::MalformedSas(_) => Self::Unauthorized { public: e.to_string(), detail: e.to_string() },
+            CoreError::InvalidId { .. } | CoreError::InvalidKey(_) => Self::invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<AttestError> for ServerError {
+    fn from(e: AttestError) -> Self {
+        let public = match &e {
+            // Safe to tell: they concern the token, not whether the device is enrolled.
+            AttestError::Expired { .. } => "The SAS token has expired.".to_owned(),
+            AttestError::WrongResource { .. } => {
+                "The SAS token was issued for another resource than this request's.".to_owned()
+            }
+            AttestError::WrongKeyName(_) => "The SAS token key name must be 'registration'.".to_owned(),
+            // An unknown device and a wrong key must look the same.
+            AttestError::NoEnrollment(_)
+            | AttestError::KeyMismatch(_)
+            | AttestError::WrongAttestationType { .. } => "Unauthorized".to_owned(),
+        };
+        Self::Unauthorized { public, detail: e.to_string() }
+    }
+}

@@ -1,0 +1,81 @@
+//! Device API over HTTPS: parse, call the engine, answer in DPS's shapes.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::Response,
+};
+use provisio_proto::{
+    DEVICE_API_VERSIONS,
+    device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus},
+};
+
+use super::{
+    response,
+    routes::{AppState, Req},
+};
+use crate::{ServerError, engine::Credential};
+
+fn credential(req: &Req) -> Credential {
+    req.header(header::AUTHORIZATION.as_str()).map_or(Credential::None, |v| Credential::Sas(v.to_owned()))
+}
+
+/// Parses a `DeviceRegistration`. Empty and whitespace-only bodies (C#, Node, Python
+/// polls) mean "no fields".
+fn registration_body(req: &Req) -> Result<DeviceRegistration, ServerError> {
+    let bytes = &req.body;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DeviceRegistration::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ServerError::malformed(format!("The request body is not a valid DeviceRegistration: {e}")))
+}
+
+fn with_retry_after(mut r: Response, secs: u32) -> Response {
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// `PUT /{scope}/registrations/{id}/register`.
+pub async fn register(state: &AppState, req: &mut Req, scope: &str, id: &str) -> Result<Response, ServerError> {
+    req.require_api_version(DEVICE_API_VERSIONS)?;
+    let body = registration_body(req)?;
+    let op = state.engine.register(scope, id, body, &credential(req)).await?;
+    let mut r = response::json(StatusCode::ACCEPTED, &RegistrationOperationStatus::accepted(op));
+    if let Some(host) = req.header(header::HOST.as_str()) {
+        let loc = format!("https://{host}/{scope}/registrations/{id}/register");
+        if let Ok(v) = HeaderValue::from_str(&loc) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(with_retry_after(r, state.retry_after_secs))
+}
+
+/// `GET /{scope}/registrations/{id}/operations/{operationId}`.
+pub async fn operation_status(
+    state: &AppState,
+    req: &mut Req,
+    scope: &str,
+    id: &str,
+    operation_id: &str,
+) -> Result<Response, ServerError> {
+    req.require_api_version(DEVICE_API_VERSIONS)?;
+    // Node sends `{}` on polls; the body carries nothing we need (its size was bounded).
+    let status = state.engine.operation_status(scope, id, operation_id, &credential(req)).await?;
+    Ok(if status.status == RegistrationStatus::Assigning {
+        with_retry_after(response::json(StatusCode::ACCEPTED, &status), state.retry_after_secs)
+    } else {
+        response::json(StatusCode::OK, &status)
+    })
+}
+
+/// `POST /{scope}/registrations/{id}`: the bare `DeviceRegistrationResult`.
+pub async fn registration_status(state: &AppState, req: &mut Req, scope: &str, id: &str) -> Result<Response, ServerError> {
+    req.require_api_version(DEVICE_API_VERSIONS)?;
+    let body = registration_body(req)?;
+    if let Some(body_id) = &body.registration_id {
+        if !body_id.eq_ignore_ascii_case(id) {
+            return Err(ServerError::invalid("The body's registrationId does not match the path."));
+        }
+    }
+    let result = state.engine.registration_status(scope, id, &credential(req)).await?;
+    Ok(response::json(StatusCode::OK, &result))
+}

@@ -1,0 +1,194 @@
+//! Routing. DPS routes are case-insensitive and their segments arrive percent-encoded
+//! by some clients, so routing is done here on decoded segments rather than by a
+//! case-sensitive router.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
+    response::Response,
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use percent_encoding::percent_decode_str;
+
+use super::{device, response, service};
+use crate::{ServerError, engine::Engine, service_api::ServiceApi};
+
+/// Shared state of the HTTPS front-end.
+pub struct AppState {
+    /// The registration engine.
+    pub engine: Engine,
+    /// The service API.
+    pub service: ServiceApi,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// `Retry-After` for `assigning` answers.
+    pub retry_after_secs: u32,
+    /// Deadline for one request.
+    pub request_timeout: Duration,
+}
+
+/// The router: everything goes through [`dispatch`].
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(dispatch).with_state(state)
+}
+
+/// A parsed request, as the handlers see it.
+pub struct Req {
+    /// Method.
+    pub method: Method,
+    /// Decoded path segments.
+    pub segments: Vec<String>,
+    /// Decoded query parameters.
+    pub query: Vec<(String, String)>,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Path as sent (for logs and SAS path prefixes).
+    pub path: String,
+    /// The body, read under the size limit before routing.
+    pub body: Bytes,
+}
+
+impl Req {
+    /// A query parameter (names compared case-insensitively).
+    pub fn query(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Checks `api-version` against `known`: required, and one of the listed versions.
+    pub fn require_api_version(&self, known: &[&str]) -> Result<(), ServerError> {
+        match self.query("api-version") {
+            None => Err(ServerError::invalid("The api-version query parameter is required.")),
+            Some(v) if provisio_proto::is_supported_api_version(known, v) => Ok(()),
+            Some(v) => Err(ServerError::invalid(format!(
+                "Unsupported API version {}. Supported versions: {}.",
+                crate::engine::shorten(v),
+                known.join(", ")
+            ))),
+        }
+    }
+}
+
+/// Reads a body, refusing more than `limit` bytes with `413`.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ServerError> {
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > limit as u64)
+    {
+        return Err(ServerError::PayloadTooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ServerError::PayloadTooLarge(limit)),
+        Err(e) => Err(ServerError::malformed(format!("could not read the request body: {e}"))),
+    }
+}
+
+fn decode(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+/// Parses and routes one request, under the request deadline.
+async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(decode).collect();
+    let query = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    let peer = parts.extensions.get::<super::PeerCertificates>().cloned().unwrap_or_default();
+    let body = match read_body(&parts.headers, body, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return response::error(&e),
+    };
+    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body };
+    let started = std::time::Instant::now();
+    let (method, path) = (req.method.clone(), req.path.clone());
+    let resp = match tokio::time::timeout(state.request_timeout, route(&state, req, peer)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => response::error(&e),
+        Err(_) => response::error(&ServerError::Timeout),
+    };
+    tracing::debug!(%method, path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis(), "request");
+    resp
+}
+
+fn is(seg: &str, lit: &str) -> bool {
+    seg.eq_ignore_ascii_case(lit)
+}
+
+fn method_not_allowed(req: &Req, allowed: &str) -> ServerError {
+    ServerError::MethodNotAllowed(format!("Method {} is not allowed on {}; allowed: {allowed}.", req.method, req.path))
+}
+
+async fn route(state: &AppState, mut req: Req, _peer: super::PeerCertificates) -> Result<Response, ServerError> {
+    let seg: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+    let m = req.method.clone();
+    match seg.as_slice() {
+        [h] if is(h, "health") => {
+            if m == Method::GET || m == Method::HEAD {
+                Ok(response::json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        // Service API: /enrollments/{id}, /enrollmentGroups/{id}.
+        [c, id] if is(c, "enrollments") || is(c, "enrollmentgroups") => {
+            let group = is(c, "enrollmentgroups");
+            let id = (*id).to_owned();
+            match m {
+                Method::GET => service::get(state, &mut req, group, &id).await,
+                Method::PUT => service::put(state, &mut req, group, &id).await,
+                Method::DELETE => service::delete(state, &mut req, group, &id).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        // Device API.
+        [scope, r, id, op] if is(r, "registrations") && is(op, "register") => {
+            let (scope, id) = ((*scope).to_owned(), (*id).to_owned());
+            if m == Method::PUT {
+                device::register(state, &mut req, &scope, &id).await
+            } else {
+                Err(method_not_allowed(&req, "PUT"))
+            }
+        }
+        [scope, r, id, ops, op_id] if is(r, "registrations") && is(ops, "operations") => {
+            let (scope, id, op_id) = ((*scope).to_owned(), (*id).to_owned(), (*op_id).to_owned());
+            if m == Method::GET {
+                device::operation_status(state, &mut req, &scope, &id, &op_id).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [scope, r, id] if is(r, "registrations") => {
+            let (scope, id) = ((*scope).to_owned(), (*id).to_owned());
+            if m == Method::POST {
+                device::registration_status(state, &mut req, &scope, &id).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        _ => Err(ServerError::NotFound {
+            code: provisio_proto::error::codes::NOT_FOUND,
+            message: format!("No such route: {} {}.", req.method, crate::engine::shorten(&req.path)),
+        }),
+    }
+}
