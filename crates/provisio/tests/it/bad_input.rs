@@ -1,0 +1,235 @@
+//! Bad input on every endpoint: each refusal is a DPS-shaped error, the server keeps
+//! serving, and nothing is stored.
+
+use provisio_core::{
+    keys::generate_key,
+    sas::{SrEncoding, build_token},
+};
+use serde_json::{Value, json};
+
+use crate::common::{Server, assert_dps_error, now, put_enrollment};
+
+async fn send(s: &Server, method: reqwest::Method, path: &str, auth: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let mut rb = s.client().request(method, s.url(path)).header("Content-Type", "application/json").body(body);
+    if let Some(a) = auth {
+        rb = rb.header("Authorization", a);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let text = r.text().await.unwrap();
+    if status >= 400 {
+        assert_eq!(ct.as_deref(), Some("application/json; charset=utf-8"), "{status} {text}");
+    }
+    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+}
+
+fn device_token(scope: &str, id: &str, key: &str, expiry: u64) -> String {
+    build_token(&format!("{scope}/registrations/{id}"), key, expiry, Some("registration"), SrEncoding::Raw).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_api_bad_input() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let e = put_enrollment(&s, false, "dev-1", json!({"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}})).await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let good = device_token(&scope, "dev-1", &key, now() + 3600);
+    let reg = format!("/{scope}/registrations/dev-1/register?api-version=2019-03-31");
+
+    // Malformed JSON and wrong shapes.
+    for body in ["{", "[1,2]", "{\"registrationId\": 5}", "\u{0}\u{1}", "null x"] {
+        let (st, v) = send(&s, Method::PUT, &reg, Some(&good), body).await;
+        assert_dps_error(st, &v, 400, 400_001);
+    }
+    // Oversized body.
+    let big = format!("{{\"registrationId\":\"dev-1\",\"payload\":\"{}\"}}", "x".repeat(200 * 1024));
+    let (st, v) = send(&s, Method::PUT, &reg, Some(&good), big).await;
+    assert_dps_error(st, &v, 413, 413_001);
+    // api-version: unsupported, then missing.
+    let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/dev-1/register?api-version=2019-04-16"), Some(&good), "{}").await;
+    assert_dps_error(st, &v, 400, 400_004);
+    assert!(v["message"].as_str().unwrap().contains("Unsupported API version 2019-04-16"), "{v}");
+    let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/dev-1/register"), Some(&good), "{}").await;
+    assert_dps_error(st, &v, 400, 400_004);
+    // Registration ids that break the rules.
+    for bad in ["bad%20id", "ends-with-dot.", &"x".repeat(129), "%C3%BCml"] {
+        let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/{bad}/register?api-version=2019-03-31"), Some(&good), "{}").await;
+        assert_dps_error(st, &v, 400, 400_004);
+    }
+    // Body id that is not the path's.
+    let (st, v) = send(&s, Method::PUT, &reg, Some(&good), r#"{"registrationId":"dev-2"}"#).await;
+    assert_dps_error(st, &v, 400, 400_004);
+
+    // Credentials: forged, expired, for another resource, malformed, absent, unknown device.
+    let forged = device_token(&scope, "dev-1", &generate_key(), now() + 3600);
+    let expired = device_token(&scope, "dev-1", &key, now() - 3600);
+    let other_resource = device_token(&scope, "dev-2", &key, now() + 3600);
+    let other_scope = device_token("0ne00000000", "dev-1", &key, now() + 3600);
+    let cases: [(Option<&str>, Option<&str>); 8] = [
+        (Some(&forged), Some("Unauthorized")),
+        (Some(&expired), Some("expired")),
+        (Some(&other_resource), Some("another resource")),
+        (Some(&other_scope), Some("another resource")),
+        (Some("SharedAccessSignature sr=x&sig=abc"), Some("malformed")),
+        (Some("Basic dXNlcjpwYXNz"), Some("malformed")),
+        (Some(&good.replace("skn=registration", "skn=owner")), Some("registration")),
+        (None, Some("no SAS token")),
+    ];
+    for (auth, msg) in cases {
+        let (st, v) = send(&s, Method::PUT, &reg, auth, "{}").await;
+        assert_dps_error(st, &v, 401, 401_002);
+        let m = v["message"].as_str().unwrap().to_lowercase();
+        assert!(m.contains(&msg.unwrap().to_lowercase()), "{auth:?}: {v}");
+    }
+    // An unknown device looks exactly like a forged token.
+    let unknown = device_token(&scope, "nobody", &key, now() + 3600);
+    let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/nobody/register?api-version=2019-03-31"), Some(&unknown), "{}").await;
+    assert_dps_error(st, &v, 401, 401_002);
+    assert_eq!(v["message"], "Unauthorized");
+    // The reason is logged with the tracking id; the token's signature is not.
+    let (_, v) = send(&s, Method::PUT, &reg, Some(&forged), "{}").await;
+    let tracking = v["trackingId"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = s.log_text();
+    let line = log.lines().find(|l| l.contains(&tracking)).unwrap_or_else(|| panic!("tracking id not logged:\n{log}"));
+    assert!(line.contains("neither the primary nor the secondary key"), "{line}");
+    let sig = forged.split("sig=").nth(1).unwrap().split('&').next().unwrap();
+    assert!(!log.contains(sig), "a token signature reached the log");
+    assert!(!log.contains(&key), "a device key reached the log");
+
+    // Unknown scope.
+    let (st, v) = send(&s, Method::PUT, "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", Some(&good), "{}").await;
+    assert_dps_error(st, &v, 404, 404_001);
+
+    // Nothing above was stored: the status lookup finds no registration.
+    let (st, v) = send(&s, Method::POST, &format!("/{scope}/registrations/dev-1?api-version=2019-03-31"), Some(&good), "").await;
+    assert_dps_error(st, &v, 404, 404_202);
+
+    // Polls: unknown operation, another device's operation, forged token.
+    let (st, v) = send(&s, Method::PUT, &reg, Some(&good), "").await;
+    assert_eq!(st, 202, "{v}");
+    let op = v["operationId"].as_str().unwrap().to_owned();
+    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-1/operations/nope?api-version=2019-03-31"), Some(&good), "").await;
+    assert_dps_error(st, &v, 404, 404_202);
+    let e2 = put_enrollment(&s, false, "dev-2", json!({"registrationId": "dev-2", "attestation": {"type": "symmetricKey"}})).await;
+    let good2 = device_token(&scope, "dev-2", e2["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), now() + 3600);
+    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-2/operations/{op}?api-version=2019-03-31"), Some(&good2), "").await;
+    assert_dps_error(st, &v, 404, 404_202);
+    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-1/operations/{op}?api-version=2019-03-31"), Some(&forged), "").await;
+    assert_dps_error(st, &v, 401, 401_002);
+    // Case-insensitive routes and ids: the C SDK encodes, others do not.
+    let (st, v) = send(&s, Method::GET, &format!("/{}/REGISTRATIONS/DEV-1/Operations/{op}?api-version=2019-03-31", scope.to_lowercase()), Some(&good), "{}").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "assigned");
+
+    // Routing errors keep the DPS shape.
+    let (st, v) = send(&s, Method::DELETE, &reg, Some(&good), "").await;
+    assert_dps_error(st, &v, 405, 405_001);
+    let (st, v) = send(&s, Method::GET, "/no/such/route/here/at/all", None, "").await;
+    assert_dps_error(st, &v, 404, 404_001);
+
+    // Still serving.
+    let (st, _) = send(&s, Method::GET, "/health", None, "").await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_api_bad_input() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let owner = s.info.owner_key();
+    let tok = |sr: &str, key: &str, exp: u64, skn: Option<&str>| build_token(sr, key, exp, skn, SrEncoding::Upper).unwrap();
+    let path = "/enrollments/dev-x?api-version=2021-10-01";
+    let body = json!({"registrationId": "dev-x", "attestation": {"type": "symmetricKey"}}).to_string();
+
+    // Authentication.
+    let bad_auth = [
+        None,
+        Some(tok("localhost", &generate_key(), now() + 600, Some("provisioningserviceowner"))),
+        Some(tok("localhost", &owner, now() - 600, Some("provisioningserviceowner"))),
+        Some(tok("other.example", &owner, now() + 600, Some("provisioningserviceowner"))),
+        Some(tok("localhost", &owner, now() + 600, None)),
+        Some(tok("localhost", &owner, now() + 600, Some("nosuchpolicy"))),
+        Some("Bearer eyJhbGciOi.x.y".to_owned()),
+    ];
+    for auth in &bad_auth {
+        for m in [Method::PUT, Method::GET, Method::DELETE] {
+            let (st, v) = send(&s, m.clone(), path, auth.as_deref(), body.clone()).await;
+            assert_dps_error(st, &v, 401, 401_002);
+        }
+    }
+    // The port in sr (Python signs "localhost:8443" encoded) is accepted, as is a raw sr.
+    let good = s.service_token();
+    let with_port = tok(&format!("localhost:{}", s.port), &owner, now() + 600, Some("provisioningserviceowner"));
+    let (st, v) = send(&s, Method::GET, path, Some(&with_port), "").await;
+    assert_dps_error(st, &v, 404, 404_201);
+
+    // Bodies.
+    for (b, code) in [
+        ("{".to_owned(), 400_001),
+        (String::new(), 400_001),
+        (json!({"registrationId": "dev-x"}).to_string(), 400_001),
+        (json!({"registrationId": "dev-y", "attestation": {"type": "symmetricKey"}}).to_string(), 400_004),
+        (json!({"registrationId": "dev-x", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "not base64!"}}}).to_string(), 400_004),
+        (json!({"registrationId": "dev-x", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}).to_string(), 400_004),
+        (json!({"registrationId": "dev-x", "attestation": {"type": "magic"}}).to_string(), 400_004),
+        (json!({"registrationId": "dev-x", "deviceId": "bad device id", "attestation": {"type": "symmetricKey"}}).to_string(), 400_004),
+        (json!({"registrationId": "dev-x", "allocationPolicy": "random", "attestation": {"type": "symmetricKey"}}).to_string(), 400_004),
+        (format!("{{\"registrationId\":\"dev-x\",\"attestation\":{{\"type\":\"symmetricKey\"}},\"initialTwin\":{{\"tags\":{{\"t\":\"{}\"}}}}}}", "x".repeat(100 * 1024)), 413_001),
+    ] {
+        let (st, v) = send(&s, Method::PUT, path, Some(&good), b.clone()).await;
+        assert_dps_error(st, &v, u16::try_from(code / 1000).unwrap(), code);
+    }
+    let (st, v) = send(&s, Method::PUT, "/enrollments/bad.?api-version=2021-10-01", Some(&good), body.clone()).await;
+    assert_dps_error(st, &v, 400, 400_004);
+    let (st, v) = send(&s, Method::PUT, "/enrollments/dev-x?api-version=1999-01-01", Some(&good), body.clone()).await;
+    assert_dps_error(st, &v, 400, 400_004);
+    // None of that stored anything.
+    let (st, v) = send(&s, Method::GET, path, Some(&good), "").await;
+    assert_dps_error(st, &v, 404, 404_201);
+
+    // ETag rules: create, replayed create, wrong etag, right etag, '*'.
+    let (st, created) = send(&s, Method::PUT, path, Some(&good), body.clone()).await;
+    assert_eq!(st, 200, "{created}");
+    let (st, v) = send(&s, Method::PUT, path, Some(&good), body.clone()).await;
+    assert_dps_error(st, &v, 409, 409_201);
+    let put_if = |etag: String| {
+        let c = s.client();
+        let url = s.url(path);
+        let (good, body) = (good.clone(), body.clone());
+        async move {
+            let r = c.put(url).header("Authorization", good).header("If-Match", etag).header("Content-Type", "application/json").body(body).send().await.unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, v) = put_if("\"stale\"".into()).await;
+    assert_dps_error(st, &v, 412, 412_001);
+    let etag = created["etag"].as_str().unwrap().to_owned();
+    let (st, updated) = put_if(format!("\"{etag}\"")).await;
+    assert_eq!(st, 200, "{updated}");
+    assert_ne!(updated["etag"], created["etag"]);
+    assert_eq!(updated["createdDateTimeUtc"], created["createdDateTimeUtc"]);
+    let (st, _) = put_if("*".into()).await;
+    assert_eq!(st, 200);
+    // Delete with a stale etag fails; unconditional delete works; second delete is 404.
+    let r = s.client().delete(s.url(path)).header("Authorization", &good).header("If-Match", etag).send().await.unwrap();
+    assert_eq!(r.status(), 412);
+    let (st, _) = send(&s, Method::DELETE, path, Some(&good), "").await;
+    assert_eq!(st, 204);
+    let (st, v) = send(&s, Method::DELETE, path, Some(&good), "").await;
+    assert_dps_error(st, &v, 404, 404_201);
+    let (st, v) = send(&s, Method::GET, "/enrollmentGroups/nope?api-version=2021-10-01", Some(&good), "").await;
+    assert_dps_error(st, &v, 404, 404_204);
+    // Routes are case-insensitive (the Node SDK writes /enrollmentgroups).
+    let g = json!({"enrollmentGroupId": "grp", "attestation": {"type": "symmetricKey"}}).to_string();
+    let (st, v) = send(&s, Method::PUT, "/ENROLLMENTGROUPS/grp?api-version=2021-10-01", Some(&good), g).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = send(&s, Method::GET, "/enrollmentgroups/GRP?api-version=2021-10-01", Some(&good), "").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["attestation"], json!({"type": "symmetricKey"}));
+}

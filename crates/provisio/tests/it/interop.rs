@@ -1,0 +1,75 @@
+//! Interop with the stock Azure IoT device SDK for Node (`azure-iot-provisioning-device`
+//! with its HTTP transport and `azure-iot-security-symmetric-key`), over real TLS.
+//!
+//! The Node HTTP transport only connects to port 443, so this test serves there (CI runs
+//! as root); it is the only test that binds 443. `npm ci` in `interop/node` must have run
+//! (the README's test command does it).
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::common::{Server, put_enrollment, repo_root};
+
+fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
+    let dir = repo_root().join("interop/node");
+    assert!(
+        dir.join("node_modules/azure-iot-provisioning-device").exists(),
+        "the stock Node SDK is not installed: run `npm ci --prefix interop/node` (the README's test command does)"
+    );
+    let out = Command::new("node")
+        .arg(dir.join("register.js"))
+        .env("PROVISIO_HOST", "localhost")
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", registration_id)
+        .env("TRANSPORT", "http")
+        .env("ATTESTATION", "symmetricKey")
+        .env("SYMMETRIC_KEY", key)
+        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("register.js printed no JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(out.status.success() && v["ok"] == true, "Node SDK registration failed: {v}\nserver log:\n{}", s.log_text());
+    v["result"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_node_http_client_registers_individual_and_group_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:443", &["--linked-hub", "node-hub.example.net", "--retry-after-secs", "1"]);
+
+    let e = put_enrollment(&s, false, "node-individual-1", json!({"registrationId": "node-individual-1", "deviceId": "node-dev-1", "attestation": {"type": "symmetricKey"}})).await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
+    let r = node_register(&s, "node-individual-1", key);
+    assert_eq!(r["assignedHub"], "node-hub.example.net", "{r}");
+    assert_eq!(r["deviceId"], "node-dev-1", "{r}");
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(r["registrationId"], "node-individual-1", "{r}");
+
+    let gk = provisio_core::keys::generate_key();
+    put_enrollment(&s, true, "node-group", json!({"enrollmentGroupId": "node-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
+    let dk = provisio_core::keys::derive_device_key(&gk, "node-group-dev-7").unwrap();
+    let r = node_register(&s, "node-group-dev-7", &dk);
+    assert_eq!(r["assignedHub"], "node-hub.example.net", "{r}");
+    assert_eq!(r["deviceId"], "node-group-dev-7", "{r}");
+    assert_eq!(r["symmetricKey"]["enrollmentGroupId"], "node-group", "{r}");
+
+    // A wrong key fails in the SDK with our 401.
+    let dir = repo_root().join("interop/node");
+    let out = Command::new("node")
+        .arg(dir.join("register.js"))
+        .env("PROVISIO_HOST", "localhost")
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", "node-individual-1")
+        .env("SYMMETRIC_KEY", provisio_core::keys::generate_key())
+        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["statusCode"], 401, "{v}");
+    assert_eq!(v["error"]["responseJson"]["errorCode"], 401_002, "{v}");
+}

@@ -1,0 +1,8 @@
+//! Integration tests: real `provisio serve` processes on loopback, real TLS, real SQLite.
+//! One test binary (each extra binary costs a link on a 2-core machine).
+
+mod bad_input;
+mod common;
+mod durability;
+mod interop;
+mod walkthrough;
