@@ -67,10 +67,10 @@ pub fn check_device_token(
     if !token.sr.eq_ignore_ascii_case(&expected) {
         return Err(AttestError::WrongResource { token: token.sr.clone(), expected });
     }
-    if let Some(skn) = &token.skn {
-        if skn != "registration" {
-            return Err(AttestError::WrongKeyName(skn.clone()));
-        }
+    if let Some(skn) = &token.skn
+        && skn != "registration"
+    {
+        return Err(AttestError::WrongKeyName(skn.clone()));
     }
     if token.is_expired(now, skew) {
         return Err(AttestError::Expired { expiry: token.expiry, now });
@@ -119,9 +119,7 @@ pub fn symmetric_key(
     for g in groups {
         let Attestation::SymmetricKey { primary_key, secondary_key } = &g.attestation;
         let matched = [primary_key, secondary_key].into_iter().any(|gk| {
-            keys::decode_key(gk).is_ok_and(|gk| {
-                token.signed_with(&keys::derive_device_key_bytes(&gk, registration_id))
-            })
+            keys::decode_key(gk).is_ok_and(|gk| token.signed_with(&keys::derive_device_key_bytes(&gk, registration_id)))
         });
         if matched {
             return Ok(Matched::Group(g));
@@ -219,11 +217,11 @@ mod tests {
         assert!(check_device_token(&t, SCOPE, "d1", 1_000, 0).is_ok());
         assert!(check_device_token(&t, "0NE00000001", "D1", 1_000, 0).is_ok());
         assert!(matches!(check_device_token(&t, SCOPE, "d2", 1_000, 0), Err(AttestError::WrongResource { .. })));
-        assert!(matches!(check_device_token(&t, "0ne00000002", "d1", 1_000, 0), Err(AttestError::WrongResource { .. })));
         assert!(matches!(
-            check_device_token(&t, SCOPE, "d1", 2_000_000_000, 0),
-            Err(AttestError::Expired { .. })
+            check_device_token(&t, "0ne00000002", "d1", 1_000, 0),
+            Err(AttestError::WrongResource { .. })
         ));
+        assert!(matches!(check_device_token(&t, SCOPE, "d1", 2_000_000_000, 0), Err(AttestError::Expired { .. })));
         let t = SasToken::parse(
             &build_token(&device_resource(SCOPE, "d1"), &k, 2_000_000_000, Some("owner"), SrEncoding::Raw).unwrap(),
         )

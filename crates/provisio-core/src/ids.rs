@@ -38,10 +38,7 @@ impl IdScope {
     /// A fresh scope: `0ne` + 8 upper-case hex digits from `random`.
     #[must_use]
     pub fn generate(random: [u8; 4]) -> Self {
-        Self(format!(
-            "0ne{:02X}{:02X}{:02X}{:02X}",
-            random[0], random[1], random[2], random[3]
-        ))
+        Self(format!("0ne{:02X}{:02X}{:02X}{:02X}", random[0], random[1], random[2], random[3]))
     }
 
     /// The scope as configured.
@@ -165,8 +162,22 @@ pub fn check_device_id(s: &str) -> Result<(), CoreError> {
         b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'+' | b'%' | b'_' | b'#' | b'*' | b'?' | b'!' | b'(' | b')' | b','
-                    | b'=' | b'@' | b'$' | b'\'' | b':'
+                b'-' | b'.'
+                    | b'+'
+                    | b'%'
+                    | b'_'
+                    | b'#'
+                    | b'*'
+                    | b'?'
+                    | b'!'
+                    | b'('
+                    | b')'
+                    | b','
+                    | b'='
+                    | b'@'
+                    | b'$'
+                    | b'\''
+                    | b':'
             )
     });
     if ok { Ok(()) } else { Err(bad("contains a character IoT Hub does not allow")) }

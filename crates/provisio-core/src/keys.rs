@@ -13,9 +13,7 @@ pub const GENERATED_KEY_LEN: usize = 64;
 /// # Errors
 /// If it is not valid base64 or has the wrong length.
 pub fn decode_key(key_b64: &str) -> Result<Vec<u8>, CoreError> {
-    let bytes = B64
-        .decode(key_b64.trim())
-        .map_err(|_| CoreError::InvalidKey("not valid base64"))?;
+    let bytes = B64.decode(key_b64.trim()).map_err(|_| CoreError::InvalidKey("not valid base64"))?;
     if !(16..=64).contains(&bytes.len()) {
         return Err(CoreError::InvalidKey("must be base64 of 16 to 64 bytes"));
     }
@@ -30,9 +28,7 @@ pub fn decode_key(key_b64: &str) -> Result<Vec<u8>, CoreError> {
 pub fn generate_key() -> String {
     let mut buf = [0u8; GENERATED_KEY_LEN];
     #[allow(clippy::expect_used)]
-    aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .expect("system random generator failed");
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut buf).expect("system random generator failed");
     B64.encode(buf)
 }
 

@@ -63,9 +63,8 @@ impl SasToken {
             return Err(CoreError::MalformedSas("token too long"));
         }
         let token = token.trim();
-        let (scheme, rest) = token
-            .split_once(' ')
-            .ok_or(CoreError::MalformedSas("expected 'SharedAccessSignature sr=…&sig=…&se=…'"))?;
+        let (scheme, rest) =
+            token.split_once(' ').ok_or(CoreError::MalformedSas("expected 'SharedAccessSignature sr=…&sig=…&se=…'"))?;
         if !scheme.eq_ignore_ascii_case("SharedAccessSignature") {
             return Err(CoreError::MalformedSas("scheme must be SharedAccessSignature"));
         }
@@ -86,12 +85,9 @@ impl SasToken {
         let sr_raw = sr.ok_or(CoreError::MalformedSas("missing sr"))?;
         let sig_raw = sig.ok_or(CoreError::MalformedSas("missing sig"))?;
         let se_raw = se.ok_or(CoreError::MalformedSas("missing se"))?;
-        let expiry = se_raw
-            .parse::<u64>()
-            .map_err(|_| CoreError::MalformedSas("se is not a whole number of seconds"))?;
-        let sig = B64
-            .decode(decode_field(sig_raw)?)
-            .map_err(|_| CoreError::MalformedSas("sig is not base64"))?;
+        let expiry =
+            se_raw.parse::<u64>().map_err(|_| CoreError::MalformedSas("se is not a whole number of seconds"))?;
+        let sig = B64.decode(decode_field(sig_raw)?).map_err(|_| CoreError::MalformedSas("sig is not base64"))?;
         if sig.len() != 32 {
             return Err(CoreError::MalformedSas("sig is not an HMAC-SHA256"));
         }
@@ -227,10 +223,7 @@ mod tests {
         ] {
             let t = build_token(RES, KEY, SE, Some("registration"), enc).unwrap();
             let sig_enc = utf8_percent_encode(sig, PY_QUOTE).to_string();
-            assert_eq!(
-                t,
-                format!("SharedAccessSignature sr={sr}&sig={sig_enc}&se={SE}&skn=registration")
-            );
+            assert_eq!(t, format!("SharedAccessSignature sr={sr}&sig={sig_enc}&se={SE}&skn=registration"));
             let p = SasToken::parse(&t).unwrap();
             assert_eq!(p.sr, RES);
             assert_eq!(p.sr_raw, sr);
@@ -241,9 +234,7 @@ mod tests {
     #[test]
     fn any_field_order_and_optional_skn() {
         let sig = utf8_percent_encode(SIG_UPPER, PY_QUOTE);
-        let t = format!(
-            "SharedAccessSignature se={SE}&sig={sig}&sr=0ne00057505%2Fregistrations%2Fdps-sym-key-test01"
-        );
+        let t = format!("SharedAccessSignature se={SE}&sig={sig}&sr=0ne00057505%2Fregistrations%2Fdps-sym-key-test01");
         let p = SasToken::parse(&t).unwrap();
         assert_eq!(p.skn, None);
         assert!(p.signed_with(&key()));

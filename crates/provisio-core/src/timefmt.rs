@@ -21,11 +21,7 @@ pub fn format(t: OffsetDateTime) -> String {
         t.minute(),
         t.second()
     );
-    if frac.is_empty() {
-        format!("{base}Z")
-    } else {
-        format!("{base}.{frac}Z")
-    }
+    if frac.is_empty() { format!("{base}Z") } else { format!("{base}.{frac}Z") }
 }
 
 /// Now, formatted.
@@ -41,10 +37,7 @@ mod tests {
 
     #[test]
     fn trims_to_seven_digits() {
-        assert_eq!(
-            format(datetime!(2023-05-09 20:31:23.666106612 UTC)),
-            "2023-05-09T20:31:23.6661066Z"
-        );
+        assert_eq!(format(datetime!(2023-05-09 20:31:23.666106612 UTC)), "2023-05-09T20:31:23.6661066Z");
         assert_eq!(format(datetime!(2023-05-16 21:51:55.7050970 UTC)), "2023-05-16T21:51:55.705097Z");
         assert_eq!(format(datetime!(2023-05-16 21:51:55 UTC)), "2023-05-16T21:51:55Z");
     }

@@ -79,21 +79,13 @@ impl RegistrationOperationStatus {
     /// The `202` answer to `PUT .../register`: `{"operationId":…,"status":"assigning"}`.
     #[must_use]
     pub fn accepted(operation_id: impl Into<String>) -> Self {
-        Self {
-            operation_id: operation_id.into(),
-            status: RegistrationStatus::Assigning,
-            registration_state: None,
-        }
+        Self { operation_id: operation_id.into(), status: RegistrationStatus::Assigning, registration_state: None }
     }
 
     /// A poll answer carrying `state`; the top-level status mirrors the state's.
     #[must_use]
     pub fn with_state(operation_id: impl Into<String>, state: DeviceRegistrationResult) -> Self {
-        Self {
-            operation_id: operation_id.into(),
-            status: state.status,
-            registration_state: Some(state),
-        }
+        Self { operation_id: operation_id.into(), status: state.status, registration_state: Some(state) }
     }
 }
 

@@ -137,13 +137,13 @@ impl Engine {
     ) -> Result<String, ServerError> {
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
-        if let Some(body_id) = &request.registration_id {
-            if !body_id.eq_ignore_ascii_case(id.as_str()) {
-                return Err(ServerError::invalid(format!(
-                    "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
-                    shorten(body_id)
-                )));
-            }
+        if let Some(body_id) = &request.registration_id
+            && !body_id.eq_ignore_ascii_case(id.as_str())
+        {
+            return Err(ServerError::invalid(format!(
+                "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
+                shorten(body_id)
+            )));
         }
         let matched = self.attest(&id, credential).await?;
         let previous = match self.store.get(Collection::Registrations, id.key()).await? {
@@ -201,12 +201,7 @@ impl Engine {
             .settings
             .linked_hubs
             .iter()
-            .filter(|h| {
-                settings
-                    .iot_hubs
-                    .as_ref()
-                    .is_none_or(|list| list.iter().any(|a| a.eq_ignore_ascii_case(h)))
-            })
+            .filter(|h| settings.iot_hubs.as_ref().is_none_or(|list| list.iter().any(|a| a.eq_ignore_ascii_case(h))))
             .map(|h| HubChoice { name: h, weight: 1 })
             .collect();
         let chosen = match (&previous_hub, update_hub) {
@@ -331,4 +326,132 @@ pub(crate) fn shorten(s: &str) -> String {
         out.push('…');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use provisio_core::{
+        ids::IdScope,
+        keys,
+        sas::{SrEncoding, build_token},
+    };
+    use provisio_proto::service::{AttestationMechanism, IndividualEnrollment, SymmetricKeyAttestation};
+    use provisio_store::SqliteStore;
+    use serde_json::json;
+
+    use super::*;
+    use crate::service_api::ServiceApi;
+
+    const SCOPE: &str = "0ne0000ABCD";
+
+    async fn setup(hubs: &[&str]) -> (Engine, ServiceApi, Arc<dyn Store>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let engine = Engine::new(
+            store.clone(),
+            IdScope::parse(SCOPE).unwrap(),
+            EngineSettings { linked_hubs: hubs.iter().map(|h| (*h).to_owned()).collect(), sas_clock_skew_secs: 0 },
+        );
+        (engine, ServiceApi::new(store.clone(), vec!["localhost".into()], 0), store)
+    }
+
+    fn token(id: &str, key: &str) -> Credential {
+        Credential::Sas(
+            build_token(&format!("{SCOPE}/registrations/{id}"), key, unix_now() + 600, None, SrEncoding::Lower)
+                .unwrap(),
+        )
+    }
+
+    async fn enroll(api: &ServiceApi, id: &str, hubs: Option<Vec<String>>) -> String {
+        let e = api
+            .put_enrollment(
+                id,
+                IndividualEnrollment {
+                    registration_id: id.into(),
+                    device_id: None,
+                    registration_state: None,
+                    optional_device_information: None,
+                    attestation: AttestationMechanism {
+                        kind: "symmetricKey".into(),
+                        tpm: None,
+                        x509: None,
+                        symmetric_key: Some(SymmetricKeyAttestation::default()),
+                    },
+                    capabilities: None,
+                    iot_hub_host_name: None,
+                    initial_twin: None,
+                    etag: None,
+                    provisioning_status: None,
+                    reprovision_policy: None,
+                    created_date_time_utc: None,
+                    last_updated_date_time_utc: None,
+                    allocation_policy: None,
+                    iot_hubs: hubs,
+                    custom_allocation_definition: None,
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        e.attestation.symmetric_key.unwrap().primary_key.unwrap()
+    }
+
+    #[tokio::test]
+    async fn payload_is_stored_and_null_payload_ignored() {
+        let (engine, api, store) = setup(&["h1"]).await;
+        let key = enroll(&api, "dev-p", None).await;
+        let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
+        engine.register(SCOPE, "DEV-P", req, &token("DEV-P", &key)).await.unwrap();
+        let rec = service_model::record_from_body(
+            &store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body,
+        )
+        .unwrap();
+        assert_eq!(rec.device_payload, Some(json!({"model": "x1"})));
+        // The device's spelling of its id is echoed.
+        assert_eq!(rec.registration_id, "DEV-P");
+        let req = DeviceRegistration {
+            registration_id: Some("dev-p".into()),
+            tpm: None,
+            payload: Some(serde_json::Value::Null),
+        };
+        engine.register(SCOPE, "dev-p", req, &token("dev-p", &key)).await.unwrap();
+        let rec = service_model::record_from_body(
+            &store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body,
+        )
+        .unwrap();
+        assert_eq!(rec.device_payload, None);
+    }
+
+    #[tokio::test]
+    async fn iot_hubs_restrict_and_no_hub_fails_with_400208() {
+        let (engine, api, _) = setup(&["h1", "h2"]).await;
+        let key = enroll(&api, "dev-r", Some(vec!["H2".into()])).await;
+        let op = engine.register(SCOPE, "dev-r", DeviceRegistration::default(), &token("dev-r", &key)).await.unwrap();
+        let st = engine.operation_status(SCOPE, "dev-r", &op, &token("dev-r", &key)).await.unwrap();
+        assert_eq!(st.registration_state.unwrap().assigned_hub.as_deref(), Some("h2"));
+
+        let key = enroll(&api, "dev-none", Some(vec!["elsewhere".into()])).await;
+        let op =
+            engine.register(SCOPE, "dev-none", DeviceRegistration::default(), &token("dev-none", &key)).await.unwrap();
+        let st = engine.operation_status(SCOPE, "dev-none", &op, &token("dev-none", &key)).await.unwrap();
+        assert_eq!(st.status, RegistrationStatus::Failed);
+        let rs = st.registration_state.unwrap();
+        assert_eq!(rs.error_code, Some(codes::HUB_NOT_SPECIFIED));
+        assert!(rs.error_message.is_some());
+    }
+
+    #[tokio::test]
+    async fn operations_of_one_device_are_snapshots() {
+        let (engine, api, _) = setup(&["h1"]).await;
+        let key = enroll(&api, "dev-s", None).await;
+        let cred = token("dev-s", &key);
+        let op1 = engine.register(SCOPE, "dev-s", DeviceRegistration::default(), &cred).await.unwrap();
+        let op2 = engine.register(SCOPE, "dev-s", DeviceRegistration::default(), &cred).await.unwrap();
+        let s1 = engine.operation_status(SCOPE, "dev-s", &op1, &cred).await.unwrap();
+        let s2 = engine.operation_status(SCOPE, "dev-s", &op2, &cred).await.unwrap();
+        assert_ne!(s1.registration_state.as_ref().unwrap().etag, s2.registration_state.as_ref().unwrap().etag);
+        let now = engine.registration_status(SCOPE, "dev-s", &cred).await.unwrap();
+        assert_eq!(now.etag, s2.registration_state.unwrap().etag);
+        // Group keys never authenticate the POST status lookup of another id.
+        assert!(engine.registration_status(SCOPE, "dev-s", &token("dev-s", &keys::generate_key())).await.is_err());
+    }
 }

@@ -149,9 +149,9 @@ impl From<AttestError> for ServerError {
             }
             AttestError::WrongKeyName(_) => "The SAS token key name must be 'registration'.".to_owned(),
             // An unknown device and a wrong key must look the same.
-            AttestError::NoEnrollment(_)
-            | AttestError::KeyMismatch(_)
-            | AttestError::WrongAttestationType { .. } => "Unauthorized".to_owned(),
+            AttestError::NoEnrollment(_) | AttestError::KeyMismatch(_) | AttestError::WrongAttestationType { .. } => {
+                "Unauthorized".to_owned()
+            }
         };
         Self::Unauthorized { public, detail: e.to_string() }
     }

@@ -126,10 +126,8 @@ pub async fn load_or_init(store: &dyn Store, config: &ServerConfig) -> Result<In
         })
     };
     // insert_if_absent: two nodes starting together on one database agree on one identity.
-    let identity: Identity = parse(
-        "identity",
-        &store.insert_if_absent(Collection::Meta, "identity", &fresh()?).await?.body,
-    )?;
+    let identity: Identity =
+        parse("identity", &store.insert_if_absent(Collection::Meta, "identity", &fresh()?).await?.body)?;
     let scope = IdScope::parse(&identity.id_scope)?;
 
     let owner = json(&Policy {
@@ -221,16 +219,19 @@ pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Optio
     };
     let ca_file = config.data_dir.join("ca.pem");
     let local_ca = config.tls_cert.is_none() && tokio::fs::metadata(&ca_file).await.is_ok();
-    Ok(Some(info(&identity.id_scope, &owner, &endpoint, local_ca.then_some(ca_file), linked_hubs(config, &identity.id_scope))))
+    Ok(Some(info(
+        &identity.id_scope,
+        &owner,
+        &endpoint,
+        local_ca.then_some(ca_file),
+        linked_hubs(config, &identity.id_scope),
+    )))
 }
 
 /// The endpoint implied by the configuration.
 #[must_use]
 pub fn default_endpoint(config: &ServerConfig) -> Endpoint {
-    let port = config
-        .https_listen
-        .parse::<std::net::SocketAddr>()
-        .map_or(8443, |a| a.port());
+    let port = config.https_listen.parse::<std::net::SocketAddr>().map_or(8443, |a| a.port());
     Endpoint {
         hostname: config.effective_hostnames().into_iter().next().unwrap_or_else(|| "localhost".into()),
         https_port: port,

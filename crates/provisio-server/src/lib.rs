@@ -51,9 +51,9 @@ pub struct Provisio {
 /// # Errors
 /// If the directory or database cannot be created.
 pub async fn open_store(config: &ServerConfig) -> Result<SqliteStore, ServerError> {
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .map_err(|e| ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+    tokio::fs::create_dir_all(&config.data_dir).await.map_err(|e| {
+        ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display()))
+    })?;
     Ok(SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?)
 }
 
@@ -73,14 +73,11 @@ impl Provisio {
     /// # Errors
     /// If an address is invalid or in use.
     pub async fn bind(&self) -> Result<Listeners, ServerError> {
-        let addr: SocketAddr = self
-            .config
-            .https_listen
-            .parse()
-            .map_err(|_| ServerError::invalid(format!("--https-listen '{}' is not an address:port", self.config.https_listen)))?;
-        let https = TcpListener::bind(addr)
-            .await
-            .map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
+        let addr: SocketAddr = self.config.https_listen.parse().map_err(|_| {
+            ServerError::invalid(format!("--https-listen '{}' is not an address:port", self.config.https_listen))
+        })?;
+        let https =
+            TcpListener::bind(addr).await.map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
         Ok(Listeners { https })
     }
 

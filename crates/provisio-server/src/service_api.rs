@@ -87,7 +87,8 @@ impl ServiceApi {
         })?;
         let resource = token.sr.trim_end_matches('/').to_ascii_lowercase();
         let host = resource.split('/').next().unwrap_or("");
-        let host_no_port = host.rsplit_once(':').map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host });
+        let host_no_port =
+            host.rsplit_once(':').map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host });
         if !self.hostnames.iter().any(|h| h.eq_ignore_ascii_case(host_no_port)) {
             return Err(refuse(
                 "Unauthorized: the SAS token was issued for another resource than this service.",
@@ -114,7 +115,11 @@ impl ServiceApi {
         if !signed {
             return Err(refuse("Unauthorized", format!("signature does not match policy '{skn}'")));
         }
-        let has = policy.rights.split(',').map(str::trim).any(|r| right.granted_by().iter().any(|g| g.eq_ignore_ascii_case(r)));
+        let has = policy
+            .rights
+            .split(',')
+            .map(str::trim)
+            .any(|r| right.granted_by().iter().any(|g| g.eq_ignore_ascii_case(r)));
         if !has {
             return Err(ServerError::Forbidden(format!(
                 "The shared access policy '{skn}' lacks the {right:?} right this operation needs."
@@ -144,7 +149,10 @@ impl ServiceApi {
                 message: format!("Enrollment group '{id}' was not found."),
             }
         } else {
-            ServerError::NotFound { code: codes::ENROLLMENT_NOT_FOUND, message: format!("Enrollment '{id}' was not found.") }
+            ServerError::NotFound {
+                code: codes::ENROLLMENT_NOT_FOUND,
+                message: format!("Enrollment '{id}' was not found."),
+            }
         }
     }
 
@@ -177,7 +185,11 @@ impl ServiceApi {
     /// 404 if absent.
     pub async fn get_enrollment(&self, id: &str) -> Result<IndividualEnrollment, ServerError> {
         let id = RegistrationId::parse(id)?;
-        let doc = self.store.get(Collection::Enrollments, id.key()).await?.ok_or_else(|| Self::not_found(false, id.as_str()))?;
+        let doc = self
+            .store
+            .get(Collection::Enrollments, id.key())
+            .await?
+            .ok_or_else(|| Self::not_found(false, id.as_str()))?;
         let enrollment = model::enrollment_from_doc(&doc)?;
         let state = match self.store.get(Collection::Registrations, id.key()).await? {
             Some(r) => model::registration_state_to_wire(&model::record_from_body(&r.body)?, &r.etag),
@@ -221,7 +233,12 @@ impl ServiceApi {
     ///
     /// # Errors
     /// Invalid body, 409 on create of an existing id, 412 on an etag mismatch.
-    pub async fn put_group(&self, id: &str, body: EnrollmentGroup, if_match: Option<&str>) -> Result<EnrollmentGroup, ServerError> {
+    pub async fn put_group(
+        &self,
+        id: &str,
+        body: EnrollmentGroup,
+        if_match: Option<&str>,
+    ) -> Result<EnrollmentGroup, ServerError> {
         let id = EnrollmentGroupId::parse(id)?;
         let existing = self.store.get(Collection::EnrollmentGroups, id.key()).await?;
         let created = existing.as_ref().map(model::group_from_doc).transpose()?.map(|g| g.created);
@@ -241,7 +258,11 @@ impl ServiceApi {
     /// 404 if absent.
     pub async fn get_group(&self, id: &str) -> Result<EnrollmentGroup, ServerError> {
         let id = EnrollmentGroupId::parse(id)?;
-        let doc = self.store.get(Collection::EnrollmentGroups, id.key()).await?.ok_or_else(|| Self::not_found(true, id.as_str()))?;
+        let doc = self
+            .store
+            .get(Collection::EnrollmentGroups, id.key())
+            .await?
+            .ok_or_else(|| Self::not_found(true, id.as_str()))?;
         Ok(model::group_to_wire(&model::group_from_doc(&doc)?, &doc.etag, false))
     }
 }

@@ -75,9 +75,8 @@ fn attestation_from_wire(a: &AttestationMechanism, what: &str) -> Result<Attesta
                 match k.filter(|k| !k.trim().is_empty()) {
                     None => Ok(keys::generate_key()),
                     Some(k) => {
-                        keys::decode_key(&k).map_err(|e| {
-                            ServerError::invalid(format!("attestation.symmetricKey.{name}: {e}"))
-                        })?;
+                        keys::decode_key(&k)
+                            .map_err(|e| ServerError::invalid(format!("attestation.symmetricKey.{name}: {e}")))?;
                         Ok(k.trim().to_owned())
                     }
                 }
@@ -126,13 +125,13 @@ struct WireSettings {
 }
 
 fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError> {
-    if let Some(p) = &w.allocation_policy {
-        if !matches!(p.as_str(), "hashed" | "geoLatency" | "static" | "custom") {
-            return Err(ServerError::invalid(format!(
-                "allocationPolicy '{}' is not one of hashed, geoLatency, static, custom.",
-                engine::shorten(p)
-            )));
-        }
+    if let Some(p) = &w.allocation_policy
+        && !matches!(p.as_str(), "hashed" | "geoLatency" | "static" | "custom")
+    {
+        return Err(ServerError::invalid(format!(
+            "allocationPolicy '{}' is not one of hashed, geoLatency, static, custom.",
+            engine::shorten(p)
+        )));
     }
     Ok(EnrollmentSettings {
         enabled: w.provisioning_status.unwrap_or_default() == ProvisioningStatus::Enabled,
@@ -145,10 +144,9 @@ fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError
         allocation_policy: w.allocation_policy,
         iot_hubs: w.iot_hubs,
         iot_hub_host_name: w.iot_hub_host_name,
-        custom_allocation: w.custom_allocation_definition.map(|c| CustomAllocation {
-            webhook_url: c.webhook_url,
-            api_version: c.api_version,
-        }),
+        custom_allocation: w
+            .custom_allocation_definition
+            .map(|c| CustomAllocation { webhook_url: c.webhook_url, api_version: c.api_version }),
     })
 }
 

@@ -134,12 +134,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes a registration record and records the operation that produced it, in one
     /// transaction. Returns the record with its new etag.
-    async fn record_registration(
-        &self,
-        registration_id: &str,
-        body: &str,
-        operation_id: &str,
-    ) -> Result<Document>;
+    async fn record_registration(&self, registration_id: &str, body: &str, operation_id: &str) -> Result<Document>;
 
     /// Reads an operation.
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>>;

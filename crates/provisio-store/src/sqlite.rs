@@ -186,14 +186,13 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
-        let rows = sqlx::query(
-            "SELECT id, etag, body FROM documents WHERE collection = ? AND id > ? ORDER BY id LIMIT ?",
-        )
-        .bind(c.as_str())
-        .bind(after.unwrap_or(""))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, etag, body FROM documents WHERE collection = ? AND id > ? ORDER BY id LIMIT ?")
+                .bind(c.as_str())
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(doc).collect()
     }
 

@@ -151,6 +151,7 @@ pub fn init_logging(s: &LogSettings) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
 

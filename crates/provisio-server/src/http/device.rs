@@ -26,7 +26,8 @@ fn registration_body(req: &Req) -> Result<DeviceRegistration, ServerError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(DeviceRegistration::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ServerError::malformed(format!("The request body is not a valid DeviceRegistration: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ServerError::malformed(format!("The request body is not a valid DeviceRegistration: {e}")))
 }
 
 fn with_retry_after(mut r: Response, secs: u32) -> Response {
@@ -40,7 +41,7 @@ pub async fn register(state: &AppState, req: &mut Req, scope: &str, id: &str) ->
     let body = registration_body(req)?;
     let op = state.engine.register(scope, id, body, &credential(req)).await?;
     let mut r = response::json(StatusCode::ACCEPTED, &RegistrationOperationStatus::accepted(op));
-    if let Some(host) = req.header(header::HOST.as_str()) {
+    if let Some(host) = &req.authority {
         let loc = format!("https://{host}/{scope}/registrations/{id}/register");
         if let Ok(v) = HeaderValue::from_str(&loc) {
             r.headers_mut().insert(header::LOCATION, v);
@@ -68,13 +69,18 @@ pub async fn operation_status(
 }
 
 /// `POST /{scope}/registrations/{id}`: the bare `DeviceRegistrationResult`.
-pub async fn registration_status(state: &AppState, req: &mut Req, scope: &str, id: &str) -> Result<Response, ServerError> {
+pub async fn registration_status(
+    state: &AppState,
+    req: &mut Req,
+    scope: &str,
+    id: &str,
+) -> Result<Response, ServerError> {
     req.require_api_version(DEVICE_API_VERSIONS)?;
     let body = registration_body(req)?;
-    if let Some(body_id) = &body.registration_id {
-        if !body_id.eq_ignore_ascii_case(id) {
-            return Err(ServerError::invalid("The body's registrationId does not match the path."));
-        }
+    if let Some(body_id) = &body.registration_id
+        && !body_id.eq_ignore_ascii_case(id)
+    {
+        return Err(ServerError::invalid("The body's registrationId does not match the path."));
     }
     let result = state.engine.registration_status(scope, id, &credential(req)).await?;
     Ok(response::json(StatusCode::OK, &result))

@@ -50,6 +50,8 @@ pub struct Req {
     pub path: String,
     /// The body, read under the size limit before routing.
     pub body: Bytes,
+    /// `host[:port]` the client addressed (`Host`, or the HTTP/2 `:authority`).
+    pub authority: Option<String>,
 }
 
 impl Req {
@@ -119,7 +121,12 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Ok(b) => b,
         Err(e) => return response::error(&e),
     };
-    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body };
+    let authority = parts
+        .uri
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
     let resp = match tokio::time::timeout(state.request_timeout, route(&state, req, peer)).await {

@@ -18,7 +18,8 @@ fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, ServerErro
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ServerError::malformed(format!("The request body must be a JSON {what}.")));
     }
-    serde_json::from_slice(bytes).map_err(|e| ServerError::malformed(format!("The request body is not a valid {what}: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ServerError::malformed(format!("The request body is not a valid {what}: {e}")))
 }
 
 async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), ServerError> {

@@ -9,7 +9,13 @@ use serde_json::{Value, json};
 
 use crate::common::{Server, assert_dps_error, now, put_enrollment};
 
-async fn send(s: &Server, method: reqwest::Method, path: &str, auth: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+async fn send(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    auth: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
     let mut rb = s.client().request(method, s.url(path)).header("Content-Type", "application/json").body(body);
     if let Some(a) = auth {
         rb = rb.header("Authorization", a);
@@ -34,7 +40,9 @@ async fn device_api_bad_input() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
     let scope = s.info.id_scope.clone();
-    let e = put_enrollment(&s, false, "dev-1", json!({"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}})).await;
+    let e =
+        put_enrollment(&s, false, "dev-1", json!({"registrationId": "dev-1", "attestation": {"type": "symmetricKey"}}))
+            .await;
     let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
     let good = device_token(&scope, "dev-1", &key, now() + 3600);
     let reg = format!("/{scope}/registrations/dev-1/register?api-version=2019-03-31");
@@ -49,14 +57,28 @@ async fn device_api_bad_input() {
     let (st, v) = send(&s, Method::PUT, &reg, Some(&good), big).await;
     assert_dps_error(st, &v, 413, 413_001);
     // api-version: unsupported, then missing.
-    let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/dev-1/register?api-version=2019-04-16"), Some(&good), "{}").await;
+    let (st, v) = send(
+        &s,
+        Method::PUT,
+        &format!("/{scope}/registrations/dev-1/register?api-version=2019-04-16"),
+        Some(&good),
+        "{}",
+    )
+    .await;
     assert_dps_error(st, &v, 400, 400_004);
     assert!(v["message"].as_str().unwrap().contains("Unsupported API version 2019-04-16"), "{v}");
     let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/dev-1/register"), Some(&good), "{}").await;
     assert_dps_error(st, &v, 400, 400_004);
     // Registration ids that break the rules.
     for bad in ["bad%20id", "ends-with-dot.", &"x".repeat(129), "%C3%BCml"] {
-        let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/{bad}/register?api-version=2019-03-31"), Some(&good), "{}").await;
+        let (st, v) = send(
+            &s,
+            Method::PUT,
+            &format!("/{scope}/registrations/{bad}/register?api-version=2019-03-31"),
+            Some(&good),
+            "{}",
+        )
+        .await;
         assert_dps_error(st, &v, 400, 400_004);
     }
     // Body id that is not the path's.
@@ -86,7 +108,14 @@ async fn device_api_bad_input() {
     }
     // An unknown device looks exactly like a forged token.
     let unknown = device_token(&scope, "nobody", &key, now() + 3600);
-    let (st, v) = send(&s, Method::PUT, &format!("/{scope}/registrations/nobody/register?api-version=2019-03-31"), Some(&unknown), "{}").await;
+    let (st, v) = send(
+        &s,
+        Method::PUT,
+        &format!("/{scope}/registrations/nobody/register?api-version=2019-03-31"),
+        Some(&unknown),
+        "{}",
+    )
+    .await;
     assert_dps_error(st, &v, 401, 401_002);
     assert_eq!(v["message"], "Unauthorized");
     // The reason is logged with the tracking id; the token's signature is not.
@@ -101,27 +130,61 @@ async fn device_api_bad_input() {
     assert!(!log.contains(&key), "a device key reached the log");
 
     // Unknown scope.
-    let (st, v) = send(&s, Method::PUT, "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", Some(&good), "{}").await;
+    let (st, v) =
+        send(&s, Method::PUT, "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", Some(&good), "{}")
+            .await;
     assert_dps_error(st, &v, 404, 404_001);
 
     // Nothing above was stored: the status lookup finds no registration.
-    let (st, v) = send(&s, Method::POST, &format!("/{scope}/registrations/dev-1?api-version=2019-03-31"), Some(&good), "").await;
+    let (st, v) =
+        send(&s, Method::POST, &format!("/{scope}/registrations/dev-1?api-version=2019-03-31"), Some(&good), "").await;
     assert_dps_error(st, &v, 404, 404_202);
 
     // Polls: unknown operation, another device's operation, forged token.
     let (st, v) = send(&s, Method::PUT, &reg, Some(&good), "").await;
     assert_eq!(st, 202, "{v}");
     let op = v["operationId"].as_str().unwrap().to_owned();
-    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-1/operations/nope?api-version=2019-03-31"), Some(&good), "").await;
+    let (st, v) = send(
+        &s,
+        Method::GET,
+        &format!("/{scope}/registrations/dev-1/operations/nope?api-version=2019-03-31"),
+        Some(&good),
+        "",
+    )
+    .await;
     assert_dps_error(st, &v, 404, 404_202);
-    let e2 = put_enrollment(&s, false, "dev-2", json!({"registrationId": "dev-2", "attestation": {"type": "symmetricKey"}})).await;
-    let good2 = device_token(&scope, "dev-2", e2["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), now() + 3600);
-    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-2/operations/{op}?api-version=2019-03-31"), Some(&good2), "").await;
+    let e2 =
+        put_enrollment(&s, false, "dev-2", json!({"registrationId": "dev-2", "attestation": {"type": "symmetricKey"}}))
+            .await;
+    let good2 =
+        device_token(&scope, "dev-2", e2["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), now() + 3600);
+    let (st, v) = send(
+        &s,
+        Method::GET,
+        &format!("/{scope}/registrations/dev-2/operations/{op}?api-version=2019-03-31"),
+        Some(&good2),
+        "",
+    )
+    .await;
     assert_dps_error(st, &v, 404, 404_202);
-    let (st, v) = send(&s, Method::GET, &format!("/{scope}/registrations/dev-1/operations/{op}?api-version=2019-03-31"), Some(&forged), "").await;
+    let (st, v) = send(
+        &s,
+        Method::GET,
+        &format!("/{scope}/registrations/dev-1/operations/{op}?api-version=2019-03-31"),
+        Some(&forged),
+        "",
+    )
+    .await;
     assert_dps_error(st, &v, 401, 401_002);
     // Case-insensitive routes and ids: the C SDK encodes, others do not.
-    let (st, v) = send(&s, Method::GET, &format!("/{}/REGISTRATIONS/DEV-1/Operations/{op}?api-version=2019-03-31", scope.to_lowercase()), Some(&good), "{}").await;
+    let (st, v) = send(
+        &s,
+        Method::GET,
+        &format!("/{}/REGISTRATIONS/DEV-1/Operations/{op}?api-version=2019-03-31", scope.to_lowercase()),
+        Some(&good),
+        "{}",
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["status"], "assigned");
 
@@ -142,7 +205,8 @@ async fn service_api_bad_input() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
     let owner = s.info.owner_key();
-    let tok = |sr: &str, key: &str, exp: u64, skn: Option<&str>| build_token(sr, key, exp, skn, SrEncoding::Upper).unwrap();
+    let tok =
+        |sr: &str, key: &str, exp: u64, skn: Option<&str>| build_token(sr, key, exp, skn, SrEncoding::Upper).unwrap();
     let path = "/enrollments/dev-x?api-version=2021-10-01";
     let body = json!({"registrationId": "dev-x", "attestation": {"type": "symmetricKey"}}).to_string();
 
@@ -202,7 +266,15 @@ async fn service_api_bad_input() {
         let url = s.url(path);
         let (good, body) = (good.clone(), body.clone());
         async move {
-            let r = c.put(url).header("Authorization", good).header("If-Match", etag).header("Content-Type", "application/json").body(body).send().await.unwrap();
+            let r = c
+                .put(url)
+                .header("Authorization", good)
+                .header("If-Match", etag)
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let st = r.status().as_u16();
             (st, r.json::<Value>().await.unwrap())
         }
@@ -217,7 +289,8 @@ async fn service_api_bad_input() {
     let (st, _) = put_if("*".into()).await;
     assert_eq!(st, 200);
     // Delete with a stale etag fails; unconditional delete works; second delete is 404.
-    let r = s.client().delete(s.url(path)).header("Authorization", &good).header("If-Match", etag).send().await.unwrap();
+    let r =
+        s.client().delete(s.url(path)).header("Authorization", &good).header("If-Match", etag).send().await.unwrap();
     assert_eq!(r.status(), 412);
     let (st, _) = send(&s, Method::DELETE, path, Some(&good), "").await;
     assert_eq!(st, 204);

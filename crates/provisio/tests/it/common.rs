@@ -30,11 +30,7 @@ pub struct Info {
 impl Info {
     /// The owner policy key from the connection string.
     pub fn owner_key(&self) -> String {
-        self.service_connection_string
-            .split(';')
-            .find_map(|p| p.strip_prefix("SharedAccessKey="))
-            .unwrap()
-            .to_owned()
+        self.service_connection_string.split(';').find_map(|p| p.strip_prefix("SharedAccessKey=")).unwrap().to_owned()
     }
 }
 
@@ -50,7 +46,8 @@ impl Server {
     /// Starts a server on `listen` with its state in `data_dir`, and waits until
     /// `/health` answers.
     pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
-        let log = data_dir.join(format!("server-{}.log", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()));
+        let log =
+            data_dir.join(format!("server-{}.log", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()));
         std::fs::create_dir_all(data_dir).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_provisio"))
             .args(["serve", "--json", "--data-dir"])
@@ -180,24 +177,34 @@ pub fn now() -> u64 {
 /// Runs a command and returns its stdout, panicking with its stderr on failure.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// The walkthrough's SAS script.
 pub fn walkthrough_sas(uri: &str, key: &str, policy: &str, expiry: i64) -> String {
-    run(Command::new("python3")
-        .arg(repo_root().join("examples/walkthrough/sas.py"))
-        .args([uri, key, policy, &expiry.to_string()]))
+    run(Command::new("python3").arg(repo_root().join("examples/walkthrough/sas.py")).args([
+        uri,
+        key,
+        policy,
+        &expiry.to_string(),
+    ]))
     .trim()
     .to_owned()
 }
 
 /// The walkthrough's openssl key derivation.
 pub fn walkthrough_derive(group_key: &str, registration_id: &str) -> String {
-    run(Command::new("bash").arg(repo_root().join("examples/walkthrough/derive-key.sh")).args([group_key, registration_id]))
-        .trim()
-        .to_owned()
+    run(Command::new("bash")
+        .arg(repo_root().join("examples/walkthrough/derive-key.sh"))
+        .args([group_key, registration_id]))
+    .trim()
+    .to_owned()
 }
 
 /// `curl` as the walkthrough runs it; returns (status, headers, body JSON or Null).
@@ -218,7 +225,11 @@ pub fn curl(server: &Server, method: &str, path: &str, auth: Option<&str>, body:
     let out = run(&mut cmd);
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let json = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::String(body.into())) };
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or(Value::String(body.into()))
+    };
     (status, head.to_owned(), json)
 }
 

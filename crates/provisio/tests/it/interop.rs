@@ -32,14 +32,22 @@ fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
     let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
         panic!("register.js printed no JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
     });
-    assert!(out.status.success() && v["ok"] == true, "Node SDK registration failed: {v}\nserver log:\n{}", s.log_text());
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "Node SDK registration failed: {v}\nserver log:\n{}",
+        s.log_text()
+    );
     v["result"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_node_http_client_registers_individual_and_group_devices() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), "127.0.0.1:443", &["--linked-hub", "node-hub.example.net", "--retry-after-secs", "1"]);
+    let s = Server::start(
+        tmp.path(),
+        "127.0.0.1:443",
+        &["--linked-hub", "node-hub.example.net", "--retry-after-secs", "1"],
+    );
 
     let e = put_enrollment(&s, false, "node-individual-1", json!({"registrationId": "node-individual-1", "deviceId": "node-dev-1", "attestation": {"type": "symmetricKey"}})).await;
     let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();

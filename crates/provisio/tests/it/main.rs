@@ -1,5 +1,6 @@
 //! Integration tests: real `provisio serve` processes on loopback, real TLS, real SQLite.
 //! One test binary (each extra binary costs a link on a 2-core machine).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod bad_input;
 mod common;

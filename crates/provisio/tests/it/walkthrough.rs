@@ -8,7 +8,13 @@ use crate::common::{Server, curl, header, put_enrollment, walkthrough_derive, wa
 
 fn register_and_poll(s: &Server, reg_id: &str, token: &str, body: &str) -> Value {
     let scope = &s.info.id_scope;
-    let (status, head, v) = curl(s, "PUT", &format!("/{scope}/registrations/{reg_id}/register?api-version=2019-03-31"), Some(token), Some(body));
+    let (status, head, v) = curl(
+        s,
+        "PUT",
+        &format!("/{scope}/registrations/{reg_id}/register?api-version=2019-03-31"),
+        Some(token),
+        Some(body),
+    );
     assert_eq!(status, 202, "{head}\n{v}");
     assert_eq!(v["status"], "assigning", "{v}");
     assert!(v.get("registrationState").is_none(), "first answer has no registrationState: {v}");
@@ -16,7 +22,13 @@ fn register_and_poll(s: &Server, reg_id: &str, token: &str, body: &str) -> Value
     assert!(!op.is_empty());
     assert_eq!(header(&head, "retry-after"), Some("2"));
     assert!(header(&head, "content-type").unwrap().starts_with("application/json"));
-    let (status, _, v) = curl(s, "GET", &format!("/{scope}/registrations/{reg_id}/operations/{op}?api-version=2019-03-31"), Some(token), None);
+    let (status, _, v) = curl(
+        s,
+        "GET",
+        &format!("/{scope}/registrations/{reg_id}/operations/{op}?api-version=2019-03-31"),
+        Some(token),
+        None,
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["operationId"], op.as_str());
     assert_eq!(v["status"], "assigned", "{v}");
@@ -41,13 +53,24 @@ async fn walkthrough_individual_and_group_with_curl() {
     let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-a.example.net"]);
     let scope = s.info.id_scope.clone();
     assert_eq!(s.info.linked_hubs, ["hub-a.example.net"]);
-    assert!(scope.starts_with("0ne") && scope.len() == 11 && scope[3..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()), "{scope}");
+    assert!(
+        scope.starts_with("0ne")
+            && scope.len() == 11
+            && scope[3..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()),
+        "{scope}"
+    );
 
     // Individual enrollment with auto-generated keys, as the portal does.
-    let created = put_enrollment(&s, false, "dps-sym-key-test01", json!({
-        "registrationId": "dps-sym-key-test01",
-        "attestation": {"type": "symmetricKey"},
-    })).await;
+    let created = put_enrollment(
+        &s,
+        false,
+        "dps-sym-key-test01",
+        json!({
+            "registrationId": "dps-sym-key-test01",
+            "attestation": {"type": "symmetricKey"},
+        }),
+    )
+    .await;
     let primary = created["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
     let secondary = created["attestation"]["symmetricKey"]["secondaryKey"].as_str().unwrap().to_owned();
     assert_ne!(primary, secondary);
@@ -65,14 +88,25 @@ async fn walkthrough_individual_and_group_with_curl() {
     register_and_poll(&s, "dps-sym-key-test01", &token2, r#"{"registrationId": "dps-sym-key-test01"}"#);
 
     // The status lookup returns the bare registration state.
-    let (status, _, st) = curl(&s, "POST", &format!("/{scope}/registrations/dps-sym-key-test01?api-version=2021-06-01"), Some(&token), Some(r#"{"registrationId":"dps-sym-key-test01"}"#));
+    let (status, _, st) = curl(
+        &s,
+        "POST",
+        &format!("/{scope}/registrations/dps-sym-key-test01?api-version=2021-06-01"),
+        Some(&token),
+        Some(r#"{"registrationId":"dps-sym-key-test01"}"#),
+    );
     assert_eq!(status, 200, "{st}");
     assert_eq!(st["status"], "assigned");
     assert_eq!(st["assignedHub"], "hub-a.example.net");
 
     // GET of the enrollment strips the keys and shows the registration state.
-    let r = s.client().get(s.url("/enrollments/dps-sym-key-test01?api-version=2021-10-01"))
-        .header("Authorization", s.service_token()).send().await.unwrap();
+    let r = s
+        .client()
+        .get(s.url("/enrollments/dps-sym-key-test01?api-version=2021-10-01"))
+        .header("Authorization", s.service_token())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["attestation"], json!({"type": "symmetricKey"}));
@@ -86,21 +120,33 @@ async fn walkthrough_individual_and_group_with_curl() {
     })).await;
     let device_key = walkthrough_derive(group_key, "dps-test-sym-device01");
     assert_eq!(device_key, provisio_core::keys::derive_device_key(group_key, "dps-test-sym-device01").unwrap());
-    let token = walkthrough_sas(&format!("{scope}/registrations/dps-test-sym-device01"), &device_key, "registration", 3600);
+    let token =
+        walkthrough_sas(&format!("{scope}/registrations/dps-test-sym-device01"), &device_key, "registration", 3600);
     let v = register_and_poll(&s, "dps-test-sym-device01", &token, r#"{"registrationId": "dps-test-sym-device01"}"#);
     check_state(&v, "dps-test-sym-device01", "hub-a.example.net");
     assert_eq!(v["registrationState"]["symmetricKey"]["enrollmentGroupId"], "dps-test-sym-group1");
 
     // The group key itself is not a device key.
-    let token = walkthrough_sas(&format!("{scope}/registrations/dps-test-sym-device02"), group_key, "registration", 3600);
-    let (status, _, v) = curl(&s, "PUT", &format!("/{scope}/registrations/dps-test-sym-device02/register?api-version=2019-03-31"), Some(&token), Some("{}"));
+    let token =
+        walkthrough_sas(&format!("{scope}/registrations/dps-test-sym-device02"), group_key, "registration", 3600);
+    let (status, _, v) = curl(
+        &s,
+        "PUT",
+        &format!("/{scope}/registrations/dps-test-sym-device02/register?api-version=2019-03-31"),
+        Some(&token),
+        Some("{}"),
+    );
     crate::common::assert_dps_error(status, &v, 401, 401_002);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_precedence_payload_and_reregistration() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "h1.example", "--linked-hub", "h2.example", "--linked-hub", "h3.example"]);
+    let s = Server::start(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--linked-hub", "h1.example", "--linked-hub", "h2.example", "--linked-hub", "h3.example"],
+    );
     let scope = s.info.id_scope.clone();
     let group_key = provisio_core::keys::generate_key();
     put_enrollment(&s, true, "g1", json!({"enrollmentGroupId": "g1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key}}})).await;
@@ -125,20 +171,44 @@ async fn disabled_precedence_payload_and_reregistration() {
 
     // A disabled individual enrollment blocks a device that the group would accept.
     let id = "spread-0";
-    put_enrollment(&s, false, id, json!({"registrationId": id, "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}})).await;
+    put_enrollment(
+        &s,
+        false,
+        id,
+        json!({"registrationId": id, "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
     let key = provisio_core::keys::derive_device_key(&group_key, id).unwrap();
     let token = walkthrough_sas(&format!("{scope}/registrations/{id}"), &key, "registration", 3600);
-    let (status, _, v) = curl(&s, "PUT", &format!("/{scope}/registrations/{id}/register?api-version=2019-03-31"), Some(&token), Some("{}"));
+    let (status, _, v) = curl(
+        &s,
+        "PUT",
+        &format!("/{scope}/registrations/{id}/register?api-version=2019-03-31"),
+        Some(&token),
+        Some("{}"),
+    );
     crate::common::assert_dps_error(status, &v, 401, 401_002);
 
     // With its own key, the device learns it is disabled.
     let e = put_enrollment(&s, false, "dev-disabled", json!({"registrationId": "dev-disabled", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}})).await;
     let k = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
     let token = walkthrough_sas(&format!("{scope}/registrations/dev-disabled"), k, "registration", 3600);
-    let (status, _, v) = curl(&s, "PUT", &format!("/{scope}/registrations/dev-disabled/register?api-version=2019-03-31"), Some(&token), Some("{}"));
+    let (status, _, v) = curl(
+        &s,
+        "PUT",
+        &format!("/{scope}/registrations/dev-disabled/register?api-version=2019-03-31"),
+        Some(&token),
+        Some("{}"),
+    );
     assert_eq!(status, 202);
     let op = v["operationId"].as_str().unwrap();
-    let (status, _, v) = curl(&s, "GET", &format!("/{scope}/registrations/dev-disabled/operations/{op}?api-version=2019-03-31"), Some(&token), None);
+    let (status, _, v) = curl(
+        &s,
+        "GET",
+        &format!("/{scope}/registrations/dev-disabled/operations/{op}?api-version=2019-03-31"),
+        Some(&token),
+        None,
+    );
     assert_eq!(status, 200);
     assert_eq!(v["status"], "disabled", "{v}");
     assert_eq!(v["registrationState"]["status"], "disabled");
@@ -150,8 +220,20 @@ async fn disabled_precedence_payload_and_reregistration() {
     put_enrollment(&s, true, "g-off", json!({"enrollmentGroupId": "g-off", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
     let dk = provisio_core::keys::derive_device_key(&gk, "off-1").unwrap();
     let token = walkthrough_sas(&format!("{scope}/registrations/off-1"), &dk, "registration", 3600);
-    let (_, _, v) = curl(&s, "PUT", &format!("/{scope}/registrations/off-1/register?api-version=2019-03-31"), Some(&token), Some("{}"));
+    let (_, _, v) = curl(
+        &s,
+        "PUT",
+        &format!("/{scope}/registrations/off-1/register?api-version=2019-03-31"),
+        Some(&token),
+        Some("{}"),
+    );
     let op = v["operationId"].as_str().unwrap();
-    let (_, _, v) = curl(&s, "GET", &format!("/{scope}/registrations/off-1/operations/{op}?api-version=2019-03-31"), Some(&token), None);
+    let (_, _, v) = curl(
+        &s,
+        "GET",
+        &format!("/{scope}/registrations/off-1/operations/{op}?api-version=2019-03-31"),
+        Some(&token),
+        None,
+    );
     assert_eq!(v["status"], "disabled", "{v}");
 }
