@@ -109,15 +109,18 @@ pub fn symmetric_key(
     groups: impl IntoIterator<Item = EnrollmentGroup>,
 ) -> Result<Matched, AttestError> {
     if let Some(e) = individual {
-        let Attestation::SymmetricKey { primary_key, secondary_key } = &e.attestation;
-        #[allow(irrefutable_let_patterns)]
+        let Attestation::SymmetricKey { primary_key, secondary_key } = &e.attestation else {
+            return Err(AttestError::WrongAttestationType { id: e.registration_id, kind: e.attestation.kind() });
+        };
         if !(signed_by_key(token, primary_key) || signed_by_key(token, secondary_key)) {
             return Err(AttestError::KeyMismatch(e.registration_id));
         }
         return Ok(Matched::Individual(e));
     }
     for g in groups {
-        let Attestation::SymmetricKey { primary_key, secondary_key } = &g.attestation;
+        let Attestation::SymmetricKey { primary_key, secondary_key } = &g.attestation else {
+            continue;
+        };
         let matched = [primary_key, secondary_key].into_iter().any(|gk| {
             keys::decode_key(gk).is_ok_and(|gk| token.signed_with(&keys::derive_device_key_bytes(&gk, registration_id)))
         });

@@ -19,6 +19,8 @@ pub enum Attestation {
         /// Secondary key.
         secondary_key: String,
     },
+    /// X.509 certificates.
+    X509(X509Attestation),
 }
 
 impl Attestation {
@@ -27,8 +29,72 @@ impl Attestation {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::SymmetricKey { .. } => "symmetricKey",
+            Self::X509(_) => "x509",
         }
     }
+}
+
+/// `X509CertificateInfo`: facts about a certificate, as DPS reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertInfo {
+    /// Subject distinguished name, e.g. `CN=device-01`.
+    pub subject_name: String,
+    /// SHA-1 of the DER, upper-case hex.
+    pub sha1_thumbprint: String,
+    /// SHA-256 of the DER, upper-case hex.
+    pub sha256_thumbprint: String,
+    /// Issuer distinguished name.
+    pub issuer_name: String,
+    /// Start of validity (`2023-05-09T20:31:22Z`).
+    pub not_before_utc: String,
+    /// End of validity.
+    pub not_after_utc: String,
+    /// Serial number, upper-case hex.
+    pub serial_number: String,
+    /// X.509 version (3).
+    pub version: u32,
+}
+
+/// A certificate stored with an enrollment: its DER (base64) and its facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCert {
+    /// Base64 of the DER encoding.
+    pub der_base64: String,
+    /// Facts, computed when it was stored.
+    pub info: CertInfo,
+}
+
+/// A primary and an optional secondary value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", bound(deserialize = "T: Deserialize<'de>", serialize = "T: Serialize"))]
+pub struct PrimarySecondary<T> {
+    /// Primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<T>,
+    /// Secondary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<T>,
+}
+
+impl<T> PrimarySecondary<T> {
+    /// Primary then secondary, skipping absent ones.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.primary.iter().chain(self.secondary.iter())
+    }
+}
+
+/// X.509 attestation of an enrollment or group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum X509Attestation {
+    /// Individual enrollment: the device's own certificates, matched by thumbprint.
+    ClientCertificates(PrimarySecondary<StoredCert>),
+    /// Group: uploaded root or intermediate certificates, used as trust anchors.
+    SigningCertificates(PrimarySecondary<StoredCert>),
+    /// Group: names of CA certificates of the certificates API, which must be verified.
+    CaReferences(PrimarySecondary<String>),
 }
 
 /// `reprovisionPolicy`.
@@ -192,4 +258,18 @@ pub struct RegistrationRecord {
     /// The custom payload the device sent, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_payload: Option<Value>,
+    /// For X.509 devices: the certificates that attested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509Details>,
+}
+
+/// The certificates behind an X.509 registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Details {
+    /// The device certificate.
+    pub certificate_info: CertInfo,
+    /// The group certificate the chain ended at (groups only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<CertInfo>,
 }

@@ -1,8 +1,10 @@
-//! X.509 for Provisio.
-//!
-//! Today: the instance's local CA and the TLS server certificates it issues for the
-//! configured host names. Chain validation for X.509 attestation and test-chain
-//! generation build on the same primitives.
+//! X.509 for Provisio: the instance's local CA and the TLS server certificates it issues
+//! ([`generate_ca`], [`issue_server_cert`]), chain validation and proof of possession for
+//! X.509 attestation ([`x509`]), and test chains for developers ([`testcerts`]).
+
+pub mod attest;
+pub mod testcerts;
+pub mod x509;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

@@ -129,7 +129,7 @@ pub struct DeviceRegistrationResult {
     pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
     /// X.509 details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<Value>,
+    pub x509: Option<X509RegistrationResult>,
     /// TPM details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<Value>,
@@ -156,6 +156,21 @@ impl DeviceRegistrationResult {
             tpm: None,
         }
     }
+}
+
+/// `X509RegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    /// The group the device registered through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The device certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_info: Option<crate::service::X509CertificateInfo>,
+    /// The group's certificate the chain ended at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<crate::service::X509CertificateInfo>,
 }
 
 /// `SymmetricKeyRegistrationResult`.

@@ -39,6 +39,29 @@ pub const SERVICE_API_VERSIONS: &[&str] = &[
     "2025-07-01-preview",
 ];
 
+/// `api-version` values the certificates API accepts: the service API's and the ARM
+/// versions of the DPS certificate resource.
+pub const CERTIFICATE_API_VERSIONS: &[&str] = &[
+    "2017-11-15",
+    "2018-04-01",
+    "2018-09-01-preview",
+    "2018-11-01",
+    "2019-03-31",
+    "2021-10-01",
+    "2021-11-01-preview",
+    "2025-07-01-preview",
+    "2017-08-21-preview",
+    "2018-01-22",
+    "2020-01-01",
+    "2020-03-01",
+    "2020-09-01-preview",
+    "2021-10-15",
+    "2022-02-05",
+    "2022-12-12",
+    "2023-03-01-preview",
+    "2025-02-01-preview",
+];
+
 /// Whether `version` is one of `known`, compared exactly (DPS versions are lower-case dates).
 #[must_use]
 pub fn is_supported_api_version(known: &[&str], version: &str) -> bool {

@@ -32,7 +32,7 @@ pub struct AttestationMechanism {
     pub tpm: Option<Value>,
     /// X.509 attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<Value>,
+    pub x509: Option<X509Attestation>,
     /// Symmetric-key attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyAttestation>,
@@ -48,6 +48,135 @@ pub struct SymmetricKeyAttestation {
     /// Secondary key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary_key: Option<String>,
+}
+
+/// `X509Attestation`: exactly one of the three is used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Attestation {
+    /// Individual enrollments: the device's own certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificates: Option<X509Certificates>,
+    /// Groups: uploaded root or intermediate certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificates: Option<X509Certificates>,
+    /// Groups: names of verified CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_references: Option<X509CaReferences>,
+}
+
+/// `X509Certificates`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Certificates {
+    /// Primary certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<X509CertificateWithInfo>,
+    /// Secondary certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<X509CertificateWithInfo>,
+}
+
+/// `X509CertificateWithInfo`: `certificate` on write, `info` on read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509CertificateWithInfo {
+    /// PEM or base64 DER (write only; never echoed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Facts about the stored certificate (read only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<X509CertificateInfo>,
+}
+
+/// `X509CertificateInfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509CertificateInfo {
+    /// Subject DN.
+    pub subject_name: String,
+    /// SHA-1 thumbprint, hex.
+    pub sha1_thumbprint: String,
+    /// SHA-256 thumbprint, hex.
+    pub sha256_thumbprint: String,
+    /// Issuer DN.
+    pub issuer_name: String,
+    /// Start of validity.
+    pub not_before_utc: String,
+    /// End of validity.
+    pub not_after_utc: String,
+    /// Serial number, hex.
+    pub serial_number: String,
+    /// X.509 version.
+    pub version: u32,
+}
+
+/// `X509CAReferences`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509CaReferences {
+    /// Name of the primary CA certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Name of the secondary CA certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<String>,
+}
+
+/// The certificates API's resource (`CertificateResponse`, ARM shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateResponse {
+    /// `/certificates/{name}`.
+    pub id: String,
+    /// Certificate name.
+    pub name: String,
+    /// `Microsoft.Devices/ProvisioningServices/Certificates`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Version tag.
+    pub etag: String,
+    /// Properties.
+    pub properties: CertificateProperties,
+}
+
+/// `properties` of a certificate resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateProperties {
+    /// Subject DN.
+    pub subject: String,
+    /// End of validity (RFC 1123).
+    pub expiry: String,
+    /// SHA-1 thumbprint, upper-case hex.
+    pub thumbprint: String,
+    /// Proof of possession done (or set on upload).
+    pub is_verified: bool,
+    /// The certificate, PEM.
+    pub certificate: String,
+    /// Created (RFC 1123).
+    pub created: String,
+    /// Updated (RFC 1123).
+    pub updated: String,
+    /// The outstanding verification code (generateVerificationCode answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_code: Option<String>,
+}
+
+/// Body of `PUT /certificates/{name}` and `POST .../verify`: either top-level or under
+/// `properties` (both forms exist in ARM's versions).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateBody {
+    /// PEM or base64 DER.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Mark verified on upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_verified: Option<bool>,
+    /// The ARM form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Box<CertificateBody>>,
 }
 
 /// `ReprovisionPolicy`.

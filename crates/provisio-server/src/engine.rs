@@ -8,30 +8,40 @@
 
 use std::{sync::Arc, time::SystemTime};
 
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use provisio_core::{
     allocation::{self, HubChoice},
     attest::{self, Matched},
     ids::RegistrationId,
-    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, Substatus},
+    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, Substatus, X509Attestation, X509Details},
     sas::SasToken,
     timefmt,
 };
+use provisio_pki::attest::{Anchor, X509Match};
 use provisio_proto::{
     device::{
         DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
-        SymmetricKeyRegistrationResult,
+        SymmetricKeyRegistrationResult, X509RegistrationResult,
     },
     error::codes,
 };
-use provisio_store::{Collection, Store};
+use provisio_store::{Collection, Precondition, Store};
 
-use crate::{ServerError, service_model};
+use crate::{ServerError, certificates::Certificates, service_model};
+
+/// What attestation established.
+struct Attested {
+    matched: Matched,
+    x509: Option<X509Details>,
+}
 
 /// The credentials a front-end extracted from the transport.
 #[derive(Debug, Clone)]
 pub enum Credential {
     /// A SAS token (`Authorization` header, MQTT password, SASL PLAIN password).
     Sas(String),
+    /// The client certificate chain from the TLS handshake, leaf first (DER).
+    X509(Vec<Vec<u8>>),
     /// Nothing was presented.
     None,
 }
@@ -49,6 +59,7 @@ pub struct EngineSettings {
 #[derive(Clone)]
 pub struct Engine {
     store: Arc<dyn Store>,
+    certificates: Certificates,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
 }
@@ -64,7 +75,7 @@ impl Engine {
     /// An engine for the instance with this scope.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, scope: provisio_core::ids::IdScope, settings: EngineSettings) -> Self {
-        Self { store, scope, settings: Arc::new(settings) }
+        Self { certificates: Certificates::new(store.clone()), store, scope, settings: Arc::new(settings) }
     }
 
     /// The instance's ID scope.
@@ -85,11 +96,108 @@ impl Engine {
     }
 
     /// Authenticates a device and returns the enrollment its credential proves.
-    async fn attest(&self, id: &RegistrationId, credential: &Credential) -> Result<Matched, ServerError> {
+    async fn attest(&self, id: &RegistrationId, credential: &Credential) -> Result<Attested, ServerError> {
+        match credential {
+            Credential::X509(chain) => self.attest_x509(id, chain).await,
+            other => Ok(Attested { matched: self.attest_sas(id, other).await?, x509: None }),
+        }
+    }
+
+    /// X.509: the chain from TLS against the individual enrollment, then the groups.
+    async fn attest_x509(&self, id: &RegistrationId, chain: &[Vec<u8>]) -> Result<Attested, ServerError> {
+        let individual = match self.store.get(Collection::Enrollments, id.key()).await? {
+            Some(doc) => Some(service_model::enrollment_from_doc(&doc)?),
+            None => None,
+        };
+        let mut groups = Vec::new();
+        if individual.is_none() {
+            for doc in self.store.list(Collection::EnrollmentGroups, None, MAX_GROUPS).await? {
+                let g = service_model::group_from_doc(&doc)?;
+                let anchors = match &g.attestation {
+                    Attestation::X509(X509Attestation::SigningCertificates(p)) => {
+                        let mut v = Vec::new();
+                        for (label, c) in [
+                            ("signingCertificates.primary", &p.primary),
+                            ("signingCertificates.secondary", &p.secondary),
+                        ] {
+                            if let Some(c) = c {
+                                let der =
+                                    B64.decode(&c.der_base64).map_err(|e| ServerError::Internal(e.to_string()))?;
+                                v.push(Anchor {
+                                    label: format!("{label} '{}'", c.info.subject_name),
+                                    der: Some(der),
+                                    usable: Ok(()),
+                                });
+                            }
+                        }
+                        v
+                    }
+                    Attestation::X509(X509Attestation::CaReferences(p)) => {
+                        let mut v = Vec::new();
+                        for name in p.iter() {
+                            let label = format!("CA certificate '{name}'");
+                            v.push(match self.certificates.find(name).await? {
+                                None => Anchor { label, der: None, usable: Err("it does not exist".into()) },
+                                Some(ca) => Anchor {
+                                    label,
+                                    der: Some(ca.der()?),
+                                    usable: if ca.is_verified {
+                                        Ok(())
+                                    } else {
+                                        Err("it is not verified (proof of possession has not been completed)".into())
+                                    },
+                                },
+                            });
+                        }
+                        v
+                    }
+                    _ => continue,
+                };
+                groups.push((g, anchors));
+            }
+        }
+        match provisio_pki::attest::attest(id.as_str(), chain, individual, groups, time::OffsetDateTime::now_utc()) {
+            Ok(X509Match::Individual { enrollment, certificate }) => Ok(Attested {
+                matched: Matched::Individual(*enrollment),
+                x509: Some(X509Details { certificate_info: certificate, signing_certificate_info: None }),
+            }),
+            Ok(X509Match::Group { group, certificate, signing_certificate }) => Ok(Attested {
+                matched: Matched::Group(*group),
+                x509: Some(X509Details {
+                    certificate_info: certificate,
+                    signing_certificate_info: Some(signing_certificate),
+                }),
+            }),
+            Err(refusal) => {
+                let tracking_id = uuid::Uuid::new_v4().to_string();
+                let audit = serde_json::json!({
+                    "registrationId": id.as_str(),
+                    "timestampUtc": timefmt::now(),
+                    "trackingId": tracking_id,
+                    "attestation": "x509",
+                    "reason": refusal.detail,
+                    "certificateInfo": refusal.certificate.as_ref().map(service_model::cert_info_to_wire),
+                });
+                if let Err(e) = self.store.put(Collection::Audit, id.key(), &audit.to_string(), Precondition::Any).await
+                {
+                    tracing::warn!(error = %e, "could not write the audit record");
+                }
+                Err(ServerError::Unauthorized {
+                    public: refusal.public,
+                    detail: refusal.detail,
+                    tracking_id: Some(tracking_id),
+                })
+            }
+        }
+    }
+
+    /// Symmetric key: the SAS token against the individual enrollment, then the groups.
+    async fn attest_sas(&self, id: &RegistrationId, credential: &Credential) -> Result<Matched, ServerError> {
         let Credential::Sas(raw) = credential else {
             return Err(ServerError::Unauthorized {
                 public: "Unauthorized: no SAS token (Authorization header) was presented.".into(),
                 detail: format!("registration '{id}' presented no credential"),
+                tracking_id: None,
             });
         };
         let token = SasToken::parse(raw)?;
@@ -145,7 +253,7 @@ impl Engine {
                 shorten(body_id)
             )));
         }
-        let matched = self.attest(&id, credential).await?;
+        let Attested { matched, x509 } = self.attest(&id, credential).await?;
         let previous = match self.store.get(Collection::Registrations, id.key()).await? {
             Some(doc) => Some(service_model::record_from_body(&doc.body)?),
             None => None,
@@ -175,6 +283,7 @@ impl Engine {
             outcome,
             source,
             device_payload: request.payload.filter(|p| !p.is_null()),
+            x509,
         };
         let operation_id = new_operation_id();
         let body = serde_json::to_string(&record).map_err(|e| ServerError::Internal(e.to_string()))?;
@@ -305,12 +414,20 @@ pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrat
             r.error_message = Some("The enrollment or enrollment group is disabled.".into());
         }
     }
-    r.symmetric_key = Some(SymmetricKeyRegistrationResult {
-        enrollment_group_id: match &record.source {
-            EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
-            EnrollmentSource::Individual => None,
-        },
-    });
+    let group_id = match &record.source {
+        EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
+        EnrollmentSource::Individual => None,
+    };
+    match &record.x509 {
+        Some(x) => {
+            r.x509 = Some(X509RegistrationResult {
+                enrollment_group_id: group_id,
+                certificate_info: Some(service_model::cert_info_to_wire(&x.certificate_info)),
+                signing_certificate_info: x.signing_certificate_info.as_ref().map(service_model::cert_info_to_wire),
+            });
+        }
+        None => r.symmetric_key = Some(SymmetricKeyRegistrationResult { enrollment_group_id: group_id }),
+    }
     r
 }
 

@@ -23,6 +23,8 @@ pub enum ServerError {
         public: String,
         /// Logged with the tracking id.
         detail: String,
+        /// A tracking id already recorded elsewhere (the audit record), if any.
+        tracking_id: Option<String>,
     },
     /// The service policy lacks the right.
     #[error("{0}")]
@@ -68,7 +70,7 @@ impl ServerError {
 
     /// 401 / `401002` with a generic public message and a logged detail.
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::Unauthorized { public: "Unauthorized".into(), detail: detail.into() }
+        Self::Unauthorized { public: "Unauthorized".into(), detail: detail.into(), tracking_id: None }
     }
 
     /// The DPS error code.
@@ -105,7 +107,10 @@ impl ServerError {
     /// Builds the body, logging the failure under a fresh tracking id.
     #[must_use]
     pub fn to_body(&self) -> ErrorBody {
-        let tracking_id = uuid::Uuid::new_v4().to_string();
+        let tracking_id = match self {
+            Self::Unauthorized { tracking_id: Some(t), .. } => t.clone(),
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
         let code = self.code();
         match self.detail() {
             Some(detail) if code >= 500_000 => {
@@ -133,7 +138,9 @@ impl From<StoreError> for ServerError {
 impl From<CoreError> for ServerError {
     fn from(e: CoreError) -> Self {
         match e {
-            CoreError::MalformedSas(_) => Self::Unauthorized { public: e.to_string(), detail: e.to_string() },
+            CoreError::MalformedSas(_) => {
+                Self::Unauthorized { public: e.to_string(), detail: e.to_string(), tracking_id: None }
+            }
             CoreError::InvalidId { .. } | CoreError::InvalidKey(_) => Self::invalid(e.to_string()),
         }
     }
@@ -153,6 +160,6 @@ impl From<AttestError> for ServerError {
                 "Unauthorized".to_owned()
             }
         };
-        Self::Unauthorized { public, detail: e.to_string() }
+        Self::Unauthorized { public, detail: e.to_string(), tracking_id: None }
     }
 }

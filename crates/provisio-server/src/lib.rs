@@ -11,6 +11,7 @@
 //! # }
 //! ```
 
+pub mod certificates;
 pub mod config;
 pub mod engine;
 mod error;
@@ -133,6 +134,7 @@ impl Provisio {
         let state = Arc::new(http::AppState {
             engine,
             service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs),
+            certificates: certificates::Certificates::new(store.clone()),
             max_body_bytes: c.max_body_bytes,
             retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use provisio_core::{
     ids::{EnrollmentGroupId, RegistrationId},
+    model::{Attestation, X509Attestation},
     sas::SasToken,
     timefmt,
 };
@@ -24,6 +25,10 @@ pub enum Right {
     EnrollmentRead,
     /// Write enrollments and groups.
     EnrollmentWrite,
+    /// Read registration states and audit records.
+    RegistrationStatusRead,
+    /// Change service configuration (certificates).
+    ServiceConfig,
 }
 
 impl Right {
@@ -32,6 +37,10 @@ impl Right {
         match self {
             Self::EnrollmentRead => &["EnrollmentRead", "EnrollmentWrite", "ServiceConfig"],
             Self::EnrollmentWrite => &["EnrollmentWrite", "ServiceConfig"],
+            Self::RegistrationStatusRead => {
+                &["RegistrationStatusRead", "RegistrationStatusWrite", "EnrollmentWrite", "ServiceConfig"]
+            }
+            Self::ServiceConfig => &["ServiceConfig"],
         }
     }
 }
@@ -71,7 +80,11 @@ impl ServiceApi {
     /// # Errors
     /// `401` for a bad token, `403` for a missing right.
     pub async fn authorize(&self, authorization: Option<&str>, right: Right) -> Result<(), ServerError> {
-        let refuse = |public: &str, detail: String| ServerError::Unauthorized { public: public.into(), detail };
+        let refuse = |public: &str, detail: String| ServerError::Unauthorized {
+            public: public.into(),
+            detail,
+            tracking_id: None,
+        };
         let raw = authorization.ok_or_else(|| {
             refuse("Unauthorized: the Authorization header is missing.", "service request without Authorization".into())
         })?;
@@ -168,9 +181,9 @@ impl ServiceApi {
     ) -> Result<IndividualEnrollment, ServerError> {
         let id = RegistrationId::parse(id)?;
         let existing = self.store.get(Collection::Enrollments, id.key()).await?;
-        let created = existing.as_ref().map(model::enrollment_from_doc).transpose()?.map(|e| e.created);
+        let existing = existing.as_ref().map(model::enrollment_from_doc).transpose()?;
         let now = timefmt::now();
-        let enrollment = model::enrollment_from_wire(&id, body, created, &now)?;
+        let enrollment = model::enrollment_from_wire(&id, body, existing.as_ref(), &now)?;
         let doc = self
             .store
             .put(Collection::Enrollments, id.key(), &model::to_body(&enrollment)?, precondition(if_match))
@@ -241,15 +254,38 @@ impl ServiceApi {
     ) -> Result<EnrollmentGroup, ServerError> {
         let id = EnrollmentGroupId::parse(id)?;
         let existing = self.store.get(Collection::EnrollmentGroups, id.key()).await?;
-        let created = existing.as_ref().map(model::group_from_doc).transpose()?.map(|g| g.created);
+        let existing = existing.as_ref().map(model::group_from_doc).transpose()?;
         let now = timefmt::now();
-        let group = model::group_from_wire(&id, body, created, &now)?;
+        let group = model::group_from_wire(&id, body, existing.as_ref(), &now)?;
+        if let Attestation::X509(X509Attestation::CaReferences(refs)) = &group.attestation {
+            for name in refs.iter() {
+                if self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await?.is_none() {
+                    return Err(ServerError::invalid(format!(
+                        "attestation.x509.caReferences names the CA certificate '{name}', which does not exist; upload it with PUT /certificates/{name}."
+                    )));
+                }
+            }
+        }
         let doc = self
             .store
             .put(Collection::EnrollmentGroups, id.key(), &model::to_body(&group)?, precondition(if_match))
             .await
             .map_err(|e| Self::store_error(e, true, id.as_str()))?;
         Ok(model::group_to_wire(&group, &doc.etag, true))
+    }
+
+    /// `GET /registrations/{id}/audit`: the last refused attestation of a registration id.
+    ///
+    /// # Errors
+    /// 404 if nothing was refused for this id.
+    pub async fn audit(&self, id: &str) -> Result<serde_json::Value, ServerError> {
+        let id = RegistrationId::parse(id)?;
+        let doc = self.store.get(Collection::Audit, id.key()).await?.ok_or_else(|| ServerError::NotFound {
+            code: codes::REGISTRATION_NOT_FOUND,
+            message: format!("No refused attestation is recorded for '{id}'."),
+        })?;
+        serde_json::from_str(&doc.body)
+            .map_err(|e| ServerError::Internal(format!("stored audit record is corrupt: {e}")))
     }
 
     /// `GET /enrollmentGroups/{id}`: keys stripped.

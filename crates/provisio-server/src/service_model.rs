@@ -4,15 +4,15 @@ use provisio_core::{
     ids::{EnrollmentGroupId, RegistrationId, check_device_id},
     keys,
     model::{
-        Attestation, CustomAllocation, Enrollment, EnrollmentGroup, EnrollmentSettings, RegistrationRecord,
-        ReprovisionPolicy, Substatus,
+        Attestation, CertInfo, CustomAllocation, Enrollment, EnrollmentGroup, EnrollmentSettings, PrimarySecondary,
+        RegistrationRecord, ReprovisionPolicy, StoredCert, Substatus, X509Attestation,
     },
 };
 use provisio_proto::{
     device,
     service::{
         self as wire, AttestationMechanism, DeviceCapabilities, DeviceRegistrationState, ProvisioningStatus,
-        SymmetricKeyAttestation,
+        SymmetricKeyAttestation, X509CaReferences, X509CertificateInfo, X509CertificateWithInfo, X509Certificates,
     },
 };
 use provisio_store::Document;
@@ -66,8 +66,148 @@ pub fn substatus_to_wire(s: Substatus) -> device::Substatus {
     }
 }
 
+/// Wire form of certificate facts.
+#[must_use]
+pub fn cert_info_to_wire(i: &CertInfo) -> X509CertificateInfo {
+    X509CertificateInfo {
+        subject_name: i.subject_name.clone(),
+        sha1_thumbprint: i.sha1_thumbprint.clone(),
+        sha256_thumbprint: i.sha256_thumbprint.clone(),
+        issuer_name: i.issuer_name.clone(),
+        not_before_utc: i.not_before_utc.clone(),
+        not_after_utc: i.not_after_utc.clone(),
+        serial_number: i.serial_number.clone(),
+        version: i.version,
+    }
+}
+
+/// Reads one certificate slot of a PUT. A slot with only `info` (what GET returns, and
+/// what the az CLI sends back on update) keeps the stored certificate of that slot.
+fn cert_slot(
+    slot: Option<&X509CertificateWithInfo>,
+    existing: Option<&StoredCert>,
+    field: &str,
+    must_be_ca: bool,
+) -> Result<Option<StoredCert>, ServerError> {
+    let Some(slot) = slot else { return Ok(None) };
+    match (&slot.certificate, existing) {
+        (Some(text), _) => {
+            let der = provisio_pki::x509::decode_cert_text(text)
+                .map_err(|e| ServerError::invalid(format!("attestation.x509.{field}.certificate: {e}")))?;
+            if must_be_ca && !provisio_pki::x509::is_ca(&der).unwrap_or(false) {
+                return Err(ServerError::invalid(format!(
+                    "attestation.x509.{field}.certificate is not a CA certificate (basic constraints lack CA:TRUE); \
+                     a group's signing certificate must be a root or intermediate CA."
+                )));
+            }
+            let info = provisio_pki::x509::cert_info(&der).map_err(|e| ServerError::invalid(e.to_string()))?;
+            Ok(Some(StoredCert {
+                der_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der),
+                info,
+            }))
+        }
+        (None, Some(kept)) if slot.info.is_some() => Ok(Some(kept.clone())),
+        (None, _) => {
+            Err(ServerError::invalid(format!("attestation.x509.{field} needs a 'certificate' (PEM or base64 DER).")))
+        }
+    }
+}
+
+fn cert_pair(
+    w: &X509Certificates,
+    existing: Option<&PrimarySecondary<StoredCert>>,
+    field: &str,
+    must_be_ca: bool,
+) -> Result<PrimarySecondary<StoredCert>, ServerError> {
+    let pair = PrimarySecondary {
+        primary: cert_slot(
+            w.primary.as_ref(),
+            existing.and_then(|e| e.primary.as_ref()),
+            &format!("{field}.primary"),
+            must_be_ca,
+        )?,
+        secondary: cert_slot(
+            w.secondary.as_ref(),
+            existing.and_then(|e| e.secondary.as_ref()),
+            &format!("{field}.secondary"),
+            must_be_ca,
+        )?,
+    };
+    if pair.primary.is_none() {
+        return Err(ServerError::invalid(format!("attestation.x509.{field}.primary is required.")));
+    }
+    Ok(pair)
+}
+
+fn x509_from_wire(
+    a: &AttestationMechanism,
+    existing: Option<&Attestation>,
+    group: bool,
+) -> Result<Attestation, ServerError> {
+    let x = a.x509.clone().ok_or_else(|| ServerError::invalid("attestation.x509 is required for type 'x509'."))?;
+    let prev = match existing {
+        Some(Attestation::X509(p)) => Some(p),
+        _ => None,
+    };
+    let given = [x.client_certificates.is_some(), x.signing_certificates.is_some(), x.ca_references.is_some()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(ServerError::invalid(
+            "attestation.x509 must hold exactly one of clientCertificates, signingCertificates or caReferences.",
+        ));
+    }
+    if group {
+        if x.client_certificates.is_some() {
+            return Err(ServerError::invalid(
+                "An enrollment group takes x509.signingCertificates or x509.caReferences, not clientCertificates.",
+            ));
+        }
+        if let Some(sc) = &x.signing_certificates {
+            let prev = match prev {
+                Some(X509Attestation::SigningCertificates(p)) => Some(p),
+                _ => None,
+            };
+            return Ok(Attestation::X509(X509Attestation::SigningCertificates(cert_pair(
+                sc,
+                prev,
+                "signingCertificates",
+                true,
+            )?)));
+        }
+        let refs = x.ca_references.unwrap_or_default();
+        let check = |n: &Option<String>| -> Result<Option<String>, ServerError> {
+            match n.as_deref().map(str::trim) {
+                None | Some("") => Ok(None),
+                Some(n) => {
+                    crate::certificates::check_name(n)?;
+                    Ok(Some(n.to_owned()))
+                }
+            }
+        };
+        let pair = PrimarySecondary { primary: check(&refs.primary)?, secondary: check(&refs.secondary)? };
+        if pair.primary.is_none() {
+            return Err(ServerError::invalid("attestation.x509.caReferences.primary is required."));
+        }
+        return Ok(Attestation::X509(X509Attestation::CaReferences(pair)));
+    }
+    let Some(cc) = &x.client_certificates else {
+        return Err(ServerError::invalid(
+            "An individual enrollment takes x509.clientCertificates (the device's own certificate).",
+        ));
+    };
+    let prev = match prev {
+        Some(X509Attestation::ClientCertificates(p)) => Some(p),
+        _ => None,
+    };
+    Ok(Attestation::X509(X509Attestation::ClientCertificates(cert_pair(cc, prev, "clientCertificates", false)?)))
+}
+
 /// Validates the attestation of a PUT, generating missing symmetric keys.
-fn attestation_from_wire(a: &AttestationMechanism, what: &str) -> Result<Attestation, ServerError> {
+fn attestation_from_wire(
+    a: &AttestationMechanism,
+    what: &str,
+    existing: Option<&Attestation>,
+    group: bool,
+) -> Result<Attestation, ServerError> {
     match a.kind.as_str() {
         "symmetricKey" => {
             let sk = a.symmetric_key.clone().unwrap_or_default();
@@ -86,8 +226,9 @@ fn attestation_from_wire(a: &AttestationMechanism, what: &str) -> Result<Attesta
                 secondary_key: pick(sk.secondary_key, "secondaryKey")?,
             })
         }
-        "x509" | "tpm" | "none" => Err(ServerError::invalid(format!(
-            "Attestation type '{}' is not supported for {what} by this server yet; use 'symmetricKey'.",
+        "x509" => x509_from_wire(a, existing, group),
+        "tpm" | "none" => Err(ServerError::invalid(format!(
+            "Attestation type '{}' is not supported for {what} by this server yet; use 'symmetricKey' or 'x509'.",
             a.kind
         ))),
         other => Err(ServerError::invalid(format!(
@@ -110,6 +251,36 @@ pub fn attestation_to_wire(a: &Attestation, with_secrets: bool) -> AttestationMe
                 secondary_key: Some(secondary_key.clone()),
             }),
         },
+        Attestation::X509(x) => {
+            let certs = |p: &PrimarySecondary<StoredCert>| X509Certificates {
+                primary: p
+                    .primary
+                    .as_ref()
+                    .map(|c| X509CertificateWithInfo { certificate: None, info: Some(cert_info_to_wire(&c.info)) }),
+                secondary: p
+                    .secondary
+                    .as_ref()
+                    .map(|c| X509CertificateWithInfo { certificate: None, info: Some(cert_info_to_wire(&c.info)) }),
+            };
+            let wire = match x {
+                X509Attestation::ClientCertificates(p) => provisio_proto::service::X509Attestation {
+                    client_certificates: Some(certs(p)),
+                    ..Default::default()
+                },
+                X509Attestation::SigningCertificates(p) => provisio_proto::service::X509Attestation {
+                    signing_certificates: Some(certs(p)),
+                    ..Default::default()
+                },
+                X509Attestation::CaReferences(p) => provisio_proto::service::X509Attestation {
+                    ca_references: Some(X509CaReferences {
+                        primary: p.primary.clone(),
+                        secondary: p.secondary.clone(),
+                    }),
+                    ..Default::default()
+                },
+            };
+            AttestationMechanism { kind: "x509".into(), tpm: None, x509: Some(wire), symmetric_key: None }
+        }
     }
 }
 
@@ -176,9 +347,10 @@ fn settings_to_wire(s: &EnrollmentSettings) -> WireSettings {
 pub fn enrollment_from_wire(
     path_id: &RegistrationId,
     w: wire::IndividualEnrollment,
-    created: Option<String>,
+    existing: Option<&Enrollment>,
     now: &str,
 ) -> Result<Enrollment, ServerError> {
+    let created = existing.map(|e| e.created.clone());
     if !w.registration_id.eq_ignore_ascii_case(path_id.as_str()) {
         return Err(ServerError::invalid(format!(
             "The body's registrationId '{}' does not match '{path_id}' in the path.",
@@ -191,7 +363,12 @@ pub fn enrollment_from_wire(
     Ok(Enrollment {
         registration_id: path_id.as_str().to_owned(),
         device_id: w.device_id,
-        attestation: attestation_from_wire(&w.attestation, "individual enrollments")?,
+        attestation: attestation_from_wire(
+            &w.attestation,
+            "individual enrollments",
+            existing.map(|e| &e.attestation),
+            false,
+        )?,
         settings: settings_from_wire(WireSettings {
             provisioning_status: w.provisioning_status,
             initial_twin: w.initial_twin,
@@ -244,9 +421,10 @@ pub fn enrollment_to_wire(
 pub fn group_from_wire(
     path_id: &EnrollmentGroupId,
     w: wire::EnrollmentGroup,
-    created: Option<String>,
+    existing: Option<&EnrollmentGroup>,
     now: &str,
 ) -> Result<EnrollmentGroup, ServerError> {
+    let created = existing.map(|g| g.created.clone());
     if !w.enrollment_group_id.eq_ignore_ascii_case(path_id.as_str()) {
         return Err(ServerError::invalid(format!(
             "The body's enrollmentGroupId '{}' does not match '{}' in the path.",
@@ -256,7 +434,12 @@ pub fn group_from_wire(
     }
     Ok(EnrollmentGroup {
         enrollment_group_id: path_id.as_str().to_owned(),
-        attestation: attestation_from_wire(&w.attestation, "enrollment groups")?,
+        attestation: attestation_from_wire(
+            &w.attestation,
+            "enrollment groups",
+            existing.map(|g| &g.attestation),
+            true,
+        )?,
         settings: settings_from_wire(WireSettings {
             provisioning_status: w.provisioning_status,
             initial_twin: w.initial_twin,

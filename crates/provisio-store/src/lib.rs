@@ -27,6 +27,10 @@ pub enum Collection {
     Policies,
     /// Instance metadata (identity, CA, server certificate).
     Meta,
+    /// CA certificates of the certificates API, keyed by case-folded name.
+    Certificates,
+    /// Refused attestation attempts, keyed by case-folded registration id (last one kept).
+    Audit,
 }
 
 impl Collection {
@@ -39,6 +43,8 @@ impl Collection {
             Self::Registrations => "registrations",
             Self::Policies => "policies",
             Self::Meta => "meta",
+            Self::Certificates => "certificates",
+            Self::Audit => "audit",
         }
     }
 }

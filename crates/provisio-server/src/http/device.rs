@@ -15,8 +15,16 @@ use super::{
 };
 use crate::{ServerError, engine::Credential};
 
+/// A SAS token wins over a client certificate (a device may hold both); without either
+/// the engine refuses.
 fn credential(req: &Req) -> Credential {
-    req.header(header::AUTHORIZATION.as_str()).map_or(Credential::None, |v| Credential::Sas(v.to_owned()))
+    if let Some(v) = req.header(header::AUTHORIZATION.as_str()) {
+        return Credential::Sas(v.to_owned());
+    }
+    match &req.peer.0 {
+        Some(chain) if !chain.is_empty() => Credential::X509(chain.iter().map(|c| c.as_ref().to_vec()).collect()),
+        _ => Credential::None,
+    }
 }
 
 /// Parses a `DeviceRegistration`. Empty and whitespace-only bodies (C#, Node, Python

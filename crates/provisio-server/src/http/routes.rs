@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use percent_encoding::percent_decode_str;
 
 use super::{device, response, service};
-use crate::{ServerError, engine::Engine, service_api::ServiceApi};
+use crate::{ServerError, certificates::Certificates, engine::Engine, service_api::ServiceApi};
 
 /// Shared state of the HTTPS front-end.
 pub struct AppState {
@@ -23,6 +23,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The service API.
     pub service: ServiceApi,
+    /// The certificates API.
+    pub certificates: Certificates,
     /// Largest body accepted.
     pub max_body_bytes: usize,
     /// `Retry-After` for `assigning` answers.
@@ -52,6 +54,8 @@ pub struct Req {
     pub body: Bytes,
     /// `host[:port]` the client addressed (`Host`, or the HTTP/2 `:authority`).
     pub authority: Option<String>,
+    /// The client certificate chain from the TLS handshake.
+    pub peer: super::PeerCertificates,
 }
 
 impl Req {
@@ -126,10 +130,10 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         .authority()
         .map(ToString::to_string)
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority };
+    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
-    let resp = match tokio::time::timeout(state.request_timeout, route(&state, req, peer)).await {
+    let resp = match tokio::time::timeout(state.request_timeout, route(&state, req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => response::error(&e),
         Err(_) => response::error(&ServerError::Timeout),
@@ -146,7 +150,7 @@ fn method_not_allowed(req: &Req, allowed: &str) -> ServerError {
     ServerError::MethodNotAllowed(format!("Method {} is not allowed on {}; allowed: {allowed}.", req.method, req.path))
 }
 
-async fn route(state: &AppState, mut req: Req, _peer: super::PeerCertificates) -> Result<Response, ServerError> {
+async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> {
     let seg: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let m = req.method.clone();
     match seg.as_slice() {
@@ -167,6 +171,35 @@ async fn route(state: &AppState, mut req: Req, _peer: super::PeerCertificates) -
                 Method::DELETE => service::delete(state, &mut req, group, &id).await,
                 _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
             }
+        }
+        // Certificates API.
+        [c] if is(c, "certificates") => {
+            if m == Method::GET {
+                service::list_certificates(state, &req).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [c, name] if is(c, "certificates") => {
+            let name = (*name).to_owned();
+            match m {
+                Method::GET | Method::PUT | Method::DELETE => service::certificate(state, &req, &name).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        [c, name, action]
+            if is(c, "certificates") && (is(action, "generateverificationcode") || is(action, "verify")) =>
+        {
+            let (name, verify) = ((*name).to_owned(), is(action, "verify"));
+            if m == Method::POST {
+                service::certificate_action(state, &req, &name, verify).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        [r, id, a] if is(r, "registrations") && is(a, "audit") => {
+            let id = (*id).to_owned();
+            if m == Method::GET { service::audit(state, &req, &id).await } else { Err(method_not_allowed(&req, "GET")) }
         }
         // Device API.
         [scope, r, id, op] if is(r, "registrations") && is(op, "register") => {

@@ -4,7 +4,7 @@ use axum::{
     http::{StatusCode, header},
     response::Response,
 };
-use provisio_proto::SERVICE_API_VERSIONS;
+use provisio_proto::{CERTIFICATE_API_VERSIONS, SERVICE_API_VERSIONS, service::CertificateBody};
 use serde::de::DeserializeOwned;
 
 use super::{
@@ -55,4 +55,57 @@ pub async fn delete(state: &AppState, req: &mut Req, group: bool, id: &str) -> R
     authorize(state, req, Right::EnrollmentWrite).await?;
     state.service.delete(group, id, req.header(header::IF_MATCH.as_str())).await?;
     Ok(response::empty(StatusCode::NO_CONTENT))
+}
+
+async fn authorize_certs(state: &AppState, req: &Req) -> Result<(), ServerError> {
+    req.require_api_version(CERTIFICATE_API_VERSIONS)?;
+    state.service.authorize(req.header(header::AUTHORIZATION.as_str()), Right::ServiceConfig).await
+}
+
+/// `GET /certificates`.
+pub async fn list_certificates(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+    authorize_certs(state, req).await?;
+    Ok(response::json(StatusCode::OK, &state.certificates.list().await?))
+}
+
+/// `GET|PUT|DELETE /certificates/{name}`.
+pub async fn certificate(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+    authorize_certs(state, req).await?;
+    let if_match = req.header(header::IF_MATCH.as_str());
+    match req.method.as_str() {
+        "GET" => Ok(response::json(StatusCode::OK, &state.certificates.get(name).await?)),
+        "PUT" => {
+            let body: CertificateBody = json_body(req, "certificate body")?;
+            Ok(response::json(StatusCode::OK, &state.certificates.put(name, body, if_match).await?))
+        }
+        _ => {
+            state.certificates.delete(name, if_match).await?;
+            Ok(response::empty(StatusCode::NO_CONTENT))
+        }
+    }
+}
+
+/// `POST /certificates/{name}/generateVerificationCode` and `.../verify`.
+pub async fn certificate_action(
+    state: &AppState,
+    req: &Req,
+    name: &str,
+    verify: bool,
+) -> Result<Response, ServerError> {
+    authorize_certs(state, req).await?;
+    let if_match = req.header(header::IF_MATCH.as_str());
+    let r = if verify {
+        let body: CertificateBody = json_body(req, "verification body")?;
+        state.certificates.verify(name, body, if_match).await?
+    } else {
+        state.certificates.generate_verification_code(name, if_match).await?
+    };
+    Ok(response::json(StatusCode::OK, &r))
+}
+
+/// `GET /registrations/{id}/audit`: the last refused attestation.
+pub async fn audit(state: &AppState, req: &Req, id: &str) -> Result<Response, ServerError> {
+    req.require_api_version(SERVICE_API_VERSIONS)?;
+    state.service.authorize(req.header(header::AUTHORIZATION.as_str()), Right::RegistrationStatusRead).await?;
+    Ok(response::json(StatusCode::OK, &state.service.audit(id).await?))
 }

@@ -1,0 +1,324 @@
+//! Parsing device and CA certificates, chain validation against enrollment anchors, and
+//! proof-of-possession checks.
+
+use aws_lc_rs::digest;
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use provisio_core::model::CertInfo;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use thiserror::Error;
+use time::OffsetDateTime;
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+/// Why a certificate or chain was refused; every variant names the certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ChainError {
+    /// The bytes are not an X.509 certificate.
+    #[error("not a valid X.509 certificate: {0}")]
+    Malformed(String),
+    /// A certificate is past its validity.
+    #[error("certificate '{subject}' expired at {not_after}")]
+    Expired {
+        /// Subject DN.
+        subject: String,
+        /// End of validity.
+        not_after: String,
+    },
+    /// A certificate is not valid yet.
+    #[error("certificate '{subject}' is not valid before {not_before}")]
+    NotYetValid {
+        /// Subject DN.
+        subject: String,
+        /// Start of validity.
+        not_before: String,
+    },
+    /// The chain does not lead to the anchor.
+    #[error(
+        "the chain does not lead to the CA '{anchor}' (no path from the device certificate through the intermediates it sent)"
+    )]
+    UnknownIssuer {
+        /// The anchor tried.
+        anchor: String,
+    },
+    /// A certificate in the issuer position lacks `CA:TRUE`.
+    #[error("a certificate used as an issuer in the chain is not a CA (basic constraints lack CA:TRUE)")]
+    IssuerNotCa,
+    /// The device certificate is itself a CA.
+    #[error("the device certificate '{0}' is a CA certificate (CA:TRUE) and cannot be a device certificate")]
+    LeafIsCa(String),
+    /// A key usage or extended key usage forbids the use.
+    #[error("key usage refused: {0}")]
+    KeyUsage(String),
+    /// A signature does not verify.
+    #[error("a signature in the chain does not verify")]
+    BadSignature,
+    /// Anything else webpki refused.
+    #[error("chain refused: {0}")]
+    Other(String),
+}
+
+/// Reads a certificate given as PEM or as base64 DER (the two forms DPS accepts).
+///
+/// # Errors
+/// If neither form parses to a certificate.
+pub fn decode_cert_text(text: &str) -> Result<Vec<u8>, ChainError> {
+    let t = text.trim();
+    let der = if t.starts_with("-----BEGIN") {
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(t.as_bytes()).map_err(|e| ChainError::Malformed(e.to_string()))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(ChainError::Malformed(format!("PEM block is '{}', not 'CERTIFICATE'", pem.label)));
+        }
+        pem.contents
+    } else {
+        let compact: String = t.chars().filter(|c| !c.is_whitespace()).collect();
+        B64.decode(compact).map_err(|_| ChainError::Malformed("neither PEM nor base64 DER".into()))?
+    };
+    parse(&der)?;
+    Ok(der)
+}
+
+/// Every certificate of a PEM bundle, in order.
+///
+/// # Errors
+/// If a block is not a certificate.
+pub fn decode_pem_chain(pem: &str) -> Result<Vec<Vec<u8>>, ChainError> {
+    let mut out = Vec::new();
+    for p in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let p = p.map_err(|e| ChainError::Malformed(e.to_string()))?;
+        if p.label == "CERTIFICATE" {
+            parse(&p.contents)?;
+            out.push(p.contents);
+        }
+    }
+    Ok(out)
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ChainError> {
+    match X509Certificate::from_der(der) {
+        Ok((rest, c)) if rest.is_empty() => Ok(c),
+        Ok(_) => Err(ChainError::Malformed("trailing bytes after the certificate".into())),
+        Err(e) => Err(ChainError::Malformed(e.to_string())),
+    }
+}
+
+fn hex_upper(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+fn fmt_time(t: OffsetDateTime) -> String {
+    provisio_core::timefmt::format(t)
+}
+
+/// SHA-256 thumbprint, upper-case hex.
+#[must_use]
+pub fn sha256_thumbprint(der: &[u8]) -> String {
+    hex_upper(digest::digest(&digest::SHA256, der).as_ref())
+}
+
+/// The facts DPS reports about a certificate.
+///
+/// # Errors
+/// If `der` is not a certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, ChainError> {
+    let c = parse(der)?;
+    Ok(CertInfo {
+        subject_name: c.subject().to_string(),
+        sha1_thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
+        sha256_thumbprint: sha256_thumbprint(der),
+        issuer_name: c.issuer().to_string(),
+        not_before_utc: fmt_time(c.validity().not_before.to_datetime()),
+        not_after_utc: fmt_time(c.validity().not_after.to_datetime()),
+        serial_number: hex_upper(c.raw_serial()),
+        version: c.version().0 + 1,
+    })
+}
+
+/// The subject common name, if any.
+///
+/// # Errors
+/// If `der` is not a certificate.
+pub fn common_name(der: &[u8]) -> Result<Option<String>, ChainError> {
+    let c = parse(der)?;
+    Ok(c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned))
+}
+
+/// Whether the certificate says `CA:TRUE`.
+///
+/// # Errors
+/// If `der` is not a certificate.
+pub fn is_ca(der: &[u8]) -> Result<bool, ChainError> {
+    Ok(parse(der)?.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca))
+}
+
+/// Checks the validity period at `now`.
+///
+/// # Errors
+/// [`ChainError::Expired`] or [`ChainError::NotYetValid`].
+pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError> {
+    let c = parse(der)?;
+    let v = c.validity();
+    if now > v.not_after.to_datetime() {
+        return Err(ChainError::Expired {
+            subject: c.subject().to_string(),
+            not_after: fmt_time(v.not_after.to_datetime()),
+        });
+    }
+    if now < v.not_before.to_datetime() {
+        return Err(ChainError::NotYetValid {
+            subject: c.subject().to_string(),
+            not_before: fmt_time(v.not_before.to_datetime()),
+        });
+    }
+    Ok(())
+}
+
+fn check_issuer_key_usage(der: &[u8]) -> Result<(), ChainError> {
+    let c = parse(der)?;
+    if let Ok(Some(ku)) = c.key_usage() {
+        if !ku.value.key_cert_sign() {
+            return Err(ChainError::KeyUsage(format!(
+                "CA certificate '{}' has a key usage without keyCertSign",
+                c.subject()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn map_webpki(e: &webpki::Error, anchor: &X509Certificate<'_>) -> ChainError {
+    use webpki::Error as W;
+    match e {
+        W::UnknownIssuer => ChainError::UnknownIssuer { anchor: anchor.subject().to_string() },
+        W::EndEntityUsedAsCa => ChainError::IssuerNotCa,
+        W::CertExpired { .. } => ChainError::Other("a certificate in the chain has expired".into()),
+        W::CertNotValidYet { .. } => ChainError::Other("a certificate in the chain is not valid yet".into()),
+        W::InvalidSignatureForPublicKey => ChainError::BadSignature,
+        W::RequiredEkuNotFoundContext(_) => {
+            ChainError::KeyUsage("the extended key usage does not allow TLS client authentication".into())
+        }
+        other => ChainError::Other(format!("{other:?}")),
+    }
+}
+
+/// A chain validated against one anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainMatch {
+    /// Number of intermediates between the device certificate and the anchor.
+    pub intermediates: usize,
+}
+
+/// Validates `leaf` (the device certificate), with the `intermediates` the device sent,
+/// against `anchor` (a group's root or intermediate): signatures, validity periods of
+/// every certificate including the anchor, basic constraints, key usage (`keyCertSign` on
+/// issuers, `digitalSignature` on the leaf when present) and extended key usage
+/// (client authentication when present).
+///
+/// # Errors
+/// The first reason the chain fails.
+pub fn verify_chain(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    anchor: &[u8],
+    now: OffsetDateTime,
+) -> Result<ChainMatch, ChainError> {
+    let leaf_cert = parse(leaf)?;
+    let anchor_cert = parse(anchor)?;
+    check_validity(leaf, now)?;
+    if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
+        return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
+    }
+    if let Ok(Some(ku)) = leaf_cert.key_usage() {
+        if !ku.value.digital_signature() {
+            return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
+        }
+    }
+    check_validity(anchor, now)?;
+    check_issuer_key_usage(anchor)?;
+    for i in intermediates {
+        // An expired intermediate is named precisely rather than as a webpki failure.
+        if parse(i).is_ok_and(|c| c.subject() == leaf_cert.issuer()) {
+            check_validity(i, now)?;
+        }
+    }
+    let leaf_der = CertificateDer::from(leaf);
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| ChainError::Malformed(format!("{e:?}")))?;
+    let anchor_der = CertificateDer::from(anchor);
+    let anchors = [webpki::anchor_from_trusted_cert(&anchor_der).map_err(|e| ChainError::Malformed(format!("{e:?}")))?];
+    let inter: Vec<CertificateDer<'_>> = intermediates.iter().map(|d| CertificateDer::from(d.as_slice())).collect();
+    let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+    let key_usage_ok = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+        for c in path.intermediate_certificates() {
+            if check_issuer_key_usage(c.der().as_ref()).is_err() {
+                return Err(webpki::Error::UnsupportedCertVersion); // marker, mapped below
+            }
+        }
+        Ok(())
+    };
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &inter,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            Some(&key_usage_ok),
+        )
+        .map_err(|e| {
+            if e == webpki::Error::UnsupportedCertVersion {
+                ChainError::KeyUsage("an intermediate CA's key usage lacks keyCertSign".into())
+            } else {
+                map_webpki(&e, &anchor_cert)
+            }
+        })?;
+    Ok(ChainMatch { intermediates: path.intermediate_certificates().count() })
+}
+
+/// Why a verification certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PopError {
+    /// Not a certificate.
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+    /// The CN is not the outstanding code.
+    #[error("the verification certificate's subject CN '{found}' is not the verification code")]
+    WrongCode {
+        /// CN found.
+        found: String,
+    },
+    /// Not signed by the CA's key.
+    #[error("the verification certificate is not signed by the private key of '{ca}'")]
+    WrongSigner {
+        /// The CA's subject.
+        ca: String,
+    },
+}
+
+/// Proof of possession: `verification` must have CN = `code`, be currently valid, and be
+/// signed by the key of `ca`.
+///
+/// # Errors
+/// With the reason.
+pub fn verify_proof_of_possession(
+    ca: &[u8],
+    verification: &[u8],
+    code: &str,
+    now: OffsetDateTime,
+) -> Result<(), PopError> {
+    let ca_cert = parse(ca)?;
+    let v = parse(verification)?;
+    let cn = v.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("").to_owned();
+    if !aws_lc_rs::constant_time::verify_slices_are_equal(
+        cn.to_ascii_uppercase().as_bytes(),
+        code.to_ascii_uppercase().as_bytes(),
+    )
+    .is_ok()
+    {
+        return Err(PopError::WrongCode { found: cn });
+    }
+    check_validity(verification, now)?;
+    v.verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| PopError::WrongSigner { ca: ca_cert.subject().to_string() })?;
+    Ok(())
+}
