@@ -9,6 +9,8 @@ use serde_json::Value;
 /// How a device proves its identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
+// Values are handled one at a time, never in bulk arrays, so the size difference is moot.
+#[allow(clippy::large_enum_variant)]
 pub enum Attestation {
     /// Symmetric keys (base64). For a group these are group keys from which device keys
     /// are derived.

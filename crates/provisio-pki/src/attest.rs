@@ -54,21 +54,21 @@ pub struct Refusal {
     pub certificate: Option<CertInfo>,
 }
 
-fn refuse(public: &str, detail: String, certificate: Option<CertInfo>) -> Refusal {
-    Refusal { public: public.to_owned(), detail, certificate }
+fn refuse(public: &str, detail: String, certificate: Option<CertInfo>) -> Box<Refusal> {
+    Box::new(Refusal { public: public.to_owned(), detail, certificate })
 }
 
 /// Attests `chain` (leaf first, then what the device sent) for `registration_id`.
 ///
 /// # Errors
-/// A [`Refusal`] with the precise reason.
+/// A boxed [`Refusal`] with the precise reason.
 pub fn attest(
     registration_id: &str,
     chain: &[Vec<u8>],
     individual: Option<Enrollment>,
     groups: Vec<(EnrollmentGroup, Vec<Anchor>)>,
     now: OffsetDateTime,
-) -> Result<X509Match, Refusal> {
+) -> Result<X509Match, Box<Refusal>> {
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Err(refuse(
             "Unauthorized: no client certificate was presented.",

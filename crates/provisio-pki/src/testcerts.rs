@@ -52,13 +52,28 @@ pub fn issue(
     kind: KeyKind,
     days: i64,
 ) -> Result<CertAndKey, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    issue_valid(role, cn, issuer, kind, now - Duration::hours(1), now + Duration::days(days))
+}
+
+/// Like [`issue`], with an explicit validity period (tests make expired certificates).
+///
+/// # Errors
+/// If key generation or signing fails, or a non-root has no issuer.
+pub fn issue_valid(
+    role: Role,
+    cn: &str,
+    issuer: Option<&CertAndKey>,
+    kind: KeyKind,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertAndKey, PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(days);
+    params.not_before = not_before;
+    params.not_after = not_after;
     match role {
         Role::Root | Role::Intermediate => {
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -95,7 +95,7 @@ pub fn decode_pem_chain(pem: &str) -> Result<Vec<Vec<u8>>, ChainError> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ChainError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, c)) if rest.is_empty() => Ok(c),
+        Ok(([], c)) => Ok(c),
         Ok(_) => Err(ChainError::Malformed("trailing bytes after the certificate".into())),
         Err(e) => Err(ChainError::Malformed(e.to_string())),
     }
@@ -174,13 +174,13 @@ pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError>
 
 fn check_issuer_key_usage(der: &[u8]) -> Result<(), ChainError> {
     let c = parse(der)?;
-    if let Ok(Some(ku)) = c.key_usage() {
-        if !ku.value.key_cert_sign() {
-            return Err(ChainError::KeyUsage(format!(
-                "CA certificate '{}' has a key usage without keyCertSign",
-                c.subject()
-            )));
-        }
+    if let Ok(Some(ku)) = c.key_usage()
+        && !ku.value.key_cert_sign()
+    {
+        return Err(ChainError::KeyUsage(format!(
+            "CA certificate '{}' has a key usage without keyCertSign",
+            c.subject()
+        )));
     }
     Ok(())
 }
@@ -227,10 +227,10 @@ pub fn verify_chain(
     if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
         return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
     }
-    if let Ok(Some(ku)) = leaf_cert.key_usage() {
-        if !ku.value.digital_signature() {
-            return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
-        }
+    if let Ok(Some(ku)) = leaf_cert.key_usage()
+        && !ku.value.digital_signature()
+    {
+        return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
     }
     check_validity(anchor, now)?;
     check_issuer_key_usage(anchor)?;
@@ -309,11 +309,11 @@ pub fn verify_proof_of_possession(
     let ca_cert = parse(ca)?;
     let v = parse(verification)?;
     let cn = v.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("").to_owned();
-    if !aws_lc_rs::constant_time::verify_slices_are_equal(
+    if aws_lc_rs::constant_time::verify_slices_are_equal(
         cn.to_ascii_uppercase().as_bytes(),
         code.to_ascii_uppercase().as_bytes(),
     )
-    .is_ok()
+    .is_err()
     {
         return Err(PopError::WrongCode { found: cn });
     }

@@ -1,5 +1,6 @@
 //! `provisio`: the Provisio server and its command-line tools.
 
+mod cert;
 mod config;
 
 use std::path::PathBuf;
@@ -23,6 +24,9 @@ enum Command {
     Serve(config::ServeArgs),
     /// Print the ID scope, endpoints, service connection string and CA file of an instance.
     Info(InfoArgs),
+    /// Make test certificates: roots, intermediates, devices, proof-of-possession certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +60,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Info(args) => info(args).await,
+        Command::Cert(cmd) => cert::run(cmd),
     }
 }
 

@@ -306,3 +306,49 @@ async fn service_api_bad_input() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["attestation"], json!({"type": "symmetricKey"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_and_1_3_without_alpn_older_versions_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let ca = s.ca_file();
+    let url = s.url("/health");
+    let resolve = format!("localhost:{}:127.0.0.1", s.port);
+    for (flags, expect_ok) in [
+        (vec!["--tlsv1.2", "--tls-max", "1.2", "--no-alpn"], true),
+        (vec!["--tlsv1.3", "--no-alpn"], true),
+        (vec!["--http1.1"], true),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &resolve])
+            .args(&flags)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success() && out.stdout == b"200",
+            expect_ok,
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // TLS 1.1 and 1.0 are refused by the server (SECLEVEL=0 lets openssl offer them), while
+    // the same client completes TLS 1.2.
+    let s_client = |v: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", s.port), v, "-cipher", "DEFAULT@SECLEVEL=0"])
+            .args(["-servername", "localhost"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    assert!(s_client("-tls1_2").contains("Protocol  : TLSv1.2"));
+    for v in ["-tls1_1", "-tls1"] {
+        let all = s_client(v);
+        assert!(all.contains("alert") && !all.contains("Cipher is ECDHE"), "{v} was accepted: {all}");
+    }
+    // The server asks for a client certificate but does not require one (curl sent none above).
+}

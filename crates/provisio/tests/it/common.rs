@@ -209,7 +209,20 @@ pub fn walkthrough_derive(group_key: &str, registration_id: &str) -> String {
 
 /// `curl` as the walkthrough runs it; returns (status, headers, body JSON or Null).
 pub fn curl(server: &Server, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> (u16, String, Value) {
+    curl_with(server, method, path, auth, body, &[])
+}
+
+/// [`curl`] with extra arguments (e.g. `--cert`, `--key`).
+pub fn curl_with(
+    server: &Server,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+    extra: &[&str],
+) -> (u16, String, Value) {
     let mut cmd = Command::new("curl");
+    cmd.args(extra);
     cmd.args(["-sS", "-L", "-i", "-X", method])
         .args(["--cacert"])
         .arg(server.ca_file())
@@ -265,4 +278,28 @@ pub fn assert_dps_error(status: u16, body: &Value, expected_status: u16, expecte
     assert!(body["trackingId"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     assert!(body["message"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     assert!(body["timestampUtc"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+}
+
+/// Serialises the tests that bind port 443 (the stock Node HTTP transport's only port).
+pub static PORT_443: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A service API call with the owner policy; returns (status, JSON body or Null).
+pub async fn service(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    if_match: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = s.client().request(method, s.url(path)).header("Authorization", s.service_token());
+    if let Some(m) = if_match {
+        rb = rb.header("If-Match", m);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (st, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
 }

@@ -12,6 +12,10 @@ use serde_json::{Value, json};
 use crate::common::{Server, put_enrollment, repo_root};
 
 fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
+    node_run(s, registration_id, &[("ATTESTATION", "symmetricKey"), ("SYMMETRIC_KEY", key)])
+}
+
+fn node_run(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
     let dir = repo_root().join("interop/node");
     assert!(
         dir.join("node_modules/azure-iot-provisioning-device").exists(),
@@ -23,8 +27,7 @@ fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
         .env("ID_SCOPE", &s.info.id_scope)
         .env("REGISTRATION_ID", registration_id)
         .env("TRANSPORT", "http")
-        .env("ATTESTATION", "symmetricKey")
-        .env("SYMMETRIC_KEY", key)
+        .envs(env.iter().copied())
         .env("NODE_EXTRA_CA_CERTS", s.ca_file())
         .output()
         .expect("run node");
@@ -42,6 +45,7 @@ fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_node_http_client_registers_individual_and_group_devices() {
+    let _port = crate::common::PORT_443.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(
         tmp.path(),
@@ -80,4 +84,46 @@ async fn stock_node_http_client_registers_individual_and_group_devices() {
     assert_eq!(v["ok"], false);
     assert_eq!(v["error"]["statusCode"], 401, "{v}");
     assert_eq!(v["error"]["responseJson"]["errorCode"], 401_002, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_node_http_x509_client_registers_a_group_device() {
+    let _port = crate::common::PORT_443.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for args in [
+        vec!["root", "node-root"],
+        vec!["intermediate", "node-inter", "--ca", "node-root"],
+        vec!["device", "node-x509-dev-1", "--ca", "node-inter"],
+    ] {
+        crate::common::run(
+            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
+        );
+    }
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:443", &["--linked-hub", "node-x509-hub.example.net"]);
+    let inter = std::fs::read_to_string(dir.join("node-inter_cert.pem")).unwrap();
+    let (st, g) = crate::common::service(
+        &s,
+        reqwest::Method::PUT,
+        "/enrollmentGroups/node-x509-group?api-version=2021-10-01",
+        None,
+        Some(json!({
+            "enrollmentGroupId": "node-x509-group",
+            "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": inter}}}},
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{g}");
+    let cert = dir.join("node-x509-dev-1_fullchain.pem");
+    let key = dir.join("node-x509-dev-1_key.pem");
+    let r = node_run(
+        &s,
+        "node-x509-dev-1",
+        &[("ATTESTATION", "x509"), ("CERT_FILE", cert.to_str().unwrap()), ("KEY_FILE", key.to_str().unwrap())],
+    );
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(r["assignedHub"], "node-x509-hub.example.net", "{r}");
+    assert_eq!(r["deviceId"], "node-x509-dev-1", "{r}");
+    assert_eq!(r["x509"]["enrollmentGroupId"], "node-x509-group", "{r}");
 }

@@ -7,3 +7,4 @@ mod common;
 mod durability;
 mod interop;
 mod walkthrough;
+mod x509;
