@@ -275,6 +275,16 @@ pub fn verify_chain(
     Ok(ChainMatch { intermediates: path.intermediate_certificates().count() })
 }
 
+/// Whether `cert` is one of `cas` (same DER) or carries a valid signature by one of them.
+#[must_use]
+pub fn is_or_signed_by_any(cert: &[u8], cas: &[Vec<u8>]) -> bool {
+    let Ok(c) = parse(cert) else { return false };
+    cas.iter().any(|ca| {
+        ca.as_slice() == cert
+            || parse(ca).is_ok_and(|ca| c.issuer() == ca.subject() && c.verify_signature(Some(ca.public_key())).is_ok())
+    })
+}
+
 /// Why a verification certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PopError {

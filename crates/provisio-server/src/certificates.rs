@@ -332,6 +332,21 @@ impl Certificates {
         Self::response(&doc, &ca, false)
     }
 
+    /// The DER of every verified CA certificate.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn verified_ders(&self) -> Result<Vec<Vec<u8>>, ServerError> {
+        let mut out = Vec::new();
+        for d in self.store.list(Collection::Certificates, None, 1000).await? {
+            let ca = Self::parse(&d)?;
+            if ca.is_verified {
+                out.push(ca.der()?);
+            }
+        }
+        Ok(out)
+    }
+
     /// A stored CA by name, for attestation.
     ///
     /// # Errors

@@ -40,6 +40,10 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// How long registration operations can be polled, in hours.
     pub operation_retention_hours: u64,
+    /// Azure's stricter rule for X.509 groups: a group's uploaded signing certificate
+    /// anchors chains only if it is, or is signed by, a verified CA certificate of the
+    /// certificates API. Off by default: an uploaded intermediate is trusted as is.
+    pub x509_signing_certificates_need_verified_ca: bool,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +63,7 @@ impl Default for ServerConfig {
             header_timeout_secs: 30,
             request_timeout_secs: 30,
             operation_retention_hours: 24,
+            x509_signing_certificates_need_verified_ca: false,
         }
     }
 }

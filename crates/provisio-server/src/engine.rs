@@ -53,6 +53,8 @@ pub struct EngineSettings {
     pub linked_hubs: Vec<String>,
     /// SAS expiry tolerance, seconds.
     pub sas_clock_skew_secs: u64,
+    /// Whether a group's signing certificate must be, or be signed by, a verified CA.
+    pub signing_certificates_need_verified_ca: bool,
 }
 
 /// The registration engine.
@@ -110,6 +112,11 @@ impl Engine {
             None => None,
         };
         let mut groups = Vec::new();
+        let verified = if individual.is_none() && self.settings.signing_certificates_need_verified_ca {
+            self.certificates.verified_ders().await?
+        } else {
+            Vec::new()
+        };
         if individual.is_none() {
             for doc in self.store.list(Collection::EnrollmentGroups, None, MAX_GROUPS).await? {
                 let g = service_model::group_from_doc(&doc)?;
@@ -123,10 +130,19 @@ impl Engine {
                             if let Some(c) = c {
                                 let der =
                                     B64.decode(&c.der_base64).map_err(|e| ServerError::Internal(e.to_string()))?;
+                                let usable = if !self.settings.signing_certificates_need_verified_ca
+                                    || provisio_pki::x509::is_or_signed_by_any(&der, &verified)
+                                {
+                                    Ok(())
+                                } else {
+                                    Err("it is neither a verified CA certificate nor signed by one \
+                                         (x509_signing_certificates_need_verified_ca is on)"
+                                        .to_owned())
+                                };
                                 v.push(Anchor {
                                     label: format!("{label} '{}'", c.info.subject_name),
                                     der: Some(der),
-                                    usable: Ok(()),
+                                    usable,
                                 });
                             }
                         }
@@ -466,7 +482,11 @@ mod tests {
         let engine = Engine::new(
             store.clone(),
             IdScope::parse(SCOPE).unwrap(),
-            EngineSettings { linked_hubs: hubs.iter().map(|h| (*h).to_owned()).collect(), sas_clock_skew_secs: 0 },
+            EngineSettings {
+                linked_hubs: hubs.iter().map(|h| (*h).to_owned()).collect(),
+                sas_clock_skew_secs: 0,
+                signing_certificates_need_verified_ca: false,
+            },
         );
         (engine, ServiceApi::new(store.clone(), vec!["localhost".into()], 0), store)
     }

@@ -129,6 +129,7 @@ impl Provisio {
             engine::EngineSettings {
                 linked_hubs: instance::linked_hubs(c, self.instance.scope.as_str()),
                 sas_clock_skew_secs: c.sas_clock_skew_secs,
+                signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
             },
         );
         let state = Arc::new(http::AppState {

@@ -27,6 +27,7 @@ const ENV_KEYS: &[&str] = &[
     "header_timeout_secs",
     "request_timeout_secs",
     "operation_retention_hours",
+    "x509_signing_certificates_need_verified_ca",
     "log_format",
     "log",
 ];

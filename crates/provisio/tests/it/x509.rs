@@ -581,3 +581,28 @@ async fn provisio_cert_output_works_with_openssl_and_the_server() {
         .expect("provisio cert device registers");
     assert_eq!(v["registrationState"]["x509"]["enrollmentGroupId"], "pc-group");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_needs_a_verified_ca_above_signing_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Ossl { dir: tmp.path().to_owned() };
+    o.root("strict-root");
+    o.signed("strict-inter", "strict-root", ROOT_EXT);
+    o.signed("strict-dev", "strict-inter", DEVICE_EXT);
+    let cfg = tmp.path().join("provisio.toml");
+    std::fs::write(&cfg, "x509_signing_certificates_need_verified_ca = true\n").unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let (st, _) = service(&s, Method::PUT, "/enrollmentGroups/strict-group?api-version=2021-10-01", None, Some(json!({
+        "enrollmentGroupId": "strict-group",
+        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": o.pem("strict-inter")}}}},
+    }))).await;
+    assert_eq!(st, 200);
+    let chain = o.chain("strict-dev", &[]);
+    assert_refused(&s, "strict-dev", register(&s, "strict-dev", &chain, &o.key("strict-dev")), "neither a verified CA").await;
+    // Verified on upload (the portal's "set certificate status to verified on upload").
+    let (st, c) = service(&s, Method::PUT, "/certificates/strict-root?api-version=2021-10-01", None, Some(json!({"properties": {"certificate": o.pem("strict-root"), "isVerified": true}}))).await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["properties"]["isVerified"], true);
+    let v = register(&s, "strict-dev", &chain, &o.key("strict-dev")).expect("registers once the root is verified");
+    assert_eq!(v["registrationState"]["x509"]["enrollmentGroupId"], "strict-group");
+}
