@@ -23,6 +23,15 @@ pub enum Attestation {
     },
     /// X.509 certificates.
     X509(X509Attestation),
+    /// TPM endorsement key (individual enrollments).
+    #[serde(rename_all = "camelCase")]
+    Tpm {
+        /// Base64 of the EK's `TPM2B_PUBLIC`.
+        endorsement_key: String,
+        /// Base64 of the SRK's `TPM2B_PUBLIC`, if given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage_root_key: Option<String>,
+    },
 }
 
 impl Attestation {
@@ -32,6 +41,7 @@ impl Attestation {
         match self {
             Self::SymmetricKey { .. } => "symmetricKey",
             Self::X509(_) => "x509",
+            Self::Tpm { .. } => "tpm",
         }
     }
 }

@@ -29,13 +29,76 @@ pub struct AttestationMechanism {
     pub kind: String,
     /// TPM attestation (individual enrollments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<Value>,
+    pub tpm: Option<TpmAttestation>,
     /// X.509 attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509Attestation>,
     /// Symmetric-key attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyAttestation>,
+}
+
+/// `TpmAttestation`: the device's public keys, base64 of marshalled `TPM2B_PUBLIC`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmAttestation {
+    /// Endorsement key (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement_key: Option<String>,
+    /// Storage root key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_root_key: Option<String>,
+}
+
+/// `QuerySpecification`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuerySpecification {
+    /// The query text, e.g. `SELECT * FROM enrollments`.
+    #[serde(default)]
+    pub query: String,
+}
+
+/// `BulkEnrollmentOperationResult` (and its group twin).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkOperationResult {
+    /// Whether every item succeeded.
+    pub is_successful: bool,
+    /// One entry per failed item.
+    pub errors: Vec<BulkOperationError>,
+}
+
+/// One failed item of a bulk operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkOperationError {
+    /// The enrollment's id (individual enrollments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_id: Option<String>,
+    /// The group's id (groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// DPS error code.
+    pub error_code: u32,
+    /// What went wrong.
+    pub error_status: String,
+}
+
+/// A shared access policy as the policies API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedAccessPolicy {
+    /// Policy name.
+    pub key_name: String,
+    /// Primary key (generated when absent on create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_key: Option<String>,
+    /// Secondary key (generated when absent on create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
+    /// Comma-separated rights, e.g. `EnrollmentRead, RegistrationStatusRead`.
+    pub rights: String,
 }
 
 /// `SymmetricKeyAttestation`; keys are base64 of 16–64 bytes.

@@ -44,6 +44,12 @@ pub struct ServerConfig {
     /// anchors chains only if it is, or is signed by, a verified CA certificate of the
     /// certificates API. Off by default: an uploaded intermediate is trusted as is.
     pub x509_signing_certificates_need_verified_ca: bool,
+    /// Service API requests per second (bursts to twice that); 0 disables the limit.
+    pub service_requests_per_second: u32,
+    /// Most items in one bulk enrollment operation (DPS: 10).
+    pub max_bulk_items: usize,
+    /// Largest query page (`x-ms-max-item-count`); the default page is 100.
+    pub max_query_page_size: u32,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +70,9 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             operation_retention_hours: 24,
             x509_signing_certificates_need_verified_ca: false,
+            service_requests_per_second: 200,
+            max_bulk_items: 10,
+            max_query_page_size: 1000,
         }
     }
 }

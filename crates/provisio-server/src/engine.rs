@@ -303,7 +303,11 @@ impl Engine {
         };
         let operation_id = new_operation_id();
         let body = serde_json::to_string(&record).map_err(|e| ServerError::Internal(e.to_string()))?;
-        self.store.record_registration(id.key(), &body, &operation_id).await?;
+        let tag = match &record.source {
+            EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.to_ascii_lowercase()),
+            EnrollmentSource::Individual => None,
+        };
+        self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
         tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
         Ok(operation_id)
     }

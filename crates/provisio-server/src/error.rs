@@ -55,6 +55,9 @@ pub enum ServerError {
     /// Request took too long.
     #[error("the request timed out")]
     Timeout,
+    /// Rate limit reached; retry after this many seconds.
+    #[error("too many requests: retry after {0} s")]
+    Throttled(u64),
 }
 
 impl ServerError {
@@ -86,6 +89,7 @@ impl ServerError {
             Self::PayloadTooLarge(_) => codes::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => codes::INTERNAL,
             Self::Timeout => codes::UNAVAILABLE,
+            Self::Throttled(_) => codes::THROTTLED,
         }
     }
 

@@ -134,7 +134,14 @@ impl Provisio {
         );
         let state = Arc::new(http::AppState {
             engine,
-            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs),
+            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs).with_limits(
+                service_api::ServiceLimits {
+                    max_bulk_items: c.max_bulk_items,
+                    default_page_size: 100.min(c.max_query_page_size),
+                    max_page_size: c.max_query_page_size,
+                },
+            ),
+            service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
             certificates: certificates::Certificates::new(store.clone()),
             max_body_bytes: c.max_body_bytes,
             retry_after_secs: c.retry_after_secs,

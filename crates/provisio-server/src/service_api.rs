@@ -12,7 +12,10 @@ use provisio_core::{
 use provisio_proto::{
     device::RegistrationStatus,
     error::codes,
-    service::{DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment},
+    service::{
+        AttestationMechanism, BulkOperationError, BulkOperationResult, DeviceRegistrationState, EnrollmentGroup,
+        IndividualEnrollment, SharedAccessPolicy,
+    },
 };
 use provisio_store::{Collection, Precondition, Store, StoreError};
 
@@ -27,6 +30,8 @@ pub enum Right {
     EnrollmentWrite,
     /// Read registration states and audit records.
     RegistrationStatusRead,
+    /// Delete registration states.
+    RegistrationStatusWrite,
     /// Change service configuration (certificates).
     ServiceConfig,
 }
@@ -40,6 +45,7 @@ impl Right {
             Self::RegistrationStatusRead => {
                 &["RegistrationStatusRead", "RegistrationStatusWrite", "EnrollmentWrite", "ServiceConfig"]
             }
+            Self::RegistrationStatusWrite => &["RegistrationStatusWrite", "EnrollmentWrite", "ServiceConfig"],
             Self::ServiceConfig => &["ServiceConfig"],
         }
     }
@@ -51,6 +57,80 @@ pub struct ServiceApi {
     store: Arc<dyn Store>,
     hostnames: Arc<Vec<String>>,
     skew: u64,
+    limits: ServiceLimits,
+}
+
+/// Size limits of the service API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// Most items in one bulk operation (DPS: 10).
+    pub max_bulk_items: usize,
+    /// Default query page size.
+    pub default_page_size: u32,
+    /// Largest query page size.
+    pub max_page_size: u32,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        Self { max_bulk_items: 10, default_page_size: 100, max_page_size: 1000 }
+    }
+}
+
+/// What a query lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryTarget {
+    /// `POST /enrollments/query`.
+    Enrollments,
+    /// `POST /enrollmentGroups/query`.
+    EnrollmentGroups,
+    /// `POST /registrations/{groupId}/query`.
+    GroupRegistrations(String),
+}
+
+impl QueryTarget {
+    /// The `x-ms-item-type` header value.
+    #[must_use]
+    pub fn item_type(&self) -> &'static str {
+        match self {
+            Self::Enrollments => "Enrollment",
+            Self::EnrollmentGroups => "EnrollmentGroup",
+            Self::GroupRegistrations(_) => "DeviceRegistration",
+        }
+    }
+}
+
+/// One page of query results.
+#[derive(Debug, Clone)]
+pub struct QueryPage {
+    /// Items (JSON values of the target's wire type).
+    pub items: Vec<serde_json::Value>,
+    /// Token for the next page; `None` on the last page.
+    pub continuation: Option<String>,
+}
+
+/// Accepts `SELECT *` with an optional `FROM <name>`, in any case; DPS has no filters.
+fn check_query(q: &str) -> Result<(), ServerError> {
+    let words: Vec<String> = q.split_whitespace().map(str::to_ascii_lowercase).collect();
+    let ok = match words.as_slice() {
+        [] => true,
+        [select, star] => select == "select" && star == "*",
+        [select, star, from, name] => {
+            select == "select"
+                && star == "*"
+                && from == "from"
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ServerError::invalid(format!(
+            "Unsupported query '{}': only 'SELECT *' with an optional 'FROM <collection>' is supported (DPS has no WHERE filter).",
+            crate::engine::shorten(q)
+        )))
+    }
 }
 
 /// How a write must relate to the stored version (from `If-Match`).
@@ -70,7 +150,14 @@ impl ServiceApi {
     /// A service API over `store`; tokens must name one of `hostnames`.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, hostnames: Vec<String>, skew: u64) -> Self {
-        Self { store, hostnames: Arc::new(hostnames), skew }
+        Self { store, hostnames: Arc::new(hostnames), skew, limits: ServiceLimits::default() }
+    }
+
+    /// Replaces the size limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: ServiceLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Checks a service SAS token: the policy named by `skn` signed it (primary or
@@ -274,6 +361,346 @@ impl ServiceApi {
         Ok(model::group_to_wire(&group, &doc.etag, true))
     }
 
+    /// `POST /enrollments/{id}/attestationmechanism` (and the group twin): with secrets.
+    ///
+    /// # Errors
+    /// 404 if absent.
+    pub async fn attestation_mechanism(&self, group: bool, id: &str) -> Result<AttestationMechanism, ServerError> {
+        if group {
+            let g = EnrollmentGroupId::parse(id)?;
+            let doc = self
+                .store
+                .get(Collection::EnrollmentGroups, g.key())
+                .await?
+                .ok_or_else(|| Self::not_found(true, g.as_str()))?;
+            Ok(model::attestation_to_wire(&model::group_from_doc(&doc)?.attestation, true))
+        } else {
+            let r = RegistrationId::parse(id)?;
+            let doc = self
+                .store
+                .get(Collection::Enrollments, r.key())
+                .await?
+                .ok_or_else(|| Self::not_found(false, r.as_str()))?;
+            Ok(model::attestation_to_wire(&model::enrollment_from_doc(&doc)?.attestation, true))
+        }
+    }
+
+    /// `POST /enrollments` / `POST /enrollmentGroups`: a bulk operation, item by item.
+    ///
+    /// # Errors
+    /// 400 for a malformed request or too many items; per-item failures are in the result.
+    pub async fn bulk(&self, group: bool, body: &serde_json::Value) -> Result<BulkOperationResult, ServerError> {
+        let mode = body.get("mode").and_then(|m| m.as_str()).ok_or_else(|| {
+            ServerError::invalid("The bulk operation needs 'mode': create, update, updateIfMatchETag or delete.")
+        })?;
+        let list_field = if group { "enrollmentGroups" } else { "enrollments" };
+        let items = body
+            .get(list_field)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| ServerError::invalid(format!("The bulk operation needs '{list_field}': an array.")))?;
+        if items.len() > self.limits.max_bulk_items {
+            return Err(ServerError::invalid(format!(
+                "A bulk operation takes at most {} items; this one has {}.",
+                self.limits.max_bulk_items,
+                items.len()
+            )));
+        }
+        if !matches!(mode, "create" | "update" | "updateIfMatchETag" | "delete") {
+            return Err(ServerError::invalid(format!(
+                "Unknown bulk mode '{}'; expected create, update, updateIfMatchETag or delete.",
+                crate::engine::shorten(mode)
+            )));
+        }
+        let id_field = if group { "enrollmentGroupId" } else { "registrationId" };
+        let mut errors = Vec::new();
+        for item in items {
+            let id = item.get(id_field).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+            let etag = item.get("etag").and_then(|v| v.as_str()).map(str::to_owned);
+            let outcome = self.bulk_item(group, mode, &id, etag.as_deref(), item).await;
+            if let Err(e) = outcome {
+                let (registration_id, enrollment_group_id) = if group { (None, Some(id)) } else { (Some(id), None) };
+                errors.push(BulkOperationError {
+                    registration_id,
+                    enrollment_group_id,
+                    error_code: e.code(),
+                    error_status: e.to_string(),
+                });
+            }
+        }
+        Ok(BulkOperationResult { is_successful: errors.is_empty(), errors })
+    }
+
+    async fn bulk_item(
+        &self,
+        group: bool,
+        mode: &str,
+        id: &str,
+        etag: Option<&str>,
+        item: &serde_json::Value,
+    ) -> Result<(), ServerError> {
+        if id.is_empty() {
+            return Err(ServerError::invalid(format!(
+                "The item has no {}.",
+                if group { "enrollmentGroupId" } else { "registrationId" }
+            )));
+        }
+        // DPS's recorded behaviour: "update" without an etag acts like PUT without If-Match.
+        let if_match = match (mode, etag) {
+            ("create", _) | ("update", None) => None,
+            ("update" | "updateIfMatchETag" | "delete", Some(e)) => Some(e),
+            ("updateIfMatchETag", None) => {
+                return Err(ServerError::PreconditionFailed("updateIfMatchETag needs the item's etag.".into()));
+            }
+            _ => None,
+        };
+        if mode == "delete" {
+            return self.delete(group, id, if_match).await;
+        }
+        let parse_err = |e: serde_json::Error| ServerError::malformed(format!("The item is not valid: {e}"));
+        if group {
+            let g: EnrollmentGroup = serde_json::from_value(item.clone()).map_err(parse_err)?;
+            self.put_group(id, g, if_match).await.map(|_| ())
+        } else {
+            let e: IndividualEnrollment = serde_json::from_value(item.clone()).map_err(parse_err)?;
+            self.put_enrollment(id, e, if_match).await.map(|_| ())
+        }
+    }
+
+    /// A query page. `continuation` is the token of the previous page.
+    ///
+    /// # Errors
+    /// 400 for an unsupported query or a bad token; 404 for an unknown group.
+    pub async fn query(
+        &self,
+        target: &QueryTarget,
+        query: Option<&str>,
+        page_size: Option<u32>,
+        continuation: Option<&str>,
+    ) -> Result<QueryPage, ServerError> {
+        if let Some(q) = query {
+            check_query(q)?;
+        }
+        let size = page_size.unwrap_or(self.limits.default_page_size).clamp(1, self.limits.max_page_size);
+        let after = match continuation.map(str::trim).filter(|c| !c.is_empty()) {
+            None => None,
+            Some(c) => Some(
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, c)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| {
+                        ServerError::invalid("The x-ms-continuation token is not one this server issued.")
+                    })?,
+            ),
+        };
+        // One extra row tells whether another page exists.
+        let mut docs = match target {
+            QueryTarget::Enrollments => self.store.list(Collection::Enrollments, after.as_deref(), size + 1).await?,
+            QueryTarget::EnrollmentGroups => {
+                self.store.list(Collection::EnrollmentGroups, after.as_deref(), size + 1).await?
+            }
+            QueryTarget::GroupRegistrations(g) => {
+                let g = EnrollmentGroupId::parse(g)?;
+                if self.store.get(Collection::EnrollmentGroups, g.key()).await?.is_none() && after.is_none() {
+                    // Orphaned records of a deleted group are still listed, as in DPS; an id
+                    // that never had any is reported as unknown.
+                    let any = self.store.list_by_tag(Collection::Registrations, g.key(), None, 1).await?;
+                    if any.is_empty() {
+                        return Err(Self::not_found(true, g.as_str()));
+                    }
+                }
+                self.store.list_by_tag(Collection::Registrations, g.key(), after.as_deref(), size + 1).await?
+            }
+        };
+        let more = docs.len() > size as usize;
+        docs.truncate(size as usize);
+        let continuation = if more {
+            docs.last()
+                .map(|d| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, d.id.as_bytes()))
+        } else {
+            None
+        };
+        let to_value =
+            |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| ServerError::Internal(e.to_string()));
+        let mut items = Vec::with_capacity(docs.len());
+        for d in &docs {
+            items.push(match target {
+                QueryTarget::Enrollments => to_value(serde_json::to_value(model::enrollment_to_wire(
+                    &model::enrollment_from_doc(d)?,
+                    &d.etag,
+                    false,
+                    None,
+                )))?,
+                QueryTarget::EnrollmentGroups => {
+                    to_value(serde_json::to_value(model::group_to_wire(&model::group_from_doc(d)?, &d.etag, false)))?
+                }
+                QueryTarget::GroupRegistrations(_) => to_value(serde_json::to_value(
+                    model::registration_state_to_wire(&model::record_from_body(&d.body)?, &d.etag),
+                ))?,
+            });
+        }
+        Ok(QueryPage { items, continuation })
+    }
+
+    /// `GET /registrations/{id}`.
+    ///
+    /// # Errors
+    /// 404 if the device has no registration state.
+    pub async fn get_registration(&self, id: &str) -> Result<DeviceRegistrationState, ServerError> {
+        let id = RegistrationId::parse(id)?;
+        let doc = self.store.get(Collection::Registrations, id.key()).await?.ok_or_else(|| ServerError::NotFound {
+            code: codes::REGISTRATION_NOT_FOUND,
+            message: format!("Registration '{id}' was not found."),
+        })?;
+        Ok(model::registration_state_to_wire(&model::record_from_body(&doc.body)?, &doc.etag))
+    }
+
+    /// `DELETE /registrations/{id}`: removes the DPS record only (not the hub device).
+    ///
+    /// # Errors
+    /// 404, 412.
+    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), ServerError> {
+        let id = RegistrationId::parse(id)?;
+        let etag = match if_match.map(str::trim) {
+            None | Some("" | "*") => None,
+            Some(v) => Some(unquote(v)),
+        };
+        self.store.delete(Collection::Registrations, id.key(), etag).await.map_err(|e| match e {
+            StoreError::NotFound => ServerError::NotFound {
+                code: codes::REGISTRATION_NOT_FOUND,
+                message: format!("Registration '{id}' was not found."),
+            },
+            StoreError::PreconditionFailed => ServerError::PreconditionFailed(format!(
+                "Registration '{id}' has changed: the If-Match etag does not match."
+            )),
+            other => other.into(),
+        })
+    }
+
+    /// `GET /policies`: every shared access policy, with keys.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn list_policies(&self) -> Result<Vec<SharedAccessPolicy>, ServerError> {
+        let docs = self.store.list(Collection::Policies, None, 1000).await?;
+        docs.iter().map(|d| Ok(policy_to_wire(&parse_policy(&d.body)?))).collect()
+    }
+
+    /// `GET /policies/{name}`.
+    ///
+    /// # Errors
+    /// 404.
+    pub async fn get_policy(&self, name: &str) -> Result<SharedAccessPolicy, ServerError> {
+        check_policy_name(name)?;
+        let doc = self
+            .store
+            .get(Collection::Policies, &name.to_ascii_lowercase())
+            .await?
+            .ok_or_else(|| policy_not_found(name))?;
+        Ok(policy_to_wire(&parse_policy(&doc.body)?))
+    }
+
+    /// `PUT /policies/{name}`: creates a policy (keys generated unless given) or changes
+    /// its rights (keys kept unless given).
+    ///
+    /// # Errors
+    /// 400 for an unknown right or a bad key; 400 when the change would leave no policy
+    /// with `ServiceConfig`.
+    pub async fn put_policy(&self, name: &str, body: SharedAccessPolicy) -> Result<SharedAccessPolicy, ServerError> {
+        check_policy_name(name)?;
+        if !body.key_name.is_empty() && !body.key_name.eq_ignore_ascii_case(name) {
+            return Err(ServerError::invalid("The body's keyName does not match the name in the path."));
+        }
+        let rights = normalize_rights(&body.rights)?;
+        let existing = match self.store.get(Collection::Policies, &name.to_ascii_lowercase()).await? {
+            Some(d) => Some(parse_policy(&d.body)?),
+            None => None,
+        };
+        let key = |given: Option<String>, old: Option<&String>, field: &str| -> Result<String, ServerError> {
+            match given.filter(|k| !k.trim().is_empty()) {
+                Some(k) => {
+                    provisio_core::keys::decode_key(&k).map_err(|e| ServerError::invalid(format!("{field}: {e}")))?;
+                    Ok(k.trim().to_owned())
+                }
+                None => Ok(old.cloned().unwrap_or_else(provisio_core::keys::generate_key)),
+            }
+        };
+        let policy = Policy {
+            key_name: existing.as_ref().map_or_else(|| name.to_owned(), |p| p.key_name.clone()),
+            primary_key: key(body.primary_key, existing.as_ref().map(|p| &p.primary_key), "primaryKey")?,
+            secondary_key: key(body.secondary_key, existing.as_ref().map(|p| &p.secondary_key), "secondaryKey")?,
+            rights,
+        };
+        if !policy.rights.contains("ServiceConfig") {
+            self.ensure_other_admin(name).await?;
+        }
+        let body = serde_json::to_string(&policy).map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.store.put(Collection::Policies, &name.to_ascii_lowercase(), &body, Precondition::Any).await?;
+        tracing::info!(policy = name, rights = %policy.rights, "shared access policy written");
+        Ok(policy_to_wire(&policy))
+    }
+
+    /// `DELETE /policies/{name}`.
+    ///
+    /// # Errors
+    /// 404; 400 when it is the last policy with `ServiceConfig`.
+    pub async fn delete_policy(&self, name: &str) -> Result<(), ServerError> {
+        check_policy_name(name)?;
+        self.ensure_other_admin(name).await?;
+        self.store.delete(Collection::Policies, &name.to_ascii_lowercase(), None).await.map_err(|e| match e {
+            StoreError::NotFound => policy_not_found(name),
+            other => other.into(),
+        })?;
+        tracing::info!(policy = name, "shared access policy removed");
+        Ok(())
+    }
+
+    /// `POST /policies/{name}/regenerateKey`, body `{"keyType": "primary"|"secondary"}`.
+    ///
+    /// # Errors
+    /// 404; 400 for an unknown key type.
+    pub async fn regenerate_policy_key(&self, name: &str, key_type: &str) -> Result<SharedAccessPolicy, ServerError> {
+        check_policy_name(name)?;
+        let doc = self
+            .store
+            .get(Collection::Policies, &name.to_ascii_lowercase())
+            .await?
+            .ok_or_else(|| policy_not_found(name))?;
+        let mut p = parse_policy(&doc.body)?;
+        match key_type.to_ascii_lowercase().as_str() {
+            "primary" => p.primary_key = provisio_core::keys::generate_key(),
+            "secondary" => p.secondary_key = provisio_core::keys::generate_key(),
+            _ => return Err(ServerError::invalid("keyType must be 'primary' or 'secondary'.")),
+        }
+        let body = serde_json::to_string(&p).map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.store
+            .put(Collection::Policies, &name.to_ascii_lowercase(), &body, Precondition::IfMatch(doc.etag))
+            .await
+            .map_err(|e| match e {
+                StoreError::PreconditionFailed => {
+                    ServerError::PreconditionFailed(format!("Policy '{name}' changed meanwhile; retry."))
+                }
+                other => other.into(),
+            })?;
+        tracing::info!(policy = name, key_type, "shared access policy key regenerated");
+        Ok(policy_to_wire(&p))
+    }
+
+    /// Refuses a change that would leave no policy with `ServiceConfig` besides `name`.
+    async fn ensure_other_admin(&self, name: &str) -> Result<(), ServerError> {
+        let others = self.store.list(Collection::Policies, None, 1000).await?;
+        let has_admin = others
+            .iter()
+            .filter(|d| !d.id.eq_ignore_ascii_case(name))
+            .any(|d| parse_policy(&d.body).is_ok_and(|p| p.rights.split(',').any(|r| r.trim() == "ServiceConfig")));
+        if has_admin {
+            Ok(())
+        } else {
+            Err(ServerError::invalid(format!(
+                "Policy '{name}' is the last one with ServiceConfig; removing that right would lock every operator out."
+            )))
+        }
+    }
+
     /// `GET /registrations/{id}/audit`: the last refused attestation of a registration id.
     ///
     /// # Errors
@@ -301,4 +728,65 @@ impl ServiceApi {
             .ok_or_else(|| Self::not_found(true, id.as_str()))?;
         Ok(model::group_to_wire(&model::group_from_doc(&doc)?, &doc.etag, false))
     }
+}
+
+/// Every right a policy can hold, in DPS's spelling.
+pub const ALL_RIGHTS: &[&str] = &[
+    "ServiceConfig",
+    "EnrollmentRead",
+    "EnrollmentWrite",
+    "DeviceConnect",
+    "RegistrationStatusRead",
+    "RegistrationStatusWrite",
+];
+
+fn normalize_rights(rights: &str) -> Result<String, ServerError> {
+    let mut out: Vec<&str> = Vec::new();
+    for r in rights.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        let Some(canon) = ALL_RIGHTS.iter().find(|k| k.eq_ignore_ascii_case(r)) else {
+            return Err(ServerError::invalid(format!(
+                "Unknown right '{}'; rights are {}.",
+                crate::engine::shorten(r),
+                ALL_RIGHTS.join(", ")
+            )));
+        };
+        if !out.contains(canon) {
+            out.push(canon);
+        }
+    }
+    if out.is_empty() {
+        return Err(ServerError::invalid(format!("A policy needs at least one right: {}.", ALL_RIGHTS.join(", "))));
+    }
+    Ok(out.join(", "))
+}
+
+fn check_policy_name(name: &str) -> Result<(), ServerError> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        Ok(())
+    } else {
+        Err(ServerError::invalid(format!(
+            "Invalid policy name '{}': use 1 to 64 letters, digits, '-', '.' or '_'.",
+            crate::engine::shorten(name)
+        )))
+    }
+}
+
+fn parse_policy(body: &str) -> Result<Policy, ServerError> {
+    serde_json::from_str(body).map_err(|e| ServerError::Internal(format!("stored policy is corrupt: {e}")))
+}
+
+fn policy_to_wire(p: &Policy) -> SharedAccessPolicy {
+    SharedAccessPolicy {
+        key_name: p.key_name.clone(),
+        primary_key: Some(p.primary_key.clone()),
+        secondary_key: Some(p.secondary_key.clone()),
+        rights: p.rights.clone(),
+    }
+}
+
+fn policy_not_found(name: &str) -> ServerError {
+    ServerError::NotFound { code: codes::NOT_FOUND, message: format!("Shared access policy '{name}' was not found.") }
 }

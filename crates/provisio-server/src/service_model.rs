@@ -227,9 +227,34 @@ fn attestation_from_wire(
             })
         }
         "x509" => x509_from_wire(a, existing, group),
-        "tpm" | "none" => Err(ServerError::invalid(format!(
-            "Attestation type '{}' is not supported for {what} by this server yet; use 'symmetricKey' or 'x509'.",
-            a.kind
+        "tpm" if group => Err(ServerError::invalid(
+            "Enrollment groups do not support TPM attestation (DPS offers it for individual enrollments only).",
+        )),
+        "tpm" => {
+            let t = a.tpm.clone().unwrap_or_default();
+            let check = |k: Option<String>, name: &str, required: bool| -> Result<Option<String>, ServerError> {
+                match k.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()) {
+                    None if required => Err(ServerError::invalid(format!("attestation.tpm.{name} is required."))),
+                    None => Ok(None),
+                    Some(k) => {
+                        let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &k)
+                            .map_err(|_| ServerError::invalid(format!("attestation.tpm.{name} is not base64.")))?;
+                        if bytes.len() < 2 || bytes.len() > 2048 {
+                            return Err(ServerError::invalid(format!(
+                                "attestation.tpm.{name} must be base64 of a marshalled TPM2B_PUBLIC (2 to 2048 bytes)."
+                            )));
+                        }
+                        Ok(Some(k))
+                    }
+                }
+            };
+            Ok(Attestation::Tpm {
+                endorsement_key: check(t.endorsement_key, "endorsementKey", true)?.unwrap_or_default(),
+                storage_root_key: check(t.storage_root_key, "storageRootKey", false)?,
+            })
+        }
+        "none" => Err(ServerError::invalid(format!(
+            "Attestation type 'none' cannot authenticate devices; use symmetricKey, x509 or tpm for {what}."
         ))),
         other => Err(ServerError::invalid(format!(
             "Unknown attestation type '{}'; expected symmetricKey, x509 or tpm.",
@@ -250,6 +275,16 @@ pub fn attestation_to_wire(a: &Attestation, with_secrets: bool) -> AttestationMe
                 primary_key: Some(primary_key.clone()),
                 secondary_key: Some(secondary_key.clone()),
             }),
+        },
+        Attestation::Tpm { endorsement_key, storage_root_key } => AttestationMechanism {
+            kind: "tpm".into(),
+            // The EK is public: DPS returns it on GET too.
+            tpm: Some(provisio_proto::service::TpmAttestation {
+                endorsement_key: Some(endorsement_key.clone()),
+                storage_root_key: storage_root_key.clone(),
+            }),
+            x509: None,
+            symmetric_key: None,
         },
         Attestation::X509(x) => {
             let certs = |p: &PrimarySecondary<StoredCert>| X509Certificates {

@@ -69,17 +69,28 @@ async fn list_pages_in_id_order() {
 #[tokio::test]
 async fn registrations_and_operations() {
     for (_d, s) in stores().await {
-        let r1 = s.record_registration("dev1", "{\"n\":1}", "op1").await.unwrap();
-        let r2 = s.record_registration("dev1", "{\"n\":2}", "op2").await.unwrap();
+        let r1 = s.record_registration("dev1", "{\"n\":1}", Some("g1"), "op1").await.unwrap();
+        let r2 = s.record_registration("dev1", "{\"n\":2}", Some("g1"), "op2").await.unwrap();
         assert_ne!(r1.etag, r2.etag);
         let op1 = s.get_operation("op1").await.unwrap().unwrap();
         assert_eq!((op1.registration_body.as_str(), op1.registration_etag.as_str()), ("{\"n\":1}", r1.etag.as_str()));
         assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
         // Operation ids are unique: a replayed id fails and changes nothing.
-        assert!(s.record_registration("dev1", "{\"n\":3}", "op1").await.is_err());
+        assert!(s.record_registration("dev1", "{\"n\":3}", None, "op1").await.is_err());
         assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
         assert!(s.get_operation("nope").await.unwrap().is_none());
-        assert_eq!(s.purge_operations(crate::unix_now() + 10).await.unwrap(), 2);
+        // Tags: registrations of a group, paged.
+        s.record_registration("dev2", "{}", Some("g1"), "op3").await.unwrap();
+        s.record_registration("dev3", "{}", Some("g2"), "op4").await.unwrap();
+        s.record_registration("dev4", "{}", None, "op5").await.unwrap();
+        let ids = |v: Vec<crate::Document>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 10).await.unwrap()), ["dev1", "dev2"]);
+        assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", Some("dev1"), 10).await.unwrap()), ["dev2"]);
+        assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 1).await.unwrap()), ["dev1"]);
+        // Re-registering through no group clears the tag.
+        s.record_registration("dev2", "{}", None, "op6").await.unwrap();
+        assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 10).await.unwrap()), ["dev1"]);
+        assert_eq!(s.purge_operations(crate::unix_now() + 10).await.unwrap(), 6);
         assert!(s.get_operation("op2").await.unwrap().is_none());
     }
 }
@@ -90,7 +101,7 @@ async fn file_store_survives_reopen() {
     let path = dir.path().join("db.sqlite");
     {
         let s = SqliteStore::open(&path).await.unwrap();
-        s.record_registration("dev1", "{}", "op1").await.unwrap();
+        s.record_registration("dev1", "{}", None, "op1").await.unwrap();
         // No close(): dropping without a clean shutdown, as after a crash.
     }
     let s = SqliteStore::open(&path).await.unwrap();

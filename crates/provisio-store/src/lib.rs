@@ -139,8 +139,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;
 
     /// Writes a registration record and records the operation that produced it, in one
-    /// transaction. Returns the record with its new etag.
-    async fn record_registration(&self, registration_id: &str, body: &str, operation_id: &str) -> Result<Document>;
+    /// transaction. `tag` is the record's secondary key (its enrollment group). Returns the
+    /// record with its new etag.
+    async fn record_registration(
+        &self,
+        registration_id: &str,
+        body: &str,
+        tag: Option<&str>,
+        operation_id: &str,
+    ) -> Result<Document>;
+
+    /// Lists documents whose tag is `tag`, in id order, after `after`, at most `limit`.
+    async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;
 
     /// Reads an operation.
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>>;

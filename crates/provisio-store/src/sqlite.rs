@@ -196,15 +196,21 @@ impl Store for SqliteStore {
         rows.iter().map(doc).collect()
     }
 
-    async fn record_registration(&self, registration_id: &str, body: &str, operation_id: &str) -> Result<Document> {
+    async fn record_registration(
+        &self,
+        registration_id: &str,
+        body: &str,
+        tag: Option<&str>,
+        operation_id: &str,
+    ) -> Result<Document> {
         let etag = new_etag();
         let now = unix_now();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO documents (collection, id, etag, body, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (collection, id) DO UPDATE
-             SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at",
+             SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
         )
         .bind(Collection::Registrations.as_str())
         .bind(registration_id)
@@ -212,6 +218,7 @@ impl Store for SqliteStore {
         .bind(body)
         .bind(now)
         .bind(now)
+        .bind(tag)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -227,6 +234,19 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(Document { id: registration_id.to_owned(), etag, body: body.to_owned() })
+    }
+
+    async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let rows = sqlx::query(
+            "SELECT id, etag, body FROM documents WHERE collection = ? AND tag = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(c.as_str())
+        .bind(tag)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(doc).collect()
     }
 
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>> {

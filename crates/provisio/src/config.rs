@@ -28,6 +28,9 @@ const ENV_KEYS: &[&str] = &[
     "request_timeout_secs",
     "operation_retention_hours",
     "x509_signing_certificates_need_verified_ca",
+    "service_requests_per_second",
+    "max_bulk_items",
+    "max_query_page_size",
     "log_format",
     "log",
 ];

@@ -3,6 +3,7 @@
 //! is made by the engine or the service API.
 
 mod device;
+pub mod limit;
 mod response;
 mod routes;
 mod service;

@@ -15,7 +15,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use percent_encoding::percent_decode_str;
 
 use super::{device, response, service};
-use crate::{ServerError, certificates::Certificates, engine::Engine, service_api::ServiceApi};
+use crate::{
+    ServerError,
+    certificates::Certificates,
+    engine::Engine,
+    service_api::{QueryTarget, ServiceApi},
+};
 
 /// Shared state of the HTTPS front-end.
 pub struct AppState {
@@ -25,6 +30,8 @@ pub struct AppState {
     pub service: ServiceApi,
     /// The certificates API.
     pub certificates: Certificates,
+    /// Rate limit of the service API.
+    pub service_limiter: super::limit::RateLimiter,
     /// Largest body accepted.
     pub max_body_bytes: usize,
     /// `Retry-After` for `assigning` answers.
@@ -161,7 +168,20 @@ async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> 
                 Err(method_not_allowed(&req, "GET"))
             }
         }
-        // Service API: /enrollments/{id}, /enrollmentGroups/{id}.
+        // Service API: bulk, query, /enrollments/{id}, /enrollmentGroups/{id}, attestationmechanism.
+        [c] if is(c, "enrollments") || is(c, "enrollmentgroups") => {
+            let group = is(c, "enrollmentgroups");
+            if m == Method::POST {
+                service::bulk(state, &req, group).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        [c, q] if (is(c, "enrollments") || is(c, "enrollmentgroups")) && is(q, "query") && m == Method::POST => {
+            let target =
+                if is(c, "enrollmentgroups") { QueryTarget::EnrollmentGroups } else { QueryTarget::Enrollments };
+            service::query(state, &req, target).await
+        }
         [c, id] if is(c, "enrollments") || is(c, "enrollmentgroups") => {
             let group = is(c, "enrollmentgroups");
             let id = (*id).to_owned();
@@ -170,6 +190,53 @@ async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> 
                 Method::PUT => service::put(state, &mut req, group, &id).await,
                 Method::DELETE => service::delete(state, &mut req, group, &id).await,
                 _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        [c, id, a] if (is(c, "enrollments") || is(c, "enrollmentgroups")) && is(a, "attestationmechanism") => {
+            let (group, id) = (is(c, "enrollmentgroups"), (*id).to_owned());
+            if m == Method::POST {
+                service::attestation_mechanism(state, &req, group, &id).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        // Registration states.
+        [r, id] if is(r, "registrations") => {
+            let id = (*id).to_owned();
+            match m {
+                Method::GET | Method::DELETE => service::registration(state, &req, &id).await,
+                _ => Err(method_not_allowed(&req, "GET, DELETE")),
+            }
+        }
+        [r, group, q] if is(r, "registrations") && is(q, "query") => {
+            let group = (*group).to_owned();
+            if m == Method::POST {
+                service::query(state, &req, QueryTarget::GroupRegistrations(group)).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        // Shared access policies (Provisio's admin API).
+        [p] if is(p, "policies") => {
+            if m == Method::GET {
+                service::list_policies(state, &req).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [p, name] if is(p, "policies") => {
+            let name = (*name).to_owned();
+            match m {
+                Method::GET | Method::PUT | Method::DELETE => service::policy(state, &req, &name).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        [p, name, a] if is(p, "policies") && is(a, "regeneratekey") => {
+            let name = (*name).to_owned();
+            if m == Method::POST {
+                service::regenerate_policy_key(state, &req, &name).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
             }
         }
         // Certificates API.

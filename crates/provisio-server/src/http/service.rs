@@ -1,17 +1,24 @@
 //! Service API over HTTPS: authorise, parse, call [`ServiceApi`](crate::service_api::ServiceApi).
 
+use axum::http::HeaderValue;
 use axum::{
     http::{StatusCode, header},
     response::Response,
 };
-use provisio_proto::{CERTIFICATE_API_VERSIONS, SERVICE_API_VERSIONS, service::CertificateBody};
+use provisio_proto::{
+    CERTIFICATE_API_VERSIONS, SERVICE_API_VERSIONS,
+    service::{CertificateBody, QuerySpecification, SharedAccessPolicy},
+};
 use serde::de::DeserializeOwned;
 
 use super::{
     response,
     routes::{AppState, Req},
 };
-use crate::{ServerError, service_api::Right};
+use crate::{
+    ServerError,
+    service_api::{QueryTarget, Right},
+};
 
 fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, ServerError> {
     let bytes = &req.body;
@@ -23,8 +30,13 @@ fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, ServerErro
 }
 
 async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), ServerError> {
+    throttle(state)?;
     req.require_api_version(SERVICE_API_VERSIONS)?;
     state.service.authorize(req.header(header::AUTHORIZATION.as_str()), right).await
+}
+
+fn throttle(state: &AppState) -> Result<(), ServerError> {
+    state.service_limiter.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))
 }
 
 /// `GET /enrollments/{id}` and `/enrollmentGroups/{id}`.
@@ -58,6 +70,7 @@ pub async fn delete(state: &AppState, req: &mut Req, group: bool, id: &str) -> R
 }
 
 async fn authorize_certs(state: &AppState, req: &Req) -> Result<(), ServerError> {
+    throttle(state)?;
     req.require_api_version(CERTIFICATE_API_VERSIONS)?;
     state.service.authorize(req.header(header::AUTHORIZATION.as_str()), Right::ServiceConfig).await
 }
@@ -105,7 +118,99 @@ pub async fn certificate_action(
 
 /// `GET /registrations/{id}/audit`: the last refused attestation.
 pub async fn audit(state: &AppState, req: &Req, id: &str) -> Result<Response, ServerError> {
-    req.require_api_version(SERVICE_API_VERSIONS)?;
-    state.service.authorize(req.header(header::AUTHORIZATION.as_str()), Right::RegistrationStatusRead).await?;
+    authorize(state, req, Right::RegistrationStatusRead).await?;
     Ok(response::json(StatusCode::OK, &state.service.audit(id).await?))
+}
+
+/// `POST /enrollments` and `POST /enrollmentGroups`: bulk operations.
+pub async fn bulk(state: &AppState, req: &Req, group: bool) -> Result<Response, ServerError> {
+    authorize(state, req, Right::EnrollmentWrite).await?;
+    let body: serde_json::Value = json_body(req, "bulk operation")?;
+    Ok(response::json(StatusCode::OK, &state.service.bulk(group, &body).await?))
+}
+
+/// The three query routes, paged with `x-ms-max-item-count` and `x-ms-continuation`.
+pub async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<Response, ServerError> {
+    let right = if matches!(target, QueryTarget::GroupRegistrations(_)) {
+        Right::RegistrationStatusRead
+    } else {
+        Right::EnrollmentRead
+    };
+    authorize(state, req, right).await?;
+    // The body is optional (Python and the az CLI send none on registration queries).
+    let spec: Option<QuerySpecification> =
+        if req.body.iter().all(u8::is_ascii_whitespace) { None } else { Some(json_body(req, "QuerySpecification")?) };
+    let page_size = match req.header("x-ms-max-item-count").map(str::trim) {
+        None | Some("") => None,
+        Some(v) => Some(
+            v.parse::<u32>().map_err(|_| ServerError::invalid("x-ms-max-item-count must be a positive integer."))?,
+        ),
+    };
+    let page = state
+        .service
+        .query(&target, spec.as_ref().map(|q| q.query.as_str()), page_size, req.header("x-ms-continuation"))
+        .await?;
+    let mut r = response::json(StatusCode::OK, &page.items);
+    let h = r.headers_mut();
+    h.insert("x-ms-item-type", HeaderValue::from_static(target.item_type()));
+    if let Some(c) = page.continuation.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert("x-ms-continuation", c);
+    }
+    if let Some(n) = page_size {
+        h.insert("x-ms-max-item-count", HeaderValue::from(n));
+    }
+    Ok(r)
+}
+
+/// `POST /enrollments/{id}/attestationmechanism` and the group twin.
+pub async fn attestation_mechanism(
+    state: &AppState,
+    req: &Req,
+    group: bool,
+    id: &str,
+) -> Result<Response, ServerError> {
+    authorize(state, req, Right::EnrollmentWrite).await?;
+    Ok(response::json(StatusCode::OK, &state.service.attestation_mechanism(group, id).await?))
+}
+
+/// `GET` and `DELETE /registrations/{id}`.
+pub async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Response, ServerError> {
+    if req.method == axum::http::Method::GET {
+        authorize(state, req, Right::RegistrationStatusRead).await?;
+        Ok(response::json(StatusCode::OK, &state.service.get_registration(id).await?))
+    } else {
+        authorize(state, req, Right::RegistrationStatusWrite).await?;
+        state.service.delete_registration(id, req.header(header::IF_MATCH.as_str())).await?;
+        Ok(response::empty(StatusCode::NO_CONTENT))
+    }
+}
+
+/// `GET /policies`.
+pub async fn list_policies(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": state.service.list_policies().await? })))
+}
+
+/// `GET|PUT|DELETE /policies/{name}`.
+pub async fn policy(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    match req.method.as_str() {
+        "GET" => Ok(response::json(StatusCode::OK, &state.service.get_policy(name).await?)),
+        "PUT" => {
+            let body: SharedAccessPolicy = json_body(req, "shared access policy")?;
+            Ok(response::json(StatusCode::OK, &state.service.put_policy(name, body).await?))
+        }
+        _ => {
+            state.service.delete_policy(name).await?;
+            Ok(response::empty(StatusCode::NO_CONTENT))
+        }
+    }
+}
+
+/// `POST /policies/{name}/regenerateKey`, body `{"keyType": "primary"|"secondary"}`.
+pub async fn regenerate_policy_key(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    let body: serde_json::Value = json_body(req, "regenerateKey body")?;
+    let key_type = body.get("keyType").and_then(|v| v.as_str()).unwrap_or("");
+    Ok(response::json(StatusCode::OK, &state.service.regenerate_policy_key(name, key_type).await?))
 }

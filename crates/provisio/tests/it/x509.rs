@@ -598,9 +598,17 @@ async fn strict_mode_needs_a_verified_ca_above_signing_certificates() {
     }))).await;
     assert_eq!(st, 200);
     let chain = o.chain("strict-dev", &[]);
-    assert_refused(&s, "strict-dev", register(&s, "strict-dev", &chain, &o.key("strict-dev")), "neither a verified CA").await;
+    assert_refused(&s, "strict-dev", register(&s, "strict-dev", &chain, &o.key("strict-dev")), "neither a verified CA")
+        .await;
     // Verified on upload (the portal's "set certificate status to verified on upload").
-    let (st, c) = service(&s, Method::PUT, "/certificates/strict-root?api-version=2021-10-01", None, Some(json!({"properties": {"certificate": o.pem("strict-root"), "isVerified": true}}))).await;
+    let (st, c) = service(
+        &s,
+        Method::PUT,
+        "/certificates/strict-root?api-version=2021-10-01",
+        None,
+        Some(json!({"properties": {"certificate": o.pem("strict-root"), "isVerified": true}})),
+    )
+    .await;
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["properties"]["isVerified"], true);
     let v = register(&s, "strict-dev", &chain, &o.key("strict-dev")).expect("registers once the root is verified");
