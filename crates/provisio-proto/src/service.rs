@@ -89,7 +89,8 @@ pub struct BulkOperationError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedAccessPolicy {
-    /// Policy name.
+    /// Policy name (optional on PUT, where the path names it).
+    #[serde(default)]
     pub key_name: String,
     /// Primary key (generated when absent on create).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +99,7 @@ pub struct SharedAccessPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary_key: Option<String>,
     /// Comma-separated rights, e.g. `EnrollmentRead, RegistrationStatusRead`.
+    #[serde(default)]
     pub rights: String,
 }
 

@@ -6,5 +6,6 @@ mod bad_input;
 mod common;
 mod durability;
 mod interop;
+mod service_api;
 mod walkthrough;
 mod x509;
