@@ -2,6 +2,7 @@
 
 mod cert;
 mod config;
+mod ops;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,41 @@ enum Command {
     /// Make test certificates: roots, intermediates, devices, proof-of-possession certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Individual enrollments (service API).
+    Enrollment {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::EnrollmentCommand,
+    },
+    /// Enrollment groups (service API).
+    EnrollmentGroup {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::GroupCommand,
+    },
+    /// Registration states (service API).
+    Registration {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::RegistrationCommand,
+    },
+    /// CA certificates and proof of possession (service API).
+    Certificate {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::CertificateCommand,
+    },
+    /// Shared access policies (service API; needs ServiceConfig).
+    Policy {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::PolicyCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +97,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Info(args) => info(args).await,
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Enrollment { conn, cmd } => ops::enrollment_run(&conn, cmd).await,
+        Command::EnrollmentGroup { conn, cmd } => ops::group_run(&conn, cmd).await,
+        Command::Registration { conn, cmd } => ops::registration::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::Certificate { conn, cmd } => ops::certificate::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::Policy { conn, cmd } => ops::policy::run(&ops::client::Client::new(&conn)?, cmd).await,
     }
 }
 

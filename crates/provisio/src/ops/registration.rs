@@ -1,0 +1,84 @@
+//! `provisio registration show|list|delete`.
+
+use anyhow::Result;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{
+    client::{Client, seg},
+    output::{print_list, print_object},
+};
+
+/// Registration-state commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum RegistrationCommand {
+    /// Show a device's registration state.
+    Show {
+        /// Registration id.
+        id: String,
+    },
+    /// List the registration states of the devices of an enrollment group.
+    List {
+        /// Enrollment group id.
+        #[arg(long)]
+        group: String,
+    },
+    /// Delete a device's registration state (the device may register again).
+    Delete {
+        /// Registration id.
+        id: String,
+        /// Only if the record still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+    },
+}
+
+/// Pages through a query; returns every item.
+pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut headers = vec![("x-ms-max-item-count", "500")];
+        if let Some(t) = &token {
+            headers.push(("x-ms-continuation", t.as_str()));
+        }
+        let (v, h) = c.send(Method::POST, path, Some(body), &headers).await?;
+        out.extend(v.as_array().cloned().unwrap_or_default());
+        token = h.get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Runs a registration command.
+pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
+    match cmd {
+        RegistrationCommand::Show { id } => {
+            print_object(&c.get(&format!("/registrations/{}", seg(&id))).await?, c.json)
+        }
+        RegistrationCommand::List { group } => {
+            let rows =
+                query_all(c, &format!("/registrations/{}/query", seg(&group)), &json!({"query": "SELECT *"})).await?;
+            print_list(
+                &rows,
+                &[
+                    ("registrationId", "/registrationId"),
+                    ("status", "/status"),
+                    ("assignedHub", "/assignedHub"),
+                    ("deviceId", "/deviceId"),
+                    ("lastUpdated", "/lastUpdatedDateTimeUtc"),
+                ],
+                c.json,
+            );
+        }
+        RegistrationCommand::Delete { id, etag } => {
+            let m = etag.unwrap_or_else(|| "*".into());
+            c.send(Method::DELETE, &format!("/registrations/{}", seg(&id)), None, &[("If-Match", &m)]).await?;
+            if !c.json {
+                println!("registration state of '{id}' deleted");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! Round trips through the operator CLI against a real server.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::common::{Server, curl, now};
+
+struct Cli<'a> {
+    s: &'a Server,
+    cs: String,
+}
+
+impl Cli<'_> {
+    fn raw(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_provisio"))
+            .args(args)
+            .env("PROVISIO_CONNECTION_STRING", &self.cs)
+            .env("PROVISIO_CA", self.s.ca_file())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.raw(args);
+        assert!(o.status.success(), "provisio {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.raw(args);
+        assert!(!o.status.success(), "provisio {args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "cli-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // Enrollments: create, show (with and without keys), update keeps keys, list, delete.
+    let e = cli.json(&[
+        "enrollment",
+        "create",
+        "cli-dev-1",
+        "--device-id",
+        "cli-device",
+        "--initial-twin",
+        r#"{"tags":{"a":1}}"#,
+    ]);
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let shown = cli.json(&["enrollment", "show", "cli-dev-1"]);
+    assert_eq!(shown["attestation"], serde_json::json!({"type": "symmetricKey"}));
+    assert_eq!(shown["deviceId"], "cli-device");
+    assert_eq!(
+        cli.json(&["enrollment", "show", "cli-dev-1", "--show-keys"])["attestation"]["symmetricKey"]["primaryKey"],
+        key.as_str()
+    );
+    let u = cli.json(&[
+        "enrollment",
+        "update",
+        "cli-dev-1",
+        "--status",
+        "disabled",
+        "--iot-hubs",
+        "h1,h2",
+        "--reprovision-policy",
+        "never",
+    ]);
+    assert_eq!(u["provisioningStatus"], "disabled");
+    assert_eq!(u["iotHubs"], serde_json::json!(["h1", "h2"]));
+    assert_eq!(u["reprovisionPolicy"]["updateHubAssignment"], false);
+    assert_eq!(u["attestation"]["symmetricKey"]["primaryKey"], key.as_str(), "update must keep the keys");
+    assert_eq!(u["initialTwin"]["tags"]["a"], 1, "update must keep other fields");
+    let err = cli.fails(&["enrollment", "update", "cli-dev-1", "--etag", "stale", "--status", "enabled"]);
+    assert!(err.contains("412") && err.contains("--etag"), "{err}");
+    let err = cli.fails(&["enrollment", "create", "cli-dev-1"]);
+    assert!(err.contains("409") && err.contains("update"), "{err}");
+    let table = cli.ok(&["enrollment", "list"]);
+    assert!(table.contains("registrationId") && table.contains("cli-dev-1") && table.contains("1 item(s)"), "{table}");
+
+    // Bulk import from CSV with more rows than one bulk request takes.
+    let csv_path = tmp.path().join("devices.csv");
+    let mut csv = String::from("registrationId,deviceId,provisioningStatus,iotHubs\n");
+    for i in 0..25 {
+        csv.push_str(&format!("imp-{i:02},dev-{i:02},enabled,cli-hub.example.net\n"));
+    }
+    std::fs::write(&csv_path, csv).unwrap();
+    let r = cli.json(&["enrollment", "import", csv_path.to_str().unwrap()]);
+    assert_eq!((r["total"].as_u64(), r["succeeded"].as_u64()), (Some(25), Some(25)), "{r}");
+    assert_eq!(cli.json(&["enrollment", "list"]).as_array().unwrap().len(), 26);
+    let err = cli.fails(&["enrollment", "import", csv_path.to_str().unwrap()]);
+    assert!(err.contains("25 enrollment(s) were not imported"), "{err}");
+    let r = cli.json(&["enrollment", "import", csv_path.to_str().unwrap(), "--mode", "update"]);
+    assert_eq!(r["succeeded"], 25, "{r}");
+    // JSON import too.
+    let json_path = tmp.path().join("devices.json");
+    std::fs::write(&json_path, r#"[{"registrationId":"imp-json","attestation":{"type":"symmetricKey"}}]"#).unwrap();
+    assert_eq!(cli.json(&["enrollment", "import", json_path.to_str().unwrap()])["succeeded"], 1);
+    cli.ok(&["enrollment", "delete", "imp-json"]);
+    assert!(cli.fails(&["enrollment", "show", "imp-json"]).contains("was not found"));
+
+    // Groups and device keys.
+    let g = cli.json(&["enrollment-group", "create", "cli-group", "--allocation-policy", "hashed"]);
+    let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let dk = cli.ok(&["enrollment-group", "compute-device-key", "cli-group", "--registration-id", "cli-gdev-1"]);
+    assert_eq!(dk.trim(), provisio_core::keys::derive_device_key(&gk, "cli-gdev-1").unwrap());
+    let offline = Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .args(["enrollment-group", "compute-device-key", "--registration-id", "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6"])
+        .args([
+            "--group-key",
+            "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==",
+        ])
+        .env_remove("PROVISIO_CONNECTION_STRING")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&offline.stdout).trim(), "Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=");
+    assert_eq!(
+        cli.json(&["enrollment-group", "update", "cli-group", "--status", "disabled"])["provisioningStatus"],
+        "disabled"
+    );
+    cli.json(&["enrollment-group", "update", "cli-group", "--status", "enabled"]);
+    assert_eq!(cli.json(&["enrollment-group", "list"]).as_array().unwrap().len(), 1);
+
+    // Registrations: a group device registers; show, list by group, delete.
+    let token = provisio_core::sas::build_token(
+        &format!("{}/registrations/cli-gdev-1", s.info.id_scope),
+        dk.trim(),
+        now() + 600,
+        None,
+        provisio_core::sas::SrEncoding::Upper,
+    )
+    .unwrap();
+    let (st, _, _) = curl(
+        &s,
+        "PUT",
+        &format!("/{}/registrations/cli-gdev-1/register?api-version=2019-03-31", s.info.id_scope),
+        Some(&token),
+        Some("{}"),
+    );
+    assert_eq!(st, 202);
+    assert_eq!(cli.json(&["registration", "show", "cli-gdev-1"])["assignedHub"], "cli-hub.example.net");
+    assert_eq!(cli.json(&["registration", "list", "--group", "cli-group"]).as_array().unwrap().len(), 1);
+    cli.ok(&["registration", "delete", "cli-gdev-1"]);
+    assert!(cli.fails(&["registration", "show", "cli-gdev-1"]).contains("404"));
+    cli.ok(&["enrollment-group", "delete", "cli-group"]);
+
+    // Certificates with proof of possession, made by `provisio cert`.
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    cli.ok(&["cert", "root", "cli-root", "--out-dir", certs.to_str().unwrap()]);
+    let root = certs.join("cli-root_cert.pem");
+    assert_eq!(
+        cli.json(&["certificate", "upload", "cli-root", "--file", root.to_str().unwrap()])["properties"]["isVerified"],
+        false
+    );
+    let code = cli.ok(&["certificate", "verification-code", "cli-root"]);
+    cli.ok(&[
+        "cert",
+        "verification",
+        "--ca",
+        root.to_str().unwrap(),
+        "--key",
+        certs.join("cli-root_key.pem").to_str().unwrap(),
+        "--nonce",
+        code.trim(),
+        "--out-dir",
+        certs.to_str().unwrap(),
+    ]);
+    let v = cli.json(&[
+        "certificate",
+        "verify",
+        "cli-root",
+        "--file",
+        certs.join("verification_cert.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(v["properties"]["isVerified"], true);
+    assert_eq!(cli.json(&["certificate", "list"]).as_array().unwrap().len(), 1);
+    let g = cli.json(&["enrollment-group", "create", "x509-cli", "--ca-name", "cli-root"]);
+    assert_eq!(g["attestation"]["x509"]["caReferences"]["primary"], "cli-root");
+    cli.ok(&["enrollment-group", "delete", "x509-cli"]);
+    cli.ok(&["certificate", "delete", "cli-root"]);
+
+    // Policies: a read-only policy can read but gets a clear 403 on writes.
+    let p = cli.json(&["policy", "add", "reader", "--rights", "EnrollmentRead"]);
+    let reader = Cli {
+        s: &s,
+        cs: format!(
+            "HostName=localhost:{};SharedAccessKeyName=reader;SharedAccessKey={}",
+            s.port,
+            p["primaryKey"].as_str().unwrap()
+        ),
+    };
+    reader.json(&["enrollment", "show", "cli-dev-1"]);
+    let err = reader.fails(&["enrollment", "create", "nope"]);
+    assert!(err.contains("403") && err.contains("lacks the EnrollmentWrite right"), "{err}");
+    let p2 = cli.json(&["policy", "regenerate-key", "reader", "--key", "primary"]);
+    assert_ne!(p2["primaryKey"], p["primaryKey"]);
+    assert!(reader.fails(&["enrollment", "show", "cli-dev-1"]).contains("401"));
+    assert_eq!(cli.json(&["policy", "list"]).as_array().unwrap().len(), 2);
+    cli.ok(&["policy", "remove", "reader"]);
+    assert!(cli.fails(&["policy", "remove", "provisioningserviceowner"]).contains("lock every operator out"));
+
+    // Errors a person can act on.
+    let none = Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .args(["enrollment", "list"])
+        .env_remove("PROVISIO_CONNECTION_STRING")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&none.stderr).contains("PROVISIO_CONNECTION_STRING"));
+    let untrusted = Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .args(["enrollment", "list"])
+        .env("PROVISIO_CONNECTION_STRING", &cli.cs)
+        .env_remove("PROVISIO_CA")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("--ca"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+}
