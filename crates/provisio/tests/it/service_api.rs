@@ -130,8 +130,13 @@ async fn stock_node_service_client_drives_every_operation() {
         all.iter().all(|e| e.get("registrationState").is_none() && e["attestation"].get("symmetricKey").is_none()),
         "{q}"
     );
-    let q = ok(node(&s, "queryEnrollmentGroups", json!({"pageSize": 10})));
-    assert_eq!(q["pages"][0].as_array().unwrap().len(), 1);
+    ok(node(&s, "createOrUpdateEnrollmentGroup", json!({"group": {"enrollmentGroupId": "node-grp-2", "attestation": {"type": "symmetricKey"}}})));
+    let q = ok(node(&s, "queryEnrollmentGroups", json!({"pageSize": 1})));
+    let pages = q["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 2, "{q}");
+    assert_eq!(pages[0][0]["enrollmentGroupId"], "node-grp");
+    assert_eq!(pages[1][0]["enrollmentGroupId"], "node-grp-2");
+    assert!(pages[0][0]["attestation"].get("symmetricKey").is_none(), "query strips keys: {q}");
     // Bulk delete.
     let del: Vec<Value> = (0..6)
         .map(|i| json!({"registrationId": format!("bulk-{i}"), "attestation": {"type": "symmetricKey"}}))
