@@ -142,6 +142,14 @@ fn precondition(if_match: Option<&str>) -> Precondition {
     }
 }
 
+/// The etag a `DELETE` must match: none for an absent or `*` `If-Match`.
+fn delete_condition(if_match: Option<&str>) -> Option<&str> {
+    match if_match.map(str::trim) {
+        None | Some("" | "*") => None,
+        Some(v) => Some(unquote(v)),
+    }
+}
+
 fn unquote(v: &str) -> &str {
     v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v)
 }
@@ -322,10 +330,7 @@ impl ServiceApi {
             let r = RegistrationId::parse(id)?;
             (Collection::Enrollments, r.key().to_owned(), r.as_str().to_owned())
         };
-        let etag = match if_match.map(str::trim) {
-            None | Some("" | "*") => None,
-            Some(v) => Some(unquote(v)),
-        };
+        let etag = delete_condition(if_match);
         self.store.delete(collection, &key, etag).await.map_err(|e| Self::store_error(e, group, &shown))
     }
 
@@ -560,10 +565,7 @@ impl ServiceApi {
     /// 404, 412.
     pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), ServerError> {
         let id = RegistrationId::parse(id)?;
-        let etag = match if_match.map(str::trim) {
-            None | Some("" | "*") => None,
-            Some(v) => Some(unquote(v)),
-        };
+        let etag = delete_condition(if_match);
         self.store.delete(Collection::Registrations, id.key(), etag).await.map_err(|e| match e {
             StoreError::NotFound => ServerError::NotFound {
                 code: codes::REGISTRATION_NOT_FOUND,

@@ -130,7 +130,11 @@ async fn stock_node_service_client_drives_every_operation() {
         all.iter().all(|e| e.get("registrationState").is_none() && e["attestation"].get("symmetricKey").is_none()),
         "{q}"
     );
-    ok(node(&s, "createOrUpdateEnrollmentGroup", json!({"group": {"enrollmentGroupId": "node-grp-2", "attestation": {"type": "symmetricKey"}}})));
+    ok(node(
+        &s,
+        "createOrUpdateEnrollmentGroup",
+        json!({"group": {"enrollmentGroupId": "node-grp-2", "attestation": {"type": "symmetricKey"}}}),
+    ));
     let q = ok(node(&s, "queryEnrollmentGroups", json!({"pageSize": 1})));
     let pages = q["pages"].as_array().unwrap();
     assert_eq!(pages.len(), 2, "{q}");
