@@ -273,6 +273,27 @@ pub struct RegistrationRecord {
     /// For X.509 devices: the certificates that attested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509Details>,
+    /// The twin the device was given at its hub (enrollment's, merged with the webhook's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
+}
+
+/// A linked IoT hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkedHub {
+    /// Host name, e.g. `hub1.azure-devices.net`.
+    pub host_name: String,
+    /// Weight for `hashed` allocation, 1–1000.
+    pub allocation_weight: u32,
+    /// Whether the hub takes part in allocation when an enrollment lists no hubs.
+    pub apply_allocation_policy: bool,
+    /// Region, for `geoLatency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Where to create device identities (absent: nowhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registrar_webhook_url: Option<String>,
 }
 
 /// The certificates behind an X.509 registration.

@@ -33,6 +33,8 @@ pub mod codes {
     pub const CUSTOM_ALLOCATION_FAILED: u32 = 400_207;
     /// DPS: no IoT hub could be assigned.
     pub const HUB_NOT_SPECIFIED: u32 = 400_208;
+    /// DPS (C SDK: "hub unauthorized"); Provisio: creating the device at its hub failed.
+    pub const HUB_REGISTRATION_FAILED: u32 = 400_209;
     /// DPS: unauthorized (generic).
     pub const UNAUTHORIZED_GENERIC: u32 = 401_000;
     /// DPS: unauthorized: the SAS token or certificate was not accepted.

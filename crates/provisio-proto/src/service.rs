@@ -409,4 +409,7 @@ pub struct DeviceRegistrationState {
     /// Webhook payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// Provisio: the twin the device was given at its hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
 }

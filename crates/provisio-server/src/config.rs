@@ -21,8 +21,22 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) for `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// IoT hubs devices are assigned to. Default: one hub named after the instance.
+    /// IoT hubs linked at start (added if not linked yet; manage them with the hubs API).
+    /// On the very first start without any, one hub named after the instance is linked.
     pub linked_hubs: Vec<String>,
+    /// The service-level default allocation policy: hashed, geoLatency or static.
+    pub allocation_policy: String,
+    /// This node's region, for `geoLatency` allocation.
+    pub region: Option<String>,
+    /// Time allowed for one custom allocation webhook call (and hub registrar call), seconds.
+    pub webhook_timeout_secs: u64,
+    /// Attempts per webhook call (server errors, throttling and network failures are retried).
+    pub webhook_attempts: u32,
+    /// Extra CA certificates (PEM) to trust for https webhooks.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// What happens at the hub once a device is assigned: `none`, or `webhook` (POST the
+    /// identity to the hub's `registrarWebhookUrl`).
+    pub hub_registrar: String,
     /// `Retry-After` sent with `assigning` answers, in seconds.
     pub retry_after_secs: u32,
     /// Clock skew tolerated on SAS token expiry, in seconds.
@@ -61,6 +75,12 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             linked_hubs: Vec::new(),
+            allocation_policy: "hashed".into(),
+            region: None,
+            webhook_timeout_secs: 5,
+            webhook_attempts: 2,
+            webhook_ca_file: None,
+            hub_registrar: "none".into(),
             retry_after_secs: 2,
             sas_clock_skew_secs: 30,
             max_body_bytes: 96 * 1024,

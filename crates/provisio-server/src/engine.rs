@@ -10,10 +10,9 @@ use std::{sync::Arc, time::SystemTime};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use provisio_core::{
-    allocation::{self, HubChoice},
     attest::{self, Matched},
     ids::RegistrationId,
-    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, Substatus, X509Attestation, X509Details},
+    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, X509Attestation, X509Details},
     sas::SasToken,
     timefmt,
 };
@@ -49,8 +48,6 @@ pub enum Credential {
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Linked hub host names.
-    pub linked_hubs: Vec<String>,
     /// SAS expiry tolerance, seconds.
     pub sas_clock_skew_secs: u64,
     /// Whether a group's signing certificate must be, or be signed by, a verified CA.
@@ -62,6 +59,7 @@ pub struct EngineSettings {
 pub struct Engine {
     store: Arc<dyn Store>,
     certificates: Certificates,
+    assigner: crate::assignment::Assigner,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
 }
@@ -76,8 +74,13 @@ fn unix_now() -> u64 {
 impl Engine {
     /// An engine for the instance with this scope.
     #[must_use]
-    pub fn new(store: Arc<dyn Store>, scope: provisio_core::ids::IdScope, settings: EngineSettings) -> Self {
-        Self { certificates: Certificates::new(store.clone()), store, scope, settings: Arc::new(settings) }
+    pub fn new(
+        store: Arc<dyn Store>,
+        scope: provisio_core::ids::IdScope,
+        settings: EngineSettings,
+        assigner: crate::assignment::Assigner,
+    ) -> Self {
+        Self { certificates: Certificates::new(store.clone()), store, assigner, scope, settings: Arc::new(settings) }
     }
 
     /// The instance's ID scope.
@@ -287,19 +290,33 @@ impl Engine {
                 id.as_str().to_owned(),
             ),
         };
-        let outcome = if settings.enabled {
-            self.allocate(&id, previous.as_ref(), settings, device_id)
+        let payload = request.payload.filter(|p| !p.is_null());
+        let assignment = if settings.enabled {
+            self.assigner
+                .assign(crate::assignment::Request {
+                    id: &id,
+                    matched: &matched,
+                    x509: x509.as_ref(),
+                    payload: payload.as_ref(),
+                    previous: previous.as_ref(),
+                    device_id,
+                })
+                .await?
         } else {
-            Outcome::Disabled
+            crate::assignment::Assignment {
+                outcome: Outcome::Disabled,
+                twin: previous.as_ref().and_then(|p| p.initial_twin.clone()),
+            }
         };
         let record = RegistrationRecord {
             registration_id: id.as_str().to_owned(),
             created: previous.as_ref().map_or_else(|| now.clone(), |p| p.created.clone()),
             updated: now,
-            outcome,
+            outcome: assignment.outcome,
             source,
-            device_payload: request.payload.filter(|p| !p.is_null()),
+            device_payload: payload,
             x509,
+            initial_twin: assignment.twin,
         };
         let operation_id = new_operation_id();
         let body = serde_json::to_string(&record).map_err(|e| ServerError::Internal(e.to_string()))?;
@@ -310,48 +327,6 @@ impl Engine {
         self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
         tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
         Ok(operation_id)
-    }
-
-    /// Picks the hub: the previous one if the reprovision policy keeps devices in place,
-    /// otherwise the `hashed` choice among the linked hubs the enrollment allows.
-    fn allocate(
-        &self,
-        id: &RegistrationId,
-        previous: Option<&RegistrationRecord>,
-        settings: &provisio_core::model::EnrollmentSettings,
-        device_id: String,
-    ) -> Outcome {
-        let previous_hub = previous.and_then(|p| match &p.outcome {
-            Outcome::Assigned { assigned_hub, substatus, .. } => Some((assigned_hub.clone(), *substatus)),
-            _ => None,
-        });
-        let update_hub = settings.reprovision_policy.is_none_or(|p| p.update_hub_assignment);
-        let allowed: Vec<HubChoice<'_>> = self
-            .settings
-            .linked_hubs
-            .iter()
-            .filter(|h| settings.iot_hubs.as_ref().is_none_or(|list| list.iter().any(|a| a.eq_ignore_ascii_case(h))))
-            .map(|h| HubChoice { name: h, weight: 1 })
-            .collect();
-        let chosen = match (&previous_hub, update_hub) {
-            (Some((hub, _)), false) => Some(hub.clone()),
-            _ => allocation::hashed(&allowed, id.key()).map(str::to_owned),
-        };
-        let Some(hub) = chosen else {
-            return Outcome::Failed {
-                error_code: codes::HUB_NOT_SPECIFIED,
-                error_message: "No linked IoT hub is available for this enrollment.".into(),
-            };
-        };
-        let substatus = match previous_hub {
-            None => Substatus::InitialAssignment,
-            Some((prev, sub)) if prev.eq_ignore_ascii_case(&hub) => sub,
-            Some(_) if settings.reprovision_policy.is_some_and(|p| !p.migrate_device_data) => {
-                Substatus::DeviceDataReset
-            }
-            Some(_) => Substatus::DeviceDataMigrated,
-        };
-        Outcome::Assigned { assigned_hub: hub, device_id, substatus, payload: None }
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.
@@ -483,14 +458,21 @@ mod tests {
 
     async fn setup(hubs: &[&str]) -> (Engine, ServiceApi, Arc<dyn Store>) {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let hub_list: Vec<String> = hubs.iter().map(|h| (*h).to_owned()).collect();
+        let linked = crate::hubs::Hubs::new(store.clone());
+        linked.seed(&hub_list, "unused.example").await.unwrap();
+        let assigner = crate::assignment::Assigner {
+            hubs: linked,
+            default_policy: provisio_core::allocation::Policy::Hashed,
+            region: None,
+            webhook: crate::assignment::WebhookClient::new(reqwest::Client::new(), 1),
+            registrar: Arc::new(crate::registrar::NoRegistrar),
+        };
         let engine = Engine::new(
             store.clone(),
             IdScope::parse(SCOPE).unwrap(),
-            EngineSettings {
-                linked_hubs: hubs.iter().map(|h| (*h).to_owned()).collect(),
-                sas_clock_skew_secs: 0,
-                signing_certificates_need_verified_ca: false,
-            },
+            EngineSettings { sas_clock_skew_secs: 0, signing_certificates_need_verified_ca: false },
+            assigner,
         );
         (engine, ServiceApi::new(store.clone(), vec!["localhost".into()], 0), store)
     }

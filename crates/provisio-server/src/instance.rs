@@ -224,7 +224,7 @@ pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Optio
         &owner,
         &endpoint,
         local_ca.then_some(ca_file),
-        linked_hubs(config, &identity.id_scope),
+        crate::hubs::Hubs::new_ref(store).await?,
     )))
 }
 
@@ -238,14 +238,10 @@ pub fn default_endpoint(config: &ServerConfig) -> Endpoint {
     }
 }
 
-/// The linked hubs: configured, or one named after the instance.
+/// The hub linked on first start when none is configured: named after the instance.
 #[must_use]
-pub fn linked_hubs(config: &ServerConfig, scope: &str) -> Vec<String> {
-    if config.linked_hubs.is_empty() {
-        vec![format!("{}.hub.provisio.local", scope.to_ascii_lowercase())]
-    } else {
-        config.linked_hubs.clone()
-    }
+pub fn default_hub_name(scope: &str) -> String {
+    format!("{}.hub.provisio.local", scope.to_ascii_lowercase())
 }
 
 /// Builds the printed facts.

@@ -11,12 +11,15 @@
 //! # }
 //! ```
 
+pub mod assignment;
 pub mod certificates;
 pub mod config;
 pub mod engine;
 mod error;
 pub mod http;
+pub mod hubs;
 pub mod instance;
+pub mod registrar;
 pub mod service_api;
 pub mod service_model;
 pub mod tls;
@@ -45,6 +48,7 @@ pub struct Provisio {
     config: ServerConfig,
     store: Arc<SqliteStore>,
     instance: instance::Instance,
+    linked_hubs: Vec<String>,
 }
 
 /// Opens the embedded store of `config.data_dir`, creating the directory if needed.
@@ -66,7 +70,18 @@ impl Provisio {
     pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
         let store = Arc::new(open_store(&config).await?);
         let instance = instance::load_or_init(store.as_ref(), &config).await?;
-        Ok(Self { config, store, instance })
+        if provisio_core::allocation::Policy::parse(&config.allocation_policy)
+            .is_none_or(|p| p == provisio_core::allocation::Policy::Custom)
+        {
+            return Err(ServerError::invalid(format!(
+                "allocation_policy '{}' must be hashed, geoLatency or static (custom is set per enrollment).",
+                config.allocation_policy
+            )));
+        }
+        let hubs = hubs::Hubs::new(store.clone());
+        hubs.seed(&config.linked_hubs, &instance::default_hub_name(instance.scope.as_str())).await?;
+        let linked_hubs = hubs.list().await?.into_iter().map(|h| h.host_name).collect();
+        Ok(Self { config, store, instance, linked_hubs })
     }
 
     /// Binds the configured listen addresses.
@@ -97,7 +112,7 @@ impl Provisio {
             &self.instance.owner,
             &endpoint,
             self.instance.local_ca.then(|| self.config.data_dir.join("ca.pem")),
-            instance::linked_hubs(&self.config, self.instance.scope.as_str()),
+            self.linked_hubs.clone(),
         )
     }
 
@@ -107,6 +122,39 @@ impl Provisio {
             e.https_port = a.port();
         }
         e
+    }
+
+    /// The assignment machinery: hubs, default policy, webhook client and hub registrar.
+    fn assigner(&self, store: Arc<dyn Store>) -> Result<assignment::Assigner, ServerError> {
+        let c = &self.config;
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(c.webhook_timeout_secs.max(1)))
+            .connect_timeout(Duration::from_secs(c.webhook_timeout_secs.clamp(1, 10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("provisio/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &c.webhook_ca_file {
+            let pem =
+                std::fs::read(ca).map_err(|e| ServerError::invalid(format!("cannot read {}: {e}", ca.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ServerError::invalid(format!("{}: {e}", ca.display())))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let http = b.build().map_err(|e| ServerError::Internal(format!("webhook client: {e}")))?;
+        let registrar: Arc<dyn registrar::HubRegistrar> = match c.hub_registrar.as_str() {
+            "none" => Arc::new(registrar::NoRegistrar),
+            "webhook" => Arc::new(registrar::WebhookRegistrar::new(http.clone(), c.webhook_attempts)),
+            other => return Err(ServerError::invalid(format!("hub_registrar '{other}' must be none or webhook"))),
+        };
+        Ok(assignment::Assigner {
+            hubs: hubs::Hubs::new(store),
+            default_policy: provisio_core::allocation::Policy::parse(&c.allocation_policy)
+                .unwrap_or(provisio_core::allocation::Policy::Hashed),
+            region: c.region.clone(),
+            webhook: assignment::WebhookClient::new(http, c.webhook_attempts),
+            registrar,
+        })
     }
 
     /// Serves until `shutdown` resolves, then drains connections and closes the store.
@@ -127,10 +175,10 @@ impl Provisio {
             store.clone(),
             self.instance.scope.clone(),
             engine::EngineSettings {
-                linked_hubs: instance::linked_hubs(c, self.instance.scope.as_str()),
                 sas_clock_skew_secs: c.sas_clock_skew_secs,
                 signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
             },
+            self.assigner(store.clone())?,
         );
         let state = Arc::new(http::AppState {
             engine,
@@ -143,6 +191,7 @@ impl Provisio {
             ),
             service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
             certificates: certificates::Certificates::new(store.clone()),
+            hubs: hubs::Hubs::new(store.clone()),
             max_body_bytes: c.max_body_bytes,
             retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),

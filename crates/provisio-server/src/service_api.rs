@@ -313,6 +313,7 @@ impl ServiceApi {
                 last_updated_date_time_utc: None,
                 etag: None,
                 payload: None,
+                initial_twin: None,
             },
         };
         Ok(model::enrollment_to_wire(&enrollment, &doc.etag, false, Some(state)))

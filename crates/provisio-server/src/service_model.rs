@@ -527,5 +527,6 @@ pub fn registration_state_to_wire(r: &RegistrationRecord, etag: &str) -> DeviceR
         last_updated_date_time_utc: d.last_updated_date_time_utc,
         etag: d.etag,
         payload: d.payload,
+        initial_twin: r.initial_twin.clone(),
     }
 }

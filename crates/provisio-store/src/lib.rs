@@ -31,6 +31,8 @@ pub enum Collection {
     Certificates,
     /// Refused attestation attempts, keyed by case-folded registration id (last one kept).
     Audit,
+    /// Linked IoT hubs, keyed by case-folded host name.
+    Hubs,
 }
 
 impl Collection {
@@ -45,6 +47,7 @@ impl Collection {
             Self::Meta => "meta",
             Self::Certificates => "certificates",
             Self::Audit => "audit",
+            Self::Hubs => "hubs",
         }
     }
 }

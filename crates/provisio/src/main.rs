@@ -56,6 +56,13 @@ enum Command {
         #[command(subcommand)]
         cmd: ops::CertificateCommand,
     },
+    /// Linked IoT hubs (service API; needs ServiceConfig).
+    Hub {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::hub::HubCommand,
+    },
     /// Shared access policies (service API; needs ServiceConfig).
     Policy {
         #[command(flatten)]
@@ -101,6 +108,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::EnrollmentGroup { conn, cmd } => ops::group_run(&conn, cmd).await,
         Command::Registration { conn, cmd } => ops::registration::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Certificate { conn, cmd } => ops::certificate::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::Hub { conn, cmd } => ops::hub::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Policy { conn, cmd } => ops::policy::run(&ops::client::Client::new(&conn)?, cmd).await,
     }
 }

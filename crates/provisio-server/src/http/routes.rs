@@ -30,6 +30,8 @@ pub struct AppState {
     pub service: ServiceApi,
     /// The certificates API.
     pub certificates: Certificates,
+    /// Linked hubs.
+    pub hubs: crate::hubs::Hubs,
     /// Rate limit of the service API.
     pub service_limiter: super::limit::RateLimiter,
     /// Largest body accepted.
@@ -214,6 +216,21 @@ async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> 
                 service::query(state, &req, QueryTarget::GroupRegistrations(group)).await
             } else {
                 Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        // Linked hubs (Provisio's admin API).
+        [h] if is(h, "linkedhubs") => {
+            if m == Method::GET {
+                service::list_hubs(state, &req).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [h, name] if is(h, "linkedhubs") => {
+            let name = (*name).to_owned();
+            match m {
+                Method::GET | Method::PUT | Method::DELETE => service::hub(state, &req, &name).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
             }
         }
         // Shared access policies (Provisio's admin API).

@@ -214,3 +214,41 @@ pub async fn regenerate_policy_key(state: &AppState, req: &Req, name: &str) -> R
     let key_type = body.get("keyType").and_then(|v| v.as_str()).unwrap_or("");
     Ok(response::json(StatusCode::OK, &state.service.regenerate_policy_key(name, key_type).await?))
 }
+
+/// `GET /linkedHubs`.
+pub async fn list_hubs(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": state.hubs.list().await? })))
+}
+
+/// `GET|PUT|DELETE /linkedHubs/{hostName}`. PUT takes `{"allocationWeight": 1..1000,
+/// "applyAllocationPolicy": bool, "region"?: str, "registrarWebhookUrl"?: url}`.
+pub async fn hub(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    match req.method.as_str() {
+        "GET" => Ok(response::json(StatusCode::OK, &state.hubs.get(name).await?)),
+        "PUT" => {
+            let v: serde_json::Value = json_body(req, "linked hub")?;
+            let hub = provisio_core::model::LinkedHub {
+                host_name: v.get("hostName").and_then(|x| x.as_str()).unwrap_or_default().to_owned(),
+                allocation_weight: match v.get("allocationWeight") {
+                    None | Some(serde_json::Value::Null) => 1,
+                    Some(w) => w.as_u64().and_then(|w| u32::try_from(w).ok()).ok_or_else(|| {
+                        ServerError::invalid("allocationWeight must be a whole number from 1 to 1000.")
+                    })?,
+                },
+                apply_allocation_policy: v
+                    .get("applyAllocationPolicy")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true),
+                region: v.get("region").and_then(|x| x.as_str()).map(str::to_owned),
+                registrar_webhook_url: v.get("registrarWebhookUrl").and_then(|x| x.as_str()).map(str::to_owned),
+            };
+            Ok(response::json(StatusCode::OK, &state.hubs.put(name, hub).await?))
+        }
+        _ => {
+            state.hubs.delete(name).await?;
+            Ok(response::empty(StatusCode::NO_CONTENT))
+        }
+    }
+}

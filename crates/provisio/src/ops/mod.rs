@@ -4,6 +4,7 @@
 pub mod certificate;
 pub mod client;
 mod enrollment;
+pub mod hub;
 mod output;
 pub mod policy;
 pub mod registration;
