@@ -217,7 +217,7 @@ mod tests {
         let a = Candidate { name: "a", weight: 1, region: Some("westeurope") };
         let b = Candidate { name: "b", weight: 1, region: Some("eastus") };
         let c = Candidate { name: "c", weight: 1, region: Some("eastus") };
-        assert_eq!(choose(Policy::Static, &[a.clone()], "x", None), Some("a"));
+        assert_eq!(choose(Policy::Static, std::slice::from_ref(&a), "x", None), Some("a"));
         assert_eq!(choose(Policy::Static, &[a.clone(), b.clone()], "x", None), None);
         for i in 0..50 {
             let id = format!("d{i}");
