@@ -331,13 +331,28 @@ struct WireSettings {
 }
 
 fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError> {
-    if let Some(p) = &w.allocation_policy
-        && !matches!(p.as_str(), "hashed" | "geoLatency" | "static" | "custom")
-    {
-        return Err(ServerError::invalid(format!(
-            "allocationPolicy '{}' is not one of hashed, geoLatency, static, custom.",
-            engine::shorten(p)
-        )));
+    use provisio_core::allocation::Policy;
+    let policy = match &w.allocation_policy {
+        None => None,
+        Some(p) => Some(Policy::parse(p).ok_or_else(|| {
+            ServerError::invalid(format!(
+                "allocationPolicy '{}' is not one of hashed, geoLatency, static, custom.",
+                engine::shorten(p)
+            ))
+        })?),
+    };
+    if policy == Some(Policy::Custom) {
+        let Some(def) = &w.custom_allocation_definition else {
+            return Err(ServerError::invalid(
+                "A CustomAllocationDefinition is required when allocationPolicy is custom.",
+            ));
+        };
+        if !(def.webhook_url.starts_with("https://") || def.webhook_url.starts_with("http://")) {
+            return Err(ServerError::invalid("customAllocationDefinition.webhookUrl must be an http(s) URL."));
+        }
+    }
+    if policy == Some(Policy::Static) && w.iot_hubs.as_ref().is_some_and(|h| h.len() > 1) {
+        return Err(ServerError::invalid("A static allocation policy takes exactly one hub in iotHubs."));
     }
     Ok(EnrollmentSettings {
         enabled: w.provisioning_status.unwrap_or_default() == ProvisioningStatus::Enabled,

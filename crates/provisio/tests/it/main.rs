@@ -2,6 +2,7 @@
 //! One test binary (each extra binary costs a link on a 2-core machine).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod allocation;
 mod bad_input;
 mod cli;
 mod common;

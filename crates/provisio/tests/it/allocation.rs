@@ -1,0 +1,377 @@
+//! Allocation: the custom allocation webhook against a real HTTP server inside the test,
+//! re-provisioning policies across a hub change, the hub registrar, and the hubs API/CLI.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::post};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::common::{Server, curl, now, service};
+
+/// Every request the fake webhook received.
+type Seen = Arc<Mutex<Vec<Value>>>;
+
+/// The customer's webhook: its answer depends on the registration id.
+async fn allocate(State(seen): State<Seen>, Json(req): Json<Value>) -> axum::response::Response {
+    seen.lock().unwrap().push(req.clone());
+    let id = req["deviceRuntimeContext"]["registrationId"].as_str().unwrap_or("").to_owned();
+    match id.as_str() {
+        "wh-slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Json(json!({"iotHubHostName": "hub-a.example.net"})).into_response()
+        }
+        "wh-500" => (StatusCode::INTERNAL_SERVER_ERROR, "database on fire").into_response(),
+        "wh-badjson" => (StatusCode::OK, "{not json").into_response(),
+        "wh-unknown" => Json(json!({"iotHubHostName": "evil.example.net"})).into_response(),
+        "wh-nohub" => Json(json!({"payload": {"x": 1}})).into_response(),
+        _ => Json(json!({
+            "iotHubHostName": "hub-b.example.net",
+            "initialTwin": {"tags": {"from": "webhook"}, "properties": {"desired": {"rate": 10}}},
+            "payload": {"greeting": "hello", "echo": req["deviceRuntimeContext"]["payload"].clone()},
+        }))
+        .into_response(),
+    }
+}
+
+/// The hub registrar endpoint: records identities; says "already existed" for one id and
+/// fails for another.
+async fn registrar(State(seen): State<Seen>, Json(dev): Json<Value>) -> axum::response::Response {
+    seen.lock().unwrap().push(dev.clone());
+    match dev["registrationId"].as_str().unwrap_or("") {
+        "rp-broken" => (StatusCode::SERVICE_UNAVAILABLE, "hub down").into_response(),
+        "rp-existing" => Json(json!({"alreadyExisted": true})).into_response(),
+        _ => Json(json!({})).into_response(),
+    }
+}
+
+async fn start_http(seen: Seen) -> String {
+    let app = Router::new().route("/alloc", post(allocate)).route("/registrar", post(registrar)).with_state(seen);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn register(s: &Server, id: &str, key: &str, body: &str) -> Value {
+    let scope = &s.info.id_scope;
+    let token = provisio_core::sas::build_token(
+        &format!("{scope}/registrations/{id}"),
+        key,
+        now() + 600,
+        None,
+        provisio_core::sas::SrEncoding::Raw,
+    )
+    .unwrap();
+    let (st, _, v) = curl(
+        s,
+        "PUT",
+        &format!("/{scope}/registrations/{id}/register?api-version=2019-03-31"),
+        Some(&token),
+        Some(body),
+    );
+    assert_eq!(st, 202, "{v}");
+    let op = v["operationId"].as_str().unwrap();
+    let (st, _, v) = curl(
+        s,
+        "GET",
+        &format!("/{scope}/registrations/{id}/operations/{op}?api-version=2019-03-31"),
+        Some(&token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+fn hubs_cfg(dir: &std::path::Path, extra: &str) -> String {
+    let p = dir.join("provisio.toml");
+    std::fs::write(&p, format!("linked_hubs = [\"hub-a.example.net\", \"hub-b.example.net\"]\n{extra}")).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_allocation_webhook() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = hubs_cfg(tmp.path(), "webhook_timeout_secs = 1\nwebhook_attempts = 2\n");
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+
+    // Custom needs a definition.
+    let (st, b) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollments/x?{v}"),
+        None,
+        Some(json!({"registrationId": "x", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"})),
+    )
+    .await;
+    crate::common::assert_dps_error(st, &b, 400, 400_004);
+
+    // An individual enrollment allocated by the webhook, with a device payload.
+    let (st, e) = service(&s, Method::PUT, &format!("/enrollments/wh-dev-1?{v}"), None, Some(json!({
+        "registrationId": "wh-dev-1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": format!("{base}/alloc?code=secret-function-key"), "apiVersion": "2021-10-01"},
+        "initialTwin": {"tags": {"site": "plant-1"}, "properties": {"desired": {"rate": 1}}},
+    }))).await;
+    assert_eq!(st, 200, "{e}");
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
+    let r = register(&s, "wh-dev-1", key, r#"{"registrationId":"wh-dev-1","payload":{"model":"m7"}}"#);
+    let rs = &r["registrationState"];
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(rs["assignedHub"], "hub-b.example.net");
+    assert_eq!(rs["payload"], json!({"greeting": "hello", "echo": {"model": "m7"}}));
+    // The request, field by field.
+    let req = seen.lock().unwrap().last().cloned().unwrap();
+    let ctx = &req["deviceRuntimeContext"];
+    assert_eq!(ctx["registrationId"], "wh-dev-1");
+    assert_eq!(ctx["symmetricKey"], json!({}));
+    assert_eq!(ctx["payload"], json!({"model": "m7"}));
+    assert!(ctx.get("currentIotHubHostName").is_none() && ctx.get("currentDeviceId").is_none(), "{req}");
+    assert_eq!(req["linkedHubs"], json!(["hub-a.example.net", "hub-b.example.net"]));
+    let ie = &req["individualEnrollment"];
+    assert_eq!(ie["registrationId"], "wh-dev-1");
+    assert_eq!(ie["attestation"], json!({"type": "symmetricKey"}), "no secrets to the webhook");
+    assert_eq!(ie["allocationPolicy"], "custom");
+    assert_eq!(ie["initialTwin"]["tags"]["site"], "plant-1");
+    assert!(req.get("enrollmentGroup").is_none());
+    // The twin kept with the registration: the enrollment's merged with the webhook's.
+    let (_, state) = service(&s, Method::GET, &format!("/registrations/wh-dev-1?{v}"), None, None).await;
+    assert_eq!(
+        state["initialTwin"],
+        json!({"tags": {"site": "plant-1", "from": "webhook"}, "properties": {"desired": {"rate": 10}}})
+    );
+    assert_eq!(state["payload"]["greeting"], "hello");
+    // Registering again tells the webhook where the device is.
+    register(&s, "wh-dev-1", key, "{}");
+    let req = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(req["deviceRuntimeContext"]["currentIotHubHostName"], "hub-b.example.net");
+    assert_eq!(req["deviceRuntimeContext"]["currentDeviceId"], "wh-dev-1");
+    assert!(req["deviceRuntimeContext"].get("payload").is_none());
+
+    // Failures, through a group: each is `failed` / 400207 with a message naming the cause.
+    let (st, g) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollmentGroups/wh-group?{v}"),
+        None,
+        Some(json!({
+            "enrollmentGroupId": "wh-group", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": format!("{base}/alloc"), "apiVersion": "2021-10-01"},
+        })),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for (id, cause) in [
+        ("wh-slow", "timed out"),
+        ("wh-500", "Custom allocation failed with status code: 500"),
+        ("wh-badjson", "not valid JSON"),
+        ("wh-unknown", "not one of the linked hubs"),
+        ("wh-nohub", "no iotHubHostName"),
+    ] {
+        let dk = provisio_core::keys::derive_device_key(&gk, id).unwrap();
+        let r = register(&s, id, &dk, "{}");
+        assert_eq!(r["status"], "failed", "{id}: {r}");
+        assert_eq!(r["registrationState"]["errorCode"], 400_207, "{id}: {r}");
+        let msg = r["registrationState"]["errorMessage"].as_str().unwrap();
+        assert!(msg.contains(cause), "{id}: '{msg}' lacks '{cause}'");
+        assert!(!msg.contains("secret-function-key"));
+    }
+    // A 500 is retried (2 attempts), a timeout too; the group device saw enrollmentGroup.
+    let n500 = seen.lock().unwrap().iter().filter(|r| r["deviceRuntimeContext"]["registrationId"] == "wh-500").count();
+    assert_eq!(n500, 2);
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last["enrollmentGroup"]["enrollmentGroupId"], "wh-group");
+    assert_eq!(last["enrollmentGroup"]["attestation"], json!({"type": "symmetricKey"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_policies_across_a_hub_change_and_the_hub_registrar() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = hubs_cfg(tmp.path(), "hub_registrar = \"webhook\"\nwebhook_attempts = 2\n");
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+    // Hub B's identities go to the registrar endpoint.
+    let (st, h) = service(
+        &s,
+        Method::PUT,
+        &format!("/linkedHubs/hub-b.example.net?{v}"),
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": format!("{base}/registrar")})),
+    )
+    .await;
+    assert_eq!(st, 200, "{h}");
+
+    let put = |id: &str, hub: &str, policy: Option<Value>| {
+        let mut e = json!({
+            "registrationId": id, "attestation": {"type": "symmetricKey"}, "allocationPolicy": "static", "iotHubs": [hub],
+            "initialTwin": {"tags": {"hub": hub}},
+        });
+        if let Some(p) = policy {
+            e["reprovisionPolicy"] = p;
+        }
+        e
+    };
+    for (id, policy, hub_after, sub_after, twin_after) in [
+        ("rp-migrate", None, "hub-b.example.net", "deviceDataMigrated", "hub-a.example.net"),
+        (
+            "rp-reset",
+            Some(json!({"updateHubAssignment": true, "migrateDeviceData": false})),
+            "hub-b.example.net",
+            "deviceDataReset",
+            "hub-b.example.net",
+        ),
+        (
+            "rp-never",
+            Some(json!({"updateHubAssignment": false, "migrateDeviceData": false})),
+            "hub-a.example.net",
+            "initialAssignment",
+            "hub-a.example.net",
+        ),
+    ] {
+        let (st, e) = service(
+            &s,
+            Method::PUT,
+            &format!("/enrollments/{id}?{v}"),
+            None,
+            Some(put(id, "hub-a.example.net", policy.clone())),
+        )
+        .await;
+        assert_eq!(st, 200, "{e}");
+        let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+        let r = register(&s, id, &key, "{}");
+        assert_eq!(r["registrationState"]["assignedHub"], "hub-a.example.net");
+        assert_eq!(r["registrationState"]["substatus"], "initialAssignment");
+        // The enrollment now points at hub B.
+        let mut upd = put(id, "hub-b.example.net", policy);
+        upd["attestation"] = e["attestation"].clone();
+        let (st, _) = service(&s, Method::PUT, &format!("/enrollments/{id}?{v}"), Some("*"), Some(upd)).await;
+        assert_eq!(st, 200);
+        let r = register(&s, id, &key, "{}");
+        assert_eq!(r["registrationState"]["assignedHub"], hub_after, "{id}: {r}");
+        assert_eq!(r["registrationState"]["substatus"], sub_after, "{id}: {r}");
+        let (_, state) = service(&s, Method::GET, &format!("/registrations/{id}?{v}"), None, None).await;
+        assert_eq!(state["initialTwin"]["tags"]["hub"], twin_after, "{id}: twin {state}");
+    }
+    // The registrar saw the moves to hub B, with credentials, twin and the hub left.
+    let calls = seen.lock().unwrap().clone();
+    let migrate = calls.iter().find(|c| c["registrationId"] == "rp-migrate").expect("registrar called for rp-migrate");
+    assert_eq!(migrate["iotHubHostName"], "hub-b.example.net");
+    assert_eq!(migrate["previousIotHubHostName"], "hub-a.example.net");
+    assert_eq!(migrate["migrateDeviceData"], true);
+    assert_eq!(migrate["authentication"]["type"], "sas");
+    assert!(migrate["authentication"]["primaryKey"].as_str().is_some_and(|k| !k.is_empty()));
+    let reset = calls.iter().find(|c| c["registrationId"] == "rp-reset").unwrap();
+    assert_eq!(reset["initialTwin"]["tags"]["hub"], "hub-b.example.net");
+    assert!(calls.iter().all(|c| c["registrationId"] != "rp-never"), "hub A has no registrar");
+
+    // Deleting the registration state lets the device register afresh.
+    let (st, _) = service(&s, Method::DELETE, &format!("/registrations/rp-migrate?{v}"), None, None).await;
+    assert_eq!(st, 204);
+    let (_, e) =
+        service(&s, Method::POST, &format!("/enrollments/rp-migrate/attestationmechanism?{v}"), None, None).await;
+    let key = e["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let r = register(&s, "rp-migrate", &key, "{}");
+    assert_eq!(r["registrationState"]["substatus"], "initialAssignment");
+    // …unless the hub already had it: reprovisionedToInitialAssignment.
+    let (_, e) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollments/rp-existing?{v}"),
+        None,
+        Some(put("rp-existing", "hub-b.example.net", None)),
+    )
+    .await;
+    let r = register(&s, "rp-existing", e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
+    assert_eq!(r["registrationState"]["substatus"], "reprovisionedToInitialAssignment", "{r}");
+    // A registrar that keeps failing fails the registration with the cause.
+    let (_, e) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollments/rp-broken?{v}"),
+        None,
+        Some(put("rp-broken", "hub-b.example.net", None)),
+    )
+    .await;
+    let r = register(&s, "rp-broken", e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["registrationState"]["errorCode"], 400_209);
+    assert!(r["registrationState"]["errorMessage"].as_str().unwrap().contains("HTTP 503"), "{r}");
+    // Disabling works as in DPS: `disabled`, hub untouched.
+    let mut off = put("rp-reset", "hub-b.example.net", None);
+    off["provisioningStatus"] = json!("disabled");
+    let (_, am) =
+        service(&s, Method::POST, &format!("/enrollments/rp-reset/attestationmechanism?{v}"), None, None).await;
+    off["attestation"] = json!({"type": "symmetricKey", "symmetricKey": am["symmetricKey"].clone()});
+    service(&s, Method::PUT, &format!("/enrollments/rp-reset?{v}"), Some("*"), Some(off)).await;
+    let r = register(&s, "rp-reset", am["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
+    assert_eq!(r["status"], "disabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_api_and_cli_weights_and_geo_latency() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = hubs_cfg(tmp.path(), "region = \"westeurope\"\nallocation_policy = \"geoLatency\"\n");
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
+    let cli = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_provisio"))
+            .args(args)
+            .arg("--json")
+            .env("PROVISIO_CONNECTION_STRING", &s.info.service_connection_string)
+            .env("PROVISIO_CA", s.ca_file())
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["hub", "add", "hub-eu.example.net", "--weight", "5", "--region", "westeurope"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["allocationWeight"], 5);
+    let (ok, _, err) = cli(&["hub", "add", "bad.example.net", "--weight", "0"]);
+    assert!(!ok && err.contains("allocationWeight"), "{err}");
+    let (ok, out, _) = cli(&["hub", "list"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().len(), 3);
+    // geoLatency (the service default here): devices go to the hub of this node's region.
+    let (_, g) = service(
+        &s,
+        Method::PUT,
+        "/enrollmentGroups/geo?api-version=2021-10-01",
+        None,
+        Some(json!({"enrollmentGroupId": "geo", "attestation": {"type": "symmetricKey"}})),
+    )
+    .await;
+    let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        let id = format!("geo-{i}");
+        let r = register(&s, &id, &provisio_core::keys::derive_device_key(&gk, &id).unwrap(), "{}");
+        assert_eq!(r["registrationState"]["assignedHub"], "hub-eu.example.net", "{r}");
+    }
+    // Excluded from allocation: devices spread over the other two.
+    let (ok, _, err) = cli(&["hub", "update", "hub-eu.example.net", "--apply-allocation-policy", "false"]);
+    assert!(ok, "{err}");
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        let id = format!("geo2-{i}");
+        let r = register(&s, &id, &provisio_core::keys::derive_device_key(&gk, &id).unwrap(), "{}");
+        seen.insert(r["registrationState"]["assignedHub"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["hub-a.example.net".to_owned(), "hub-b.example.net".to_owned()].into_iter().collect());
+    let (ok, _, _) = cli(&["hub", "remove", "hub-eu.example.net"]);
+    assert!(ok);
+    let (ok, out, _) = cli(&["hub", "list"]);
+    assert!(ok && !out.contains("hub-eu"));
+    // A static enrollment may not list two hubs.
+    let (st, b) = service(&s, Method::PUT, "/enrollments/st?api-version=2021-10-01", None, Some(json!({"registrationId": "st", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "static", "iotHubs": ["hub-a.example.net", "hub-b.example.net"]}))).await;
+    crate::common::assert_dps_error(st, &b, 400, 400_004);
+}
