@@ -13,6 +13,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Address of the HTTPS listener (device API, service API, `/health`).
     pub https_listen: String,
+    /// Address of the MQTT-over-TLS listener, or `off`.
+    pub mqtt_listen: String,
     /// Host names and IP addresses the server certificate covers; the first is the one
     /// printed in the endpoint and the service connection string. Default: `localhost`,
     /// `127.0.0.1` and the machine's host name.
@@ -71,6 +73,7 @@ impl Default for ServerConfig {
         Self {
             data_dir: PathBuf::from("./provisio-data"),
             https_listen: "0.0.0.0:8443".into(),
+            mqtt_listen: "0.0.0.0:8883".into(),
             hostnames: Vec::new(),
             tls_cert: None,
             tls_key: None,

@@ -80,6 +80,9 @@ pub struct InstanceInfo {
     pub ca_cert_file: Option<PathBuf>,
     /// Linked hubs.
     pub linked_hubs: Vec<String>,
+    /// `host:port` of the MQTT listener, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_endpoint: Option<String>,
 }
 
 /// A loaded instance.
@@ -268,5 +271,6 @@ pub fn info(
         ),
         ca_cert_file,
         linked_hubs,
+        mqtt_endpoint: None,
     }
 }

@@ -19,6 +19,7 @@ mod error;
 pub mod http;
 pub mod hubs;
 pub mod instance;
+pub mod mqtt;
 pub mod registrar;
 pub mod service_api;
 pub mod service_model;
@@ -41,6 +42,8 @@ pub const DATABASE_FILE: &str = "provisio.sqlite";
 pub struct Listeners {
     /// HTTPS: device API, service API, `/health`.
     pub https: TcpListener,
+    /// MQTT over TLS (absent when disabled).
+    pub mqtt: Option<TcpListener>,
 }
 
 /// An opened, initialised instance, ready to serve.
@@ -94,7 +97,20 @@ impl Provisio {
         })?;
         let https =
             TcpListener::bind(addr).await.map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
-        Ok(Listeners { https })
+        let mqtt = match self.config.mqtt_listen.trim() {
+            "off" | "" => None,
+            a => {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    ServerError::invalid(format!("--mqtt-listen '{a}' is not an address:port or 'off'"))
+                })?;
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| ServerError::invalid(format!("cannot listen on {addr} (MQTT): {e}")))?,
+                )
+            }
+        };
+        Ok(Listeners { https, mqtt })
     }
 
     /// The instance's ID scope.
@@ -107,13 +123,19 @@ impl Provisio {
     #[must_use]
     pub fn info(&self, listeners: &Listeners) -> InstanceInfo {
         let endpoint = self.endpoint(listeners);
-        instance::info(
+        let mut info = instance::info(
             self.instance.scope.as_str(),
             &self.instance.owner,
             &endpoint,
             self.instance.local_ca.then(|| self.config.data_dir.join("ca.pem")),
             self.linked_hubs.clone(),
-        )
+        );
+        info.mqtt_endpoint = listeners
+            .mqtt
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("{}:{}", endpoint.hostname, a.port()));
+        info
     }
 
     fn endpoint(&self, listeners: &Listeners) -> instance::Endpoint {
@@ -202,7 +224,41 @@ impl Provisio {
             header_timeout: Duration::from_secs(c.header_timeout_secs),
         };
         let purge = tokio::spawn(purge_operations(store.clone(), c.operation_retention_hours));
-        http::serve(listeners.https, tls, state, limits, shutdown).await;
+        // One shutdown signal for every listener.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mqtt = listeners.mqtt.map(|l| {
+            let mqtt_tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[]);
+            let engine = state.engine.clone();
+            let mut rx = stop_rx.clone();
+            let limits = mqtt::MqttLimits {
+                max_connections: c.max_connections,
+                max_packet_bytes: c.max_body_bytes + 4096,
+                connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
+                idle_timeout: Duration::from_secs(c.header_timeout_secs.max(60) * 10),
+                retry_after_secs: c.retry_after_secs,
+            };
+            tokio::spawn(async move {
+                match mqtt_tls {
+                    Ok(t) => {
+                        mqtt::serve(l, t, engine, limits, async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        })
+                        .await
+                    }
+                    Err(e) => tracing::error!(error = %e, "MQTT listener not started"),
+                }
+            })
+        });
+        let mut rx = stop_rx.clone();
+        let https = tokio::spawn(http::serve(listeners.https, tls, state, limits, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = https.await;
+        if let Some(m) = mqtt {
+            let _ = m.await;
+        }
         purge.abort();
         self.store.close().await;
         Ok(())

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 const ENV_KEYS: &[&str] = &[
     "data_dir",
     "https_listen",
+    "mqtt_listen",
     "hostnames",
     "tls_cert",
     "tls_key",
@@ -64,6 +65,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub https_listen: Option<String>,
+    /// MQTT-over-TLS listen address, or `off` [default: 0.0.0.0:8883].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_listen: Option<String>,
     /// Host name or IP the server certificate covers; repeat for several. The first is
     /// the one printed [default: localhost, 127.0.0.1 and this machine's host name].
     #[arg(long = "hostname", value_name = "NAME")]

@@ -126,6 +126,9 @@ fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
         Some(ca) => println!("CA certificate:            {}", ca.display()),
         None => println!("CA certificate:            (serving the operator's certificate from --tls-cert)"),
     }
+    if let Some(m) = &info.mqtt_endpoint {
+        println!("MQTT endpoint:             {m}");
+    }
     println!("Linked IoT hubs:           {}", info.linked_hubs.join(", "));
     Ok(())
 }

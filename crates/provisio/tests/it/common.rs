@@ -25,6 +25,7 @@ pub struct Info {
     pub service_connection_string: String,
     pub ca_cert_file: Option<PathBuf>,
     pub linked_hubs: Vec<String>,
+    pub mqtt_endpoint: Option<String>,
 }
 
 impl Info {
@@ -53,6 +54,7 @@ impl Server {
             .args(["serve", "--json", "--data-dir"])
             .arg(data_dir)
             .args(["--https-listen", listen, "--hostname", "localhost", "--hostname", "127.0.0.1"])
+            .args(if extra.contains(&"--mqtt-listen") { &[][..] } else { &["--mqtt-listen", "127.0.0.1:0"][..] })
             .args(extra)
             .env("PROVISIO_LOG", "info,provisio_server=debug")
             .env_remove("PROVISIO_CONFIG")

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod durability;
 mod interop;
+mod mqtt;
 mod service_api;
 mod walkthrough;
 mod x509;
