@@ -525,3 +525,70 @@ mod tests {
         assert!(decode(&[0x30, 0x03, 0x00, 0x09, b'a']).is_err());
     }
 }
+
+/// Drives a session with arbitrary bytes, as the I/O loop would: decode every packet,
+/// handle it, answer every request. Used by the fuzz target and its smoke test; it must
+/// never panic.
+pub fn drive_with_bytes(data: &[u8], max_packet: usize) {
+    let mut buf = bytes::BytesMut::from(data);
+    let mut s = Session::new();
+    loop {
+        match Packet::read(&mut buf, max_packet) {
+            Ok(p) => {
+                for ev in s.handle(p) {
+                    match ev {
+                        Event::Request(r) => {
+                            let _ = s.respond(&r.rid, 202, Some(2), br#"{"status":"assigning"}"#.to_vec());
+                        }
+                        Event::Close(_) => return,
+                        Event::Send(p) => {
+                            let mut out = bytes::BytesMut::new();
+                            let _ = p.write(&mut out, max_packet);
+                        }
+                    }
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod smoke {
+    /// A quick, deterministic stand-in for the fuzz target: random and mutated packets.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seed: Vec<u8> = {
+            let user = "0ne1/registrations/d/api-version=2019-03-31";
+            let mut c = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 1, b'd'];
+            c.extend(u16::try_from(user.len()).unwrap().to_be_bytes());
+            c.extend(user.as_bytes());
+            c.extend([0, 1, b'p']);
+            c[1] = u8::try_from(c.len() - 2).unwrap();
+            c.extend([0x82, 0x1d, 0, 1, 0, 0x18]);
+            c.extend(b"$dps/registrations/res/#");
+            c.push(1);
+            c
+        };
+        for i in 0..20_000u32 {
+            let mut data = seed.clone();
+            let flips = (next() % 6) as usize;
+            for _ in 0..flips {
+                let n = data.len();
+                let at = (next() as usize) % n;
+                data[at] = next().to_le_bytes()[0];
+            }
+            if i % 3 == 0 {
+                data.extend((0..(next() % 64)).map(|_| next().to_le_bytes()[0]));
+            }
+            super::drive_with_bytes(&data, 4096);
+        }
+    }
+}
