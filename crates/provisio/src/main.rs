@@ -2,6 +2,7 @@
 
 mod cert;
 mod config;
+mod device;
 mod ops;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ enum Command {
     /// Make test certificates: roots, intermediates, devices, proof-of-possession certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// The device side: derive keys, make SAS tokens, register and poll.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
     /// Individual enrollments (service API).
     Enrollment {
         #[command(flatten)]
@@ -94,7 +98,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<device::DeviceFailure>() {
+                Some(f) => std::process::ExitCode::from(f.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -104,6 +111,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Info(args) => info(args).await,
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Device(cmd) => device::run(cmd).await,
         Command::Enrollment { conn, cmd } => ops::enrollment_run(&conn, cmd).await,
         Command::EnrollmentGroup { conn, cmd } => ops::group_run(&conn, cmd).await,
         Command::Registration { conn, cmd } => ops::registration::run(&ops::client::Client::new(&conn)?, cmd).await,

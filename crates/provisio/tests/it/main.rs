@@ -6,6 +6,7 @@ mod allocation;
 mod bad_input;
 mod cli;
 mod common;
+mod device;
 mod durability;
 mod interop;
 mod mqtt;

@@ -1,0 +1,52 @@
+//! One TLS client configuration for both transports: the given CA or the system's trust
+//! store, TLS 1.2+, and the device certificate for X.509.
+
+use std::sync::Arc;
+
+use rustls::{ClientConfig, RootCertStore, crypto::CryptoProvider};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_platform_verifier::BuilderVerifierExt;
+
+use crate::{ClientError, Credential, Options};
+
+/// Builds the configuration; `alpn` for HTTPS (`h2`, `http/1.1`), none for MQTT.
+pub fn client_config(opts: &Options, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, ClientError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone() as Arc<CryptoProvider>)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    let builder = match &opts.ca_pem {
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let c = c.map_err(|e| ClientError::Config(format!("--ca: {e}")))?;
+                roots.add(c).map_err(|e| ClientError::Config(format!("--ca: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Config("--ca holds no certificate".into()));
+            }
+            builder.with_root_certificates(roots)
+        }
+        None => {
+            builder.with_platform_verifier().map_err(|e| ClientError::Config(format!("system trust store: {e}")))?
+        }
+    };
+    let mut cfg = match &opts.credential {
+        Credential::X509 { chain_pem, key_pem } => {
+            let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Config(format!("--cert: {e}")))?;
+            if chain.is_empty() {
+                return Err(ClientError::Config("--cert holds no certificate".into()));
+            }
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| ClientError::Config(format!("--cert-key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Config(format!("the certificate and key do not go together: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
