@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct ServerConfig {
     /// Where the embedded database, `ca.pem` and other state live.
     pub data_dir: PathBuf,
+    /// A shared PostgreSQL database (`postgres://user:pass@host:5432/db`) instead of the
+    /// embedded SQLite one; every node of an instance points at the same one.
+    pub database: Option<String>,
+    /// Connections each node keeps to the shared database.
+    pub database_max_connections: u32,
     /// Address of the HTTPS listener (device API, service API, `/health`).
     pub https_listen: String,
     /// Address of the MQTT-over-TLS listener, or `off`.
@@ -72,6 +77,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./provisio-data"),
+            database: None,
+            database_max_connections: 16,
             https_listen: "0.0.0.0:8443".into(),
             mqtt_listen: "0.0.0.0:8883".into(),
             hostnames: Vec::new(),

@@ -30,7 +30,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 pub use config::ServerConfig;
 pub use error::ServerError;
 pub use instance::InstanceInfo;
-use provisio_store::{SqliteStore, Store};
+use provisio_store::{PostgresStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 
 /// File name of the embedded database inside the data directory.
@@ -49,20 +49,30 @@ pub struct Listeners {
 /// An opened, initialised instance, ready to serve.
 pub struct Provisio {
     config: ServerConfig,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     instance: instance::Instance,
     linked_hubs: Vec<String>,
 }
 
-/// Opens the embedded store of `config.data_dir`, creating the directory if needed.
+/// Opens the configured store: PostgreSQL when `database` is set, else the embedded
+/// SQLite database in `data_dir` (created if needed).
 ///
 /// # Errors
-/// If the directory or database cannot be created.
-pub async fn open_store(config: &ServerConfig) -> Result<SqliteStore, ServerError> {
+/// If the directory or database cannot be created or reached.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
     tokio::fs::create_dir_all(&config.data_dir).await.map_err(|e| {
         ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display()))
     })?;
-    Ok(SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?)
+    match config.database.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PostgresStore::connect(url, config.database_max_connections).await?))
+        }
+        Some(other) => Err(ServerError::invalid(format!(
+            "database '{}' is not a postgres:// URL (leave it unset for the embedded SQLite database)",
+            other.split('@').next_back().unwrap_or("")
+        ))),
+        None => Ok(Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?)),
+    }
 }
 
 impl Provisio {
@@ -71,7 +81,7 @@ impl Provisio {
     /// # Errors
     /// If the store, the TLS material or the configuration is unusable.
     pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
-        let store = Arc::new(open_store(&config).await?);
+        let store = open_store(&config).await?;
         let instance = instance::load_or_init(store.as_ref(), &config).await?;
         if provisio_core::allocation::Policy::parse(&config.allocation_policy)
             .is_none_or(|p| p == provisio_core::allocation::Policy::Custom)

@@ -1,4 +1,5 @@
-//! Provisio's storage: the [`Store`] trait and its embedded SQLite implementation.
+//! Provisio's storage: the [`Store`] trait, its embedded SQLite implementation and its
+//! PostgreSQL implementation for several nodes.
 //!
 //! The store versions opaque JSON documents (enrollments, groups, registration records,
 //! policies, instance metadata) with ETags and keeps registration operations. It knows
@@ -6,12 +7,14 @@
 //! Every write is a single atomic statement or one transaction, so ETag checks cannot
 //! race, and SQLite runs with `synchronous=FULL` so an acknowledged write survives a crash.
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use thiserror::Error;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A kind of document.
@@ -160,6 +163,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes operations created before `before` (Unix seconds); returns how many.
     async fn purge_operations(&self, before: i64) -> Result<u64>;
+
+    /// Closes connections (and checkpoints an embedded database) at shutdown.
+    async fn close(&self) {}
 }
 
 /// A fresh etag: base64 of a quoted UUID, the shape DPS uses.

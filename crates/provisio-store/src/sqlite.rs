@@ -72,11 +72,6 @@ impl SqliteStore {
             .await?
             .is_some())
     }
-
-    /// Closes the pool, checkpointing the WAL.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
 }
 
 fn doc(row: &sqlx::sqlite::SqliteRow) -> Result<Document> {
@@ -267,6 +262,10 @@ impl Store for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 
     async fn purge_operations(&self, before: i64) -> Result<u64> {

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 /// Configuration keys that may come from `PROVISIO_<KEY>` variables.
 const ENV_KEYS: &[&str] = &[
     "data_dir",
+    "database",
+    "database_max_connections",
     "https_listen",
     "mqtt_listen",
     "hostnames",
@@ -53,6 +55,10 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Shared PostgreSQL database URL (postgres://…) instead of the embedded SQLite one.
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 /// `provisio serve` flags. Every flag overrides the file and the environment.

@@ -188,7 +188,7 @@ async fn shutdown_signal() {
 async fn info(args: InfoArgs) -> Result<()> {
     let config = config::load_common(&args.common)?;
     let db: PathBuf = config.data_dir.join(provisio_server::DATABASE_FILE);
-    if !db.exists() {
+    if config.database.is_none() && !db.exists() {
         bail!(
             "no Provisio instance in {} (run `provisio serve --data-dir {}` once to create it)",
             config.data_dir.display(),
@@ -196,8 +196,8 @@ async fn info(args: InfoArgs) -> Result<()> {
         );
     }
     let store = provisio_server::open_store(&config).await?;
-    let Some(info) = provisio_server::instance::read_info(&store, &config).await? else {
-        bail!("the instance in {} is not initialised yet", config.data_dir.display());
+    let Some(info) = provisio_server::instance::read_info(store.as_ref(), &config).await? else {
+        bail!("the instance is not initialised yet (run `provisio serve` once)");
     };
     store.close().await;
     print_info(&info, args.json)

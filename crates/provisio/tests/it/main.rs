@@ -10,6 +10,7 @@ mod device;
 mod durability;
 mod interop;
 mod mqtt;
+mod multinode;
 mod service_api;
 mod walkthrough;
 mod x509;
