@@ -80,7 +80,7 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
         if op.status != RegistrationStatus::Assigning {
             return finish(op);
         }
-        let delay = retry_delay(retry);
+        let delay = retry_delay(retry, opts.min_poll_delay);
         progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
         tokio::time::sleep(delay).await;
         polls += 1;

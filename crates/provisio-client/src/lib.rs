@@ -87,6 +87,8 @@ pub struct Options {
     pub timeout: Duration,
     /// SAS token lifetime.
     pub token_lifetime: Duration,
+    /// Shortest wait between polls, whatever `Retry-After` says (1 s; benchmarks use 0).
+    pub min_poll_delay: Duration,
 }
 
 impl Options {
@@ -103,6 +105,7 @@ impl Options {
             payload: None,
             timeout: Duration::from_secs(120),
             token_lifetime: Duration::from_secs(3600),
+            min_poll_delay: Duration::from_secs(1),
         }
     }
 
@@ -302,9 +305,10 @@ pub(crate) fn finish(op: RegistrationOperationStatus) -> Result<Registration, Cl
     }
 }
 
-/// Clamps a `Retry-After` to 1–60 s (2 s when absent).
-pub(crate) fn retry_delay(secs: Option<u64>) -> Duration {
-    Duration::from_secs(secs.unwrap_or(2).clamp(1, 60))
+/// The wait before the next poll: `Retry-After` (2 s when absent), at most 60 s and at
+/// least `min`.
+pub(crate) fn retry_delay(secs: Option<u64>, min: Duration) -> Duration {
+    Duration::from_secs(secs.unwrap_or(2).min(60)).max(min)
 }
 
 /// Registers the device and polls until the service reaches a terminal state, honouring

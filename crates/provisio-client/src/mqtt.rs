@@ -147,7 +147,7 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
     loop {
         if status == 429 || status >= 500 {
             // Transient: repeat the last request after Retry-After.
-            tokio::time::sleep(retry_delay(retry)).await;
+            tokio::time::sleep(retry_delay(retry, opts.min_poll_delay)).await;
         } else if !(200..300).contains(&status) {
             let _ = c.send(Packet::Disconnect).await;
             return Err(ClientError::from_answer(status, &bytes, &opts.credential));
@@ -159,7 +159,7 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
                 let _ = c.send(Packet::Disconnect).await;
                 return finish(op);
             }
-            let delay = retry_delay(retry);
+            let delay = retry_delay(retry, opts.min_poll_delay);
             progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
             tokio::time::sleep(delay).await;
             operation = Some(op.operation_id);

@@ -164,6 +164,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes operations created before `before` (Unix seconds); returns how many.
     async fn purge_operations(&self, before: i64) -> Result<u64>;
 
+    /// Writes many documents in one transaction (`Precondition::Any` each): bulk loads.
+    async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()>;
+
     /// Closes connections (and checkpoints an embedded database) at shutdown.
     async fn close(&self) {}
 }

@@ -216,6 +216,22 @@ impl Store for PostgresStore {
         .transpose()
     }
 
+    async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
+        let now = unix_now();
+        let mut tx = self.pool.begin().await?;
+        for (id, body) in docs {
+            sqlx::query(
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)
+                 ON CONFLICT (collection, id) DO UPDATE SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at",
+            )
+            .bind(c.as_str()).bind(id).bind(new_etag()).bind(body).bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

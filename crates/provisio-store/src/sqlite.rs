@@ -14,6 +14,90 @@ use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreE
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Group commit: registrations queue here and one writer commits them in batches, so
+    /// that a burst of devices costs one fsync per batch instead of one each.
+    writer: tokio::sync::mpsc::Sender<Job>,
+}
+
+/// One queued registration write.
+#[derive(Debug)]
+struct Job {
+    registration_id: String,
+    body: String,
+    tag: Option<String>,
+    operation_id: String,
+    reply: tokio::sync::oneshot::Sender<Result<Document>>,
+}
+
+/// Most registrations committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// Commits queued registrations in batches until every sender is gone.
+async fn write_loop(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = write_batch(&pool, &jobs).await;
+        for (job, r) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(r);
+        }
+    }
+}
+
+/// Writes a batch in one transaction; each job succeeds or fails on its own (a duplicate
+/// operation id fails its job only), and all fail together only if the commit fails.
+async fn write_batch(pool: &SqlitePool, jobs: &[Job]) -> Vec<Result<Document>> {
+    let run = async {
+        let now = unix_now();
+        let mut tx = pool.begin().await?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let etag = new_etag();
+            let inserted = sqlx::query(
+                "INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&j.operation_id)
+            .bind(&j.registration_id)
+            .bind(&etag)
+            .bind(&j.body)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                out.push(Err(StoreError::Conflict));
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (collection, id) DO UPDATE
+                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
+            )
+            .bind(Collection::Registrations.as_str())
+            .bind(&j.registration_id)
+            .bind(&etag)
+            .bind(&j.body)
+            .bind(now)
+            .bind(now)
+            .bind(&j.tag)
+            .execute(&mut *tx)
+            .await?;
+            out.push(Ok(Document { id: j.registration_id.clone(), etag, body: j.body.clone() }));
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(out)
+    };
+    match run.await {
+        Ok(out) => out,
+        Err(e) => jobs.iter().map(|_| Err(StoreError::Backend(e.to_string()))).collect(),
+    }
 }
 
 impl SqliteStore {
@@ -41,7 +125,7 @@ impl SqliteStore {
         let opts = SqliteConnectOptions::from_str("sqlite::memory:")?;
         // One connection: each in-memory connection would otherwise be its own database.
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
-        let s = Self { pool };
+        let s = Self::with_pool(pool);
         s.migrate().await?;
         Ok(s)
     }
@@ -52,9 +136,15 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-        let s = Self { pool };
+        let s = Self::with_pool(pool);
         s.migrate().await?;
         Ok(s)
+    }
+
+    fn with_pool(pool: SqlitePool) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(write_loop(pool.clone(), rx));
+        Self { pool, writer: tx }
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -198,37 +288,16 @@ impl Store for SqliteStore {
         tag: Option<&str>,
         operation_id: &str,
     ) -> Result<Document> {
-        let etag = new_etag();
-        let now = unix_now();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (collection, id) DO UPDATE
-             SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
-        )
-        .bind(Collection::Registrations.as_str())
-        .bind(registration_id)
-        .bind(&etag)
-        .bind(body)
-        .bind(now)
-        .bind(now)
-        .bind(tag)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(operation_id)
-        .bind(registration_id)
-        .bind(&etag)
-        .bind(body)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Document { id: registration_id.to_owned(), etag, body: body.to_owned() })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            registration_id: registration_id.to_owned(),
+            body: body.to_owned(),
+            tag: tag.map(str::to_owned),
+            operation_id: operation_id.to_owned(),
+            reply,
+        };
+        self.writer.send(job).await.map_err(|_| StoreError::Backend("the registration writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Backend("the registration writer has stopped".into()))?
     }
 
     async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
@@ -262,6 +331,22 @@ impl Store for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
+        let now = unix_now();
+        let mut tx = self.pool.begin().await?;
+        for (id, body) in docs {
+            sqlx::query(
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (collection, id) DO UPDATE SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at",
+            )
+            .bind(c.as_str()).bind(id).bind(new_etag()).bind(body).bind(now).bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn close(&self) {

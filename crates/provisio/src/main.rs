@@ -1,5 +1,6 @@
 //! `provisio`: the Provisio server and its command-line tools.
 
+mod bench;
 mod cert;
 mod config;
 mod device;
@@ -29,6 +30,9 @@ enum Command {
     /// Make test certificates: roots, intermediates, devices, proof-of-possession certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Load test: start a server, register devices over every transport, report rates,
+    /// latencies and RSS next to baselines.
+    Bench(bench::BenchArgs),
     /// The device side: derive keys, make SAS tokens, register and poll.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -112,6 +116,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info(args).await,
         Command::Cert(cmd) => cert::run(cmd),
         Command::Device(cmd) => device::run(cmd).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Enrollment { conn, cmd } => ops::enrollment_run(&conn, cmd).await,
         Command::EnrollmentGroup { conn, cmd } => ops::group_run(&conn, cmd).await,
         Command::Registration { conn, cmd } => ops::registration::run(&ops::client::Client::new(&conn)?, cmd).await,

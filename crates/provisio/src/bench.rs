@@ -1,0 +1,589 @@
+//! `provisio bench`: a load generator that starts its own server and measures
+//! registrations per second, latency percentiles, errors and server RSS, next to baselines
+//! measured in the same run (a bare TLS handshake, a trivial authenticated request), so
+//! the results hold as ratios on a noisy machine.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use provisio_client::{Credential, Options, Transport};
+use serde_json::{Value, json};
+
+/// `provisio bench` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Devices registered per scenario.
+    #[arg(long, default_value_t = 5000)]
+    devices: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Scenarios: handshake, trivial, https-keepalive, https-newconn, mqtt.
+    #[arg(long, value_delimiter = ',', default_value = "handshake,trivial,https-keepalive,https-newconn,mqtt")]
+    scenarios: Vec<String>,
+    /// Individual enrollments loaded into the store before the server starts (scale test).
+    #[arg(long, default_value_t = 0)]
+    enrollments: usize,
+    /// Hold this many idle MQTT connections at the end and report the server's RSS.
+    #[arg(long, default_value_t = 0)]
+    mqtt_hold: usize,
+    /// Use this PostgreSQL database instead of a fresh embedded one.
+    #[arg(long)]
+    database: Option<String>,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Srv {
+    child: Child,
+    info: Value,
+    _dir: tempfile::TempDir,
+    startup: Duration,
+}
+
+impl Srv {
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    fn s(&self, k: &str) -> String {
+        self.info[k].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--json", "--data-dir"])
+        .arg(dir.path())
+        .args(["--https-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--hostname", "localhost"])
+        .args(["--linked-hub", "bench-hub.example.net", "--retry-after-secs", "0"])
+        .env("PROVISIO_SERVICE_REQUESTS_PER_SECOND", "0")
+        .env("PROVISIO_MAX_CONNECTIONS", "100000")
+        .env("PROVISIO_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(db) = &args.database {
+        cmd.args(["--database", db]);
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("cannot start the server")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let line = BufReader::new(stdout).lines().next().context("the server printed nothing")??;
+    let info: Value = serde_json::from_str(&line).context("bad info line")?;
+    let startup = started.elapsed();
+    Ok(Srv { child, info, _dir: dir, startup })
+}
+
+/// One scenario's measurements.
+#[derive(Debug, Default, Clone)]
+struct Row {
+    scenario: String,
+    attestation: String,
+    ops: usize,
+    errors: usize,
+    secs: f64,
+    first: Vec<u32>,
+    total: Vec<u32>,
+    rss_mb: f64,
+    first_error: Option<String>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        (self.ops - self.errors) as f64 / self.secs.max(1e-9)
+    }
+}
+
+fn pct(v: &mut [u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(v[i.min(v.len() - 1)]) / 1000.0
+}
+
+/// Runs `n` jobs on `c` workers with a progress bar; each job returns (first, total) µs.
+async fn drive<F, Fut>(label: &str, n: usize, c: usize, job: F) -> (Vec<u32>, Vec<u32>, usize, f64, Option<String>)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(u32, u32), String>> + Send,
+{
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{label:>28} {{bar:30}} {{pos}}/{{len}} {{per_sec}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let job = Arc::new(job);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c.max(1) {
+        let (job, next, bar) = (job.clone(), next.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut first, mut total, mut errors, mut err) = (Vec::new(), Vec::new(), 0usize, None);
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                match job(i).await {
+                    Ok((f, t)) => {
+                        first.push(f);
+                        total.push(t);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        err.get_or_insert(e);
+                    }
+                }
+                bar.inc(1);
+            }
+            (first, total, errors, err)
+        }));
+    }
+    let (mut first, mut total, mut errors, mut err) = (Vec::new(), Vec::new(), 0, None);
+    for t in tasks {
+        if let Ok((f, tt, e, m)) = t.await {
+            first.extend(f);
+            total.extend(tt);
+            errors += e;
+            if err.is_none() {
+                err = m;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    (first, total, errors, started.elapsed().as_secs_f64(), err)
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+fn tls_config(ca: &str) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c?)?;
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// Runs the benchmark.
+#[allow(clippy::too_many_lines)]
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    if args.enrollments > 0 {
+        if args.database.is_some() {
+            bail!("--enrollments preloads the embedded store only");
+        }
+        preload(dir.path(), args.enrollments).await?;
+    }
+    let srv = start_server(&args, dir)?;
+    let https_port: u16 = srv.s("deviceEndpoint").rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("port")?;
+    let https = format!("localhost:{https_port}");
+    let mqtt = srv.s("mqttEndpoint");
+    let scope = srv.s("idScope");
+    let ca = std::fs::read_to_string(srv.s("caCertFile"))?;
+    let cs = srv.s("serviceConnectionString");
+    let owner_key = cs.split("SharedAccessKey=").nth(1).context("key")?.to_owned();
+    let svc_token = provisio_core::sas::build_token(
+        "localhost",
+        &owner_key,
+        now() + 36_000,
+        Some("provisioningserviceowner"),
+        provisio_core::sas::SrEncoding::Upper,
+    )?;
+    let reqw = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
+        .resolve("localhost", ([127, 0, 0, 1], https_port).into())
+        .build()?;
+    // A symmetric-key group and an X.509 group with one device certificate per device.
+    let group: Value = reqw
+        .put(format!("https://{https}/enrollmentGroups/bench-sym?api-version=2021-10-01"))
+        .header("Authorization", &svc_token)
+        .json(&json!({"enrollmentGroupId": "bench-sym", "attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let gk = group["attestation"]["symmetricKey"]["primaryKey"].as_str().context("group key")?.to_owned();
+    let root = provisio_pki::testcerts::issue(
+        provisio_pki::testcerts::Role::Root,
+        "bench-root",
+        None,
+        provisio_pki::testcerts::KeyKind::EcdsaP256,
+        2,
+    )?;
+    reqw.put(format!("https://{https}/enrollmentGroups/bench-x509?api-version=2021-10-01"))
+        .header("Authorization", &svc_token)
+        .json(&json!({"enrollmentGroupId": "bench-x509", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root.cert_pem}}}}}))
+        .send()
+        .await?
+        .error_for_status()?;
+
+    let mut rows: Vec<Row> = Vec::new();
+    let n = args.devices;
+    let c = args.concurrency;
+    let cfg = tls_config(&ca)?;
+    let has = |s: &str| args.scenarios.iter().any(|x| x == s);
+
+    if has("handshake") {
+        let cfg = cfg.clone();
+        let (f, t, e, secs, err) = drive("bare TLS handshake", n, c, move |_| {
+            let cfg = cfg.clone();
+            async move {
+                let t0 = Instant::now();
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", https_port)).await.map_err(|e| e.to_string())?;
+                let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                drop(tls);
+                let d = micros(t0.elapsed());
+                Ok((d, d))
+            }
+        })
+        .await;
+        rows.push(Row {
+            scenario: "baseline: TLS handshake".into(),
+            attestation: "-".into(),
+            ops: n,
+            errors: e,
+            secs,
+            first: f,
+            total: t,
+            rss_mb: srv.rss_mb(),
+            first_error: err,
+        });
+    }
+    if has("trivial") {
+        let clients: Vec<reqwest::Client> = (0..c).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
+        let tok = svc_token.clone();
+        let (f, t, e, secs, err) = drive("baseline: trivial request", n * 2, c, move |i| {
+            let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
+            async move {
+                let t0 = Instant::now();
+                let r = clients[i % clients.len()]
+                    .get(&url)
+                    .header("Authorization", tok)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("HTTP {}", r.status()));
+                }
+                let _ = r.bytes().await;
+                let d = micros(t0.elapsed());
+                Ok((d, d))
+            }
+        })
+        .await;
+        rows.push(Row {
+            scenario: "baseline: trivial authenticated request".into(),
+            attestation: "-".into(),
+            ops: n * 2,
+            errors: e,
+            secs,
+            first: f,
+            total: t,
+            rss_mb: srv.rss_mb(),
+            first_error: err,
+        });
+    }
+    if has("https-keepalive") {
+        let clients: Vec<reqwest::Client> = (0..c).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let (scope2, gk2, https2) = (scope.clone(), gk.clone(), https.clone());
+        let (f, t, e, secs, err) = drive("https keep-alive, sym key", n, c, move |i| {
+            let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
+            async move {
+                let id = format!("ka-{i}");
+                let key = provisio_core::keys::derive_device_key(&gk, &id).map_err(|e| e.to_string())?;
+                let tok = provisio_core::sas::build_token(
+                    &format!("{scope}/registrations/{id}"),
+                    &key,
+                    now() + 3600,
+                    None,
+                    provisio_core::sas::SrEncoding::Raw,
+                )
+                .map_err(|e| e.to_string())?;
+                let client = &clients[i % clients.len()];
+                let t0 = Instant::now();
+                let r = client
+                    .put(format!("https://{https}/{scope}/registrations/{id}/register?api-version=2021-06-01"))
+                    .header("Authorization", &tok)
+                    .header("Content-Type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status() != 202 {
+                    return Err(format!("register: HTTP {}", r.status()));
+                }
+                let v: Value = r.json().await.map_err(|e| e.to_string())?;
+                let first = micros(t0.elapsed());
+                let op = v["operationId"].as_str().unwrap_or_default().to_owned();
+                let r = client
+                    .get(format!("https://{https}/{scope}/registrations/{id}/operations/{op}?api-version=2021-06-01"))
+                    .header("Authorization", &tok)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v: Value = r.json().await.map_err(|e| e.to_string())?;
+                if v["status"] != "assigned" {
+                    return Err(format!("poll: {v}"));
+                }
+                Ok((first, micros(t0.elapsed())))
+            }
+        })
+        .await;
+        rows.push(Row {
+            scenario: "HTTPS, keep-alive".into(),
+            attestation: "symmetric key (group)".into(),
+            ops: n,
+            errors: e,
+            secs,
+            first: f,
+            total: t,
+            rss_mb: srv.rss_mb(),
+            first_error: err,
+        });
+    }
+    for (name, transport, endpoint) in
+        [("https-newconn", Transport::Https, https.clone()), ("mqtt", Transport::Mqtt, mqtt.clone())]
+    {
+        if !has(name) {
+            continue;
+        }
+        for x509 in [false, true] {
+            let certs: Arc<Vec<(String, String)>> = Arc::new(if x509 {
+                (0..n)
+                    .map(|i| {
+                        let d = provisio_pki::testcerts::issue(
+                            provisio_pki::testcerts::Role::Device,
+                            &format!("{name}-x-{i}"),
+                            Some(&root),
+                            provisio_pki::testcerts::KeyKind::EcdsaP256,
+                            2,
+                        )?;
+                        Ok((d.cert_pem, d.key_pem))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            });
+            let (scope2, gk2, ep, ca2, name2) =
+                (scope.clone(), gk.clone(), endpoint.clone(), ca.clone(), name.to_owned());
+            let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
+            let (f, t, e, secs, err) = drive(&label, n, c, move |i| {
+                let (scope, gk, ep, ca, certs, name) =
+                    (scope2.clone(), gk2.clone(), ep.clone(), ca2.clone(), certs.clone(), name2.clone());
+                async move {
+                    let (id, cred) = if x509 {
+                        let (c, k) = certs[i].clone();
+                        (format!("{name}-x-{i}"), Credential::X509 { chain_pem: c, key_pem: k })
+                    } else {
+                        (format!("{name}-s-{i}"), Credential::GroupKey(gk))
+                    };
+                    let mut o = Options::new(scope, id, cred);
+                    o.endpoint = ep;
+                    o.transport = transport;
+                    o.ca_pem = Some(ca);
+                    o.min_poll_delay = Duration::ZERO;
+                    o.timeout = Duration::from_secs(30);
+                    let t0 = Instant::now();
+                    let mut first = 0;
+                    provisio_client::register(&o, |p| {
+                        if matches!(p, provisio_client::Progress::Assigning { .. }) && first == 0 {
+                            first = micros(t0.elapsed());
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok((first, micros(t0.elapsed())))
+                }
+            })
+            .await;
+            let scenario = if transport == Transport::Https {
+                "HTTPS, new TLS connection per device"
+            } else {
+                "MQTT, a connection per device"
+            };
+            rows.push(Row {
+                scenario: scenario.into(),
+                attestation: if x509 { "X.509 (group)".into() } else { "symmetric key (group)".into() },
+                ops: n,
+                errors: e,
+                secs,
+                first: f,
+                total: t,
+                rss_mb: srv.rss_mb(),
+                first_error: err,
+            });
+        }
+    }
+    let held = if args.mqtt_hold > 0 { Some(hold_mqtt(&srv, &mqtt, &cfg, args.mqtt_hold).await?) } else { None };
+    report(&args, &srv, &mut rows, held);
+    Ok(())
+}
+
+fn keepalive_client(ca: &str, port: u16) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .build()?)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Opens `n` idle MQTT connections (TLS + CONNECT) and reports the server's RSS.
+async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n: usize) -> Result<(usize, f64, f64)> {
+    use rumqttc::mqttbytes::v4::{Connect, Login, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port: u16 = endpoint.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("mqtt port")?;
+    let before = srv.rss_mb();
+    let bar = indicatif::ProgressBar::new(n as u64);
+    let mut conns = Vec::with_capacity(n);
+    let scope = srv.s("idScope");
+    for i in 0..n {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let mut c = Connect::new(format!("hold-{i}"));
+        c.keep_alive = 600;
+        c.login = Some(Login::new(format!("{scope}/registrations/hold-{i}/api-version=2019-03-31"), ""));
+        let mut b = bytes::BytesMut::new();
+        Packet::Connect(c).write(&mut b, 1 << 16)?;
+        tls.write_all(&b).await?;
+        let mut ack = [0u8; 4];
+        tls.read_exact(&mut ack).await?;
+        conns.push(tls);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = srv.rss_mb();
+    Ok((conns.len(), before, after))
+}
+
+fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f64, f64)>) {
+    println!(
+        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut out = Vec::new();
+    for r in rows.iter_mut() {
+        let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
+        let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} |",
+            r.scenario,
+            r.attestation,
+            r.ops,
+            r.errors,
+            r.rate(),
+            r.rss_mb
+        );
+        if let Some(e) = &r.first_error {
+            eprintln!("  first error in '{}': {e}", r.scenario);
+        }
+        out.push(json!({"scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
+            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb}));
+    }
+    let find = |s: &str, a: &str| {
+        rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::rate)
+    };
+    println!();
+    if let (Some(ka), Some(tr)) = (find("HTTPS, keep-alive", "symmetric"), find("baseline: trivial", "-")) {
+        println!(
+            "keep-alive registrations / trivial requests: {:.1}% (ceiling 50%: a registration is two requests)",
+            100.0 * ka / tr
+        );
+    }
+    if let Some(hs) = find("baseline: TLS handshake", "-") {
+        for a in ["symmetric", "X.509"] {
+            if let Some(nc) = find("HTTPS, new TLS", a) {
+                println!("new-connection registrations ({a}) / bare handshakes: {:.1}%", 100.0 * nc / hs);
+            }
+        }
+    }
+    println!(
+        "server startup (spawn to ready, {} preloaded enrollments): {:.0} ms",
+        args.enrollments,
+        srv.startup.as_secs_f64() * 1000.0
+    );
+    if let Some((n, before, after)) = held {
+        println!("{n} idle MQTT connections held: server RSS {before:.0} MB -> {after:.0} MB");
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({"rows": out, "startup_ms": srv.startup.as_millis() as u64, "enrollments": args.enrollments, "held_mqtt": held.map(|h| json!({"connections": h.0, "rss_before_mb": h.1, "rss_after_mb": h.2}))})
+        );
+    }
+}
+
+/// Writes `n` individual symmetric-key enrollments straight into a fresh embedded store.
+async fn preload(dir: &std::path::Path, n: usize) -> Result<()> {
+    use provisio_store::{Collection, Store};
+    let store = provisio_store::SqliteStore::open(&dir.join(provisio_server::DATABASE_FILE)).await?;
+    let key = provisio_core::keys::generate_key();
+    let bar = indicatif::ProgressBar::new(n as u64);
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let e = provisio_core::model::Enrollment {
+            registration_id: format!("pre-{i:07}"),
+            device_id: None,
+            attestation: provisio_core::model::Attestation::SymmetricKey {
+                primary_key: key.clone(),
+                secondary_key: key.clone(),
+            },
+            settings: provisio_core::model::EnrollmentSettings { enabled: true, ..Default::default() },
+            optional_device_information: None,
+            created: provisio_core::timefmt::now(),
+            updated: provisio_core::timefmt::now(),
+        };
+        batch.push((e.registration_id.clone(), serde_json::to_string(&e)?));
+        if batch.len() == 10_000 || i + 1 == n {
+            store.import(Collection::Enrollments, &batch).await?;
+            bar.inc(batch.len() as u64);
+            batch.clear();
+        }
+    }
+    bar.finish_and_clear();
+    store.close().await;
+    let _: Option<PathBuf> = None;
+    Ok(())
+}
