@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub max_bulk_items: usize,
     /// Largest query page (`x-ms-max-item-count`); the default page is 100.
     pub max_query_page_size: u32,
+    /// How long enrollment groups and linked hubs are cached, in milliseconds (changes made
+    /// through another node apply within this time; 0 disables the cache).
+    pub cache_ttl_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +106,7 @@ impl Default for ServerConfig {
             service_requests_per_second: 200,
             max_bulk_items: 10,
             max_query_page_size: 1000,
+            cache_ttl_ms: 1000,
         }
     }
 }

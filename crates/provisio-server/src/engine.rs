@@ -12,7 +12,9 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use provisio_core::{
     attest::{self, Matched},
     ids::RegistrationId,
-    model::{Attestation, EnrollmentSource, Outcome, RegistrationRecord, X509Attestation, X509Details},
+    model::{
+        Attestation, EnrollmentGroup, EnrollmentSource, Outcome, RegistrationRecord, X509Attestation, X509Details,
+    },
     sas::SasToken,
     timefmt,
 };
@@ -52,6 +54,8 @@ pub struct EngineSettings {
     pub sas_clock_skew_secs: u64,
     /// Whether a group's signing certificate must be, or be signed by, a verified CA.
     pub signing_certificates_need_verified_ca: bool,
+    /// How long enrollment groups and hubs are cached.
+    pub cache_ttl: std::time::Duration,
 }
 
 /// The registration engine.
@@ -60,6 +64,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     certificates: Certificates,
     assigner: crate::assignment::Assigner,
+    group_cache: Arc<crate::cache::TtlCache<Vec<EnrollmentGroup>>>,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
 }
@@ -80,7 +85,37 @@ impl Engine {
         settings: EngineSettings,
         assigner: crate::assignment::Assigner,
     ) -> Self {
-        Self { certificates: Certificates::new(store.clone()), store, assigner, scope, settings: Arc::new(settings) }
+        let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
+        Self {
+            certificates: Certificates::new(store.clone()),
+            store,
+            assigner,
+            group_cache,
+            scope,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Every enrollment group, parsed; cached for a moment because every group device's
+    /// registration and poll needs them.
+    async fn groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, ServerError> {
+        let store = self.store.clone();
+        self.group_cache
+            .get_or_load(|| async move {
+                store
+                    .list(Collection::EnrollmentGroups, None, MAX_GROUPS)
+                    .await?
+                    .iter()
+                    .map(service_model::group_from_doc)
+                    .collect::<Result<Vec<_>, ServerError>>()
+            })
+            .await
+    }
+
+    /// The group cache, shared with the service API so that its writes invalidate it.
+    #[must_use]
+    pub fn group_cache(&self) -> Arc<crate::cache::TtlCache<Vec<EnrollmentGroup>>> {
+        self.group_cache.clone()
     }
 
     /// The instance's ID scope.
@@ -121,8 +156,8 @@ impl Engine {
             Vec::new()
         };
         if individual.is_none() {
-            for doc in self.store.list(Collection::EnrollmentGroups, None, MAX_GROUPS).await? {
-                let g = service_model::group_from_doc(&doc)?;
+            for g in self.groups().await?.iter() {
+                let g = g.clone();
                 let anchors = match &g.attestation {
                     Attestation::X509(X509Attestation::SigningCertificates(p)) => {
                         let mut v = Vec::new();
@@ -234,15 +269,12 @@ impl Engine {
         let groups = if individual.is_some() {
             Vec::new()
         } else {
-            self.store
-                .list(Collection::EnrollmentGroups, None, MAX_GROUPS)
+            self.groups()
                 .await?
                 .iter()
-                .map(service_model::group_from_doc)
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
                 .filter(|g| matches!(g.attestation, Attestation::SymmetricKey { .. }))
-                .collect()
+                .cloned()
+                .collect::<Vec<_>>()
         };
         Ok(attest::symmetric_key(&token, id.as_str(), individual, groups)?)
     }
@@ -471,7 +503,11 @@ mod tests {
         let engine = Engine::new(
             store.clone(),
             IdScope::parse(SCOPE).unwrap(),
-            EngineSettings { sas_clock_skew_secs: 0, signing_certificates_need_verified_ca: false },
+            EngineSettings {
+                sas_clock_skew_secs: 0,
+                signing_certificates_need_verified_ca: false,
+                cache_ttl: std::time::Duration::from_secs(1),
+            },
             assigner,
         );
         (engine, ServiceApi::new(store.clone(), vec!["localhost".into()], 0), store)

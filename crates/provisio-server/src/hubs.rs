@@ -15,6 +15,7 @@ pub const MAX_HUBS: u32 = 50;
 #[derive(Clone)]
 pub struct Hubs {
     store: Arc<dyn Store>,
+    cache: Arc<crate::cache::TtlCache<Vec<LinkedHub>>>,
 }
 
 fn not_found(name: &str) -> ServerError {
@@ -47,7 +48,13 @@ impl Hubs {
     /// The hubs kept in `store`.
     #[must_use]
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self::with_ttl(store, std::time::Duration::ZERO)
+    }
+
+    /// The hubs kept in `store`, cached for `ttl` (every registration reads them).
+    #[must_use]
+    pub fn with_ttl(store: Arc<dyn Store>, ttl: std::time::Duration) -> Self {
+        Self { store, cache: Arc::new(crate::cache::TtlCache::new(ttl)) }
     }
 
     /// Adds the configured hubs that are not linked yet; on the very first start with no
@@ -93,14 +100,22 @@ impl Hubs {
     /// # Errors
     /// Store failures.
     pub async fn list(&self) -> Result<Vec<LinkedHub>, ServerError> {
-        self.store
-            .list(Collection::Hubs, None, MAX_HUBS)
-            .await?
-            .iter()
-            .map(|d| {
-                serde_json::from_str(&d.body).map_err(|e| ServerError::Internal(format!("stored hub is corrupt: {e}")))
+        let store = self.store.clone();
+        let hubs = self
+            .cache
+            .get_or_load(|| async move {
+                store
+                    .list(Collection::Hubs, None, MAX_HUBS)
+                    .await?
+                    .iter()
+                    .map(|d| {
+                        serde_json::from_str(&d.body)
+                            .map_err(|e| ServerError::Internal(format!("stored hub is corrupt: {e}")))
+                    })
+                    .collect::<Result<Vec<LinkedHub>, ServerError>>()
             })
-            .collect()
+            .await?;
+        Ok(hubs.as_ref().clone())
     }
 
     /// One hub.
@@ -128,6 +143,7 @@ impl Hubs {
         }
         let body = serde_json::to_string(&hub).map_err(|e| ServerError::Internal(e.to_string()))?;
         self.store.put(Collection::Hubs, &hub.host_name, &body, Precondition::Any).await?;
+        self.cache.invalidate();
         tracing::info!(hub = %hub.host_name, weight = hub.allocation_weight, "linked hub written");
         Ok(hub)
     }
@@ -140,6 +156,8 @@ impl Hubs {
         self.store.delete(Collection::Hubs, &name.to_ascii_lowercase(), None).await.map_err(|e| match e {
             StoreError::NotFound => not_found(name),
             other => other.into(),
-        })
+        })?;
+        self.cache.invalidate();
+        Ok(())
     }
 }

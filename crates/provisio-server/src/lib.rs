@@ -12,6 +12,7 @@
 //! ```
 
 pub mod assignment;
+pub mod cache;
 pub mod certificates;
 pub mod config;
 pub mod engine;
@@ -157,7 +158,7 @@ impl Provisio {
     }
 
     /// The assignment machinery: hubs, default policy, webhook client and hub registrar.
-    fn assigner(&self, store: Arc<dyn Store>) -> Result<assignment::Assigner, ServerError> {
+    fn assigner(&self, hubs: hubs::Hubs) -> Result<assignment::Assigner, ServerError> {
         let c = &self.config;
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(c.webhook_timeout_secs.max(1)))
@@ -180,7 +181,7 @@ impl Provisio {
             other => return Err(ServerError::invalid(format!("hub_registrar '{other}' must be none or webhook"))),
         };
         Ok(assignment::Assigner {
-            hubs: hubs::Hubs::new(store),
+            hubs,
             default_policy: provisio_core::allocation::Policy::parse(&c.allocation_policy)
                 .unwrap_or(provisio_core::allocation::Policy::Hashed),
             region: c.region.clone(),
@@ -201,6 +202,7 @@ impl Provisio {
         let store: Arc<dyn Store> = self.store.clone();
         instance::record_endpoint(store.as_ref(), &self.endpoint(&listeners)).await?;
         let tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[b"h2", b"http/1.1"])?;
+        let hubs = hubs::Hubs::with_ttl(store.clone(), Duration::from_millis(self.config.cache_ttl_ms));
         let hostnames = self.config.effective_hostnames();
         let c = &self.config;
         let engine = engine::Engine::new(
@@ -209,21 +211,23 @@ impl Provisio {
             engine::EngineSettings {
                 sas_clock_skew_secs: c.sas_clock_skew_secs,
                 signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
+                cache_ttl: Duration::from_millis(c.cache_ttl_ms),
             },
-            self.assigner(store.clone())?,
+            self.assigner(hubs.clone())?,
         );
+        let group_cache = engine.group_cache();
         let state = Arc::new(http::AppState {
             engine,
-            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs).with_limits(
-                service_api::ServiceLimits {
+            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs)
+                .with_limits(service_api::ServiceLimits {
                     max_bulk_items: c.max_bulk_items,
                     default_page_size: 100.min(c.max_query_page_size),
                     max_page_size: c.max_query_page_size,
-                },
-            ),
+                })
+                .with_group_cache(group_cache),
             service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
             certificates: certificates::Certificates::new(store.clone()),
-            hubs: hubs::Hubs::new(store.clone()),
+            hubs,
             max_body_bytes: c.max_body_bytes,
             retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),

@@ -58,6 +58,7 @@ pub struct ServiceApi {
     hostnames: Arc<Vec<String>>,
     skew: u64,
     limits: ServiceLimits,
+    group_cache: Option<Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>>,
 }
 
 /// Size limits of the service API.
@@ -158,7 +159,23 @@ impl ServiceApi {
     /// A service API over `store`; tokens must name one of `hostnames`.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, hostnames: Vec<String>, skew: u64) -> Self {
-        Self { store, hostnames: Arc::new(hostnames), skew, limits: ServiceLimits::default() }
+        Self { store, hostnames: Arc::new(hostnames), skew, limits: ServiceLimits::default(), group_cache: None }
+    }
+
+    /// Invalidates the engine's group cache on every group write.
+    #[must_use]
+    pub fn with_group_cache(
+        mut self,
+        c: Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>,
+    ) -> Self {
+        self.group_cache = Some(c);
+        self
+    }
+
+    fn groups_changed(&self) {
+        if let Some(c) = &self.group_cache {
+            c.invalidate();
+        }
     }
 
     /// Replaces the size limits.
@@ -332,7 +349,11 @@ impl ServiceApi {
             (Collection::Enrollments, r.key().to_owned(), r.as_str().to_owned())
         };
         let etag = delete_condition(if_match);
-        self.store.delete(collection, &key, etag).await.map_err(|e| Self::store_error(e, group, &shown))
+        self.store.delete(collection, &key, etag).await.map_err(|e| Self::store_error(e, group, &shown))?;
+        if group {
+            self.groups_changed();
+        }
+        Ok(())
     }
 
     /// `PUT /enrollmentGroups/{id}`.
@@ -364,6 +385,7 @@ impl ServiceApi {
             .put(Collection::EnrollmentGroups, id.key(), &model::to_body(&group)?, precondition(if_match))
             .await
             .map_err(|e| Self::store_error(e, true, id.as_str()))?;
+        self.groups_changed();
         Ok(model::group_to_wire(&group, &doc.etag, true))
     }
 

@@ -40,6 +40,7 @@ const ENV_KEYS: &[&str] = &[
     "service_requests_per_second",
     "max_bulk_items",
     "max_query_page_size",
+    "cache_ttl_ms",
     "log_format",
     "log",
 ];
