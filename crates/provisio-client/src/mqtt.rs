@@ -90,6 +90,8 @@ async fn connect(opts: &Options) -> Result<Conn, ClientError> {
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| ClientError::Network(format!("cannot connect to {host}:{port}: {e}")))?;
+    // Requests are small and answered at once: do not let Nagle hold them back.
+    let _ = tcp.set_nodelay(true);
     let name = rustls_pki_types::ServerName::try_from(host.clone())
         .map_err(|e| ClientError::Config(format!("bad host name: {e}")))?;
     let io = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
