@@ -52,6 +52,14 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most simultaneous connections; more are closed at once.
     pub max_connections: usize,
+    /// Most simultaneous connections from one IP address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Registrations per second this node accepts (0: no limit); more get 429.
+    pub registrations_per_second: u32,
+    /// Polls a device may make per 10 s (DPS: 5; 0: no limit); more get 429.
+    pub device_polls_per_10s: usize,
     /// Time allowed for a TLS handshake, in seconds.
     pub handshake_timeout_secs: u64,
     /// Time allowed for a request's headers to arrive (also closes idle keep-alive
@@ -98,6 +106,10 @@ impl Default for ServerConfig {
             sas_clock_skew_secs: 30,
             max_body_bytes: 96 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: 1000,
+            max_headers: 100,
+            registrations_per_second: 0,
+            device_polls_per_10s: 5,
             handshake_timeout_secs: 10,
             header_timeout_secs: 30,
             request_timeout_secs: 30,

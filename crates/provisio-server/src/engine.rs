@@ -56,6 +56,10 @@ pub struct EngineSettings {
     pub signing_certificates_need_verified_ca: bool,
     /// How long enrollment groups and hubs are cached.
     pub cache_ttl: std::time::Duration,
+    /// Registrations per second of this node (0: no limit).
+    pub registrations_per_second: u32,
+    /// Polls per device per 10 s (DPS: 5; 0: no limit).
+    pub device_polls_per_10s: usize,
 }
 
 /// The registration engine.
@@ -65,6 +69,8 @@ pub struct Engine {
     certificates: Certificates,
     assigner: crate::assignment::Assigner,
     group_cache: Arc<crate::cache::TtlCache<Vec<EnrollmentGroup>>>,
+    registrations: Arc<crate::http::limit::RateLimiter>,
+    polls: Arc<crate::http::limit::KeyedWindow>,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
 }
@@ -86,11 +92,18 @@ impl Engine {
         assigner: crate::assignment::Assigner,
     ) -> Self {
         let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
+        let registrations = Arc::new(crate::http::limit::RateLimiter::new(settings.registrations_per_second));
+        let polls = Arc::new(crate::http::limit::KeyedWindow::new(
+            settings.device_polls_per_10s,
+            std::time::Duration::from_secs(10),
+        ));
         Self {
             certificates: Certificates::new(store.clone()),
             store,
             assigner,
             group_cache,
+            registrations,
+            polls,
             scope,
             settings: Arc::new(settings),
         }
@@ -295,6 +308,8 @@ impl Engine {
         credential: &Credential,
     ) -> Result<String, ServerError> {
         self.check_scope(scope)?;
+        // DPS-style throttling of the instance's registration rate.
+        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
         let id = Self::parse_id(registration_id)?;
         if let Some(body_id) = &request.registration_id
             && !body_id.eq_ignore_ascii_case(id.as_str())
@@ -375,6 +390,8 @@ impl Engine {
     ) -> Result<RegistrationOperationStatus, ServerError> {
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
+        // A device may poll 5 times per 10 s (DPS's limit); faster gets 429 + Retry-After.
+        self.polls.hit(id.key()).map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
         self.attest(&id, credential).await?;
         let not_found = || ServerError::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
@@ -507,6 +524,8 @@ mod tests {
                 sas_clock_skew_secs: 0,
                 signing_certificates_need_verified_ca: false,
                 cache_ttl: std::time::Duration::from_secs(1),
+                registrations_per_second: 0,
+                device_polls_per_10s: 0,
             },
             assigner,
         );

@@ -72,7 +72,31 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
             "database '{}' is not a postgres:// URL (leave it unset for the embedded SQLite database)",
             other.split('@').next_back().unwrap_or("")
         ))),
-        None => Ok(Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?)),
+        None => {
+            let db = config.data_dir.join(DATABASE_FILE);
+            let store = SqliteStore::open(&db).await?;
+            protect_secrets(&config.data_dir, &db);
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The database holds keys: only the service's user may read it (0600, directory 0700).
+fn protect_secrets(dir: &std::path::Path, db: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &std::path::Path, mode: u32| {
+            if p.exists()
+                && let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            {
+                tracing::warn!(path = %p.display(), error = %e, "cannot restrict permissions");
+            }
+        };
+        set(dir, 0o700);
+        for suffix in ["", "-wal", "-shm"] {
+            set(&std::path::PathBuf::from(format!("{}{suffix}", db.display())), 0o600);
+        }
     }
 }
 
@@ -212,10 +236,13 @@ impl Provisio {
                 sas_clock_skew_secs: c.sas_clock_skew_secs,
                 signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
                 cache_ttl: Duration::from_millis(c.cache_ttl_ms),
+                registrations_per_second: c.registrations_per_second,
+                device_polls_per_10s: c.device_polls_per_10s,
             },
             self.assigner(hubs.clone())?,
         );
         let group_cache = engine.group_cache();
+        let per_ip = Arc::new(http::limit::PerIpLimiter::new(c.max_connections_per_ip));
         let state = Arc::new(http::AppState {
             engine,
             service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs)
@@ -226,6 +253,7 @@ impl Provisio {
                 })
                 .with_group_cache(group_cache),
             service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
+            per_ip: per_ip.clone(),
             certificates: certificates::Certificates::new(store.clone()),
             hubs,
             max_body_bytes: c.max_body_bytes,
@@ -236,6 +264,7 @@ impl Provisio {
             max_connections: c.max_connections,
             handshake_timeout: Duration::from_secs(c.handshake_timeout_secs),
             header_timeout: Duration::from_secs(c.header_timeout_secs),
+            max_headers: c.max_headers,
         };
         let purge = tokio::spawn(purge_operations(store.clone(), c.operation_retention_hours));
         // One shutdown signal for every listener.
@@ -243,6 +272,7 @@ impl Provisio {
         let mqtt = listeners.mqtt.map(|l| {
             let mqtt_tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[]);
             let engine = state.engine.clone();
+            let per_ip = per_ip.clone();
             let mut rx = stop_rx.clone();
             let limits = mqtt::MqttLimits {
                 max_connections: c.max_connections,
@@ -254,10 +284,10 @@ impl Provisio {
             tokio::spawn(async move {
                 match mqtt_tls {
                     Ok(t) => {
-                        mqtt::serve(l, t, engine, limits, async move {
+                        mqtt::serve(l, t, engine, limits, per_ip, async move {
                             let _ = rx.wait_for(|s| *s).await;
                         })
-                        .await
+                        .await;
                     }
                     Err(e) => tracing::error!(error = %e, "MQTT listener not started"),
                 }

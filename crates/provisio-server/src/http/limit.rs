@@ -60,3 +60,120 @@ mod tests {
         assert!(RateLimiter::new(0).acquire().is_ok());
     }
 }
+
+/// Caps simultaneous connections per client IP address, across listeners.
+#[derive(Debug)]
+pub struct PerIpLimiter {
+    max: usize,
+    counts: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// Held for the life of a connection; frees its slot when dropped.
+#[derive(Debug)]
+pub struct IpPermit {
+    limiter: std::sync::Arc<PerIpLimiter>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIpLimiter {
+    /// At most `max` connections per IP (0: no limit).
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self { max, counts: Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// A slot for `ip`, or `None` when it already has `max` connections.
+    pub fn try_acquire(self: &std::sync::Arc<Self>, ip: std::net::IpAddr) -> Option<IpPermit> {
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(ip).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpPermit { limiter: self.clone(), ip })
+    }
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let mut counts = self.limiter.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Counts events per key in a sliding window: a device's polls (DPS allows 5 per 10 s).
+#[derive(Debug)]
+pub struct KeyedWindow {
+    max: usize,
+    window: Duration,
+    seen: Mutex<std::collections::HashMap<String, std::collections::VecDeque<Instant>>>,
+}
+
+impl KeyedWindow {
+    /// At most `max` events per `window` per key (0: no limit).
+    #[must_use]
+    pub fn new(max: usize, window: Duration) -> Self {
+        Self { max, window, seen: Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// Records an event for `key`, or says how long until the next one is allowed.
+    ///
+    /// # Errors
+    /// The wait, when `key` is over its limit.
+    pub fn hit(&self, key: &str) -> Result<(), Duration> {
+        if self.max == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Keep the map small: forget keys whose window has passed.
+        if seen.len() > 100_000 {
+            let w = self.window;
+            seen.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < w));
+        }
+        let q = seen.entry(key.to_owned()).or_default();
+        while q.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+            q.pop_front();
+        }
+        if q.len() >= self.max {
+            let oldest = q.front().copied().unwrap_or(now);
+            return Err(self.window.saturating_sub(now.duration_since(oldest)));
+        }
+        q.push_back(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn per_ip_slots_are_freed() {
+        let l = std::sync::Arc::new(PerIpLimiter::new(2));
+        let ip: std::net::IpAddr = [127, 0, 0, 1].into();
+        let a = l.try_acquire(ip).unwrap();
+        let _b = l.try_acquire(ip).unwrap();
+        assert!(l.try_acquire(ip).is_none());
+        assert!(l.try_acquire([10, 0, 0, 1].into()).is_some());
+        drop(a);
+        assert!(l.try_acquire(ip).is_some());
+    }
+
+    #[test]
+    fn keyed_window() {
+        let w = KeyedWindow::new(5, Duration::from_secs(10));
+        for _ in 0..5 {
+            assert!(w.hit("dev").is_ok());
+        }
+        let wait = w.hit("dev").unwrap_err();
+        assert!(wait > Duration::from_secs(9));
+        assert!(w.hit("other").is_ok());
+        assert!(KeyedWindow::new(0, Duration::from_secs(1)).hit("x").is_ok());
+    }
+}

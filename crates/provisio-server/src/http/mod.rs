@@ -34,6 +34,8 @@ pub struct ConnLimits {
     pub handshake_timeout: Duration,
     /// Request-head deadline (also the keep-alive idle limit).
     pub header_timeout: Duration,
+    /// Most request headers (HTTP/1.1; HTTP/2 gets a matching header-list size).
+    pub max_headers: usize,
 }
 
 /// Serves HTTPS on `listener` until `shutdown` resolves, then lets in-flight requests
@@ -46,11 +48,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let router = routes::router(state);
+    let router = routes::router(state.clone());
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_headers(limits.max_headers);
+    builder.http2().max_header_list_size(u32::try_from(limits.max_headers * 1024).unwrap_or(u32::MAX));
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
@@ -72,13 +75,17 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
+        let Some(ip_permit) = state.per_ip.try_acquire(peer.ip()) else {
+            tracing::warn!(%peer, "per-IP connection limit reached; closing connection");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, ip_permit);
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

@@ -32,6 +32,8 @@ pub struct AppState {
     pub certificates: Certificates,
     /// Linked hubs.
     pub hubs: crate::hubs::Hubs,
+    /// Connections per client IP, shared by every listener.
+    pub per_ip: Arc<super::limit::PerIpLimiter>,
     /// Rate limit of the service API.
     pub service_limiter: super::limit::RateLimiter,
     /// Largest body accepted.

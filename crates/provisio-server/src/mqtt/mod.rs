@@ -46,6 +46,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     engine: Engine,
     limits: MqttLimits,
+    per_ip: Arc<crate::http::limit::PerIpLimiter>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -67,10 +68,14 @@ pub async fn serve(
             tracing::warn!(%peer, max = limits.max_connections, "MQTT connection limit reached; closing connection");
             continue;
         };
+        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
+            tracing::warn!(%peer, "per-IP connection limit reached; closing MQTT connection");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, engine) = (acceptor.clone(), engine.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, ip_permit);
             let deadline = tokio::time::Instant::now() + limits.connect_timeout;
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,

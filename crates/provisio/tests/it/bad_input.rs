@@ -352,3 +352,89 @@ async fn tls_1_2_and_1_3_without_alpn_older_versions_refused() {
     }
     // The server asks for a client certificate but does not require one (curl sent none above).
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_connection_limits() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("p.toml");
+    std::fs::write(&cfg, "max_connections_per_ip = 3\nregistrations_per_second = 2\nmax_headers = 40\n").unwrap();
+    let s = Server::start(&tmp.path().join("d"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let scope = s.info.id_scope.clone();
+    // Secrets on disk are private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("d/provisio.sqlite")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(tmp.path().join("d")).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+    let e =
+        put_enrollment(&s, false, "thr-1", json!({"registrationId": "thr-1", "attestation": {"type": "symmetricKey"}}))
+            .await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let tok = device_token(&scope, "thr-1", &key, now() + 600);
+    let reg = format!("/{scope}/registrations/thr-1/register?api-version=2019-03-31");
+
+    // Instance registration rate: a quick burst over 2/s (bursts of 4) gets 429 + Retry-After.
+    let mut op = None;
+    let mut throttled = false;
+    for _ in 0..8 {
+        let (st, v) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
+        match st {
+            202 => op = v["operationId"].as_str().map(str::to_owned),
+            429 => {
+                assert_dps_error(st, &v, 429, 429_001);
+                throttled = true;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert!(throttled, "8 registrations at once were never throttled at 2/s");
+    // Device polls: 5 per 10 s, then 429.
+    let poll = format!("/{scope}/registrations/thr-1/operations/{}?api-version=2019-03-31", op.unwrap());
+    for i in 0..5 {
+        let (st, v) = send(&s, Method::GET, &poll, Some(&tok), "").await;
+        assert_eq!(st, 200, "poll {i}: {v}");
+    }
+    let r = s.client().get(s.url(&poll)).header("Authorization", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry), "{retry}");
+    assert_dps_error(429, &r.json::<Value>().await.unwrap(), 429, 429_001);
+
+    // Too many headers (HTTP/1.1): refused before any handler runs.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(s.ca_file()).unwrap()).unwrap();
+    let h1 = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .resolve("localhost", ([127, 0, 0, 1], s.port).into())
+        .http1_only()
+        .build()
+        .unwrap();
+    assert_eq!(h1.get(s.url("/health")).send().await.unwrap().status(), 200);
+    let mut rb = h1.get(s.url("/health"));
+    for i in 0..60 {
+        rb = rb.header(format!("x-h-{i}"), "v");
+    }
+    assert_eq!(rb.send().await.map(|r| r.status().as_u16()).unwrap_or(431), 431);
+    drop(h1);
+
+    // Per-IP connections: the fourth simultaneous connection from 127.0.0.1 is closed at once.
+    let port = s.port;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut fourth = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), fourth.read(&mut b))
+        .await
+        .expect("fourth connection not closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection was served");
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (st, _) = send(&s, Method::GET, "/health", None, "").await;
+    assert_eq!(st, 200, "slots are freed when connections close");
+}
