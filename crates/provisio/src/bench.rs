@@ -79,6 +79,9 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
         .args(["--linked-hub", "bench-hub.example.net", "--retry-after-secs", "0"])
         .env("PROVISIO_SERVICE_REQUESTS_PER_SECOND", "0")
         .env("PROVISIO_MAX_CONNECTIONS", "100000")
+        // All load comes from 127.0.0.1 and polls at once: lift the per-IP and per-device limits.
+        .env("PROVISIO_MAX_CONNECTIONS_PER_IP", "0")
+        .env("PROVISIO_DEVICE_POLLS_PER_10S", "0")
         .env("PROVISIO_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
