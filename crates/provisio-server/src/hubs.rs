@@ -90,7 +90,7 @@ impl Hubs {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn new_ref(store: &dyn Store) -> Result<Vec<String>, ServerError> {
+    pub async fn linked_names(store: &dyn Store) -> Result<Vec<String>, ServerError> {
         let docs = store.list(Collection::Hubs, None, MAX_HUBS).await?;
         Ok(docs.iter().filter_map(|d| serde_json::from_str::<LinkedHub>(&d.body).ok()).map(|h| h.host_name).collect())
     }

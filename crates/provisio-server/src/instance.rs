@@ -227,7 +227,7 @@ pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Optio
         &owner,
         &endpoint,
         local_ca.then_some(ca_file),
-        crate::hubs::Hubs::new_ref(store).await?,
+        crate::hubs::Hubs::linked_names(store).await?,
     )))
 }
 

@@ -5,7 +5,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -587,6 +586,5 @@ async fn preload(dir: &std::path::Path, n: usize) -> Result<()> {
     }
     bar.finish_and_clear();
     store.close().await;
-    let _: Option<PathBuf> = None;
     Ok(())
 }

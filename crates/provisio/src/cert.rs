@@ -132,10 +132,8 @@ fn load_issuer(a: &IssuerArgs, out_dir: &Path) -> Result<Issuer> {
     Ok(Issuer { ca: CertAndKey { cert_pem, key_pem: read(&key_path)? }, chain_pem })
 }
 
-fn write(path: &Path, content: &str, force: bool, secret: bool) -> Result<()> {
-    if path.exists() && !force {
-        bail!("{} exists; pass --force to overwrite it", path.display());
-    }
+/// Writes one file; `emit` has already refused to overwrite without --force.
+fn write(path: &Path, content: &str, secret: bool) -> Result<()> {
     std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
     #[cfg(unix)]
     if secret {
@@ -168,7 +166,7 @@ fn emit(name: &str, opts: &Opts, issued: &CertAndKey, chain_above: Option<&str>)
         bail!("{} exists; pass --force to overwrite it", p.display());
     }
     for (p, c, secret) in &files {
-        write(p, c, true, *secret)?;
+        write(p, c, *secret)?;
     }
     Ok(())
 }
