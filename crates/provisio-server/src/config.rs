@@ -82,6 +82,28 @@ pub struct ServerConfig {
     /// How long enrollment groups and linked hubs are cached, in milliseconds (changes made
     /// through another node apply within this time; 0 disables the cache).
     pub cache_ttl_ms: u64,
+    /// Key (base64 of 32 random bytes) that encrypts symmetric keys, policy keys and
+    /// private keys in the store (AES-256-GCM). Unset: stored in plain.
+    pub encryption_key: Option<Secret>,
+    /// Older keys, only used to read values sealed before a rotation.
+    pub encryption_previous_keys: Vec<Secret>,
+    /// The audit log (JSON lines): a file path, empty for `{data_dir}/audit.jsonl`, or `off`.
+    pub audit_log: String,
+    /// Size at which the audit log is rotated, in MiB.
+    pub audit_log_max_mb: u64,
+    /// Rotated audit log files kept (`audit.jsonl.1` is the newest).
+    pub audit_log_keep: u32,
+}
+
+/// A configured secret: kept out of `Debug` output so it never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
 }
 
 impl Default for ServerConfig {
@@ -119,11 +141,26 @@ impl Default for ServerConfig {
             max_bulk_items: 10,
             max_query_page_size: 1000,
             cache_ttl_ms: 1000,
+            encryption_key: None,
+            encryption_previous_keys: Vec::new(),
+            audit_log: String::new(),
+            audit_log_max_mb: 100,
+            audit_log_keep: 5,
         }
     }
 }
 
 impl ServerConfig {
+    /// The audit log's file, or `None` when it is `off`.
+    #[must_use]
+    pub fn audit_log_path(&self) -> Option<PathBuf> {
+        match self.audit_log.trim() {
+            "off" => None,
+            "" => Some(self.data_dir.join("audit.jsonl")),
+            p => Some(PathBuf::from(p)),
+        }
+    }
+
     /// The host names to serve: the configured ones, or the defaults.
     #[must_use]
     pub fn effective_hostnames(&self) -> Vec<String> {

@@ -47,6 +47,27 @@ pub enum Credential {
     None,
 }
 
+/// Where a request came from, for the audit log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin {
+    /// `https`, `mqtt` or `amqp`.
+    pub transport: &'static str,
+    /// The client's IP address.
+    pub peer: Option<std::net::IpAddr>,
+}
+
+impl Credential {
+    /// The attestation kind, as the audit log names it.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sas(_) => "symmetricKey",
+            Self::X509(_) => "x509",
+            Self::None => "none",
+        }
+    }
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -73,6 +94,7 @@ pub struct Engine {
     polls: Arc<crate::http::limit::KeyedWindow>,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
+    audit: crate::audit::AuditLog,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -106,7 +128,15 @@ impl Engine {
             polls,
             scope,
             settings: Arc::new(settings),
+            audit: crate::audit::AuditLog::disabled(),
         }
+    }
+
+    /// Records every registration attempt in `audit`.
+    #[must_use]
+    pub fn with_audit(mut self, audit: crate::audit::AuditLog) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Every enrollment group, parsed; cached for a moment because every group device's
@@ -307,6 +337,78 @@ impl Engine {
         request: DeviceRegistration,
         credential: &Credential,
     ) -> Result<String, ServerError> {
+        self.register_from(&Origin::default(), scope, registration_id, Ok(request), credential).await
+    }
+
+    /// A registration attempt from `origin`, audited whatever its result. `request` is the
+    /// parsed body, or why the front-end could not parse it (still an attempt to record).
+    /// Errors come back with the tracking id the audit line carries.
+    ///
+    /// # Errors
+    /// As [`Engine::register`], plus the front-end's own refusal.
+    pub async fn register_from(
+        &self,
+        origin: &Origin,
+        scope: &str,
+        registration_id: &str,
+        request: Result<DeviceRegistration, ServerError>,
+        credential: &Credential,
+    ) -> Result<String, ServerError> {
+        let result = match request {
+            Ok(r) => self.register_inner(scope, registration_id, r, credential).await,
+            Err(e) => Err(e),
+        };
+        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
+        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
+        entry.peer = origin.peer;
+        entry.credential = Some(credential.kind().to_owned());
+        let result = match result {
+            Ok((operation_id, record)) => {
+                entry.status = 202;
+                entry.operation_id = Some(operation_id.clone());
+                if let EnrollmentSource::Group { enrollment_group_id } = &record.source {
+                    entry.enrollment_group_id = Some(enrollment_group_id.clone());
+                }
+                match record.outcome {
+                    Outcome::Assigned { assigned_hub, device_id, .. } => {
+                        entry.result = "assigned".into();
+                        entry.assigned_hub = Some(assigned_hub);
+                        entry.device_id = Some(device_id);
+                    }
+                    Outcome::Failed { error_code, error_message } => {
+                        entry.result = "failed".into();
+                        entry.error_code = Some(error_code);
+                        entry.reason = Some(error_message);
+                    }
+                    Outcome::Disabled => {
+                        entry.result = "disabled".into();
+                        entry.reason = Some("the enrollment is disabled".into());
+                    }
+                }
+                Ok(operation_id)
+            }
+            Err(e) => {
+                let (e, tracking_id) = e.tracked();
+                entry.result = "refused".into();
+                entry.status = e.status();
+                entry.error_code = Some(e.code());
+                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+                entry.tracking_id = Some(tracking_id);
+                Err(e)
+            }
+        };
+        self.audit.record(&entry).await;
+        result
+    }
+
+    async fn register_inner(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        request: DeviceRegistration,
+        credential: &Credential,
+    ) -> Result<(String, RegistrationRecord), ServerError> {
         self.check_scope(scope)?;
         // DPS-style throttling of the instance's registration rate.
         self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
@@ -373,7 +475,7 @@ impl Engine {
         };
         self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
         tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
-        Ok(operation_id)
+        Ok((operation_id, record))
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.

@@ -58,6 +58,14 @@ pub enum ServerError {
     /// Rate limit reached; retry after this many seconds.
     #[error("too many requests: retry after {0} s")]
     Throttled(u64),
+    /// Another error whose tracking id is already recorded (in the audit log).
+    #[error("{inner}")]
+    Tracked {
+        /// The error.
+        inner: Box<ServerError>,
+        /// The tracking id to answer with.
+        tracking_id: String,
+    },
 }
 
 impl ServerError {
@@ -76,10 +84,54 @@ impl ServerError {
         Self::Unauthorized { public: "Unauthorized".into(), detail: detail.into(), tracking_id: None }
     }
 
+    /// Gives the error a tracking id (kept if it already has one) and returns it.
+    #[must_use]
+    pub fn tracked(self) -> (Self, String) {
+        match self.tracking_id() {
+            Some(t) => {
+                let t = t.to_owned();
+                (self, t)
+            }
+            None => {
+                let t = uuid::Uuid::new_v4().to_string();
+                (Self::Tracked { inner: Box::new(self), tracking_id: t.clone() }, t)
+            }
+        }
+    }
+
+    /// The tracking id already given to this error, if any.
+    #[must_use]
+    pub fn tracking_id(&self) -> Option<&str> {
+        match self {
+            Self::Unauthorized { tracking_id: Some(t), .. } | Self::Tracked { tracking_id: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The error itself, without its tracking id.
+    #[must_use]
+    pub fn untracked(&self) -> &Self {
+        match self {
+            Self::Tracked { inner, .. } => inner.untracked(),
+            other => other,
+        }
+    }
+
+    /// Seconds the client should wait before retrying, for errors that have one.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<u64> {
+        match self.untracked() {
+            Self::Throttled(s) => Some(*s),
+            Self::Timeout => Some(5),
+            _ => None,
+        }
+    }
+
     /// The DPS error code.
     #[must_use]
     pub fn code(&self) -> u32 {
         match self {
+            Self::Tracked { inner, .. } => inner.code(),
             Self::BadRequest { code, .. } | Self::NotFound { code, .. } => *code,
             Self::Unauthorized { .. } => codes::UNAUTHORIZED,
             Self::Forbidden(_) => codes::FORBIDDEN,
@@ -104,6 +156,7 @@ impl ServerError {
     pub fn detail(&self) -> Option<&str> {
         match self {
             Self::Unauthorized { detail, .. } | Self::Internal(detail) => Some(detail),
+            Self::Tracked { inner, .. } => inner.detail(),
             _ => None,
         }
     }
@@ -111,10 +164,7 @@ impl ServerError {
     /// Builds the body, logging the failure under a fresh tracking id.
     #[must_use]
     pub fn to_body(&self) -> ErrorBody {
-        let tracking_id = match self {
-            Self::Unauthorized { tracking_id: Some(t), .. } => t.clone(),
-            _ => uuid::Uuid::new_v4().to_string(),
-        };
+        let tracking_id = self.tracking_id().map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
         let code = self.code();
         match self.detail() {
             Some(detail) if code >= 500_000 => {

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod assignment;
+pub mod audit;
 pub mod cache;
 pub mod certificates;
 pub mod config;
@@ -28,10 +29,10 @@ pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-pub use config::ServerConfig;
+pub use config::{Secret, ServerConfig};
 pub use error::ServerError;
 pub use instance::InstanceInfo;
-use provisio_store::{PostgresStore, SqliteStore, Store};
+use provisio_store::{Collection, Keyring, PostgresStore, SealedStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 
 /// File name of the embedded database inside the data directory.
@@ -61,6 +62,49 @@ pub struct Provisio {
 /// # Errors
 /// If the directory or database cannot be created or reached.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    let store = open_raw_store(config).await?;
+    let keys = keyring(config)?;
+    if keys.is_empty() {
+        // Without a key, sealed secrets would surface later as baffling parse errors.
+        if let Some(identity) = store.get(Collection::Meta, "identity").await?
+            && provisio_store::sealed::has_sealed_values(&identity.body)
+        {
+            return Err(ServerError::invalid(
+                "the database holds encrypted secrets: set encryption_key (PROVISIO_ENCRYPTION_KEY) to the key they were sealed with",
+            ));
+        }
+        return Ok(store);
+    }
+    let sealed = SealedStore::new(store, keys);
+    // A wrong key is a configuration error: say so at start, not on the first request.
+    sealed.get(Collection::Meta, "identity").await.map_err(|e| match e {
+        provisio_store::StoreError::Backend(m) => ServerError::invalid(m),
+        other => ServerError::from(other),
+    })?;
+    Ok(Arc::new(sealed))
+}
+
+fn keyring(config: &ServerConfig) -> Result<Keyring, ServerError> {
+    let previous: Vec<String> = config.encryption_previous_keys.iter().map(|k| k.0.clone()).collect();
+    Keyring::new(config.encryption_key.as_ref().map(|k| k.0.as_str()), &previous)
+        .map_err(|e| ServerError::invalid(e.to_string()))
+}
+
+/// Re-encrypts every stored secret with the current `encryption_key` (or stores them in
+/// plain when none is set, reading with `encryption_previous_keys`): run after enabling
+/// encryption or rotating the key. Returns how many documents changed.
+///
+/// # Errors
+/// If the store fails or a secret was sealed with a key that is not configured.
+pub async fn reseal(config: &ServerConfig) -> Result<u64, ServerError> {
+    let store = open_raw_store(config).await?;
+    let sealed = SealedStore::new(store.clone(), keyring(config)?);
+    let changed = sealed.reseal_all().await;
+    store.close().await;
+    Ok(changed?)
+}
+
+async fn open_raw_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
     tokio::fs::create_dir_all(&config.data_dir).await.map_err(|e| {
         ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display()))
     })?;
@@ -241,6 +285,17 @@ impl Provisio {
             },
             self.assigner(hubs.clone())?,
         );
+        let audit = match c.audit_log_path() {
+            Some(path) => crate::audit::AuditLog::open(crate::audit::AuditConfig {
+                path: path.clone(),
+                max_bytes: c.audit_log_max_mb.saturating_mul(1024 * 1024).max(4096),
+                keep: c.audit_log_keep,
+            })
+            .await
+            .map_err(|e| ServerError::invalid(format!("cannot open the audit log {}: {e}", path.display())))?,
+            None => crate::audit::AuditLog::disabled(),
+        };
+        let engine = engine.with_audit(audit.clone());
         let group_cache = engine.group_cache();
         let per_ip = Arc::new(http::limit::PerIpLimiter::new(c.max_connections_per_ip));
         let state = Arc::new(http::AppState {
@@ -259,6 +314,7 @@ impl Provisio {
             max_body_bytes: c.max_body_bytes,
             retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),
+            audit: audit.clone(),
         });
         let limits = http::ConnLimits {
             max_connections: c.max_connections,
@@ -304,6 +360,7 @@ impl Provisio {
             let _ = m.await;
         }
         purge.abort();
+        audit.flush().await;
         self.store.close().await;
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! race, and SQLite runs with `synchronous=FULL` so an acknowledged write survives a crash.
 
 mod postgres;
+pub mod sealed;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use thiserror::Error;
 
 pub use postgres::PostgresStore;
+pub use sealed::{Keyring, SealedStore};
 pub use sqlite::SqliteStore;
 
 /// A kind of document.

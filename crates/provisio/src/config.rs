@@ -45,6 +45,11 @@ const ENV_KEYS: &[&str] = &[
     "max_bulk_items",
     "max_query_page_size",
     "cache_ttl_ms",
+    "encryption_key",
+    "encryption_previous_keys",
+    "audit_log",
+    "audit_log_max_mb",
+    "audit_log_keep",
     "log_format",
     "log",
 ];

@@ -1,5 +1,6 @@
 //! `provisio`: the Provisio server and its command-line tools.
 
+mod audit;
 mod bench;
 mod cert;
 mod config;
@@ -78,6 +79,17 @@ enum Command {
         #[command(subcommand)]
         cmd: ops::PolicyCommand,
     },
+    /// Read the audit log: registration attempts and service API changes.
+    Audit(audit::AuditArgs),
+    /// Re-encrypt every stored secret with the current encryption_key (after enabling
+    /// encryption or rotating the key; see the README).
+    Rekey(RekeyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RekeyArgs {
+    #[command(flatten)]
+    common: config::CommonArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +135,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Certificate { conn, cmd } => ops::certificate::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Hub { conn, cmd } => ops::hub::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Policy { conn, cmd } => ops::policy::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::Audit(args) => audit::run(&args),
+        Command::Rekey(args) => rekey(args).await,
     }
 }
 
@@ -188,6 +202,16 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutdown requested");
+}
+
+async fn rekey(args: RekeyArgs) -> Result<()> {
+    let config = config::load_common(&args.common)?;
+    let changed = provisio_server::reseal(&config).await.context("re-encrypting the stored secrets failed")?;
+    match config.encryption_key {
+        Some(_) => println!("{changed} documents re-encrypted with the current encryption_key."),
+        None => println!("{changed} documents now hold their secrets in plain (no encryption_key is set)."),
+    }
+    Ok(())
 }
 
 async fn info(args: InfoArgs) -> Result<()> {

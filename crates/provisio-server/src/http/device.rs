@@ -45,9 +45,9 @@ fn with_retry_after(mut r: Response, secs: u32) -> Response {
 
 /// `PUT /{scope}/registrations/{id}/register`.
 pub async fn register(state: &AppState, req: &mut Req, scope: &str, id: &str) -> Result<Response, ServerError> {
-    req.require_api_version(DEVICE_API_VERSIONS)?;
-    let body = registration_body(req)?;
-    let op = state.engine.register(scope, id, body, &credential(req)).await?;
+    let body = req.require_api_version(DEVICE_API_VERSIONS).and_then(|()| registration_body(req));
+    let origin = crate::engine::Origin { transport: "https", peer: req.peer_ip };
+    let op = state.engine.register_from(&origin, scope, id, body, &credential(req)).await?;
     let mut r = response::json(StatusCode::ACCEPTED, &RegistrationOperationStatus::accepted(op));
     if let Some(host) = &req.authority {
         let loc = format!("https://{host}/{scope}/registrations/{id}/register");

@@ -25,6 +25,10 @@ pub use routes::AppState;
 #[derive(Debug, Clone, Default)]
 pub struct PeerCertificates(pub Option<Arc<Vec<CertificateDer<'static>>>>);
 
+/// The client's IP address (for the audit log).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::IpAddr);
+
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -105,6 +109,7 @@ pub async fn serve(
             );
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer_certs.clone());
+                req.extensions_mut().insert(PeerAddr(peer.ip()));
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);

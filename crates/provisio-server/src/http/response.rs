@@ -47,14 +47,8 @@ pub fn error(e: &ServerError) -> Response {
     if let Ok(v) = HeaderValue::from_str(&body.error_code.to_string()) {
         h.insert("x-ms-error-code", v);
     }
-    match e {
-        ServerError::Timeout => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        }
-        ServerError::Throttled(secs) => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
-        }
-        _ => {}
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub retry_after_secs: u32,
     /// Deadline for one request.
     pub request_timeout: Duration,
+    /// Where service API changes are recorded.
+    pub audit: crate::audit::AuditLog,
 }
 
 /// The router: everything goes through [`dispatch`].
@@ -67,6 +69,8 @@ pub struct Req {
     pub authority: Option<String>,
     /// The client certificate chain from the TLS handshake.
     pub peer: super::PeerCertificates,
+    /// The client's IP address.
+    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 impl Req {
@@ -132,6 +136,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         })
         .collect();
     let peer = parts.extensions.get::<super::PeerCertificates>().cloned().unwrap_or_default();
+    let peer_ip = parts.extensions.get::<super::PeerAddr>().map(|a| a.0);
     let body = match read_body(&parts.headers, body, state.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return response::error(&e),
@@ -141,16 +146,59 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         .authority()
         .map(ToString::to_string)
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let req = Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer };
+    let req =
+        Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer, peer_ip };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
+    let change = is_service_change(&req);
+    let key_name = if change { key_name(&req) } else { None };
+    let peer_ip = req.peer_ip;
+    let mut reason = None;
     let resp = match tokio::time::timeout(state.request_timeout, route(&state, req)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => response::error(&e),
+        Ok(Err(e)) => {
+            if change {
+                reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+            }
+            response::error(&e)
+        }
         Err(_) => response::error(&ServerError::Timeout),
     };
-    tracing::debug!(%method, path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis(), "request");
+    let status = resp.status().as_u16();
+    tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis(), "request");
+    if change {
+        let mut e = crate::audit::Entry::new(crate::audit::Kind::Service, format!("{method} {path}"));
+        e.peer = peer_ip;
+        e.credential = key_name;
+        e.status = status;
+        e.result = if resp.status().is_success() { "ok" } else { "refused" }.into();
+        e.reason = reason;
+        {
+            let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            e.error_code = header("x-ms-error-code").and_then(|c| c.parse().ok());
+            e.tracking_id = if resp.status().is_success() { None } else { header("x-ms-request-id") };
+        }
+        state.audit.record(&e).await;
+    }
     resp
+}
+
+/// Whether a request would change state through the service API (those are audited).
+fn is_service_change(req: &Req) -> bool {
+    const SERVICE: &[&str] =
+        &["enrollments", "enrollmentgroups", "registrations", "linkedhubs", "policies", "certificates"];
+    let Some(first) = req.segments.first() else { return false };
+    let read_only_post = req.segments.last().is_some_and(|l| is(l, "query") || is(l, "attestationmechanism"));
+    SERVICE.iter().any(|s| is(first, s))
+        && !matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && !(req.method == Method::POST && read_only_post)
+}
+
+/// The policy a service request claims to act as (`skn` of its SAS token); never more of
+/// the token than that.
+fn key_name(req: &Req) -> Option<String> {
+    let raw = req.header(header::AUTHORIZATION.as_str())?;
+    provisio_core::sas::SasToken::parse(raw).ok().and_then(|t| t.skn).map(|k| crate::engine::shorten(&k))
 }
 
 fn is(seg: &str, lit: &str) -> bool {

@@ -94,7 +94,8 @@ pub async fn serve(
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
                 .unwrap_or_default();
-            match connection(tls, chain, &engine, limits, deadline).await {
+            let origin = crate::engine::Origin { transport: "mqtt", peer: Some(peer.ip()) };
+            match connection(tls, chain, &engine, limits, deadline, origin).await {
                 Ok(reason) => tracing::debug!(%peer, reason, "MQTT connection closed"),
                 Err(reason) => tracing::info!(%peer, reason, "MQTT connection dropped"),
             }
@@ -109,6 +110,7 @@ async fn connection<S>(
     engine: &Engine,
     limits: MqttLimits,
     connect_deadline: tokio::time::Instant,
+    origin: crate::engine::Origin,
 ) -> Result<String, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -162,7 +164,7 @@ where
                             (None, true) => Credential::None,
                         };
                         let (status, retry, body) =
-                            serve_request(engine, &identity, &credential, &req, limits.retry_after_secs).await;
+                            serve_request(engine, &identity, &credential, &req, limits.retry_after_secs, &origin).await;
                         next.extend(session.respond(&req.rid, status, retry, body));
                     }
                     Event::Close(reason) => {
@@ -193,10 +195,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
     let status = e.status();
-    let retry = match e {
-        ServerError::Throttled(s) => Some(u32::try_from(*s).unwrap_or(5)),
-        _ if status >= 500 => Some(5),
-        _ => None,
+    let retry = match e.retry_after() {
+        Some(s) => Some(u32::try_from(s).unwrap_or(5)),
+        None if status >= 500 => Some(5),
+        None => None,
     };
     (status, retry, to_json(&e.to_body()))
 }
@@ -208,28 +210,32 @@ async fn serve_request(
     credential: &Credential,
     req: &Request,
     retry_after: u32,
+    origin: &crate::engine::Origin,
 ) -> (u16, Option<u32>, Vec<u8>) {
     let result = async {
-        match id.api_version.as_deref() {
-            None => return Err(ServerError::invalid("The MQTT username carries no api-version.")),
+        let version = match id.api_version.as_deref() {
+            None => Err(ServerError::invalid("The MQTT username carries no api-version.")),
             Some(v) if !provisio_proto::is_supported_api_version(DEVICE_API_VERSIONS, v) => {
-                return Err(ServerError::invalid(format!("Unsupported API version {}.", crate::engine::shorten(v))));
+                Err(ServerError::invalid(format!("Unsupported API version {}.", crate::engine::shorten(v))))
             }
-            Some(_) => {}
-        }
+            Some(_) => Ok(()),
+        };
         match &req.kind {
             RequestKind::Register(body) => {
-                let registration: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
-                    DeviceRegistration::default()
-                } else {
-                    serde_json::from_slice(body).map_err(|e| {
-                        ServerError::malformed(format!("The payload is not a valid DeviceRegistration: {e}"))
-                    })?
-                };
-                let op = engine.register(&id.scope, &id.registration_id, registration, credential).await?;
+                let registration = version.and_then(|()| {
+                    if body.iter().all(u8::is_ascii_whitespace) {
+                        Ok(DeviceRegistration::default())
+                    } else {
+                        serde_json::from_slice::<DeviceRegistration>(body).map_err(|e| {
+                            ServerError::malformed(format!("The payload is not a valid DeviceRegistration: {e}"))
+                        })
+                    }
+                });
+                let op = engine.register_from(origin, &id.scope, &id.registration_id, registration, credential).await?;
                 Ok((202, Some(retry_after), to_json(&RegistrationOperationStatus::accepted(op))))
             }
             RequestKind::Poll { operation_id } => {
+                version?;
                 if operation_id.is_empty() {
                     return Err(ServerError::invalid("The poll topic needs &operationId=…"));
                 }
@@ -240,13 +246,13 @@ async fn serve_request(
                     (200, None, to_json(&st))
                 })
             }
-            RequestKind::Unknown(topic) => Err(ServerError::NotFound {
+            RequestKind::Unknown(topic) => version.and(Err(ServerError::NotFound {
                 code: provisio_proto::error::codes::NOT_FOUND,
                 message: format!(
                     "Unknown topic '{}'; DPS serves iotdps-register and iotdps-get-operationstatus.",
                     crate::engine::shorten(topic)
                 ),
-            }),
+            })),
         }
     }
     .await;

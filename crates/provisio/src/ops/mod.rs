@@ -5,7 +5,7 @@ pub mod certificate;
 pub mod client;
 mod enrollment;
 pub mod hub;
-mod output;
+pub mod output;
 pub mod policy;
 pub mod registration;
 

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod device;
 mod durability;
+mod hardening;
 mod interop;
 mod mqtt;
 mod multinode;

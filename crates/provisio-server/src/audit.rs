@@ -1,0 +1,375 @@
+//! The audit log: one JSON line for every registration attempt (successful or not, with
+//! its precise reason and tracking id) and for every change made through the service API.
+//!
+//! Lines go through a channel to one writer task, which appends them to the file in
+//! batches (one `write` per batch) and rotates the file by size; a request is answered
+//! only after its line is written, so a crash of the process loses no line of an answered
+//! request. `provisio audit` reads the files back.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{io::AsyncWriteExt, sync::mpsc};
+
+/// What an audit line is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Kind {
+    /// A device's registration attempt.
+    Registration,
+    /// A change through the service API.
+    Service,
+}
+
+/// One audit line. Secrets never appear: no token, key or signature is ever put here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    /// When (RFC 3339, UTC).
+    pub time: String,
+    /// Registration attempt or service change.
+    pub kind: Kind,
+    /// `register`, or the service request (`PUT /enrollments/{id}`).
+    pub action: String,
+    /// The registration id (registration attempts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_id: Option<String>,
+    /// `https`, `mqtt` or `amqp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// The client's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<IpAddr>,
+    /// `symmetricKey`, `x509` or `none` (registration attempts); the policy name (service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// `assigned`, `failed`, `disabled` (registration recorded) or `refused`.
+    pub result: String,
+    /// HTTP-style status answered.
+    pub status: u16,
+    /// DPS error code, when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    /// The precise reason (also what the device was not told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Tracking id of the error answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_id: Option<String>,
+    /// Operation id of an accepted registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+    /// The enrollment group that matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The hub assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// The device id at the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+impl Entry {
+    /// A blank entry stamped now.
+    #[must_use]
+    pub fn new(kind: Kind, action: impl Into<String>) -> Self {
+        Self {
+            time: provisio_core::timefmt::now(),
+            kind,
+            action: action.into(),
+            registration_id: None,
+            transport: None,
+            peer: None,
+            credential: None,
+            result: String::new(),
+            status: 0,
+            error_code: None,
+            reason: None,
+            tracking_id: None,
+            operation_id: None,
+            enrollment_group_id: None,
+            assigned_hub: None,
+            device_id: None,
+        }
+    }
+}
+
+/// Where the log goes and when it rotates.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The current file; rotated files are `{path}.1` (newest) to `{path}.{keep}`.
+    pub path: PathBuf,
+    /// Size at which the file is rotated.
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: u32,
+}
+
+enum Msg {
+    /// A line, and who waits for it to be written.
+    Line(String, tokio::sync::oneshot::Sender<()>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// A handle to the audit log; cheap to clone. A disabled log drops entries.
+#[derive(Clone, Debug, Default)]
+pub struct AuditLog {
+    tx: Option<mpsc::Sender<Msg>>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+/// Lines queued before senders wait for the writer (back-pressure, never loss).
+const QUEUE: usize = 16_384;
+
+impl AuditLog {
+    /// A log that records nothing (`audit_log = "off"`).
+    #[must_use]
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// Opens (creating if needed, mode 0600) the log file and starts its writer task.
+    ///
+    /// # Errors
+    /// If the file cannot be opened.
+    pub async fn open(config: AuditConfig) -> std::io::Result<Self> {
+        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let file = open_append(&config.path).await?;
+        let size = file.metadata().await?.len();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(writer(config, file, size, rx));
+        Ok(Self { tx: Some(tx) })
+    }
+
+    /// Writes an entry: returns once the line is handed to the operating system, so an
+    /// answer sent after it is never missing from the log, even after a kill -9. Lines of
+    /// concurrent requests share one `write`.
+    pub async fn record(&self, entry: &Entry) {
+        let Some(tx) = &self.tx else { return };
+        match serde_json::to_string(entry) {
+            Ok(line) => {
+                let (done, written) = tokio::sync::oneshot::channel();
+                if tx.send(Msg::Line(line, done)).await.is_err() || written.await.is_err() {
+                    tracing::error!("audit log writer has stopped; entry lost");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "audit entry not serialisable"),
+        }
+    }
+
+    /// Waits until everything queued so far is written (used at shutdown and in tests).
+    pub async fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn open_append(path: &Path) -> std::io::Result<tokio::fs::File> {
+    let mut o = tokio::fs::OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    o.open(path).await
+}
+
+async fn writer(config: AuditConfig, mut file: tokio::fs::File, mut size: u64, mut rx: mpsc::Receiver<Msg>) {
+    let mut batch = Vec::with_capacity(256);
+    let mut buf = String::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut waiting = Vec::new();
+        for m in batch.drain(..) {
+            match m {
+                Msg::Line(l, done) => {
+                    buf.push_str(&l);
+                    buf.push('\n');
+                    waiting.push(done);
+                }
+                Msg::Flush(done) => waiting.push(done),
+            }
+        }
+        if !buf.is_empty() {
+            // tokio's File writes in the background: flush waits for the write itself.
+            let written = async {
+                file.write_all(buf.as_bytes()).await?;
+                file.flush().await
+            };
+            if let Err(e) = written.await {
+                tracing::error!(error = %e, path = %config.path.display(), "cannot write the audit log");
+            }
+            size += buf.len() as u64;
+            buf.clear();
+            if size >= config.max_bytes {
+                match rotate(&config).await {
+                    Ok(f) => {
+                        file = f;
+                        size = 0;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot rotate the audit log"),
+                }
+            }
+        }
+        for w in waiting {
+            let _ = w.send(());
+        }
+    }
+    let _ = file.sync_all().await;
+}
+
+/// `{path}.{n}` for a rotated file.
+#[must_use]
+pub fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+async fn rotate(config: &AuditConfig) -> std::io::Result<tokio::fs::File> {
+    if config.keep == 0 {
+        tokio::fs::remove_file(&config.path).await?;
+    } else {
+        let _ = tokio::fs::remove_file(rotated(&config.path, config.keep)).await;
+        for n in (1..config.keep).rev() {
+            let from = rotated(&config.path, n);
+            if tokio::fs::try_exists(&from).await.unwrap_or(false) {
+                tokio::fs::rename(&from, rotated(&config.path, n + 1)).await?;
+            }
+        }
+        tokio::fs::rename(&config.path, rotated(&config.path, 1)).await?;
+    }
+    open_append(&config.path).await
+}
+
+/// What `provisio audit` selects.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this registration id (case-insensitive).
+    pub registration_id: Option<String>,
+    /// Only this tracking or operation id.
+    pub tracking_id: Option<String>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only entries at or after this time (RFC 3339; compared as text, as all are UTC).
+    pub since: Option<String>,
+}
+
+impl Filter {
+    /// Whether an entry is selected.
+    #[must_use]
+    pub fn matches(&self, e: &Entry) -> bool {
+        self.registration_id
+            .as_ref()
+            .is_none_or(|r| e.registration_id.as_ref().is_some_and(|x| x.eq_ignore_ascii_case(r)))
+            && self.tracking_id.as_ref().is_none_or(|t| {
+                e.tracking_id.as_deref() == Some(t.as_str()) || e.operation_id.as_deref() == Some(t.as_str())
+            })
+            && self.kind.is_none_or(|k| e.kind == k)
+            && self.since.as_ref().is_none_or(|s| e.time.as_str() >= s.as_str())
+    }
+}
+
+/// Reads the log (oldest rotated file first) and returns the selected entries in order.
+/// Lines that do not parse (a torn last line after a power cut) are skipped and counted.
+///
+/// # Errors
+/// If the current file cannot be read.
+pub fn read(path: &Path, keep: u32, filter: &Filter) -> std::io::Result<(Vec<Entry>, usize)> {
+    let mut files: Vec<PathBuf> = (1..=keep.max(1)).rev().map(|n| rotated(path, n)).filter(|p| p.exists()).collect();
+    files.push(path.to_path_buf());
+    let (mut out, mut bad) = (Vec::new(), 0);
+    for f in files {
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && f != path => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Entry>(line) {
+                Ok(e) if filter.matches(&e) => out.push(e),
+                Ok(_) => {}
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    Ok((out, bad))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, result: &str) -> Entry {
+        let mut e = Entry::new(Kind::Registration, "register");
+        e.registration_id = Some(id.into());
+        e.result = result.into();
+        e.status = if result == "refused" { 401 } else { 202 };
+        e
+    }
+
+    #[tokio::test]
+    async fn lines_are_written_filtered_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditConfig { path: path.clone(), max_bytes: 2_000, keep: 2 }).await.unwrap();
+        for i in 0..100 {
+            log.record(&entry(&format!("dev-{}", i % 4), if i % 2 == 0 { "assigned" } else { "refused" })).await;
+        }
+        log.flush().await;
+        assert!(rotated(&path, 1).exists(), "rotated at 2,000 bytes");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let f = Filter { registration_id: Some("DEV-1".into()), ..Filter::default() };
+        let (got, bad) = read(&path, 2, &f).unwrap();
+        assert_eq!(bad, 0);
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|e| e.registration_id.as_deref() == Some("dev-1") && e.result == "refused"));
+        // At most keep + 1 files: the oldest lines are gone, the newest are all there.
+        assert!(!rotated(&path, 3).exists());
+        let (all, _) = read(&path, 2, &Filter::default()).unwrap();
+        assert!(all.len() < 100 && all.len() > 10, "{}", all.len());
+        assert_eq!(all.last().unwrap().registration_id.as_deref(), Some("dev-3"));
+    }
+
+    #[tokio::test]
+    async fn torn_lines_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditConfig { path: path.clone(), max_bytes: u64::MAX, keep: 1 }).await.unwrap();
+        log.record(&entry("a", "assigned")).await;
+        log.flush().await;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"time\":\"20"))
+            .unwrap();
+        let (got, bad) = read(&path, 1, &Filter::default()).unwrap();
+        assert_eq!((got.len(), bad), (1, 1));
+    }
+
+    #[test]
+    fn disabled_log_is_silent() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let log = AuditLog::disabled();
+            log.record(&entry("a", "assigned")).await;
+            log.flush().await;
+        });
+    }
+}
