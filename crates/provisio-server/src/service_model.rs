@@ -351,6 +351,27 @@ fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError
             return Err(ServerError::invalid("customAllocationDefinition.webhookUrl must be an http(s) URL."));
         }
     }
+    // An InitialTwin is {"tags": {…}, "properties": {"desired": {…}}}: anything but an
+    // object would reach the hub as garbage.
+    if let Some(t) = &w.initial_twin {
+        let obj = t.as_object().filter(|_| !t.is_null());
+        match obj {
+            None if !t.is_null() => return Err(ServerError::invalid("initialTwin must be a JSON object.")),
+            Some(o) => {
+                for (k, v) in o {
+                    if matches!(k.as_str(), "tags" | "properties") && !(v.is_object() || v.is_null()) {
+                        return Err(ServerError::invalid(format!("initialTwin.{k} must be a JSON object.")));
+                    }
+                }
+                if let Some(d) = o.get("properties").and_then(|p| p.get("desired"))
+                    && !(d.is_object() || d.is_null())
+                {
+                    return Err(ServerError::invalid("initialTwin.properties.desired must be a JSON object."));
+                }
+            }
+            None => {}
+        }
+    }
     if policy == Some(Policy::Static) && w.iot_hubs.as_ref().is_some_and(|h| h.len() > 1) {
         return Err(ServerError::invalid("A static allocation policy takes exactly one hub in iotHubs."));
     }

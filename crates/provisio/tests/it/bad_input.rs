@@ -438,3 +438,214 @@ async fn throttling_and_connection_limits() {
     let (st, _) = send(&s, Method::GET, "/health", None, "").await;
     assert_eq!(st, 200, "slots are freed when connections close");
 }
+
+/// Percent-encodes everything but unreserved characters, as a client builds a path.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Counts what the service API lists: enrollments, groups, certificates, policies, hubs.
+async fn inventory(s: &Server, good: &str) -> Vec<usize> {
+    use reqwest::Method;
+    let mut out = Vec::new();
+    for (m, path) in [
+        (Method::POST, "/enrollments/query?api-version=2021-10-01"),
+        (Method::POST, "/enrollmentGroups/query?api-version=2021-10-01"),
+        (Method::GET, "/certificates?api-version=2021-10-01"),
+        (Method::GET, "/policies?api-version=2021-10-01"),
+        (Method::GET, "/linkedHubs?api-version=2021-10-01"),
+    ] {
+        let (st, v) = send(s, m, path, Some(good), json!({"query": "SELECT *"}).to_string()).await;
+        assert_eq!(st, 200, "{path}: {v}");
+        let n = v.as_array().or_else(|| v["value"].as_array()).map_or_else(|| panic!("{path}: {v}"), Vec::len);
+        out.push(n);
+    }
+    out
+}
+
+/// Every endpoint against a table of hostile ids (unicode, injection, traversal, control
+/// characters, overlong) and hostile bodies (wrong types, deep nesting, lone surrogates,
+/// BOM, NUL): each gets a DPS-shaped 4xx, never a 5xx, and nothing is stored. Then
+/// replayed tokens: after the enrollment is deleted, after its key changed, and on
+/// another device's operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_on_every_endpoint() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let good = s.service_token();
+    let v = "api-version=2021-10-01";
+    let before = inventory(&s, &good).await;
+
+    let hostile_ids = [
+        "dev-\u{fc}\u{f1}-\u{2603}",
+        "\u{1F600}",
+        "\u{202E}evil",
+        "'; DROP TABLE documents; --",
+        "\" OR 1=1 --",
+        "../../../etc/passwd",
+        "a\u{0}b",
+        "a\nb",
+        "$(reboot)",
+        "<script>alert(1)</script>",
+        "{\"$gt\":\"\"}",
+        &"x".repeat(300),
+    ];
+    let cert_body = json!({"certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"});
+    for raw in hostile_ids {
+        let id = encode(raw);
+        let token = device_token(&scope, &id, &generate_key(), now() + 3600);
+        let cases: Vec<(Method, String, Option<&str>, String)> = vec![
+            (
+                Method::PUT,
+                format!("/enrollments/{id}?{v}"),
+                Some(&good),
+                json!({"registrationId": raw, "attestation": {"type": "symmetricKey"}}).to_string(),
+            ),
+            (Method::GET, format!("/enrollments/{id}?{v}"), Some(&good), String::new()),
+            (Method::DELETE, format!("/enrollments/{id}?{v}"), Some(&good), String::new()),
+            (Method::POST, format!("/enrollments/{id}/attestationmechanism?{v}"), Some(&good), String::new()),
+            (
+                Method::PUT,
+                format!("/enrollmentGroups/{id}?{v}"),
+                Some(&good),
+                json!({"enrollmentGroupId": raw, "attestation": {"type": "symmetricKey"}}).to_string(),
+            ),
+            (Method::GET, format!("/registrations/{id}?{v}"), Some(&good), String::new()),
+            (Method::DELETE, format!("/registrations/{id}?{v}"), Some(&good), String::new()),
+            (Method::POST, format!("/registrations/{id}/query?{v}"), Some(&good), "{}".into()),
+            (Method::PUT, format!("/certificates/{id}?{v}"), Some(&good), cert_body.to_string()),
+            (Method::POST, format!("/certificates/{id}/verify?{v}"), Some(&good), cert_body.to_string()),
+            (Method::PUT, format!("/policies/{id}?{v}"), Some(&good), json!({"rights": "EnrollmentRead"}).to_string()),
+            (Method::PUT, format!("/linkedHubs/{id}?{v}"), Some(&good), json!({"allocationWeight": 1}).to_string()),
+            (Method::PUT, format!("/{scope}/registrations/{id}/register?{v}"), Some(&token), "{}".into()),
+            (Method::GET, format!("/{scope}/registrations/{id}/operations/{id}?{v}"), Some(&token), String::new()),
+            (Method::POST, format!("/{scope}/registrations/{id}?{v}"), Some(&token), String::new()),
+        ];
+        for (m, path, auth, body) in cases {
+            let (st, body) = send(&s, m.clone(), &path, auth, body).await;
+            assert!((400..500).contains(&st), "{m} {path}: {st} {body}");
+            assert_eq!(body["errorCode"].as_u64().map(|c| c / 1000), Some(u64::from(st)), "{m} {path}: {body}");
+            assert!(body["trackingId"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+        }
+    }
+
+    // Hostile bodies on valid ids.
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let deep_obj = format!("{{\"registrationId\":\"dev-h\",\"payload\":{deep}}}");
+    let bodies: Vec<String> = vec![
+        r#"{"registrationId": 5, "attestation": {"type": "symmetricKey"}}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": "symmetricKey"}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": ["symmetricKey"]}}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": "symmetricKey"}, "provisioningStatus": true}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": "symmetricKey"}, "iotHubs": "hub"}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": "symmetricKey"}, "initialTwin": "twin"}"#.into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": 12}}}"#
+            .into(),
+        r#"{"registrationId": "dev-\ud800", "attestation": {"type": "symmetricKey"}}"#.into(),
+        "\u{feff}{\"registrationId\": \"dev-h\", \"attestation\": {\"type\": \"symmetricKey\"}}".into(),
+        "{\"registrationId\": \"dev-h\u{0}\", \"attestation\": {\"type\": \"symmetricKey\"}}".into(),
+        r#"{"registrationId": "dev-h", "attestation": {"type": "symmetricKey"}, "capabilities": {"iotEdge": 1e999}}"#
+            .into(),
+        deep_obj.clone(),
+    ];
+    for b in &bodies {
+        for path in [format!("/enrollments/dev-h?{v}"), format!("/enrollmentGroups/dev-h?{v}")] {
+            let (st, body) = send(&s, Method::PUT, &path, Some(&good), b.clone()).await;
+            assert!(st == 400 || st == 413, "PUT {path} {b:.80}: {st} {body}");
+            assert_eq!(body["errorCode"].as_u64().map(|c| c / 1000), Some(u64::from(st)), "{body}");
+        }
+        let (st, body) = send(&s, Method::POST, &format!("/enrollments?{v}"), Some(&good), b.clone()).await;
+        assert_eq!(st, 400, "bulk {b:.80}: {body}");
+        let (st, body) = send(&s, Method::POST, &format!("/enrollments/query?{v}"), Some(&good), b.clone()).await;
+        assert!(st == 400 || st == 200, "query {b:.80}: {st} {body}");
+    }
+    assert_eq!(inventory(&s, &good).await, before, "hostile input stored something");
+
+    // Device bodies, with a valid token for an enrolled device.
+    let e =
+        put_enrollment(&s, false, "dev-r", json!({"registrationId": "dev-r", "attestation": {"type": "symmetricKey"}}))
+            .await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let tok = device_token(&scope, "dev-r", &key, now() + 3600);
+    let reg = format!("/{scope}/registrations/dev-r/register?api-version=2021-06-01");
+    for b in [
+        r#"{"registrationId": 5}"#.to_owned(),
+        r#"{"registrationId": ["dev-r"]}"#.into(),
+        r#"{"registrationId": "dev-\ud800"}"#.into(),
+        r#"{"registrationId": "dev-r", "tpm": "x"}"#.into(),
+        "\u{feff}{}".into(),
+        format!("{{\"registrationId\":\"dev-r\",\"payload\":{deep}}}"),
+        "{\"registrationId\": \"dev-r\"} trailing".into(),
+    ] {
+        let (st, body) = send(&s, Method::PUT, &reg, Some(&tok), b.clone()).await;
+        assert_eq!(st, 400, "{b:.80}: {body}");
+        assert_eq!(body["errorCode"], 400_001, "{b:.80}: {body}");
+    }
+    let (st, body) =
+        send(&s, Method::POST, &format!("/{scope}/registrations/dev-r?api-version=2021-06-01"), Some(&tok), "").await;
+    assert_dps_error(st, &body, 404, 404_202);
+
+    // Replays. A working token, used once…
+    let (st, first) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
+    assert_eq!(st, 202, "{first}");
+    let op = first["operationId"].as_str().unwrap().to_owned();
+    // …replayed on another device's path is refused, and so is its operation from there.
+    let (st, body) = send(
+        &s,
+        Method::GET,
+        &format!("/{scope}/registrations/dev-other/operations/{op}?api-version=2021-06-01"),
+        Some(&tok),
+        "",
+    )
+    .await;
+    assert_dps_error(st, &body, 401, 401_002);
+    // …replayed after the enrollment's keys changed is refused.
+    let mut rekeyed = e.clone();
+    rekeyed["attestation"]["symmetricKey"] = json!({"primaryKey": generate_key(), "secondaryKey": generate_key()});
+    let (st, body) =
+        crate::common::service(&s, Method::PUT, &format!("/enrollments/dev-r?{v}"), Some("*"), Some(rekeyed)).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
+    assert_dps_error(st, &body, 401, 401_002);
+    // …and after the enrollment is deleted, with either old token.
+    let (st, _) = crate::common::service(&s, Method::DELETE, &format!("/enrollments/dev-r?{v}"), None, None).await;
+    assert_eq!(st, 204);
+    let (st, body) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
+    assert_dps_error(st, &body, 401, 401_002);
+    // A service token replayed after its policy's key was regenerated is refused.
+    let (st, _) = crate::common::service(
+        &s,
+        Method::PUT,
+        &format!("/policies/ops?{v}"),
+        None,
+        Some(json!({"rights": "EnrollmentRead"})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (_, ops) = send(&s, Method::GET, &format!("/policies/ops?{v}"), Some(&good), "").await;
+    let ops_token =
+        build_token("localhost", ops["primaryKey"].as_str().unwrap(), now() + 600, Some("ops"), SrEncoding::Upper)
+            .unwrap();
+    let (st, _) = send(&s, Method::GET, &format!("/enrollments/none?{v}"), Some(&ops_token), "").await;
+    assert_eq!(st, 404, "the fresh token works");
+    let (st, _) =
+        send(&s, Method::POST, &format!("/policies/ops/regenerateKey?{v}"), Some(&good), r#"{"keyType":"primary"}"#)
+            .await;
+    assert_eq!(st, 200);
+    let (st, body) = send(&s, Method::GET, &format!("/enrollments/none?{v}"), Some(&ops_token), "").await;
+    assert_dps_error(st, &body, 401, 401_002);
+
+    // Still serving.
+    let (st, _) = send(&s, Method::GET, "/health", None, "").await;
+    assert_eq!(st, 200);
+}
