@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub registrations_per_second: u32,
     /// Polls a device may make per 10 s (DPS: 5; 0: no limit); more get 429.
     pub device_polls_per_10s: usize,
+    /// Device operations (registrations, polls, status queries) this node works on at
+    /// once, over every transport (0: no limit); more get 429 with Retry-After.
+    pub max_concurrent_operations: usize,
     /// Time allowed for a TLS handshake, in seconds.
     pub handshake_timeout_secs: u64,
     /// Time allowed for a request's headers to arrive (also closes idle keep-alive
@@ -132,6 +135,7 @@ impl Default for ServerConfig {
             max_headers: 100,
             registrations_per_second: 0,
             device_polls_per_10s: 5,
+            max_concurrent_operations: 1024,
             handshake_timeout_secs: 10,
             header_timeout_secs: 30,
             request_timeout_secs: 30,

@@ -81,6 +81,8 @@ pub struct EngineSettings {
     pub registrations_per_second: u32,
     /// Polls per device per 10 s (DPS: 5; 0: no limit).
     pub device_polls_per_10s: usize,
+    /// Device operations in progress at once (0: no limit).
+    pub max_concurrent_operations: usize,
 }
 
 /// The registration engine.
@@ -95,6 +97,8 @@ pub struct Engine {
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
     audit: crate::audit::AuditLog,
+    /// Permits for operations in progress (`None`: unlimited).
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -114,6 +118,7 @@ impl Engine {
         assigner: crate::assignment::Assigner,
     ) -> Self {
         let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
+        let settings_ops = settings.max_concurrent_operations;
         let registrations = Arc::new(crate::http::limit::RateLimiter::new(settings.registrations_per_second));
         let polls = Arc::new(crate::http::limit::KeyedWindow::new(
             settings.device_polls_per_10s,
@@ -129,6 +134,16 @@ impl Engine {
             scope,
             settings: Arc::new(settings),
             audit: crate::audit::AuditLog::disabled(),
+            in_flight: (settings_ops > 0).then(|| Arc::new(tokio::sync::Semaphore::new(settings_ops))),
+        }
+    }
+
+    /// A permit to work on one device operation, or 429 when the node is at its limit: a
+    /// device told to come back beats a queue that grows until every request times out.
+    fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServerError> {
+        match &self.in_flight {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ServerError::Throttled(1)),
         }
     }
 
@@ -409,6 +424,7 @@ impl Engine {
         request: DeviceRegistration,
         credential: &Credential,
     ) -> Result<(String, RegistrationRecord), ServerError> {
+        let _permit = self.admit()?;
         self.check_scope(scope)?;
         // DPS-style throttling of the instance's registration rate.
         self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
@@ -490,6 +506,7 @@ impl Engine {
         operation_id: &str,
         credential: &Credential,
     ) -> Result<RegistrationOperationStatus, ServerError> {
+        let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
         // A device may poll 5 times per 10 s (DPS's limit); faster gets 429 + Retry-After.
@@ -517,6 +534,7 @@ impl Engine {
         registration_id: &str,
         credential: &Credential,
     ) -> Result<DeviceRegistrationResult, ServerError> {
+        let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
         self.attest(&id, credential).await?;
@@ -628,6 +646,7 @@ mod tests {
                 cache_ttl: std::time::Duration::from_secs(1),
                 registrations_per_second: 0,
                 device_polls_per_10s: 0,
+                max_concurrent_operations: 0,
             },
             assigner,
         );

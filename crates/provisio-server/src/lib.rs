@@ -282,6 +282,7 @@ impl Provisio {
                 cache_ttl: Duration::from_millis(c.cache_ttl_ms),
                 registrations_per_second: c.registrations_per_second,
                 device_polls_per_10s: c.device_polls_per_10s,
+                max_concurrent_operations: c.max_concurrent_operations,
             },
             self.assigner(hubs.clone())?,
         );

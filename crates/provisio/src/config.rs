@@ -36,6 +36,7 @@ const ENV_KEYS: &[&str] = &[
     "max_headers",
     "registrations_per_second",
     "device_polls_per_10s",
+    "max_concurrent_operations",
     "handshake_timeout_secs",
     "header_timeout_secs",
     "request_timeout_secs",

@@ -375,3 +375,63 @@ async fn hubs_api_and_cli_weights_and_geo_latency() {
     let (st, b) = service(&s, Method::PUT, "/enrollments/st?api-version=2021-10-01", None, Some(json!({"registrationId": "st", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "static", "iotHubs": ["hub-a.example.net", "hub-b.example.net"]}))).await;
     crate::common::assert_dps_error(st, &b, 400, 400_004);
 }
+
+/// `max_concurrent_operations`: while one registration waits on a slow webhook, a second
+/// one on a node limited to one operation gets 429 + Retry-After, and goes through after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operation_limit_answers_429() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = hubs_cfg(tmp.path(), "webhook_timeout_secs = 10\nmax_concurrent_operations = 1\n");
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+    let (st, g) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollmentGroups/busy?{v}"),
+        None,
+        Some(json!({
+            "enrollmentGroupId": "busy", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": format!("{base}/alloc"), "apiVersion": "2021-10-01"},
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{g}");
+    let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let put = |id: &'static str| {
+        let (client, url, scope) = (s.client(), s.url(""), s.info.id_scope.clone());
+        let key = provisio_core::keys::derive_device_key(&gk, id).unwrap();
+        async move {
+            let token = provisio_core::sas::build_token(
+                &format!("{scope}/registrations/{id}"),
+                &key,
+                now() + 600,
+                Some("registration"),
+                provisio_core::sas::SrEncoding::Raw,
+            )
+            .unwrap();
+            let r = client
+                .put(format!("{url}/{scope}/registrations/{id}/register?api-version=2021-06-01"))
+                .header("Authorization", token)
+                .json(&json!({"registrationId": id}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r.headers().get("retry-after").map(|h| h.to_str().unwrap().to_owned());
+            (r.status().as_u16(), retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    // wh-slow holds the only permit for 3 s (the webhook sleeps).
+    let slow = tokio::spawn(put("wh-slow"));
+    while !seen.lock().unwrap().iter().any(|r| r["deviceRuntimeContext"]["registrationId"] == "wh-slow") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, retry, body) = put("busy-dev").await;
+    crate::common::assert_dps_error(st, &body, 429, 429_001);
+    assert_eq!(retry.as_deref(), Some("1"));
+    let (st, _, body) = slow.await.unwrap();
+    assert_eq!(st, 202, "{body}");
+    let (st, _, body) = put("busy-dev").await;
+    assert_eq!(st, 202, "after the slow one finished: {body}");
+}
