@@ -89,6 +89,10 @@ pub struct Options {
     pub token_lifetime: Duration,
     /// Shortest wait between polls, whatever `Retry-After` says (1 s; benchmarks use 0).
     pub min_poll_delay: Duration,
+    /// A prebuilt TLS configuration (trusted roots and, for X.509, the device certificate)
+    /// to use instead of building one from `ca_pem` and the credential: lets a simulator
+    /// of many devices parse its CA once. Its ALPN list is set per transport.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Options {
@@ -106,6 +110,7 @@ impl Options {
             timeout: Duration::from_secs(120),
             token_lifetime: Duration::from_secs(3600),
             min_poll_delay: Duration::from_secs(1),
+            tls: None,
         }
     }
 

@@ -11,6 +11,11 @@ use crate::{ClientError, Credential, Options};
 
 /// Builds the configuration; `alpn` for HTTPS (`h2`, `http/1.1`), none for MQTT.
 pub fn client_config(opts: &Options, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, ClientError> {
+    if let Some(prebuilt) = &opts.tls {
+        let mut cfg = (**prebuilt).clone();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        return Ok(Arc::new(cfg));
+    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone() as Arc<CryptoProvider>)
         .with_safe_default_protocol_versions()
