@@ -29,10 +29,19 @@ async fn stores() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
     let file = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
     let mem = SqliteStore::in_memory().await.unwrap();
     let pg = PostgresStore::connect(&fresh_postgres_database().await, 4).await.unwrap();
+    // The encrypting wrapper must keep every rule of the store it wraps.
+    let keys = || crate::Keyring::new(Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="), &[]).unwrap();
+    let sealed_dir = tempfile::tempdir().unwrap();
+    let sealed_file: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SqliteStore::open(&sealed_dir.path().join("db.sqlite")).await.unwrap());
+    let sealed_pg: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(PostgresStore::connect(&fresh_postgres_database().await, 4).await.unwrap());
     vec![
         (dir, Box::new(file)),
         (tempfile::tempdir().unwrap(), Box::new(mem)),
         (tempfile::tempdir().unwrap(), Box::new(pg)),
+        (sealed_dir, Box::new(crate::SealedStore::new(sealed_file, keys()))),
+        (tempfile::tempdir().unwrap(), Box::new(crate::SealedStore::new(sealed_pg, keys()))),
     ]
 }
 

@@ -424,7 +424,17 @@ mod tests {
 
     #[tokio::test]
     async fn rotation_moves_every_value_to_the_new_key() {
-        let (_dir, raw) = raw_store().await;
+        let (_dir, sqlite) = raw_store().await;
+        let pg: Arc<dyn Store> = Arc::new(
+            crate::PostgresStore::connect(&crate::conformance::fresh_postgres_database().await, 2).await.unwrap(),
+        );
+        for raw in [sqlite, pg] {
+            rotate(&raw).await;
+        }
+    }
+
+    async fn rotate(raw: &Arc<dyn Store>) {
+        let raw = raw.clone();
         sealed(&raw, Some(K1), &[]).put(Collection::Enrollments, "dev-1", DOC, Precondition::Any).await.unwrap();
         let old_kid = Keyring::new(Some(K1), &[]).unwrap().current_kid().unwrap().to_owned();
         // New key without the old one: refused with a message that names the missing key.
