@@ -18,6 +18,7 @@ const ENV_KEYS: &[&str] = &[
     "database_max_connections",
     "https_listen",
     "mqtt_listen",
+    "amqp_listen",
     "hostnames",
     "tls_cert",
     "tls_key",
@@ -45,6 +46,10 @@ const ENV_KEYS: &[&str] = &[
     "max_bulk_items",
     "max_query_page_size",
     "cache_ttl_ms",
+    "amqp_max_frame_bytes",
+    "amqp_max_sessions",
+    "amqp_max_links",
+    "amqp_idle_timeout_secs",
     "log_format",
     "log",
 ];
@@ -80,6 +85,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_listen: Option<String>,
+    /// AMQP-over-TLS listen address, or `off` [default: 0.0.0.0:5671].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_listen: Option<String>,
     /// Host name or IP the server certificate covers; repeat for several. The first is
     /// the one printed [default: localhost, 127.0.0.1 and this machine's host name].
     #[arg(long = "hostname", value_name = "NAME")]
