@@ -218,6 +218,29 @@ mod tests {
     }
 
     #[test]
+    fn amqp_listener_from_default_file_env_and_flag() {
+        figment::Jail::expect_with(|jail| {
+            let args = ServeArgs::default();
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.amqp_listen, "0.0.0.0:5671");
+            assert_eq!((c.amqp_max_frame_bytes, c.amqp_max_sessions, c.amqp_max_links), (65536, 4, 8));
+            jail.create_file("p.toml", "amqp_listen = \"off\"\namqp_max_links = 3\namqp_idle_timeout_secs = 9")?;
+            let mut args = ServeArgs::default();
+            args.common.config = Some("p.toml".into());
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!((c.amqp_listen.as_str(), c.amqp_max_links, c.amqp_idle_timeout_secs), ("off", 3, 9));
+            jail.set_env("PROVISIO_AMQP_LISTEN", "127.0.0.1:5672");
+            jail.set_env("PROVISIO_AMQP_MAX_SESSIONS", "2");
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!((c.amqp_listen.as_str(), c.amqp_max_sessions), ("127.0.0.1:5672", 2));
+            args.amqp_listen = Some("127.0.0.1:5673".into());
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.amqp_listen, "127.0.0.1:5673");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_file_keys_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("p.toml", "htps_listen = \"x\"")?;

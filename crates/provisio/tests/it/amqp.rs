@@ -586,3 +586,70 @@ async fn raw_frames_are_refused_and_store_nothing() {
     d.close().await;
     assert_eq!(registration_status(&s, "aq-raw").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_and_link_limits_and_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let e = put_enrollment(
+        &s,
+        false,
+        "aq-lim",
+        json!({"registrationId": "aq-lim", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let token = sas(&s, "aq-lim", e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
+
+    // Five sessions (the default limit is 4, announced as channel-max 3): fe2o3-amqp's
+    // engine closes the connection (with `amqp:not-implemented`).
+    let mut r = Raw::sasl_plain(&s, "aq-lim", &token).await;
+    r.open_and_begin().await;
+    for channel in 1..5u16 {
+        let begin = Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 2048,
+            outgoing_window: 2048,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        r.send(&Raw::frame(0, channel, &serde_amqp::to_vec(&Performative::Begin(begin)).unwrap())).await;
+    }
+    let why = r.refusal().await;
+    assert!(why.starts_with("amqp:") || why == "eof", "a fifth session must be refused: {why}");
+    drop(r);
+
+    // Nine links (the default limit is 8): the server closes the connection with
+    // `amqp:resource-limit-exceeded`.
+    let mut conn = open_sas(&s, "aq-lim", &token).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let addr = format!("{}/registrations/aq-lim", s.info.id_scope);
+    let mut links = Vec::new();
+    let mut refused = false;
+    for i in 0..9 {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            Receiver::attach(&mut session, format!("r{i}"), addr.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(l)) => links.push(l),
+            Ok(Err(_)) | Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "nine links on one connection were all attached");
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.on_close()).await.unwrap();
+    assert!(closed.is_err(), "the server closes the connection with an error: {closed:?}");
+    drop(links);
+    assert_eq!(registration_status(&s, "aq-lim").await, 404);
+
+    // `--amqp-listen off`: no AMQP endpoint.
+    let off = Server::start(&tmp.path().join("off"), "127.0.0.1:0", &["--amqp-listen", "off"]);
+    assert_eq!(off.info.amqp_endpoint, None);
+    assert!(s.info.amqp_endpoint.is_some());
+}
