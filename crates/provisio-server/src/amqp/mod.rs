@@ -287,10 +287,11 @@ where
         }
     };
     let mut conn = conn;
-    let credential = match auth {
-        Some(Auth::Sas { ref token, .. }) => Credential::Sas(token.clone()),
-        Some(Auth::Certificate) if !chain.is_empty() => Credential::X509(chain),
-        Some(Auth::Certificate) => {
+    let Some(auth) = auth else { return Err("SASL ended without a decision".into()) };
+    let credential = match &auth {
+        Auth::Sas { token, .. } => Credential::Sas(token.clone()),
+        Auth::Certificate if !chain.is_empty() => Credential::X509(chain),
+        Auth::Certificate => {
             return refuse(
                 &mut conn,
                 &Refusal {
@@ -300,9 +301,7 @@ where
             )
             .await;
         }
-        None => return Err("SASL ended without a decision".into()),
     };
-    let Some(auth) = auth else { return Err("SASL ended without a decision".into()) };
     let shared = Arc::new(Shared {
         engine,
         links: Mutex::new(Links::new(auth, limits.max_links)),

@@ -115,6 +115,7 @@ async fn stock_node_amqp_client_symmetric_key_and_x509() {
     assert!(e2["attestation"]["symmetricKey"]["primaryKey"].is_string());
     let r = node_amqp(&s, "aq-ind-2", &[("SYMMETRIC_KEY", &provisio_core::keys::generate_key())]);
     assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].to_string().contains("401"), "the SDK reports the 401: {r}");
     assert_eq!(registration_status(&s, "aq-ind-2").await, 404);
 }
 
