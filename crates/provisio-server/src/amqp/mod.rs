@@ -315,7 +315,7 @@ where
         tokio::select! {
             incoming = conn.next_incoming_session() => {
                 let Some(incoming) = incoming else { break };
-                begun += 1;
+                begun = begun.saturating_add(1);
                 if begun > limits.max_sessions {
                     return refuse(&mut conn, &Refusal {
                         condition: "amqp:resource-limit-exceeded",
