@@ -20,6 +20,8 @@ pub struct ServerConfig {
     pub https_listen: String,
     /// Address of the MQTT-over-TLS listener, or `off`.
     pub mqtt_listen: String,
+    /// Address of the AMQP-over-TLS listener (AMQP 1.0, port 5671 for stock SDKs), or `off`.
+    pub amqp_listen: String,
     /// Host names and IP addresses the server certificate covers; the first is the one
     /// printed in the endpoint and the service connection string. Default: `localhost`,
     /// `127.0.0.1` and the machine's host name.
@@ -82,6 +84,15 @@ pub struct ServerConfig {
     pub max_bulk_items: usize,
     /// Largest query page (`x-ms-max-item-count`); the default page is 100.
     pub max_query_page_size: u32,
+    /// Largest AMQP frame accepted (the max-frame-size announced in Open), in bytes.
+    pub amqp_max_frame_bytes: u32,
+    /// Most AMQP sessions on one connection (devices use one).
+    pub amqp_max_sessions: u16,
+    /// Most AMQP links on one connection (devices use two).
+    pub amqp_max_links: usize,
+    /// AMQP idle timeout announced in Open, in seconds: a connection on which the device
+    /// sends nothing (not even an empty frame) for this long is closed.
+    pub amqp_idle_timeout_secs: u64,
     /// How long enrollment groups and linked hubs are cached, in milliseconds (changes made
     /// through another node apply within this time; 0 disables the cache).
     pub cache_ttl_ms: u64,
@@ -117,6 +128,7 @@ impl Default for ServerConfig {
             database_max_connections: 16,
             https_listen: "0.0.0.0:8443".into(),
             mqtt_listen: "0.0.0.0:8883".into(),
+            amqp_listen: "0.0.0.0:5671".into(),
             hostnames: Vec::new(),
             tls_cert: None,
             tls_key: None,
@@ -144,6 +156,10 @@ impl Default for ServerConfig {
             service_requests_per_second: 200,
             max_bulk_items: 10,
             max_query_page_size: 1000,
+            amqp_max_frame_bytes: 64 * 1024,
+            amqp_max_sessions: 4,
+            amqp_max_links: 8,
+            amqp_idle_timeout_secs: 240,
             cache_ttl_ms: 1000,
             encryption_key: None,
             encryption_previous_keys: Vec::new(),

@@ -83,6 +83,9 @@ pub struct InstanceInfo {
     /// `host:port` of the MQTT listener, when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_endpoint: Option<String>,
+    /// `host:port` of the AMQP listener, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_endpoint: Option<String>,
 }
 
 /// A loaded instance.
@@ -272,5 +275,6 @@ pub fn info(
         ca_cert_file,
         linked_hubs,
         mqtt_endpoint: None,
+        amqp_endpoint: None,
     }
 }

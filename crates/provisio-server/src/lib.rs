@@ -11,6 +11,7 @@
 //! # }
 //! ```
 
+pub mod amqp;
 pub mod assignment;
 pub mod audit;
 pub mod cache;
@@ -46,6 +47,8 @@ pub struct Listeners {
     pub https: TcpListener,
     /// MQTT over TLS (absent when disabled).
     pub mqtt: Option<TcpListener>,
+    /// AMQP over TLS (absent when disabled).
+    pub amqp: Option<TcpListener>,
 }
 
 /// An opened, initialised instance, ready to serve.
@@ -176,20 +179,9 @@ impl Provisio {
         })?;
         let https =
             TcpListener::bind(addr).await.map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
-        let mqtt = match self.config.mqtt_listen.trim() {
-            "off" | "" => None,
-            a => {
-                let addr: SocketAddr = a.parse().map_err(|_| {
-                    ServerError::invalid(format!("--mqtt-listen '{a}' is not an address:port or 'off'"))
-                })?;
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|e| ServerError::invalid(format!("cannot listen on {addr} (MQTT): {e}")))?,
-                )
-            }
-        };
-        Ok(Listeners { https, mqtt })
+        let mqtt = bind_optional(&self.config.mqtt_listen, "--mqtt-listen", "MQTT").await?;
+        let amqp = bind_optional(&self.config.amqp_listen, "--amqp-listen", "AMQP").await?;
+        Ok(Listeners { https, mqtt, amqp })
     }
 
     /// The instance's ID scope.
@@ -211,6 +203,11 @@ impl Provisio {
         );
         info.mqtt_endpoint = listeners
             .mqtt
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("{}:{}", endpoint.hostname, a.port()));
+        info.amqp_endpoint = listeners
+            .amqp
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .map(|a| format!("{}:{}", endpoint.hostname, a.port()));
@@ -350,6 +347,33 @@ impl Provisio {
                 }
             })
         });
+        let amqp = listeners.amqp.map(|l| {
+            let amqp_tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[]);
+            let engine = state.engine.clone();
+            let per_ip = per_ip.clone();
+            let mut rx = stop_rx.clone();
+            let limits = amqp::AmqpLimits {
+                max_connections: c.max_connections,
+                max_frame_bytes: c.amqp_max_frame_bytes,
+                max_message_bytes: u64::try_from(c.max_body_bytes).unwrap_or(u64::MAX).saturating_add(4096),
+                max_sessions: c.amqp_max_sessions.max(1),
+                max_links: c.amqp_max_links.max(2),
+                connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
+                idle_timeout: Duration::from_secs(c.amqp_idle_timeout_secs.max(1)),
+                retry_after_secs: c.retry_after_secs,
+            };
+            tokio::spawn(async move {
+                match amqp_tls {
+                    Ok(t) => {
+                        amqp::serve(l, t, engine, limits, per_ip, async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "AMQP listener not started"),
+                }
+            })
+        });
         let mut rx = stop_rx.clone();
         let https = tokio::spawn(http::serve(listeners.https, tls, state, limits, async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -360,10 +384,29 @@ impl Provisio {
         if let Some(m) = mqtt {
             let _ = m.await;
         }
+        if let Some(a) = amqp {
+            let _ = a.await;
+        }
         purge.abort();
         audit.flush().await;
         self.store.close().await;
         Ok(())
+    }
+}
+
+/// Binds an optional listener (`off` or empty: none).
+async fn bind_optional(value: &str, flag: &str, what: &str) -> Result<Option<TcpListener>, ServerError> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        a => {
+            let addr: SocketAddr =
+                a.parse().map_err(|_| ServerError::invalid(format!("{flag} '{a}' is not an address:port or 'off'")))?;
+            Ok(Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| ServerError::invalid(format!("cannot listen on {addr} ({what}): {e}")))?,
+            ))
+        }
     }
 }
 

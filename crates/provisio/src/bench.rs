@@ -75,6 +75,7 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
     cmd.args(["serve", "--json", "--data-dir"])
         .arg(dir.path())
         .args(["--https-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--hostname", "localhost"])
+        .args(["--amqp-listen", "off"])
         .args(["--linked-hub", "bench-hub.example.net", "--retry-after-secs", "0"])
         .env("PROVISIO_SERVICE_REQUESTS_PER_SECOND", "0")
         .env("PROVISIO_MAX_CONNECTIONS", "100000")

@@ -18,6 +18,7 @@ const ENV_KEYS: &[&str] = &[
     "database_max_connections",
     "https_listen",
     "mqtt_listen",
+    "amqp_listen",
     "hostnames",
     "tls_cert",
     "tls_key",
@@ -51,6 +52,10 @@ const ENV_KEYS: &[&str] = &[
     "audit_log",
     "audit_log_max_mb",
     "audit_log_keep",
+    "amqp_max_frame_bytes",
+    "amqp_max_sessions",
+    "amqp_max_links",
+    "amqp_idle_timeout_secs",
     "log_format",
     "log",
 ];
@@ -86,6 +91,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_listen: Option<String>,
+    /// AMQP-over-TLS listen address, or `off` [default: 0.0.0.0:5671].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_listen: Option<String>,
     /// Host name or IP the server certificate covers; repeat for several. The first is
     /// the one printed [default: localhost, 127.0.0.1 and this machine's host name].
     #[arg(long = "hostname", value_name = "NAME")]
@@ -210,6 +219,29 @@ mod tests {
             let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
             assert_eq!(c.https_listen, "127.0.0.1:3333"); // flag over env
             assert_eq!(c.hostnames, ["flag.example"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn amqp_listener_from_default_file_env_and_flag() {
+        figment::Jail::expect_with(|jail| {
+            let args = ServeArgs::default();
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.amqp_listen, "0.0.0.0:5671");
+            assert_eq!((c.amqp_max_frame_bytes, c.amqp_max_sessions, c.amqp_max_links), (65536, 4, 8));
+            jail.create_file("p.toml", "amqp_listen = \"off\"\namqp_max_links = 3\namqp_idle_timeout_secs = 9")?;
+            let mut args = ServeArgs::default();
+            args.common.config = Some("p.toml".into());
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!((c.amqp_listen.as_str(), c.amqp_max_links, c.amqp_idle_timeout_secs), ("off", 3, 9));
+            jail.set_env("PROVISIO_AMQP_LISTEN", "127.0.0.1:5672");
+            jail.set_env("PROVISIO_AMQP_MAX_SESSIONS", "2");
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!((c.amqp_listen.as_str(), c.amqp_max_sessions), ("127.0.0.1:5672", 2));
+            args.amqp_listen = Some("127.0.0.1:5673".into());
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.amqp_listen, "127.0.0.1:5673");
             Ok(())
         });
     }

@@ -156,6 +156,9 @@ fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
     if let Some(m) = &info.mqtt_endpoint {
         println!("MQTT endpoint:             {m}");
     }
+    if let Some(a) = &info.amqp_endpoint {
+        println!("AMQP endpoint:             {a}");
+    }
     println!("Linked IoT hubs:           {}", info.linked_hubs.join(", "));
     Ok(())
 }

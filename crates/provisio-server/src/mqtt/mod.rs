@@ -189,11 +189,11 @@ async fn flush<S: tokio::io::AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut)
     Ok(())
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
+pub(crate) fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
     let status = e.status();
     let retry = match e.retry_after() {
         Some(s) => Some(u32::try_from(s).unwrap_or(5)),

@@ -26,6 +26,8 @@ pub struct Info {
     pub ca_cert_file: Option<PathBuf>,
     pub linked_hubs: Vec<String>,
     pub mqtt_endpoint: Option<String>,
+    #[serde(default)]
+    pub amqp_endpoint: Option<String>,
 }
 
 impl Info {
@@ -55,6 +57,7 @@ impl Server {
             .arg(data_dir)
             .args(["--https-listen", listen, "--hostname", "localhost", "--hostname", "127.0.0.1"])
             .args(if extra.contains(&"--mqtt-listen") { &[][..] } else { &["--mqtt-listen", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--amqp-listen") { &[][..] } else { &["--amqp-listen", "127.0.0.1:0"][..] })
             .args(extra)
             .env("PROVISIO_LOG", "info,provisio_server=debug")
             .env_remove("PROVISIO_CONFIG")

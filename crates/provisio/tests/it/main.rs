@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod allocation;
+mod amqp;
 mod bad_input;
 mod cli;
 mod common;

@@ -1,0 +1,650 @@
+//! The DPS rules of an AMQP connection, sans I/O: SASL decisions, link attach checks,
+//! request parsing and reply building. The listener in the parent module feeds it what
+//! fe2o3-amqp decoded and carries out what it returns, so every rule here is testable
+//! without a socket.
+//!
+//! Rules (`spec/device-api.md` §5): symmetric keys use SASL PLAIN with authcid
+//! `{idScope}/registrations/{registrationId}` and the SAS token as password; X.509 devices
+//! send no SASL layer (or EXTERNAL/ANONYMOUS) and the certificate comes from TLS; SASL
+//! `TPM` is not supported yet. Both links attach on `{idScope}/registrations/{id}`, bare or
+//! as `amqps://{host}/…`, and must name the authenticated device. Requests carry
+//! `iotdps-operation-type` (`iotdps-register` or `iotdps-get-operationstatus`) and, on
+//! polls, `iotdps-operation-id`; the answer goes back on the device's receiver link with
+//! the request's correlation id, or, for errors, as a Rejected outcome whose description is
+//! the JSON error body.
+
+use fe2o3_amqp_types::{
+    definitions::{AmqpError, Error as AmqpErrorFrame, ErrorCondition, Fields, LinkError},
+    messaging::{ApplicationProperties, Body, Data, Message, MessageId, Properties},
+    primitives::{Binary, OrderedMap, SimpleValue, Symbol, Value},
+};
+
+use crate::ServerError;
+
+/// Application property naming the operation.
+pub const OPERATION_TYPE: &str = "iotdps-operation-type";
+/// Application property carrying the operation id of a poll.
+pub const OPERATION_ID: &str = "iotdps-operation-id";
+/// Application property of a register request.
+pub const FORCE_REGISTRATION: &str = "iotdps-forceRegistration";
+/// Application property of replies: the HTTP-style status.
+pub const STATUS: &str = "iotdps-status";
+/// Polling hint read by the C and Node clients.
+pub const RETRY_AFTER: &str = "retry-after";
+/// Polling hint read by the C# client.
+pub const RETRY_AFTER_CSHARP: &str = "Retry-After";
+/// Attach property with the client's API version.
+pub const API_VERSION_PROPERTY: &str = "com.microsoft:api-version";
+/// `iotdps-operation-type` of a registration.
+pub const OP_REGISTER: &str = "iotdps-register";
+/// `iotdps-operation-type` of a status poll.
+pub const OP_STATUS: &str = "iotdps-get-operationstatus";
+
+/// A device address: `{idScope}/registrations/{registrationId}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// ID scope.
+    pub scope: String,
+    /// Registration id.
+    pub registration_id: String,
+}
+
+impl Device {
+    /// Whether `other` names the same device (scopes and registration ids compare
+    /// case-insensitively, as DPS does).
+    #[must_use]
+    pub fn same(&self, other: &Self) -> bool {
+        self.scope.eq_ignore_ascii_case(&other.scope)
+            && self.registration_id.eq_ignore_ascii_case(&other.registration_id)
+    }
+}
+
+/// Parses a link address or SASL authcid: `{idScope}/registrations/{registrationId}`,
+/// optionally prefixed by `amqps://{host}/` (the C client's form).
+#[must_use]
+pub fn parse_address(address: &str) -> Option<Device> {
+    let rest = match address.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("amqps") || scheme.eq_ignore_ascii_case("amqp") => {
+            rest.split_once('/')?.1
+        }
+        Some(_) => return None,
+        None => address.strip_prefix('/').unwrap_or(address),
+    };
+    let (scope, id) = rest.split_once("/registrations/")?;
+    let id = id.strip_suffix('/').unwrap_or(id);
+    if scope.is_empty() || id.is_empty() || scope.contains('/') || id.contains('/') || id.contains('?') {
+        return None;
+    }
+    Some(Device { scope: scope.to_owned(), registration_id: id.to_owned() })
+}
+
+/// How the device authenticated at connection level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// SASL PLAIN: the device named in the username, and its SAS token.
+    Sas {
+        /// The device from the username.
+        device: Device,
+        /// The password: a SAS token, judged by the engine on every request.
+        token: String,
+    },
+    /// No SASL layer, or SASL EXTERNAL/ANONYMOUS: the TLS client certificate is the
+    /// credential (the device is named by the first link it attaches).
+    Certificate,
+}
+
+/// Decides a SASL init: PLAIN (symmetric keys) and EXTERNAL/ANONYMOUS (X.509, the
+/// certificate coming from TLS) are accepted; TPM and everything else are refused.
+///
+/// # Errors
+/// Why the SASL exchange fails (sent as a SASL `auth` outcome).
+pub fn sasl_init(mechanism: &str, initial_response: Option<&[u8]>) -> Result<Auth, String> {
+    match mechanism {
+        "PLAIN" => {
+            let response = initial_response.ok_or("SASL PLAIN without an initial response")?;
+            let mut parts = response.splitn(3, |b| *b == 0);
+            let (Some(_authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err("SASL PLAIN response is not authzid NUL authcid NUL password".into());
+            };
+            let authcid = std::str::from_utf8(authcid).map_err(|_| "SASL PLAIN username is not UTF-8")?;
+            let token = std::str::from_utf8(password).map_err(|_| "SASL PLAIN password is not UTF-8")?;
+            let device =
+                parse_address(authcid).ok_or("SASL PLAIN username is not {idScope}/registrations/{registrationId}")?;
+            if token.trim().is_empty() {
+                return Err("SASL PLAIN password (the SAS token) is empty".into());
+            }
+            Ok(Auth::Sas { device, token: token.to_owned() })
+        }
+        "EXTERNAL" | "ANONYMOUS" => Ok(Auth::Certificate),
+        "TPM" => Err("TPM attestation over AMQP (SASL TPM) is not supported; use HTTPS".into()),
+        other => Err(format!("SASL mechanism '{}' is not supported", crate::engine::shorten(other))),
+    }
+}
+
+/// Which way a link carries messages, seen from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The device's sender link: requests come in (the address is the attach's target).
+    FromDevice,
+    /// The device's receiver link: replies go out (the address is the attach's source).
+    ToDevice,
+}
+
+/// A refusal: an AMQP error condition and a description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The AMQP error condition.
+    pub condition: &'static str,
+    /// Why.
+    pub description: String,
+}
+
+impl Refusal {
+    fn new(condition: &'static str, description: impl Into<String>) -> Self {
+        Self { condition, description: description.into() }
+    }
+
+    /// The AMQP error to close or detach with.
+    #[must_use]
+    pub fn to_error(&self) -> AmqpErrorFrame {
+        AmqpErrorFrame::new(condition(self.condition), Some(self.description.clone()), None)
+    }
+}
+
+/// The link state of one connection.
+#[derive(Debug)]
+pub struct Links {
+    auth: Auth,
+    device: Option<Device>,
+    api_version: Option<String>,
+    attached: usize,
+    max_links: usize,
+    to_device: usize,
+}
+
+impl Links {
+    /// A connection authenticated with `auth`, allowing at most `max_links` links.
+    #[must_use]
+    pub fn new(auth: Auth, max_links: usize) -> Self {
+        let device = match &auth {
+            Auth::Sas { device, .. } => Some(device.clone()),
+            Auth::Certificate => None,
+        };
+        Self { auth, device, api_version: None, attached: 0, max_links, to_device: 0 }
+    }
+
+    /// The device this connection speaks for, once known.
+    #[must_use]
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_ref()
+    }
+
+    /// How the connection authenticated.
+    #[must_use]
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The API version from the attach properties, if any was sent.
+    #[must_use]
+    pub fn api_version(&self) -> Option<&str> {
+        self.api_version.as_deref()
+    }
+
+    /// Whether a link to the device (for replies) is attached.
+    #[must_use]
+    pub fn can_reply(&self) -> bool {
+        self.to_device > 0
+    }
+
+    /// Judges an attach: the address must be the connection's device (for certificate
+    /// connections, the first attach names it and the rest must agree).
+    ///
+    /// # Errors
+    /// The refusal to detach (or close) with.
+    pub fn on_attach(
+        &mut self,
+        direction: Direction,
+        address: Option<&str>,
+        api_version: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if self.attached >= self.max_links {
+            return Err(Refusal::new(
+                "amqp:resource-limit-exceeded",
+                format!("at most {} links per connection", self.max_links),
+            ));
+        }
+        let address = address.ok_or_else(|| Refusal::new("amqp:not-found", "the link has no address"))?;
+        let wanted = parse_address(address).ok_or_else(|| {
+            Refusal::new(
+                "amqp:not-found",
+                format!(
+                    "link address '{}' is not {{idScope}}/registrations/{{registrationId}}",
+                    crate::engine::shorten(address)
+                ),
+            )
+        })?;
+        match &self.device {
+            Some(d) if !d.same(&wanted) => {
+                return Err(Refusal::new(
+                    "amqp:unauthorized-access",
+                    format!(
+                        "this connection is authenticated for '{}/registrations/{}', not '{}'",
+                        d.scope,
+                        d.registration_id,
+                        crate::engine::shorten(address)
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => self.device = Some(wanted),
+        }
+        if let Some(v) = api_version {
+            self.api_version = Some(v.to_owned());
+        }
+        self.attached += 1;
+        if direction == Direction::ToDevice {
+            self.to_device += 1;
+        }
+        Ok(())
+    }
+
+    /// A link was detached.
+    pub fn on_detach(&mut self, direction: Direction) {
+        self.attached = self.attached.saturating_sub(1);
+        if direction == Direction::ToDevice {
+            self.to_device = self.to_device.saturating_sub(1);
+        }
+    }
+}
+
+/// What a device asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// `iotdps-register`, with the JSON body (possibly empty).
+    Register {
+        /// The `DeviceRegistration` JSON.
+        body: Vec<u8>,
+        /// `iotdps-forceRegistration`.
+        force: bool,
+    },
+    /// `iotdps-get-operationstatus`.
+    Poll {
+        /// `iotdps-operation-id`.
+        operation_id: String,
+    },
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The id to put in the reply's correlation-id (the request's correlation-id, else
+    /// its message-id).
+    pub correlation_id: Option<MessageId>,
+    /// What is asked.
+    pub operation: Operation,
+}
+
+fn prop<'a>(props: Option<&'a ApplicationProperties>, key: &str) -> Option<&'a SimpleValue> {
+    props?.0.get(key).filter(|v| !matches!(v, SimpleValue::Null))
+}
+
+fn text(v: &SimpleValue) -> Option<String> {
+    match v {
+        SimpleValue::String(s) => Some(s.clone()),
+        SimpleValue::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
+/// The request body as bytes: data sections concatenated, or an amqp-value string or
+/// binary; no body (or null) is empty.
+///
+/// # Errors
+/// A body of another shape (400).
+pub fn body_bytes(body: &Body<Value>) -> Result<Vec<u8>, ServerError> {
+    match body {
+        Body::Data(batch) => Ok(batch.iter().flat_map(|d| d.0.iter().copied()).collect()),
+        Body::Value(v) => match &v.0 {
+            Value::String(s) => Ok(s.as_bytes().to_vec()),
+            Value::Binary(b) => Ok(b.to_vec()),
+            Value::Null => Ok(Vec::new()),
+            _ => {
+                Err(ServerError::malformed("The request body must be JSON in a data section or an amqp-value string."))
+            }
+        },
+        Body::Empty => Ok(Vec::new()),
+        Body::Sequence(_) => {
+            Err(ServerError::malformed("The request body must be JSON in a data section or an amqp-value string."))
+        }
+    }
+}
+
+/// Parses a request message.
+///
+/// # Errors
+/// A message without a known operation type or a poll without an operation id (400),
+/// with the correlation id still recovered where possible.
+pub fn parse_request(message: &Message<Body<Value>>) -> Result<Request, (Option<MessageId>, ServerError)> {
+    let correlation_id =
+        message.properties.as_ref().and_then(|p| p.correlation_id.clone().or_else(|| p.message_id.clone()));
+    let props = message.application_properties.as_ref();
+    let fail = |e: ServerError| (correlation_id.clone(), e);
+    let op = prop(props, OPERATION_TYPE).and_then(text).unwrap_or_default();
+    let operation = match op.as_str() {
+        OP_REGISTER => {
+            let force = match prop(props, FORCE_REGISTRATION) {
+                None => false,
+                Some(SimpleValue::Bool(b)) => *b,
+                Some(SimpleValue::String(s)) if s.eq_ignore_ascii_case("true") => true,
+                Some(SimpleValue::String(s)) if s.eq_ignore_ascii_case("false") => false,
+                Some(_) => return Err(fail(ServerError::invalid("iotdps-forceRegistration must be true or false."))),
+            };
+            Operation::Register { body: body_bytes(&message.body).map_err(fail)?, force }
+        }
+        OP_STATUS => {
+            let operation_id = prop(props, OPERATION_ID).and_then(text).unwrap_or_default();
+            if operation_id.trim().is_empty() {
+                return Err(fail(ServerError::invalid("A status request needs the iotdps-operation-id property.")));
+            }
+            Operation::Poll { operation_id }
+        }
+        "" => {
+            return Err(fail(ServerError::invalid(
+                "The message has no iotdps-operation-type (iotdps-register or iotdps-get-operationstatus).",
+            )));
+        }
+        other => {
+            return Err(fail(ServerError::NotFound {
+                code: provisio_proto::error::codes::NOT_FOUND,
+                message: format!(
+                    "Unknown operation '{}'; DPS serves iotdps-register and iotdps-get-operationstatus.",
+                    crate::engine::shorten(other)
+                ),
+            }));
+        }
+    };
+    Ok(Request { correlation_id, operation })
+}
+
+/// The reply to a served request: the JSON in a data section, the request's
+/// correlation-id, `iotdps-status` and, when given, `retry-after`/`Retry-After`.
+#[must_use]
+pub fn reply(correlation_id: Option<MessageId>, status: u16, retry_after: Option<u32>, json: Vec<u8>) -> Message<Data> {
+    let mut props = ApplicationProperties::builder().insert(STATUS, SimpleValue::Int(i32::from(status)));
+    if let Some(r) = retry_after {
+        props = props
+            .insert(RETRY_AFTER, SimpleValue::String(r.to_string()))
+            .insert(RETRY_AFTER_CSHARP, SimpleValue::String(r.to_string()));
+    }
+    let properties = Properties {
+        correlation_id,
+        content_type: Some(Symbol::from("application/json")),
+        content_encoding: Some(Symbol::from("utf-8")),
+        ..Properties::default()
+    };
+    Message::builder().properties(properties).application_properties(props.build()).data(Binary::from(json)).build()
+}
+
+/// The AMQP error condition for an HTTP-style status (what the Node and C# clients map
+/// back: throttling and internal errors are retried).
+#[must_use]
+pub fn condition_for(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "amqp:unauthorized-access",
+        404 => "amqp:not-found",
+        409 | 412 => "com.microsoft:precondition-failed",
+        413 => "amqp:link:message-size-exceeded",
+        429 => "com.microsoft:device-container-throttled",
+        s if s >= 500 => "amqp:internal-error",
+        _ => "com.microsoft:argument-error",
+    }
+}
+
+fn condition(name: &'static str) -> ErrorCondition {
+    match name {
+        "amqp:unauthorized-access" => AmqpError::UnauthorizedAccess.into(),
+        "amqp:not-found" => AmqpError::NotFound.into(),
+        "amqp:internal-error" => AmqpError::InternalError.into(),
+        "amqp:resource-limit-exceeded" => AmqpError::ResourceLimitExceeded.into(),
+        "amqp:not-allowed" => AmqpError::NotAllowed.into(),
+        "amqp:link:message-size-exceeded" => LinkError::MessageSizeExceeded.into(),
+        other => ErrorCondition::Custom(Symbol::from(other)),
+    }
+}
+
+/// The Rejected outcome's error for a failed request: description = the JSON error body,
+/// info = `iotdps-status` and, when given, `retry-after`/`Retry-After`.
+#[must_use]
+pub fn rejection(status: u16, retry_after: Option<u32>, json: &[u8]) -> AmqpErrorFrame {
+    let mut info: Fields = OrderedMap::new();
+    info.insert(Symbol::from(STATUS), Value::Int(i32::from(status)));
+    if let Some(r) = retry_after {
+        info.insert(Symbol::from(RETRY_AFTER), Value::String(r.to_string()));
+        info.insert(Symbol::from(RETRY_AFTER_CSHARP), Value::String(r.to_string()));
+    }
+    AmqpErrorFrame::new(condition(condition_for(status)), Some(String::from_utf8_lossy(json).into_owned()), Some(info))
+}
+
+#[cfg(test)]
+mod tests {
+    use fe2o3_amqp_types::messaging::{AmqpValue, Batch};
+
+    use super::*;
+
+    fn dev(scope: &str, id: &str) -> Device {
+        Device { scope: scope.into(), registration_id: id.into() }
+    }
+
+    fn sas(id: &str) -> Auth {
+        Auth::Sas { device: dev("0ne00000001", id), token: "SharedAccessSignature sr=x&sig=y&se=1".into() }
+    }
+
+    #[test]
+    fn addresses_bare_and_full() {
+        assert_eq!(parse_address("0ne00000001/registrations/dev-1"), Some(dev("0ne00000001", "dev-1")));
+        assert_eq!(
+            parse_address("amqps://dps.example.com/0ne00000001/registrations/dev-1"),
+            Some(dev("0ne00000001", "dev-1"))
+        );
+        assert_eq!(parse_address("/0ne00000001/registrations/dev-1"), Some(dev("0ne00000001", "dev-1")));
+        for bad in [
+            "",
+            "0ne00000001",
+            "0ne00000001/registrations/",
+            "/registrations/dev-1",
+            "a/b/registrations/dev-1",
+            "0ne00000001/registrations/dev-1/extra",
+            "http://h/0ne00000001/registrations/dev-1",
+            "amqps://host-only",
+        ] {
+            assert_eq!(parse_address(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sasl_plain_captures_device_and_token() {
+        let r = b"\x000ne00000001/registrations/dev-1\x00SharedAccessSignature sr=a&sig=b&se=1";
+        assert_eq!(
+            sasl_init("PLAIN", Some(r)),
+            Ok(Auth::Sas {
+                device: dev("0ne00000001", "dev-1"),
+                token: "SharedAccessSignature sr=a&sig=b&se=1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn sasl_refusals() {
+        assert!(sasl_init("PLAIN", None).is_err());
+        assert!(sasl_init("PLAIN", Some(b"no-nuls")).is_err());
+        assert!(sasl_init("PLAIN", Some(b"\x00guest\x00guest")).is_err(), "username must be a device address");
+        assert!(sasl_init("PLAIN", Some(b"\x000ne1/registrations/d\x00")).is_err(), "empty token");
+        assert!(sasl_init("PLAIN", Some(b"\x000ne1/registrations/d\x00\xff\xfe")).is_err(), "non-UTF-8");
+        let tpm = sasl_init("TPM", Some(b"\x00ek")).unwrap_err();
+        assert!(tpm.contains("TPM"), "{tpm}");
+        assert!(sasl_init("SCRAM-SHA-256", None).is_err());
+        assert_eq!(sasl_init("EXTERNAL", None), Ok(Auth::Certificate));
+        assert_eq!(sasl_init("ANONYMOUS", Some(b"x")), Ok(Auth::Certificate));
+    }
+
+    #[test]
+    fn sas_links_must_name_the_authenticated_device() {
+        let mut l = Links::new(sas("dev-1"), 4);
+        assert!(!l.can_reply());
+        l.on_attach(Direction::ToDevice, Some("0ne00000001/registrations/DEV-1"), Some("2019-03-31")).unwrap();
+        assert!(l.can_reply());
+        assert_eq!(l.api_version(), Some("2019-03-31"));
+        l.on_attach(Direction::FromDevice, Some("amqps://h/0ne00000001/registrations/dev-1"), None).unwrap();
+        let r = l.on_attach(Direction::FromDevice, Some("0ne00000001/registrations/dev-2"), None).unwrap_err();
+        assert_eq!(r.condition, "amqp:unauthorized-access");
+        let r = l.on_attach(Direction::FromDevice, Some("0ne00000002/registrations/dev-1"), None).unwrap_err();
+        assert_eq!(r.condition, "amqp:unauthorized-access");
+        let r = l.on_attach(Direction::FromDevice, Some("$cbs"), None).unwrap_err();
+        assert_eq!(r.condition, "amqp:not-found");
+        let r = l.on_attach(Direction::FromDevice, None, None).unwrap_err();
+        assert_eq!(r.condition, "amqp:not-found");
+        assert_eq!(l.device(), Some(&dev("0ne00000001", "dev-1")));
+    }
+
+    #[test]
+    fn certificate_connections_are_pinned_by_the_first_attach() {
+        let mut l = Links::new(Auth::Certificate, 4);
+        assert_eq!(l.device(), None);
+        l.on_attach(Direction::ToDevice, Some("0ne00000001/registrations/x509-dev"), None).unwrap();
+        assert_eq!(l.device(), Some(&dev("0ne00000001", "x509-dev")));
+        assert!(l.on_attach(Direction::FromDevice, Some("0ne00000001/registrations/other"), None).is_err());
+        l.on_attach(Direction::FromDevice, Some("0ne00000001/registrations/x509-dev"), None).unwrap();
+    }
+
+    #[test]
+    fn link_limit_and_detach() {
+        let mut l = Links::new(sas("d"), 2);
+        let a = Some("0ne00000001/registrations/d");
+        l.on_attach(Direction::ToDevice, a, None).unwrap();
+        l.on_attach(Direction::FromDevice, a, None).unwrap();
+        assert_eq!(l.on_attach(Direction::FromDevice, a, None).unwrap_err().condition, "amqp:resource-limit-exceeded");
+        l.on_detach(Direction::ToDevice);
+        assert!(!l.can_reply());
+        l.on_attach(Direction::ToDevice, a, None).unwrap();
+        assert!(l.can_reply());
+    }
+
+    fn message(props: &[(&str, SimpleValue)], body: Body<Value>, correlation: Option<&str>) -> Message<Body<Value>> {
+        let mut ap = ApplicationProperties::builder();
+        for (k, v) in props {
+            ap = ap.insert(*k, v.clone());
+        }
+        Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                correlation_id: correlation.map(|c| MessageId::String(c.into())),
+                ..Properties::default()
+            }),
+            application_properties: Some(ap.build()),
+            body,
+            footer: None,
+        }
+    }
+
+    fn data(b: &[u8]) -> Body<Value> {
+        Body::Data(Batch::new(vec![Data(Binary::from(b.to_vec()))]))
+    }
+
+    #[test]
+    fn register_with_data_or_value_body() {
+        let m = message(
+            &[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into())), (FORCE_REGISTRATION, SimpleValue::Bool(true))],
+            data(br#"{"registrationId":"d"}"#),
+            Some("c-1"),
+        );
+        let r = parse_request(&m).unwrap();
+        assert_eq!(r.correlation_id, Some(MessageId::String("c-1".into())));
+        assert_eq!(r.operation, Operation::Register { body: br#"{"registrationId":"d"}"#.to_vec(), force: true });
+
+        let m = message(
+            &[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into()))],
+            Body::Value(AmqpValue(Value::String("{}".into()))),
+            None,
+        );
+        assert_eq!(parse_request(&m).unwrap().operation, Operation::Register { body: b"{}".to_vec(), force: false });
+
+        let m = message(&[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into()))], Body::Empty, None);
+        assert_eq!(parse_request(&m).unwrap().operation, Operation::Register { body: Vec::new(), force: false });
+
+        let m = message(
+            &[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into())), (FORCE_REGISTRATION, SimpleValue::Int(1))],
+            Body::Empty,
+            Some("c-2"),
+        );
+        let (c, e) = parse_request(&m).unwrap_err();
+        assert_eq!(c, Some(MessageId::String("c-2".into())));
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn polls_need_an_operation_id() {
+        let m = message(
+            &[
+                (OPERATION_TYPE, SimpleValue::String(OP_STATUS.into())),
+                (OPERATION_ID, SimpleValue::String("4.abc".into())),
+            ],
+            Body::Value(AmqpValue(Value::String(String::new()))),
+            Some("c"),
+        );
+        assert_eq!(parse_request(&m).unwrap().operation, Operation::Poll { operation_id: "4.abc".into() });
+        let m = message(&[(OPERATION_TYPE, SimpleValue::String(OP_STATUS.into()))], Body::Empty, None);
+        assert_eq!(parse_request(&m).unwrap_err().1.status(), 400);
+    }
+
+    #[test]
+    fn unknown_or_missing_operations() {
+        let m = message(&[], data(b"{}"), None);
+        assert_eq!(parse_request(&m).unwrap_err().1.status(), 400);
+        let m = message(&[(OPERATION_TYPE, SimpleValue::String("iotdps-get-registration".into()))], data(b"{}"), None);
+        assert_eq!(parse_request(&m).unwrap_err().1.status(), 404);
+        let m = message(
+            &[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into()))],
+            Body::Value(AmqpValue(Value::Int(3))),
+            None,
+        );
+        assert_eq!(parse_request(&m).unwrap_err().1.status(), 400);
+    }
+
+    #[test]
+    fn message_id_stands_in_for_a_missing_correlation_id() {
+        let mut m = message(&[(OPERATION_TYPE, SimpleValue::String(OP_REGISTER.into()))], Body::Empty, None);
+        m.properties = Some(Properties { message_id: Some(MessageId::Ulong(7)), ..Properties::default() });
+        assert_eq!(parse_request(&m).unwrap().correlation_id, Some(MessageId::Ulong(7)));
+    }
+
+    #[test]
+    fn replies_carry_correlation_status_and_retry() {
+        let m = reply(Some(MessageId::String("c".into())), 202, Some(3), b"{\"status\":\"assigning\"}".to_vec());
+        assert_eq!(m.properties.as_ref().unwrap().correlation_id, Some(MessageId::String("c".into())));
+        let ap = &m.application_properties.as_ref().unwrap().0;
+        assert_eq!(ap.get(STATUS), Some(&SimpleValue::Int(202)));
+        assert_eq!(ap.get(RETRY_AFTER), Some(&SimpleValue::String("3".into())));
+        assert_eq!(ap.get(RETRY_AFTER_CSHARP), Some(&SimpleValue::String("3".into())));
+        assert_eq!(m.body.0.as_ref(), b"{\"status\":\"assigning\"}");
+        let m = reply(None, 200, None, b"{}".to_vec());
+        assert!(m.application_properties.as_ref().unwrap().0.get(RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn rejections_map_statuses_to_conditions() {
+        let e = rejection(401, None, b"{\"errorCode\":401002}");
+        assert_eq!(e.condition, ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess));
+        assert_eq!(e.description.as_deref(), Some("{\"errorCode\":401002}"));
+        let e = rejection(429, Some(4), b"{}");
+        assert_eq!(e.condition, ErrorCondition::Custom(Symbol::from("com.microsoft:device-container-throttled")));
+        let info = e.info.unwrap();
+        assert_eq!(info.get(&Symbol::from(RETRY_AFTER)), Some(&Value::String("4".into())));
+        assert_eq!(info.get(&Symbol::from(STATUS)), Some(&Value::Int(429)));
+        assert_eq!(condition_for(404), "amqp:not-found");
+        assert_eq!(condition_for(503), "amqp:internal-error");
+        assert_eq!(condition_for(400), "com.microsoft:argument-error");
+    }
+}

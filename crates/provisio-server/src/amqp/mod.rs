@@ -1,0 +1,552 @@
+//! The AMQP front-end: AMQP 1.0 over TLS (port 5671). Framing, SASL, sessions and links
+//! come from fe2o3-amqp's acceptor, the DPS rules from [`link`]; requests go to the same
+//! engine calls as HTTPS and MQTT and answers carry the same JSON bodies and error codes.
+//!
+//! A connection's first eight bytes after TLS decide its authentication: the SASL header
+//! (`AMQP 3 1 0 0`) for symmetric keys (SASL PLAIN; EXTERNAL/ANONYMOUS also lead to the
+//! TLS certificate), the plain AMQP header (`AMQP 0 1 0 0`) for X.509 devices, which send
+//! no SASL layer. A refused attach closes the connection with an AMQP error; a refused
+//! request is settled as Rejected with the JSON error body.
+
+pub mod link;
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use fe2o3_amqp::{
+    Sender,
+    acceptor::{
+        ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle, ListenerSessionHandle, SaslAcceptor,
+        SessionAcceptor, sasl_acceptor::SaslServerFrame,
+    },
+};
+use fe2o3_amqp_types::{
+    definitions::Role,
+    messaging::{Body, Data, Message, Target},
+    performatives::Attach,
+    primitives::{Array, Symbol, Value},
+    sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse},
+};
+use provisio_proto::{
+    DEVICE_API_VERSIONS,
+    device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpListener,
+    sync::Semaphore,
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+
+use self::link::{Auth, Direction, Links, Operation, Refusal};
+use crate::{
+    ServerError,
+    engine::{Credential, Engine},
+};
+
+/// The SASL protocol header.
+const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
+/// The plain AMQP protocol header.
+const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
+
+/// Limits of the AMQP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct AmqpLimits {
+    /// Simultaneous connections.
+    pub max_connections: usize,
+    /// Largest AMQP frame accepted (the Open's max-frame-size).
+    pub max_frame_bytes: u32,
+    /// Largest message accepted on the device's sender link.
+    pub max_message_bytes: u64,
+    /// Sessions per connection.
+    pub max_sessions: u16,
+    /// Links per connection.
+    pub max_links: usize,
+    /// TLS handshake, protocol header, SASL and Open deadline.
+    pub connect_timeout: Duration,
+    /// Idle timeout announced in the Open (the peer must send something, at least an
+    /// empty frame, within it).
+    pub idle_timeout: Duration,
+    /// `retry-after` on `assigning` answers.
+    pub retry_after_secs: u32,
+}
+
+/// Serves AMQP on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    engine: Engine,
+    limits: AmqpLimits,
+    per_ip: Arc<crate::http::limit::PerIpLimiter>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "AMQP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = limits.max_connections, "AMQP connection limit reached; closing connection");
+            continue;
+        };
+        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
+            tracing::warn!(%peer, "per-IP connection limit reached; closing AMQP connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, engine) = (acceptor.clone(), engine.clone());
+        connections.spawn(async move {
+            let _permits = (permit, ip_permit);
+            let deadline = tokio::time::Instant::now() + limits.connect_timeout;
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "AMQP TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "AMQP TLS handshake timed out");
+                    return;
+                }
+            };
+            let chain: Vec<Vec<u8>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
+                .unwrap_or_default();
+            let origin = crate::engine::Origin { transport: "amqp", peer: Some(peer.ip()) };
+            match connection(tls, chain, engine, limits, deadline, origin).await {
+                Ok(reason) => tracing::debug!(%peer, reason, "AMQP connection closed"),
+                Err(reason) => tracing::info!(%peer, reason, "AMQP connection refused"),
+            }
+        });
+    }
+    // Connections end with the listener (their tasks are aborted when the set drops).
+    connections.shutdown().await;
+}
+
+/// The SASL side of a connection: decides on the SASL init (synchronously, as
+/// fe2o3-amqp asks) and keeps the outcome for the connection task.
+#[derive(Debug, Clone, Default)]
+struct DpsSasl {
+    decided: Arc<Mutex<Option<Auth>>>,
+}
+
+impl SaslAcceptor for DpsSasl {
+    fn mechanisms(&self) -> Array<Symbol> {
+        Array::from(vec![Symbol::from("PLAIN"), Symbol::from("EXTERNAL"), Symbol::from("ANONYMOUS")])
+    }
+
+    fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
+        let decision = link::sasl_init(init.mechanism.as_str(), init.initial_response.as_ref().map(|b| b.as_slice()));
+        let code = match decision {
+            Ok(auth) => {
+                *self.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(auth);
+                SaslCode::Ok
+            }
+            Err(why) => {
+                tracing::info!(mechanism = init.mechanism.as_str(), why, "AMQP SASL refused");
+                SaslCode::Auth
+            }
+        };
+        SaslServerFrame::Outcome(SaslOutcome { code, additional_data: None })
+    }
+
+    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
+        // PLAIN, EXTERNAL and ANONYMOUS finish with the init; there is no challenge.
+        SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, additional_data: None })
+    }
+}
+
+/// A stream whose first bytes were already read (the protocol header): they are
+/// replayed before the rest.
+#[derive(Debug)]
+struct Replay<S> {
+    head: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What every task of one connection shares.
+struct Shared {
+    engine: Engine,
+    links: Mutex<Links>,
+    credential: Credential,
+    /// The device's receiver links, where replies go.
+    replies: tokio::sync::Mutex<Vec<Sender>>,
+    limits: AmqpLimits,
+    /// Transport and peer, for the audit log.
+    origin: crate::engine::Origin,
+}
+
+impl Shared {
+    fn links(&self) -> std::sync::MutexGuard<'_, Links> {
+        self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One connection: protocol header, SASL or not, Open, then sessions and links.
+async fn connection<S>(
+    mut io: S,
+    chain: Vec<Vec<u8>>,
+    engine: Engine,
+    limits: AmqpLimits,
+    deadline: tokio::time::Instant,
+    origin: crate::engine::Origin,
+) -> Result<String, String>
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
+    let mut header = [0u8; 8];
+    match tokio::time::timeout_at(deadline, io.read_exact(&mut header)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(format!("no protocol header: {e}")),
+        Err(_) => return Err("no protocol header in time".into()),
+    }
+    let stream = Replay { head: header.to_vec(), at: 0, inner: io };
+    let frame = limits.max_frame_bytes.max(512);
+    let channel_max = limits.max_sessions.max(1) - 1;
+    let idle = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    let (conn, auth) = match header {
+        SASL_HEADER => {
+            let sasl = DpsSasl::default();
+            let acceptor = ConnectionAcceptor::builder()
+                .container_id("provisio")
+                .max_frame_size(frame)
+                .channel_max(channel_max)
+                .idle_time_out(idle)
+                .sasl_acceptor(sasl.clone())
+                .build();
+            let conn = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                .await
+                .map_err(|_| "no SASL and Open in time".to_owned())?
+                .map_err(|e| format!("SASL/Open failed: {e}"))?;
+            let auth = sasl.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            (conn, auth)
+        }
+        AMQP_HEADER => {
+            let acceptor = ConnectionAcceptor::builder()
+                .container_id("provisio")
+                .max_frame_size(frame)
+                .channel_max(channel_max)
+                .idle_time_out(idle)
+                .build();
+            let conn = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                .await
+                .map_err(|_| "no Open in time".to_owned())?
+                .map_err(|e| format!("Open failed: {e}"))?;
+            (conn, Some(Auth::Certificate))
+        }
+        other => {
+            // Say what is spoken here, then hang up (AMQP 1.0 §2.2).
+            let mut io = stream.inner;
+            let _ = io.write_all(&SASL_HEADER).await;
+            let _ = io.shutdown().await;
+            return Err(format!("unsupported protocol header {other:?}"));
+        }
+    };
+    let mut conn = conn;
+    let Some(auth) = auth else { return Err("SASL ended without a decision".into()) };
+    let credential = match &auth {
+        Auth::Sas { token, .. } => Credential::Sas(token.clone()),
+        Auth::Certificate if !chain.is_empty() => Credential::X509(chain),
+        Auth::Certificate => {
+            return refuse(
+                &mut conn,
+                &Refusal {
+                    condition: "amqp:unauthorized-access",
+                    description: "no SAS token (SASL PLAIN) and no TLS client certificate".into(),
+                },
+            )
+            .await;
+        }
+    };
+    let shared = Arc::new(Shared {
+        engine,
+        links: Mutex::new(Links::new(auth, limits.max_links)),
+        credential,
+        replies: tokio::sync::Mutex::new(Vec::new()),
+        limits,
+        origin,
+    });
+    let mut sessions: JoinSet<Result<(), Refusal>> = JoinSet::new();
+    let mut begun = 0u16;
+    loop {
+        tokio::select! {
+            incoming = conn.next_incoming_session() => {
+                let Some(incoming) = incoming else { break };
+                begun = begun.saturating_add(1);
+                if begun > limits.max_sessions {
+                    return refuse(&mut conn, &Refusal {
+                        condition: "amqp:resource-limit-exceeded",
+                        description: format!("at most {} sessions per connection", limits.max_sessions),
+                    }).await;
+                }
+                let acceptor = SessionAcceptor::builder()
+                    .handle_max(u32::try_from(limits.max_links.max(1) - 1).unwrap_or(u32::MAX))
+                    .build();
+                let session = match acceptor.accept_incoming_session(incoming, &mut conn).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(format!("Begin failed: {e}")),
+                };
+                sessions.spawn(session_task(session, shared.clone()));
+            }
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Ok(Err(refusal)) = done {
+                    return refuse(&mut conn, &refusal).await;
+                }
+            }
+        }
+    }
+    sessions.shutdown().await;
+    let _ = conn.close().await;
+    Ok("peer closed the connection".into())
+}
+
+/// Closes the connection with `refusal` and reports it.
+async fn refuse(conn: &mut ListenerConnectionHandle, refusal: &Refusal) -> Result<String, String> {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close_with_error(refusal.to_error())).await;
+    Err(format!("{}: {}", refusal.condition, refusal.description))
+}
+
+fn attach_address(attach: &Attach) -> (Direction, Option<String>) {
+    match attach.role {
+        // The device sends: requests come in on a link whose target is the device address.
+        Role::Sender => (
+            Direction::FromDevice,
+            attach.target.as_ref().and_then(|t| Target::try_from((**t).clone()).ok()).and_then(|t| t.address),
+        ),
+        Role::Receiver => (Direction::ToDevice, attach.source.as_ref().and_then(|s| s.address.clone())),
+    }
+}
+
+fn attach_api_version(attach: &Attach) -> Option<String> {
+    let v = attach.properties.as_ref()?.get(&Symbol::from(link::API_VERSION_PROPERTY))?;
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
+/// One session: judges each attach, keeps the reply links, and runs one task per
+/// request link. A refused attach ends the session with the refusal (the connection
+/// closes with it).
+async fn session_task(mut session: ListenerSessionHandle, shared: Arc<Shared>) -> Result<(), Refusal> {
+    let acceptor = LinkAcceptor::builder().max_message_size(shared.limits.max_message_bytes).build();
+    let mut readers = JoinSet::new();
+    loop {
+        tokio::select! {
+            attach = session.next_incoming_attach() => {
+                let Some(attach) = attach else { break };
+                let (direction, address) = attach_address(&attach);
+                let api_version = attach_api_version(&attach);
+                shared.links().on_attach(direction, address.as_deref(), api_version.as_deref())?;
+                match acceptor.accept_incoming_attach(attach, &mut session).await {
+                    Ok(LinkEndpoint::Sender(s)) => shared.replies.lock().await.push(s),
+                    Ok(LinkEndpoint::Receiver(r)) => {
+                        readers.spawn(reader(r, shared.clone()));
+                    }
+                    Err(e) => {
+                        shared.links().on_detach(direction);
+                        return Err(Refusal { condition: "amqp:internal-error", description: format!("attach failed: {e}") });
+                    }
+                }
+            }
+            Some(_) = readers.join_next(), if !readers.is_empty() => {
+                shared.links().on_detach(Direction::FromDevice);
+            }
+        }
+    }
+    readers.shutdown().await;
+    let _ = session.end().await;
+    Ok(())
+}
+
+/// Reads requests from the device's sender link, serves them and settles each.
+async fn reader(mut rx: fe2o3_amqp::Receiver, shared: Arc<Shared>) {
+    loop {
+        let delivery = match rx.recv::<Body<Value>>().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "AMQP request link ended");
+                return;
+            }
+        };
+        let request = link::parse_request(delivery.message());
+        let (correlation_id, answer) = match request {
+            Err((c, e)) => (c, error_answer(&e)),
+            Ok(req) if !shared.links().can_reply() => (
+                req.correlation_id,
+                error_answer(&ServerError::invalid(
+                    "Attach a receiver link on {idScope}/registrations/{registrationId} before sending requests.",
+                )),
+            ),
+            Ok(req) => (req.correlation_id, serve_request(&shared, &req.operation).await),
+        };
+        let (status, retry, body) = answer;
+        if status >= 300 {
+            if let Err(e) = rx.reject(&delivery, link::rejection(status, retry, &body)).await {
+                tracing::debug!(error = %e, "AMQP reject failed");
+                return;
+            }
+            continue;
+        }
+        if let Err(e) = rx.accept(&delivery).await {
+            tracing::debug!(error = %e, "AMQP accept failed");
+            return;
+        }
+        send_reply(&shared, link::reply(correlation_id, status, retry, body)).await;
+    }
+}
+
+/// Sends a reply on the device's (most recent) receiver link.
+async fn send_reply(shared: &Shared, message: Message<Data>) {
+    let mut replies = shared.replies.lock().await;
+    let Some(tx) = replies.last_mut() else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(30), tx.send_batchable(message)).await {
+        // The device settles replies as it pleases; nothing waits for the outcome.
+        Ok(Ok(_outcome)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "AMQP reply failed; dropping the reply link");
+            replies.pop();
+            shared.links().on_detach(Direction::ToDevice);
+        }
+        Err(_) => tracing::info!("AMQP reply not sent: the device gave no credit in 30 s"),
+    }
+}
+
+fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
+    crate::mqtt::error_answer(e)
+}
+
+/// Serves one request with the engine; returns (status, retry-after, body).
+async fn serve_request(shared: &Shared, operation: &Operation) -> (u16, Option<u32>, Vec<u8>) {
+    let (device, api_version) = {
+        let links = shared.links();
+        (links.device().cloned(), links.api_version().map(str::to_owned))
+    };
+    let Some(device) = device else {
+        return error_answer(&ServerError::invalid("No link names the device."));
+    };
+    let engine = &shared.engine;
+    let credential = &shared.credential;
+    let retry_after = shared.limits.retry_after_secs;
+    let result = async {
+        let version = match api_version.as_deref() {
+            Some(v) if !provisio_proto::is_supported_api_version(DEVICE_API_VERSIONS, v) => {
+                Err(ServerError::invalid(format!("Unsupported API version {}.", crate::engine::shorten(v))))
+            }
+            _ => Ok(()),
+        };
+        match operation {
+            // forceRegistration needs no branch: every register re-runs the allocation.
+            Operation::Register { body, force: _ } => {
+                let registration = version.and_then(|()| {
+                    if body.iter().all(u8::is_ascii_whitespace) {
+                        Ok(DeviceRegistration::default())
+                    } else {
+                        serde_json::from_slice::<DeviceRegistration>(body).map_err(|e| {
+                            ServerError::malformed(format!("The body is not a valid DeviceRegistration: {e}"))
+                        })
+                    }
+                });
+                let op = engine
+                    .register_from(&shared.origin, &device.scope, &device.registration_id, registration, credential)
+                    .await?;
+                Ok((202, Some(retry_after), crate::mqtt::to_json(&RegistrationOperationStatus::accepted(op))))
+            }
+            Operation::Poll { operation_id } => {
+                version?;
+                let st =
+                    engine.operation_status(&device.scope, &device.registration_id, operation_id, credential).await?;
+                Ok(if st.status == RegistrationStatus::Assigning {
+                    (202, Some(retry_after), crate::mqtt::to_json(&st))
+                } else {
+                    (200, None, crate::mqtt::to_json(&st))
+                })
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e| error_answer(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replay_returns_the_header_then_the_stream() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"rest").await.unwrap();
+        drop(a);
+        let mut r = Replay { head: b"AMQP".to_vec(), at: 0, inner: b };
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"AMQPrest");
+    }
+
+    #[test]
+    fn sasl_acceptor_keeps_the_decision() {
+        let mut s = DpsSasl::default();
+        let init = SaslInit {
+            mechanism: Symbol::from("PLAIN"),
+            initial_response: Some(b"\x000ne1/registrations/d\x00SharedAccessSignature sr=x".to_vec().into()),
+            hostname: None,
+        };
+        assert!(matches!(s.on_init(init), SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Ok, .. })));
+        assert!(matches!(s.decided.lock().unwrap().as_ref(), Some(Auth::Sas { .. })));
+        let mut s = DpsSasl::default();
+        let init = SaslInit { mechanism: Symbol::from("TPM"), initial_response: None, hostname: None };
+        assert!(matches!(s.on_init(init), SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, .. })));
+        assert!(s.decided.lock().unwrap().is_none());
+    }
+}
