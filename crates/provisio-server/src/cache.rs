@@ -48,3 +48,125 @@ impl<T> TtlCache<T> {
         *self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
+
+/// Credentials recently proven for a registration id, so that a device's polls (which
+/// only read its own operation) skip a second attestation: a store read and a key
+/// derivation, or a certificate chain validation, per poll.
+///
+/// Entries are keyed by a SHA-256 of the registration id and the exact credential (the
+/// whole SAS token, or the whole certificate chain), live at most `ttl` and never past a
+/// token's expiry, and are all dropped on any local enrollment or group change. Register
+/// requests always attest in full.
+#[derive(Debug)]
+pub struct AuthCache {
+    ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<std::collections::HashMap<[u8; 32], Instant>>,
+}
+
+impl AuthCache {
+    /// An empty cache; `ttl` of zero disables it.
+    #[must_use]
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        Self { ttl, max_entries, entries: Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    fn key(registration_key: &str, credential: &crate::engine::Credential) -> Option<[u8; 32]> {
+        use aws_lc_rs::digest::{Context, SHA256};
+        let mut ctx = Context::new(&SHA256);
+        ctx.update(registration_key.as_bytes());
+        match credential {
+            crate::engine::Credential::Sas(token) => {
+                ctx.update(b"\0sas\0");
+                ctx.update(token.as_bytes());
+            }
+            crate::engine::Credential::X509(chain) => {
+                ctx.update(b"\0x509");
+                for der in chain {
+                    ctx.update(&(der.len() as u64).to_be_bytes());
+                    ctx.update(der);
+                }
+            }
+            crate::engine::Credential::None => return None,
+        }
+        ctx.finish().as_ref().try_into().ok()
+    }
+
+    /// Remembers that `credential` was proven for the registration, until `ttl` from now
+    /// or `expires_at` (a token's expiry), whichever comes first.
+    pub fn remember(
+        &self,
+        registration_key: &str,
+        credential: &crate::engine::Credential,
+        expires_at: Option<Instant>,
+    ) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let Some(k) = Self::key(registration_key, credential) else { return };
+        let now = Instant::now();
+        let until = expires_at.map_or(now + self.ttl, |e| e.min(now + self.ttl));
+        let mut m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= self.max_entries {
+            m.retain(|_, at| *at > now);
+            if m.len() >= self.max_entries {
+                // Still full of live entries: start over rather than grow without bound.
+                m.clear();
+            }
+        }
+        m.insert(k, until);
+    }
+
+    /// Whether `credential` was proven for the registration and the entry is still live.
+    #[must_use]
+    pub fn recalls(&self, registration_key: &str, credential: &crate::engine::Credential) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        let Some(k) = Self::key(registration_key, credential) else { return false };
+        let m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(&k).is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Forgets everything (after a local enrollment, group or key change).
+    pub fn clear(&self) {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Credential;
+
+    #[test]
+    fn auth_cache_matches_exact_credentials_only_and_expires() {
+        let c = AuthCache::new(Duration::from_secs(60), 4);
+        let tok = Credential::Sas("SharedAccessSignature sr=s/registrations/d&sig=abc&se=1".into());
+        assert!(!c.recalls("d", &tok));
+        c.remember("d", &tok, None);
+        assert!(c.recalls("d", &tok));
+        // Another device, another token, another chain: not recalled.
+        assert!(!c.recalls("e", &tok));
+        assert!(!c.recalls("d", &Credential::Sas("SharedAccessSignature sr=s/registrations/d&sig=abd&se=1".into())));
+        assert!(!c.recalls("d", &Credential::X509(vec![b"abc".to_vec()])));
+        assert!(!c.recalls("d", &Credential::None));
+        c.remember("d", &Credential::None, None);
+        assert!(!c.recalls("d", &Credential::None), "no credential is never remembered");
+        // A token's expiry caps the entry.
+        let expired = Credential::Sas("t2".into());
+        c.remember("d", &expired, Some(Instant::now()));
+        assert!(!c.recalls("d", &expired));
+        // Bounded, and cleared on demand.
+        for i in 0..10 {
+            c.remember(&format!("x{i}"), &tok, None);
+        }
+        assert!(c.entries.lock().unwrap().len() <= 4);
+        c.clear();
+        assert!(!c.recalls("x9", &tok));
+        // Disabled with a zero TTL.
+        let off = AuthCache::new(Duration::ZERO, 4);
+        off.remember("d", &tok, None);
+        assert!(!off.recalls("d", &tok));
+    }
+}

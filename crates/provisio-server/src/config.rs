@@ -96,6 +96,9 @@ pub struct ServerConfig {
     /// How long enrollment groups and linked hubs are cached, in milliseconds (changes made
     /// through another node apply within this time; 0 disables the cache).
     pub cache_ttl_ms: u64,
+    /// How long a device's verified credential is remembered for its polls and status
+    /// queries, in seconds (0: verify every request). Register requests always verify.
+    pub poll_auth_cache_secs: u64,
     /// Key (base64 of 32 random bytes) that encrypts symmetric keys, policy keys and
     /// private keys in the store (AES-256-GCM). Unset: stored in plain.
     pub encryption_key: Option<Secret>,
@@ -161,6 +164,7 @@ impl Default for ServerConfig {
             amqp_max_links: 8,
             amqp_idle_timeout_secs: 240,
             cache_ttl_ms: 1000,
+            poll_auth_cache_secs: 30,
             encryption_key: None,
             encryption_previous_keys: Vec::new(),
             audit_log: String::new(),

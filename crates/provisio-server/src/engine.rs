@@ -83,6 +83,8 @@ pub struct EngineSettings {
     pub device_polls_per_10s: usize,
     /// Device operations in progress at once (0: no limit).
     pub max_concurrent_operations: usize,
+    /// How long a proven credential spares a device's polls a second attestation.
+    pub poll_auth_cache: std::time::Duration,
 }
 
 /// The registration engine.
@@ -99,6 +101,8 @@ pub struct Engine {
     audit: crate::audit::AuditLog,
     /// Permits for operations in progress (`None`: unlimited).
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    /// Credentials proven recently, for polls.
+    auth_cache: Arc<crate::cache::AuthCache>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -119,6 +123,7 @@ impl Engine {
     ) -> Self {
         let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
         let settings_ops = settings.max_concurrent_operations;
+        let poll_auth_cache = settings.poll_auth_cache;
         let registrations = Arc::new(crate::http::limit::RateLimiter::new(settings.registrations_per_second));
         let polls = Arc::new(crate::http::limit::KeyedWindow::new(
             settings.device_polls_per_10s,
@@ -135,6 +140,7 @@ impl Engine {
             settings: Arc::new(settings),
             audit: crate::audit::AuditLog::disabled(),
             in_flight: (settings_ops > 0).then(|| Arc::new(tokio::sync::Semaphore::new(settings_ops))),
+            auth_cache: Arc::new(crate::cache::AuthCache::new(poll_auth_cache, 100_000)),
         }
     }
 
@@ -168,6 +174,34 @@ impl Engine {
                     .collect::<Result<Vec<_>, ServerError>>()
             })
             .await
+    }
+
+    /// The cache of proven credentials, shared with the service API so that enrollment
+    /// writes clear it.
+    #[must_use]
+    pub fn auth_cache(&self) -> Arc<crate::cache::AuthCache> {
+        self.auth_cache.clone()
+    }
+
+    /// Attests a read-only request (poll, status query), unless this exact credential was
+    /// proven for this device moments ago.
+    async fn attest_for_read(&self, id: &RegistrationId, credential: &Credential) -> Result<(), ServerError> {
+        if !self.auth_cache.recalls(id.key(), credential) {
+            self.attest(id, credential).await?;
+            self.remember(id, credential);
+        }
+        Ok(())
+    }
+
+    fn remember(&self, id: &RegistrationId, credential: &Credential) {
+        let expires = match credential {
+            Credential::Sas(raw) => SasToken::parse(raw).ok().map(|t| {
+                let left = t.expiry.saturating_sub(unix_now());
+                std::time::Instant::now() + std::time::Duration::from_secs(left)
+            }),
+            _ => None,
+        };
+        self.auth_cache.remember(id.key(), credential, expires);
     }
 
     /// The group cache, shared with the service API so that its writes invalidate it.
@@ -438,6 +472,7 @@ impl Engine {
             )));
         }
         let Attested { matched, x509 } = self.attest(&id, credential).await?;
+        self.remember(&id, credential);
         let previous = match self.store.get(Collection::Registrations, id.key()).await? {
             Some(doc) => Some(service_model::record_from_body(&doc.body)?),
             None => None,
@@ -511,7 +546,7 @@ impl Engine {
         let id = Self::parse_id(registration_id)?;
         // A device may poll 5 times per 10 s (DPS's limit); faster gets 429 + Retry-After.
         self.polls.hit(id.key()).map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
-        self.attest(&id, credential).await?;
+        self.attest_for_read(&id, credential).await?;
         let not_found = || ServerError::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
@@ -537,7 +572,7 @@ impl Engine {
         let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
-        self.attest(&id, credential).await?;
+        self.attest_for_read(&id, credential).await?;
         let doc = self.store.get(Collection::Registrations, id.key()).await?.ok_or_else(|| ServerError::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Registration '{id}' has no registration state yet."),
@@ -647,6 +682,7 @@ mod tests {
                 registrations_per_second: 0,
                 device_polls_per_10s: 0,
                 max_concurrent_operations: 0,
+                poll_auth_cache: std::time::Duration::ZERO,
             },
             assigner,
         );

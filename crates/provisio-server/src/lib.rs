@@ -280,6 +280,7 @@ impl Provisio {
                 registrations_per_second: c.registrations_per_second,
                 device_polls_per_10s: c.device_polls_per_10s,
                 max_concurrent_operations: c.max_concurrent_operations,
+                poll_auth_cache: Duration::from_secs(c.poll_auth_cache_secs),
             },
             self.assigner(hubs.clone())?,
         );
@@ -295,6 +296,7 @@ impl Provisio {
         };
         let engine = engine.with_audit(audit.clone());
         let group_cache = engine.group_cache();
+        let auth_cache = engine.auth_cache();
         let per_ip = Arc::new(http::limit::PerIpLimiter::new(c.max_connections_per_ip));
         let state = Arc::new(http::AppState {
             engine,
@@ -304,7 +306,8 @@ impl Provisio {
                     default_page_size: 100.min(c.max_query_page_size),
                     max_page_size: c.max_query_page_size,
                 })
-                .with_group_cache(group_cache),
+                .with_group_cache(group_cache)
+                .with_auth_cache(auth_cache),
             service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
             per_ip: per_ip.clone(),
             certificates: certificates::Certificates::new(store.clone()),

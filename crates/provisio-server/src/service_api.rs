@@ -59,6 +59,7 @@ pub struct ServiceApi {
     skew: u64,
     limits: ServiceLimits,
     group_cache: Option<Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>>,
+    auth_cache: Option<Arc<crate::cache::AuthCache>>,
 }
 
 /// Size limits of the service API.
@@ -159,7 +160,14 @@ impl ServiceApi {
     /// A service API over `store`; tokens must name one of `hostnames`.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, hostnames: Vec<String>, skew: u64) -> Self {
-        Self { store, hostnames: Arc::new(hostnames), skew, limits: ServiceLimits::default(), group_cache: None }
+        Self {
+            store,
+            hostnames: Arc::new(hostnames),
+            skew,
+            limits: ServiceLimits::default(),
+            group_cache: None,
+            auth_cache: None,
+        }
     }
 
     /// Invalidates the engine's group cache on every group write.
@@ -172,9 +180,23 @@ impl ServiceApi {
         self
     }
 
+    /// Clears the engine's cache of proven credentials on every enrollment write.
+    #[must_use]
+    pub fn with_auth_cache(mut self, c: Arc<crate::cache::AuthCache>) -> Self {
+        self.auth_cache = Some(c);
+        self
+    }
+
     fn groups_changed(&self) {
         if let Some(c) = &self.group_cache {
             c.invalidate();
+        }
+        self.enrollments_changed();
+    }
+
+    fn enrollments_changed(&self) {
+        if let Some(c) = &self.auth_cache {
+            c.clear();
         }
     }
 
@@ -301,6 +323,7 @@ impl ServiceApi {
             .put(Collection::Enrollments, id.key(), &model::to_body(&enrollment)?, precondition(if_match))
             .await
             .map_err(|e| Self::store_error(e, false, id.as_str()))?;
+        self.enrollments_changed();
         Ok(model::enrollment_to_wire(&enrollment, &doc.etag, true, None))
     }
 
@@ -352,6 +375,8 @@ impl ServiceApi {
         self.store.delete(collection, &key, etag).await.map_err(|e| Self::store_error(e, group, &shown))?;
         if group {
             self.groups_changed();
+        } else {
+            self.enrollments_changed();
         }
         Ok(())
     }

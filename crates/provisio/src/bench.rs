@@ -74,7 +74,16 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
     let mut cmd = Command::new(exe);
     cmd.args(["serve", "--json", "--data-dir"])
         .arg(dir.path())
-        .args(["--https-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--hostname", "localhost"])
+        .args([
+            "--https-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--hostname",
+            "localhost",
+            "--hostname",
+            "127.0.0.1",
+        ])
         .args(["--amqp-listen", "off"])
         .args(["--linked-hub", "bench-hub.example.net", "--retry-after-secs", "0"])
         .env("PROVISIO_SERVICE_REQUESTS_PER_SECOND", "0")

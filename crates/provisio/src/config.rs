@@ -47,6 +47,7 @@ const ENV_KEYS: &[&str] = &[
     "max_bulk_items",
     "max_query_page_size",
     "cache_ttl_ms",
+    "poll_auth_cache_secs",
     "encryption_key",
     "encryption_previous_keys",
     "audit_log",

@@ -599,6 +599,9 @@ async fn hostile_input_on_every_endpoint() {
     let (st, first) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
     assert_eq!(st, 202, "{first}");
     let op = first["operationId"].as_str().unwrap().to_owned();
+    let poll_path = format!("/{scope}/registrations/dev-r/operations/{op}?api-version=2021-06-01");
+    let (st, body) = send(&s, Method::GET, &poll_path, Some(&tok), "").await;
+    assert_eq!(st, 200, "{body}");
     // …replayed on another device's path is refused, and so is its operation from there.
     let (st, body) = send(
         &s,
@@ -616,6 +619,9 @@ async fn hostile_input_on_every_endpoint() {
         crate::common::service(&s, Method::PUT, &format!("/enrollments/dev-r?{v}"), Some("*"), Some(rekeyed)).await;
     assert_eq!(st, 200, "{body}");
     let (st, body) = send(&s, Method::PUT, &reg, Some(&tok), "{}").await;
+    assert_dps_error(st, &body, 401, 401_002);
+    // Its polls too, although the token was proven for them moments before the change.
+    let (st, body) = send(&s, Method::GET, &poll_path, Some(&tok), "").await;
     assert_dps_error(st, &body, 401, 401_002);
     // …and after the enrollment is deleted, with either old token.
     let (st, _) = crate::common::service(&s, Method::DELETE, &format!("/enrollments/dev-r?{v}"), None, None).await;
