@@ -57,6 +57,16 @@ impl Srv {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// CPU time the server process has used (user + system), in seconds.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> = stat.rsplit_once(") ").map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / clock_ticks_per_sec()
+    }
+
     fn s(&self, k: &str) -> String {
         self.info[k].as_str().unwrap_or_default().to_owned()
     }
@@ -106,6 +116,12 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
     Ok(Srv { child, info, _dir: dir, startup })
 }
 
+/// `sysconf(_SC_CLK_TCK)`: 100 on every Linux the benchmark runs on (the kernel's
+/// USER_HZ is fixed at 100 for the /proc interface).
+fn clock_ticks_per_sec() -> f64 {
+    100.0
+}
+
 /// One scenario's measurements.
 #[derive(Debug, Default, Clone)]
 struct Row {
@@ -117,12 +133,20 @@ struct Row {
     first: Vec<u32>,
     total: Vec<u32>,
     rss_mb: f64,
+    /// CPU the server used during the scenario.
+    server_cpu_secs: f64,
     first_error: Option<String>,
 }
 
 impl Row {
     fn rate(&self) -> f64 {
         (self.ops - self.errors) as f64 / self.secs.max(1e-9)
+    }
+
+    /// Server CPU per successful operation, in microseconds: what one operation costs the
+    /// server, whatever the load generator beside it costs.
+    fn server_us(&self) -> f64 {
+        self.server_cpu_secs * 1e6 / ((self.ops - self.errors).max(1) as f64)
     }
 }
 
@@ -138,7 +162,7 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
 /// Runs `n` jobs on `c` workers with a progress bar; each job returns (first, total) µs.
 async fn drive<F, Fut>(label: &str, n: usize, c: usize, job: F) -> (Vec<u32>, Vec<u32>, usize, f64, Option<String>)
 where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(u32, u32), String>> + Send,
 {
     let bar = indicatif::ProgressBar::new(n as u64);
@@ -150,7 +174,7 @@ where
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..c.max(1) {
+    for worker in 0..c.max(1) {
         let (job, next, bar) = (job.clone(), next.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
             let (mut first, mut total, mut errors, mut err) = (Vec::new(), Vec::new(), 0usize, None);
@@ -159,7 +183,7 @@ where
                 if i >= n {
                     break;
                 }
-                match job(i).await {
+                match job(i, worker).await {
                     Ok((f, t)) => {
                         first.push(f);
                         total.push(t);
@@ -278,7 +302,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     if has("handshake") {
         let cfg = cfg.clone();
-        let (f, t, e, secs, err) = drive("bare TLS handshake", n, c, move |_| {
+        let cpu0 = srv.cpu_secs();
+        let (f, t, e, secs, err) = drive("bare TLS handshake", n, c, move |_, _| {
             let cfg = cfg.clone();
             async move {
                 let t0 = Instant::now();
@@ -300,24 +325,24 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             first: f,
             total: t,
             rss_mb: srv.rss_mb(),
+            server_cpu_secs: srv.cpu_secs() - cpu0,
             first_error: err,
         });
     }
     if has("trivial") {
-        let clients: Vec<reqwest::Client> = (0..c).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+        let clients: Vec<reqwest::Client> =
+            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
         let tok = svc_token.clone();
-        let (f, t, e, secs, err) = drive("baseline: trivial request", n * 2, c, move |i| {
+        let cpu0 = srv.cpu_secs();
+        let (f, t, e, secs, err) = drive("baseline: trivial request", n * 2, c, move |_, worker| {
             let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
             async move {
                 let t0 = Instant::now();
-                let r = clients[i % clients.len()]
-                    .get(&url)
-                    .header("Authorization", tok)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // Each worker keeps its own connection: truly kept alive.
+                let r =
+                    clients[worker].get(&url).header("Authorization", tok).send().await.map_err(|e| e.to_string())?;
                 if !r.status().is_success() {
                     return Err(format!("HTTP {}", r.status()));
                 }
@@ -336,14 +361,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             first: f,
             total: t,
             rss_mb: srv.rss_mb(),
+            server_cpu_secs: srv.cpu_secs() - cpu0,
             first_error: err,
         });
     }
     if has("https-keepalive") {
-        let clients: Vec<reqwest::Client> = (0..c).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+        let clients: Vec<reqwest::Client> =
+            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let (scope2, gk2, https2) = (scope.clone(), gk.clone(), https.clone());
-        let (f, t, e, secs, err) = drive("https keep-alive, sym key", n, c, move |i| {
+        let cpu0 = srv.cpu_secs();
+        let (f, t, e, secs, err) = drive("https keep-alive, sym key", n, c, move |i, worker| {
             let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
             async move {
                 let id = format!("ka-{i}");
@@ -356,7 +384,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     provisio_core::sas::SrEncoding::Raw,
                 )
                 .map_err(|e| e.to_string())?;
-                let client = &clients[i % clients.len()];
+                let client = &clients[worker];
                 let t0 = Instant::now();
                 let r = client
                     .put(format!("https://{https}/{scope}/registrations/{id}/register?api-version=2021-06-01"))
@@ -395,6 +423,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             first: f,
             total: t,
             rss_mb: srv.rss_mb(),
+            server_cpu_secs: srv.cpu_secs() - cpu0,
             first_error: err,
         });
     }
@@ -432,7 +461,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let (scope2, gk2, ep, cfg2, name2) =
                 (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone(), name.to_owned());
             let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
-            let (f, t, e, secs, err) = drive(&label, n, c, move |i| {
+            let cpu0 = srv.cpu_secs();
+            let (f, t, e, secs, err) = drive(&label, n, c, move |i, _| {
                 let (scope, gk, ep, cfg, certs, name) =
                     (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone(), name2.clone());
                 async move {
@@ -475,6 +505,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 first: f,
                 total: t,
                 rss_mb: srv.rss_mb(),
+                server_cpu_secs: srv.cpu_secs() - cpu0,
                 first_error: err,
             });
         }
@@ -530,27 +561,28 @@ async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n
 
 fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f64, f64)>) {
     println!(
-        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) |"
+        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) | server CPU per op (µs) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut out = Vec::new();
     for r in rows.iter_mut() {
         let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
         let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
         println!(
-            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} | {:.0} |",
             r.scenario,
             r.attestation,
             r.ops,
             r.errors,
             r.rate(),
-            r.rss_mb
+            r.rss_mb,
+            r.server_us()
         );
         if let Some(e) = &r.first_error {
             eprintln!("  first error in '{}': {e}", r.scenario);
         }
         out.push(json!({"scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
-            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb}));
+            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb, "server_cpu_us": r.server_us()}));
     }
     let find = |s: &str, a: &str| {
         rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::rate)
@@ -566,6 +598,28 @@ fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f6
         for a in ["symmetric", "X.509"] {
             if let Some(nc) = find("HTTPS, new TLS", a) {
                 println!("new-connection registrations ({a}) / bare handshakes: {:.1}%", 100.0 * nc / hs);
+            }
+        }
+    }
+    // The same ratios by the server's own CPU, which the load generator does not distort.
+    let cpu = |s: &str, a: &str| {
+        rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::server_us)
+    };
+    if let (Some(ka), Some(tr)) = (cpu("HTTPS, keep-alive", "symmetric"), cpu("baseline: trivial", "-")) {
+        println!(
+            "by server CPU: a keep-alive registration costs {ka:.0} µs = {:.1} trivial requests ({:.0} registrations/s per server core)",
+            ka / tr.max(1e-9),
+            1e6 / ka.max(1e-9)
+        );
+    }
+    if let Some(hs) = cpu("baseline: TLS handshake", "-") {
+        for a in ["symmetric", "X.509"] {
+            if let Some(nc) = cpu("HTTPS, new TLS", a) {
+                println!(
+                    "by server CPU: a new-connection registration ({a}) costs {nc:.0} µs = {:.2} bare handshakes ({:.1}% of the handshake rate)",
+                    nc / hs.max(1e-9),
+                    100.0 * hs / nc.max(1e-9)
+                );
             }
         }
     }
