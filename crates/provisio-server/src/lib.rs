@@ -12,6 +12,7 @@
 //! ```
 
 pub mod assignment;
+pub mod bodies;
 pub mod cache;
 pub mod certificates;
 pub mod config;
