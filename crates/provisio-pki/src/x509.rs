@@ -95,6 +95,10 @@ pub fn decode_pem_chain(pem: &str) -> Result<Vec<Vec<u8>>, ChainError> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ChainError> {
     match X509Certificate::from_der(der) {
+        // x509-parser takes any u32 as the version; X.509 has v1 (0) to v3 (2).
+        Ok(([], c)) if c.version().0 > 2 => {
+            Err(ChainError::Malformed(format!("unsupported X.509 version field {}", c.version().0)))
+        }
         Ok(([], c)) => Ok(c),
         Ok(_) => Err(ChainError::Malformed("trailing bytes after the certificate".into())),
         Err(e) => Err(ChainError::Malformed(e.to_string())),
@@ -331,4 +335,36 @@ pub fn verify_proof_of_possession(
     v.verify_signature(Some(ca_cert.public_key()))
         .map_err(|_| PopError::WrongSigner { ca: ca_cert.subject().to_string() })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testcerts::{KeyKind, Role, issue};
+
+    /// Found while writing the `certificate` fuzz target (and reproduced through it; the
+    /// input is `fuzz/corpus/certificate/der-version-ffffffff`): a version field beyond v3,
+    /// which x509-parser accepts as any u32, made `cert_info` overflow computing the
+    /// version number (a panic in debug builds, version 0 in release).
+    #[test]
+    fn a_version_beyond_v3_is_refused_not_overflowed() {
+        let root = issue(Role::Root, "root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let der = decode_pem_chain(&root.cert_pem).unwrap().remove(0);
+        assert_eq!(cert_info(&der).unwrap().version, 3);
+        // `[0] { INTEGER 2 }` becomes `[0] { INTEGER 0xFFFFFFFF }`: four more bytes, in
+        // the certificate's and the TBS's (two-byte) lengths too.
+        let at = der.windows(5).position(|w| w == [0xA0, 0x03, 0x02, 0x01, 0x02]).unwrap();
+        assert_eq!((der[1], der[5]), (0x82, 0x82));
+        let mut bad = der[..at].to_vec();
+        bad.extend([0xA0, 0x07, 0x02, 0x05, 0x00, 0xFF, 0xFF, 0xFF, 0xFF]);
+        bad.extend(&der[at + 5..]);
+        for len_at in [2, 6] {
+            let n = u16::from_be_bytes([bad[len_at], bad[len_at + 1]]) + 4;
+            bad[len_at..len_at + 2].copy_from_slice(&n.to_be_bytes());
+        }
+        assert!(matches!(cert_info(&bad), Err(ChainError::Malformed(_))));
+        assert!(matches!(is_ca(&bad), Err(ChainError::Malformed(_))));
+        let b64 = base64::Engine::encode(&B64, &bad);
+        assert!(decode_cert_text(&b64).is_err());
+    }
 }

@@ -181,10 +181,7 @@ impl Certificates {
         if_match: Option<&str>,
     ) -> Result<CertificateResponse, ServerError> {
         check_name(name)?;
-        let body = match body.properties {
-            Some(p) => *p,
-            None => body,
-        };
+        let body = crate::bodies::certificate_body(body);
         let text = body
             .certificate
             .ok_or_else(|| ServerError::invalid("The body needs 'certificate' (PEM or base64 DER)."))?;
@@ -296,10 +293,7 @@ impl Certificates {
     ) -> Result<CertificateResponse, ServerError> {
         let etag = if_match_required(if_match, name)?;
         let (_, mut ca) = self.load(name).await?;
-        let body = match body.properties {
-            Some(p) => *p,
-            None => body,
-        };
+        let body = crate::bodies::certificate_body(body);
         let text = body.certificate.ok_or_else(|| {
             ServerError::invalid("The body needs 'certificate': the verification certificate (PEM or base64 DER).")
         })?;

@@ -14,6 +14,7 @@
 pub mod amqp;
 pub mod assignment;
 pub mod audit;
+pub mod bodies;
 pub mod cache;
 pub mod certificates;
 pub mod config;

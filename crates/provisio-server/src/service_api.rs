@@ -111,8 +111,44 @@ pub struct QueryPage {
     pub continuation: Option<String>,
 }
 
+/// Checks a bulk operation body (`{"mode": …, "enrollments"|"enrollmentGroups": [...]}`)
+/// and returns its mode and items.
+///
+/// # Errors
+/// 400 for a missing or unknown mode, a missing array or more than `max_items` items.
+pub fn bulk_request(
+    group: bool,
+    body: &serde_json::Value,
+    max_items: usize,
+) -> Result<(&str, &[serde_json::Value]), ServerError> {
+    let mode = body.get("mode").and_then(|m| m.as_str()).ok_or_else(|| {
+        ServerError::invalid("The bulk operation needs 'mode': create, update, updateIfMatchETag or delete.")
+    })?;
+    let list_field = if group { "enrollmentGroups" } else { "enrollments" };
+    let items = body
+        .get(list_field)
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| ServerError::invalid(format!("The bulk operation needs '{list_field}': an array.")))?;
+    if items.len() > max_items {
+        return Err(ServerError::invalid(format!(
+            "A bulk operation takes at most {max_items} items; this one has {}.",
+            items.len()
+        )));
+    }
+    if !matches!(mode, "create" | "update" | "updateIfMatchETag" | "delete") {
+        return Err(ServerError::invalid(format!(
+            "Unknown bulk mode '{}'; expected create, update, updateIfMatchETag or delete.",
+            crate::engine::shorten(mode)
+        )));
+    }
+    Ok((mode, items))
+}
+
 /// Accepts `SELECT *` with an optional `FROM <name>`, in any case; DPS has no filters.
-fn check_query(q: &str) -> Result<(), ServerError> {
+///
+/// # Errors
+/// 400 for any other query.
+pub fn check_query(q: &str) -> Result<(), ServerError> {
     let words: Vec<String> = q.split_whitespace().map(str::to_ascii_lowercase).collect();
     let ok = match words.as_slice() {
         [] => true,
@@ -443,27 +479,7 @@ impl ServiceApi {
     /// # Errors
     /// 400 for a malformed request or too many items; per-item failures are in the result.
     pub async fn bulk(&self, group: bool, body: &serde_json::Value) -> Result<BulkOperationResult, ServerError> {
-        let mode = body.get("mode").and_then(|m| m.as_str()).ok_or_else(|| {
-            ServerError::invalid("The bulk operation needs 'mode': create, update, updateIfMatchETag or delete.")
-        })?;
-        let list_field = if group { "enrollmentGroups" } else { "enrollments" };
-        let items = body
-            .get(list_field)
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| ServerError::invalid(format!("The bulk operation needs '{list_field}': an array.")))?;
-        if items.len() > self.limits.max_bulk_items {
-            return Err(ServerError::invalid(format!(
-                "A bulk operation takes at most {} items; this one has {}.",
-                self.limits.max_bulk_items,
-                items.len()
-            )));
-        }
-        if !matches!(mode, "create" | "update" | "updateIfMatchETag" | "delete") {
-            return Err(ServerError::invalid(format!(
-                "Unknown bulk mode '{}'; expected create, update, updateIfMatchETag or delete.",
-                crate::engine::shorten(mode)
-            )));
-        }
+        let (mode, items) = bulk_request(group, body, self.limits.max_bulk_items)?;
         let id_field = if group { "enrollmentGroupId" } else { "registrationId" };
         let mut errors = Vec::new();
         for item in items {
@@ -790,7 +806,11 @@ pub const ALL_RIGHTS: &[&str] = &[
     "RegistrationStatusWrite",
 ];
 
-fn normalize_rights(rights: &str) -> Result<String, ServerError> {
+/// The canonical spelling of a comma-separated list of rights.
+///
+/// # Errors
+/// 400 for an unknown right or an empty list.
+pub fn normalize_rights(rights: &str) -> Result<String, ServerError> {
     let mut out: Vec<&str> = Vec::new();
     for r in rights.split(',').map(str::trim).filter(|r| !r.is_empty()) {
         let Some(canon) = ALL_RIGHTS.iter().find(|k| k.eq_ignore_ascii_case(r)) else {
@@ -810,7 +830,11 @@ fn normalize_rights(rights: &str) -> Result<String, ServerError> {
     Ok(out.join(", "))
 }
 
-fn check_policy_name(name: &str) -> Result<(), ServerError> {
+/// Validates a policy name: 1–64 of `A-Z a-z 0-9 - . _`.
+///
+/// # Errors
+/// If the name breaks the rule.
+pub fn check_policy_name(name: &str) -> Result<(), ServerError> {
     if !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))

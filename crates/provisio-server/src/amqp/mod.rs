@@ -33,7 +33,7 @@ use fe2o3_amqp_types::{
 };
 use provisio_proto::{
     DEVICE_API_VERSIONS,
-    device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus},
+    device::{RegistrationOperationStatus, RegistrationStatus},
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
@@ -490,13 +490,8 @@ async fn serve_request(shared: &Shared, operation: &Operation) -> (u16, Option<u
             // forceRegistration needs no branch: every register re-runs the allocation.
             Operation::Register { body, force: _ } => {
                 let registration = version.and_then(|()| {
-                    if body.iter().all(u8::is_ascii_whitespace) {
-                        Ok(DeviceRegistration::default())
-                    } else {
-                        serde_json::from_slice::<DeviceRegistration>(body).map_err(|e| {
-                            ServerError::malformed(format!("The body is not a valid DeviceRegistration: {e}"))
-                        })
-                    }
+                    crate::bodies::device_registration(body)
+                        .map_err(|e| ServerError::malformed(format!("The body is not a valid DeviceRegistration: {e}")))
                 });
                 let op = engine
                     .register_from(&shared.origin, &device.scope, &device.registration_id, registration, credential)

@@ -27,14 +27,9 @@ fn credential(req: &Req) -> Credential {
     }
 }
 
-/// Parses a `DeviceRegistration`. Empty and whitespace-only bodies (C#, Node, Python
-/// polls) mean "no fields".
+/// Parses a `DeviceRegistration` ([`crate::bodies::device_registration`]).
 fn registration_body(req: &Req) -> Result<DeviceRegistration, ServerError> {
-    let bytes = &req.body;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(DeviceRegistration::default());
-    }
-    serde_json::from_slice(bytes)
+    crate::bodies::device_registration(&req.body)
         .map_err(|e| ServerError::malformed(format!("The request body is not a valid DeviceRegistration: {e}")))
 }
 

@@ -7,7 +7,7 @@ use axum::{
 };
 use provisio_proto::{
     CERTIFICATE_API_VERSIONS, SERVICE_API_VERSIONS,
-    service::{CertificateBody, QuerySpecification, SharedAccessPolicy},
+    service::{CertificateBody, SharedAccessPolicy},
 };
 use serde::de::DeserializeOwned;
 
@@ -21,12 +21,7 @@ use crate::{
 };
 
 fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, ServerError> {
-    let bytes = &req.body;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ServerError::malformed(format!("The request body must be a JSON {what}.")));
-    }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ServerError::malformed(format!("The request body is not a valid {what}: {e}")))
+    crate::bodies::json_body(&req.body, what)
 }
 
 async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), ServerError> {
@@ -138,8 +133,7 @@ pub async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<R
     };
     authorize(state, req, right).await?;
     // The body is optional (Python and the az CLI send none on registration queries).
-    let spec: Option<QuerySpecification> =
-        if req.body.iter().all(u8::is_ascii_whitespace) { None } else { Some(json_body(req, "QuerySpecification")?) };
+    let spec = crate::bodies::query_spec(&req.body)?;
     let page_size = match req.header("x-ms-max-item-count").map(str::trim) {
         None | Some("") => None,
         Some(v) => Some(
@@ -228,22 +222,7 @@ pub async fn hub(state: &AppState, req: &Req, name: &str) -> Result<Response, Se
     match req.method.as_str() {
         "GET" => Ok(response::json(StatusCode::OK, &state.hubs.get(name).await?)),
         "PUT" => {
-            let v: serde_json::Value = json_body(req, "linked hub")?;
-            let hub = provisio_core::model::LinkedHub {
-                host_name: v.get("hostName").and_then(|x| x.as_str()).unwrap_or_default().to_owned(),
-                allocation_weight: match v.get("allocationWeight") {
-                    None | Some(serde_json::Value::Null) => 1,
-                    Some(w) => w.as_u64().and_then(|w| u32::try_from(w).ok()).ok_or_else(|| {
-                        ServerError::invalid("allocationWeight must be a whole number from 1 to 1000.")
-                    })?,
-                },
-                apply_allocation_policy: v
-                    .get("applyAllocationPolicy")
-                    .and_then(serde_json::Value::as_bool)
-                    .unwrap_or(true),
-                region: v.get("region").and_then(|x| x.as_str()).map(str::to_owned),
-                registrar_webhook_url: v.get("registrarWebhookUrl").and_then(|x| x.as_str()).map(str::to_owned),
-            };
+            let hub = crate::bodies::linked_hub(&req.body)?;
             Ok(response::json(StatusCode::OK, &state.hubs.put(name, hub).await?))
         }
         _ => {

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::BytesMut;
 use provisio_proto::{
     DEVICE_API_VERSIONS,
-    device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus},
+    device::{RegistrationOperationStatus, RegistrationStatus},
 };
 use rumqttc::mqttbytes::{Error as MqttError, v4::Packet};
 use tokio::{
@@ -223,13 +223,9 @@ async fn serve_request(
         match &req.kind {
             RequestKind::Register(body) => {
                 let registration = version.and_then(|()| {
-                    if body.iter().all(u8::is_ascii_whitespace) {
-                        Ok(DeviceRegistration::default())
-                    } else {
-                        serde_json::from_slice::<DeviceRegistration>(body).map_err(|e| {
-                            ServerError::malformed(format!("The payload is not a valid DeviceRegistration: {e}"))
-                        })
-                    }
+                    crate::bodies::device_registration(body).map_err(|e| {
+                        ServerError::malformed(format!("The payload is not a valid DeviceRegistration: {e}"))
+                    })
                 });
                 let op = engine.register_from(origin, &id.scope, &id.registration_id, registration, credential).await?;
                 Ok((202, Some(retry_after), to_json(&RegistrationOperationStatus::accepted(op))))
