@@ -134,10 +134,79 @@ impl AuthCache {
     }
 }
 
+/// The operations this node created moments ago, so that the device's first polls (which
+/// usually come to the node that took the registration) are answered without a store
+/// read. Operations are immutable snapshots, so a cached one is never stale; a poll that
+/// misses (another node, expired, evicted) reads the store.
+#[derive(Debug)]
+pub struct RecentOperations {
+    ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<std::collections::HashMap<String, (Instant, Arc<provisio_store::Operation>)>>,
+}
+
+impl RecentOperations {
+    /// An empty cache; `ttl` of zero disables it.
+    #[must_use]
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        Self { ttl, max_entries, entries: Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// Keeps an operation just written.
+    pub fn insert(&self, op: provisio_store::Operation) {
+        if self.ttl.is_zero() || self.max_entries == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= self.max_entries {
+            m.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
+            if m.len() >= self.max_entries {
+                m.clear();
+            }
+        }
+        m.insert(op.id.clone(), (now, Arc::new(op)));
+    }
+
+    /// The operation, if this node wrote it within the TTL.
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<Arc<provisio_store::Operation>> {
+        let m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(id).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, op)| op.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::Credential;
+
+    #[test]
+    fn recent_operations_are_bounded_and_expire() {
+        let op = |id: &str| provisio_store::Operation {
+            id: id.into(),
+            registration_id: "d".into(),
+            registration_etag: "e".into(),
+            registration_body: "{}".into(),
+            created_at: 0,
+        };
+        let c = RecentOperations::new(Duration::from_secs(60), 3);
+        c.insert(op("a"));
+        assert_eq!(c.get("a").unwrap().registration_id, "d");
+        assert!(c.get("b").is_none());
+        for i in 0..10 {
+            c.insert(op(&format!("x{i}")));
+        }
+        assert!(c.entries.lock().unwrap().len() <= 3);
+        assert!(c.get("x9").is_some());
+        let off = RecentOperations::new(Duration::ZERO, 3);
+        off.insert(op("a"));
+        assert!(off.get("a").is_none());
+        let short = RecentOperations::new(Duration::from_millis(1), 3);
+        short.insert(op("a"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(short.get("a").is_none(), "expired");
+    }
 
     #[test]
     fn auth_cache_matches_exact_credentials_only_and_expires() {

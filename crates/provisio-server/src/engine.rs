@@ -103,6 +103,8 @@ pub struct Engine {
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
     /// Credentials proven recently, for polls.
     auth_cache: Arc<crate::cache::AuthCache>,
+    /// Operations written moments ago, for polls.
+    recent_operations: Arc<crate::cache::RecentOperations>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -141,6 +143,12 @@ impl Engine {
             audit: crate::audit::AuditLog::disabled(),
             in_flight: (settings_ops > 0).then(|| Arc::new(tokio::sync::Semaphore::new(settings_ops))),
             auth_cache: Arc::new(crate::cache::AuthCache::new(poll_auth_cache, 100_000)),
+            // A minute covers the first polls of any stock client; 20,000 snapshots of about
+            // 1 KB bound the memory.
+            recent_operations: Arc::new(crate::cache::RecentOperations::new(
+                std::time::Duration::from_secs(60),
+                20_000,
+            )),
         }
     }
 
@@ -187,7 +195,7 @@ impl Engine {
     /// proven for this device moments ago.
     async fn attest_for_read(&self, id: &RegistrationId, credential: &Credential) -> Result<(), ServerError> {
         if !self.auth_cache.recalls(id.key(), credential) {
-            self.attest(id, credential).await?;
+            self.attest(id, credential, None).await?;
             self.remember(id, credential);
         }
         Ok(())
@@ -228,19 +236,40 @@ impl Engine {
     }
 
     /// Authenticates a device and returns the enrollment its credential proves.
-    async fn attest(&self, id: &RegistrationId, credential: &Credential) -> Result<Attested, ServerError> {
+    /// `enrollment` is the device's individual enrollment when the caller already read it
+    /// (`Some(None)`: it has none); otherwise it is read here.
+    async fn attest(
+        &self,
+        id: &RegistrationId,
+        credential: &Credential,
+        enrollment: Option<Option<provisio_store::Document>>,
+    ) -> Result<Attested, ServerError> {
         match credential {
-            Credential::X509(chain) => self.attest_x509(id, chain).await,
-            other => Ok(Attested { matched: self.attest_sas(id, other).await?, x509: None }),
+            Credential::X509(chain) => self.attest_x509(id, chain, enrollment).await,
+            other => Ok(Attested { matched: self.attest_sas(id, other, enrollment).await?, x509: None }),
         }
     }
 
-    /// X.509: the chain from TLS against the individual enrollment, then the groups.
-    async fn attest_x509(&self, id: &RegistrationId, chain: &[Vec<u8>]) -> Result<Attested, ServerError> {
-        let individual = match self.store.get(Collection::Enrollments, id.key()).await? {
-            Some(doc) => Some(service_model::enrollment_from_doc(&doc)?),
-            None => None,
+    async fn individual(
+        &self,
+        id: &RegistrationId,
+        prefetched: Option<Option<provisio_store::Document>>,
+    ) -> Result<Option<provisio_core::model::Enrollment>, ServerError> {
+        let doc = match prefetched {
+            Some(d) => d,
+            None => self.store.get(Collection::Enrollments, id.key()).await?,
         };
+        doc.as_ref().map(service_model::enrollment_from_doc).transpose()
+    }
+
+    /// X.509: the chain from TLS against the individual enrollment, then the groups.
+    async fn attest_x509(
+        &self,
+        id: &RegistrationId,
+        chain: &[Vec<u8>],
+        prefetched: Option<Option<provisio_store::Document>>,
+    ) -> Result<Attested, ServerError> {
+        let individual = self.individual(id, prefetched).await?;
         let mut groups = Vec::new();
         let verified = if individual.is_none() && self.settings.signing_certificates_need_verified_ca {
             self.certificates.verified_ders().await?
@@ -338,7 +367,12 @@ impl Engine {
     }
 
     /// Symmetric key: the SAS token against the individual enrollment, then the groups.
-    async fn attest_sas(&self, id: &RegistrationId, credential: &Credential) -> Result<Matched, ServerError> {
+    async fn attest_sas(
+        &self,
+        id: &RegistrationId,
+        credential: &Credential,
+        prefetched: Option<Option<provisio_store::Document>>,
+    ) -> Result<Matched, ServerError> {
         let Credential::Sas(raw) = credential else {
             return Err(ServerError::Unauthorized {
                 public: "Unauthorized: no SAS token (Authorization header) was presented.".into(),
@@ -354,10 +388,7 @@ impl Engine {
             unix_now(),
             self.settings.sas_clock_skew_secs,
         )?;
-        let individual = match self.store.get(Collection::Enrollments, id.key()).await? {
-            Some(doc) => Some(service_model::enrollment_from_doc(&doc)?),
-            None => None,
-        };
+        let individual = self.individual(id, prefetched).await?;
         let groups = if individual.is_some() {
             Vec::new()
         } else {
@@ -471,12 +502,12 @@ impl Engine {
                 shorten(body_id)
             )));
         }
-        let Attested { matched, x509 } = self.attest(&id, credential).await?;
+        // The enrollment and the previous record in one round trip.
+        let (enrollment, previous) =
+            self.store.get_both(Collection::Enrollments, Collection::Registrations, id.key()).await?;
+        let Attested { matched, x509 } = self.attest(&id, credential, Some(enrollment)).await?;
         self.remember(&id, credential);
-        let previous = match self.store.get(Collection::Registrations, id.key()).await? {
-            Some(doc) => Some(service_model::record_from_body(&doc.body)?),
-            None => None,
-        };
+        let previous = previous.map(|doc| service_model::record_from_body(&doc.body)).transpose()?;
         let now = timefmt::now();
         let (settings, source, device_id) = match &matched {
             Matched::Individual(e) => (
@@ -524,7 +555,14 @@ impl Engine {
             EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.to_ascii_lowercase()),
             EnrollmentSource::Individual => None,
         };
-        self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
+        let stored = self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
+        self.recent_operations.insert(provisio_store::Operation {
+            id: operation_id.clone(),
+            registration_id: id.key().to_owned(),
+            registration_etag: stored.etag,
+            registration_body: body,
+            created_at: provisio_store::unix_now(),
+        });
         tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
         Ok((operation_id, record))
     }
@@ -551,12 +589,15 @@ impl Engine {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
         };
-        let op = self.store.get_operation(operation_id).await?.ok_or_else(not_found)?;
+        let op = match self.recent_operations.get(operation_id) {
+            Some(op) => op,
+            None => Arc::new(self.store.get_operation(operation_id).await?.ok_or_else(not_found)?),
+        };
         if op.registration_id != id.key() {
             return Err(not_found());
         }
         let record = service_model::record_from_body(&op.registration_body)?;
-        Ok(RegistrationOperationStatus::with_state(op.id, device_result(&record, &op.registration_etag)))
+        Ok(RegistrationOperationStatus::with_state(op.id.clone(), device_result(&record, &op.registration_etag)))
     }
 
     /// `POST {scope}/registrations/{id}`: the device's current registration state.

@@ -174,3 +174,19 @@ async fn concurrent_writers_agree() {
     // Migrations are idempotent and safe to run again (a third node starting).
     PostgresStore::connect(&url, 1).await.unwrap();
 }
+
+#[tokio::test]
+async fn get_both_reads_two_collections_at_once() {
+    for (_d, s) in stores().await {
+        assert_eq!(s.get_both(C::Enrollments, C::Registrations, "d").await.unwrap(), (None, None));
+        let e = s.put(C::Enrollments, "d", "{\"e\":1}", P::Any).await.unwrap();
+        s.put(C::Enrollments, "other", "{}", P::Any).await.unwrap();
+        s.put(C::Hubs, "d", "{}", P::Any).await.unwrap();
+        assert_eq!(s.get_both(C::Enrollments, C::Registrations, "d").await.unwrap(), (Some(e.clone()), None));
+        let r = s.record_registration("d", "{\"r\":1}", None, "op-1").await.unwrap();
+        let (x, y) = s.get_both(C::Enrollments, C::Registrations, "d").await.unwrap();
+        assert_eq!(x, Some(e));
+        assert_eq!(y.map(|d| (d.etag, d.body)), Some((r.etag, "{\"r\":1}".to_owned())));
+        assert_eq!(s.get_both(C::Enrollments, C::Registrations, "D").await.unwrap(), (None, None), "ids are exact");
+    }
+}

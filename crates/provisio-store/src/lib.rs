@@ -126,6 +126,12 @@ pub trait Store: Send + Sync + 'static {
     /// Reads a document.
     async fn get(&self, c: Collection, id: &str) -> Result<Option<Document>>;
 
+    /// Reads the documents with the same id in two collections, in one round trip (a
+    /// registration reads the device's enrollment and its previous record together).
+    async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
+        Ok((self.get(a, id).await?, self.get(b, id).await?))
+    }
+
     /// Writes a document under `pre`; returns it with its new etag.
     ///
     /// # Errors

@@ -293,6 +293,11 @@ impl Store for SealedStore {
         self.inner.get(c, id).await?.map(|d| self.open_doc(c, d)).transpose()
     }
 
+    async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
+        let (x, y) = self.inner.get_both(a, b, id).await?;
+        Ok((x.map(|d| self.open_doc(a, d)).transpose()?, y.map(|d| self.open_doc(b, d)).transpose()?))
+    }
+
     async fn put(&self, c: Collection, id: &str, body: &str, pre: Precondition) -> Result<Document> {
         let sealed = self.sealed(c, id, body)?;
         let mut d = self.inner.put(c, id, &sealed, pre).await?;

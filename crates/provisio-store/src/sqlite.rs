@@ -181,6 +181,26 @@ impl Store for SqliteStore {
             .transpose()
     }
 
+    async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
+        let rows =
+            sqlx::query("SELECT collection, id, etag, body FROM documents WHERE id = ? AND collection IN (?, ?)")
+                .bind(id)
+                .bind(a.as_str())
+                .bind(b.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        let (mut first, mut second) = (None, None);
+        for r in &rows {
+            let c: String = r.try_get("collection")?;
+            if c == a.as_str() {
+                first = Some(doc(r)?);
+            } else if c == b.as_str() {
+                second = Some(doc(r)?);
+            }
+        }
+        Ok((first, second))
+    }
+
     async fn put(&self, c: Collection, id: &str, body: &str, pre: Precondition) -> Result<Document> {
         let etag = new_etag();
         let now = unix_now();
