@@ -648,3 +648,299 @@ mod tests {
         assert_eq!(condition_for(400), "com.microsoft:argument-error");
     }
 }
+
+/// Watches the frames a peer sends, before fe2o3-amqp decodes them, for the one rule the
+/// library does not enforce: a transfer must travel on a link the peer attached (AMQP 1.0
+/// §2.7.5; fe2o3-amqp silently drops such a transfer, so the device would wait for an
+/// answer forever). It reads only frame headers and the first fields of attach, detach,
+/// end and transfer performatives; anything it cannot parse is left to fe2o3-amqp.
+#[derive(Debug, Default)]
+pub struct FrameGuard {
+    /// Bytes of a frame head not complete yet.
+    pending: Vec<u8>,
+    /// Bytes of the current frame still to pass without looking.
+    skip: usize,
+    /// (channel, handle) of every link the peer attached and has not detached.
+    attached: std::collections::HashSet<(u16, u32)>,
+}
+
+/// How much of a frame the guard looks at: header, extended header and the performative's
+/// first fields.
+const GUARD_HEAD: usize = 8 + 1020 + 64;
+
+impl FrameGuard {
+    /// Feeds bytes the peer sent, in order.
+    ///
+    /// # Errors
+    /// The rule broken, when a transfer names a handle no attach opened.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), &'static str> {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            // Collect a frame's head (or a protocol header) before judging it.
+            let need = self.head_len();
+            let take = need.saturating_sub(self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < self.head_len() {
+                continue;
+            }
+            let head = std::mem::take(&mut self.pending);
+            if head.starts_with(b"AMQP") {
+                continue; // a protocol header (8 bytes), e.g. after SASL
+            }
+            let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if size < 8 {
+                // Malformed: fe2o3-amqp refuses it; stop looking at this stream.
+                self.skip = usize::MAX;
+                continue;
+            }
+            self.skip = size.saturating_sub(head.len());
+            self.judge(&head[..head.len().min(size)])?;
+        }
+        Ok(())
+    }
+
+    /// How many bytes of the current frame the guard wants before judging it.
+    fn head_len(&self) -> usize {
+        if self.pending.len() < 8 {
+            return 8;
+        }
+        if self.pending.starts_with(b"AMQP") {
+            return 8;
+        }
+        let size = u32::from_be_bytes([self.pending[0], self.pending[1], self.pending[2], self.pending[3]]) as usize;
+        size.clamp(8, GUARD_HEAD)
+    }
+
+    fn judge(&mut self, frame: &[u8]) -> Result<(), &'static str> {
+        let (doff, kind) = (usize::from(frame[4]) * 4, frame[5]);
+        let channel = u16::from_be_bytes([frame[6], frame[7]]);
+        if kind != 0 || doff < 8 || frame.len() <= doff {
+            return Ok(()); // SASL frame, heartbeat, or something fe2o3-amqp will judge
+        }
+        let mut r = Reader(&frame[doff..]);
+        let Some(code) = r.descriptor() else { return Ok(()) };
+        let first_uint = |r: &mut Reader<'_>| r.list_header().and_then(|n| (n > 0).then(|| r.uint()).flatten());
+        match code {
+            // attach: name, then handle.
+            0x12 => {
+                if let Some(n) = r.list_header()
+                    && n >= 2
+                    && r.skip_string()
+                    && let Some(h) = r.uint()
+                {
+                    self.attached.insert((channel, h));
+                }
+            }
+            // detach: handle.
+            0x16 => {
+                if let Some(h) = first_uint(&mut r) {
+                    self.attached.remove(&(channel, h));
+                }
+            }
+            // end: every link of the session.
+            0x17 => self.attached.retain(|(c, _)| *c != channel),
+            // transfer: handle.
+            0x14 => {
+                if let Some(h) = first_uint(&mut r)
+                    && !self.attached.contains(&(channel, h))
+                {
+                    return Err("a transfer on a handle that no attach opened");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Just enough of the AMQP type system for [`FrameGuard`].
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(*b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A described type's numeric descriptor.
+    fn descriptor(&mut self) -> Option<u64> {
+        if self.byte()? != 0x00 {
+            return None;
+        }
+        match self.byte()? {
+            0x53 => self.byte().map(u64::from),
+            0x80 => self.take(8).map(|b| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+            0x44 => Some(0),
+            _ => None,
+        }
+    }
+
+    /// A list's element count (the list's size is not needed).
+    fn list_header(&mut self) -> Option<u32> {
+        match self.byte()? {
+            0x45 => Some(0),
+            0xc0 => {
+                self.byte()?;
+                self.byte().map(u32::from)
+            }
+            0xd0 => {
+                self.u32()?;
+                self.u32()
+            }
+            _ => None,
+        }
+    }
+
+    fn uint(&mut self) -> Option<u32> {
+        match self.byte()? {
+            0x43 => Some(0),
+            0x52 => self.byte().map(u32::from),
+            0x70 => self.u32(),
+            _ => None,
+        }
+    }
+
+    /// Skips a string, a symbol or null; false for anything else.
+    fn skip_string(&mut self) -> bool {
+        let len = match self.byte() {
+            Some(0x40) => return true,
+            Some(0xa1 | 0xa3) => self.byte().map(usize::from),
+            Some(0xb1 | 0xb3) => self.u32().map(|n| n as usize),
+            _ => None,
+        };
+        len.is_some_and(|n| self.take(n).is_some())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod guard_tests {
+    use fe2o3_amqp_types::{
+        definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
+        messaging::{Source, Target},
+        performatives::{Attach, Detach, End, Performative, Transfer},
+    };
+
+    use super::FrameGuard;
+
+    fn frame(channel: u16, p: Performative) -> Vec<u8> {
+        let body = serde_amqp::to_vec(&p).unwrap();
+        let mut f = u32::try_from(body.len() + 8).unwrap().to_be_bytes().to_vec();
+        f.extend([2, 0]);
+        f.extend(channel.to_be_bytes());
+        f.extend(body);
+        f
+    }
+
+    fn attach(handle: u32, name: &str) -> Performative {
+        Performative::Attach(Attach {
+            name: name.into(),
+            handle: Handle(handle),
+            role: Role::Sender,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: Some(Box::new(Source::builder().address("0ne/registrations/d").build())),
+            target: Some(Box::new(Target::builder().address("0ne/registrations/d").build().into())),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    fn transfer(handle: u32) -> Performative {
+        Performative::Transfer(Transfer {
+            handle: Handle(handle),
+            delivery_id: Some(0),
+            delivery_tag: Some(vec![1u8].into()),
+            message_format: Some(0),
+            settled: Some(false),
+            more: false,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        })
+    }
+
+    #[test]
+    fn transfers_need_an_attached_handle() {
+        let mut g = FrameGuard::default();
+        g.feed(b"AMQP\x00\x01\x00\x00").unwrap();
+        assert!(g.feed(&frame(0, transfer(0))).is_err(), "before any attach");
+
+        let mut g = FrameGuard::default();
+        g.feed(&frame(0, attach(0, "sender"))).unwrap();
+        g.feed(&frame(0, transfer(0))).unwrap();
+        assert!(g.feed(&frame(0, transfer(1))).is_err(), "another handle");
+        assert!(g.feed(&frame(1, transfer(0))).is_err(), "another session");
+        // A big handle (uint, not smalluint) and a long name.
+        g.feed(&frame(0, attach(300_000, &"n".repeat(300)))).unwrap();
+        g.feed(&frame(0, transfer(300_000))).unwrap();
+        // Detach and end forget links.
+        g.feed(&frame(0, Performative::Detach(Detach { handle: Handle(0), closed: true, error: None }))).unwrap();
+        assert!(g.feed(&frame(0, transfer(0))).is_err(), "after detach");
+        g.feed(&frame(0, Performative::End(End { error: None }))).unwrap();
+        assert!(g.feed(&frame(0, transfer(300_000))).is_err(), "after end");
+    }
+
+    #[test]
+    fn frames_split_anywhere_and_payloads_are_skipped() {
+        // Attach, a transfer with a large payload, heartbeat, SASL header: fed one byte at
+        // a time, then in odd chunks.
+        let mut stream = b"AMQP\x03\x01\x00\x00".to_vec();
+        stream.extend([0, 0, 0, 8, 2, 1, 0, 0]); // an (empty) SASL frame
+        stream.extend(b"AMQP\x00\x01\x00\x00");
+        stream.extend(frame(0, attach(7, "l")));
+        let mut t = frame(0, transfer(7));
+        t.extend(vec![0xAB; 5000]);
+        let size = u32::try_from(t.len()).unwrap().to_be_bytes();
+        t[..4].copy_from_slice(&size);
+        stream.extend(&t);
+        stream.extend([0, 0, 0, 8, 2, 0, 0, 0]); // heartbeat
+        stream.extend(frame(0, transfer(7)));
+        let mut g = FrameGuard::default();
+        for b in &stream {
+            g.feed(std::slice::from_ref(b)).unwrap();
+        }
+        let mut g = FrameGuard::default();
+        for c in stream.chunks(37) {
+            g.feed(c).unwrap();
+        }
+        // The payload bytes (0xAB…) were skipped, not read as frames; a bad transfer after
+        // them is still caught.
+        assert!(g.feed(&frame(0, transfer(8))).is_err());
+    }
+
+    #[test]
+    fn garbage_is_left_to_the_library() {
+        let mut g = FrameGuard::default();
+        g.feed(&[0, 0, 0, 2, 9, 9, 9, 9, 1, 2, 3]).unwrap();
+        let mut g = FrameGuard::default();
+        g.feed(&[0, 0, 0, 12, 2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    }
+}

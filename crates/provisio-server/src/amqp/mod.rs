@@ -177,24 +177,43 @@ impl SaslAcceptor for DpsSasl {
 }
 
 /// A stream whose first bytes were already read (the protocol header): they are
-/// replayed before the rest.
+/// replayed before the rest. Everything the peer sends passes a [`link::FrameGuard`]; a
+/// transfer on a link that was never attached ends the connection with an I/O error
+/// before fe2o3-amqp sees it.
 #[derive(Debug)]
 struct Replay<S> {
     head: Vec<u8>,
     at: usize,
     inner: S,
+    guard: link::FrameGuard,
+}
+
+impl<S> Replay<S> {
+    fn new(head: Vec<u8>, inner: S) -> Self {
+        Self { head, at: 0, inner, guard: link::FrameGuard::default() }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         if self.at < self.head.len() {
             let n = (self.head.len() - self.at).min(buf.remaining());
             let at = self.at;
             buf.put_slice(&self.head[at..at + n]);
             self.at += n;
-            return Poll::Ready(Ok(()));
+        } else {
+            match Pin::new(&mut self.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if let Err(why) = self.guard.feed(&buf.filled()[before..]) {
+            buf.set_filled(before);
+            tracing::info!(why, "AMQP connection refused");
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -248,7 +267,7 @@ where
         Ok(Err(e)) => return Err(format!("no protocol header: {e}")),
         Err(_) => return Err("no protocol header in time".into()),
     }
-    let stream = Replay { head: header.to_vec(), at: 0, inner: io };
+    let stream = Replay::new(header.to_vec(), io);
     let frame = limits.max_frame_bytes.max(512);
     let channel_max = limits.max_sessions.max(1) - 1;
     let idle = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
@@ -523,7 +542,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(b"rest").await.unwrap();
         drop(a);
-        let mut r = Replay { head: b"AMQP".to_vec(), at: 0, inner: b };
+        let mut r = Replay::new(b"AMQP".to_vec(), b);
         let mut all = Vec::new();
         r.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"AMQPrest");
