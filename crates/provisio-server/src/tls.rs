@@ -90,3 +90,40 @@ pub fn server_config(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> Result<Ar
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
+
+/// A TLS connection of the MQTT or AMQP listener, handshake done.
+pub struct Accepted {
+    /// The stream.
+    pub stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    /// The client's certificate chain, leaf first (DER; empty without one).
+    pub chain: Vec<Vec<u8>>,
+}
+
+/// Completes the TLS handshake of an accepted TCP connection by `deadline` and takes the
+/// client's certificate chain; `None` (logged at debug, as `what`) when it fails or is late.
+pub async fn accept_by(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+    peer: std::net::SocketAddr,
+    what: &str,
+) -> Option<Accepted> {
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "{what} TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "{what} TLS handshake timed out");
+            return None;
+        }
+    };
+    let chain = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default();
+    Some(Accepted { stream, chain })
+}

@@ -115,23 +115,11 @@ pub async fn serve(
         connections.spawn(async move {
             let _permits = (permit, ip_permit);
             let deadline = tokio::time::Instant::now() + limits.connect_timeout;
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "AMQP TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "AMQP TLS handshake timed out");
-                    return;
-                }
+            let Some(crate::tls::Accepted { stream: tls, chain }) =
+                crate::tls::accept_by(&acceptor, tcp, deadline, peer, "AMQP").await
+            else {
+                return;
             };
-            let chain: Vec<Vec<u8>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
-                .unwrap_or_default();
             let origin = crate::engine::Origin { transport: "amqp", peer: Some(peer.ip()) };
             match connection(tls, chain, engine, limits, deadline, origin).await {
                 Ok(reason) => tracing::debug!(%peer, reason, "AMQP connection closed"),

@@ -77,23 +77,11 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permits = (permit, ip_permit);
             let deadline = tokio::time::Instant::now() + limits.connect_timeout;
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "MQTT TLS handshake timed out");
-                    return;
-                }
+            let Some(crate::tls::Accepted { stream: tls, chain }) =
+                crate::tls::accept_by(&acceptor, tcp, deadline, peer, "MQTT").await
+            else {
+                return;
             };
-            let chain: Vec<Vec<u8>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
-                .unwrap_or_default();
             let origin = crate::engine::Origin { transport: "mqtt", peer: Some(peer.ip()) };
             match connection(tls, chain, &engine, limits, deadline, origin).await {
                 Ok(reason) => tracing::debug!(%peer, reason, "MQTT connection closed"),
