@@ -8,9 +8,13 @@ use reqwest::{Method, StatusCode};
 use crate::{ClientError, Options, Progress, finish, retry_delay, tls};
 
 fn client(opts: &Options) -> Result<reqwest::Client, ClientError> {
-    let cfg = tls::client_config(opts, &[b"h2", b"http/1.1"])?;
+    // HTTP/1.1 as the device SDKs speak it: a registration is two or three requests on one
+    // connection, and HTTP/2's connection set-up (preface, settings, HPACK tables, pings)
+    // costs both sides more than it saves.
+    let cfg = tls::client_config(opts, &[b"http/1.1"])?;
     reqwest::Client::builder()
         .tls_backend_preconfigured((*cfg).clone())
+        .http1_only()
         .timeout(std::time::Duration::from_secs(30))
         .user_agent(concat!("provisio-client/", env!("CARGO_PKG_VERSION")))
         .build()

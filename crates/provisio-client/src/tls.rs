@@ -9,7 +9,7 @@ use rustls_platform_verifier::BuilderVerifierExt;
 
 use crate::{ClientError, Credential, Options};
 
-/// Builds the configuration; `alpn` for HTTPS (`h2`, `http/1.1`), none for MQTT.
+/// Builds the configuration; `alpn` for HTTPS (`http/1.1`), none for MQTT.
 pub fn client_config(opts: &Options, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, ClientError> {
     if let Some(prebuilt) = &opts.tls {
         let mut cfg = (**prebuilt).clone();
