@@ -103,11 +103,10 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             |r| r.get(0),
         )?;
         if sqlx {
-            version = conn.query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = 1",
-                [],
-                |r| r.get(0),
-            )?;
+            version =
+                conn.query_row("SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = 1", [], |r| {
+                    r.get(0)
+                })?;
             conn.pragma_update(None, "user_version", version)?;
         }
     }
@@ -300,14 +299,11 @@ impl SqliteStore {
 
     fn start(conn: Connection, path: Option<PathBuf>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx))
-            .map_or_else(
-                // Without a thread every write reports that the writer stopped.
-                |e| tracing::error!(error = %e, "could not start the database writer thread"),
-                drop,
-            );
+        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || write_loop(conn, rx)).map_or_else(
+            // Without a thread every write reports that the writer stopped.
+            |e| tracing::error!(error = %e, "could not start the database writer thread"),
+            drop,
+        );
         Self { inner: Arc::new(Inner { path, readers: Mutex::new(Vec::new()), writer: tx }) }
     }
 
@@ -491,7 +487,14 @@ impl Store for SqliteStore {
                  ON CONFLICT (collection, id) DO UPDATE
                  SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
             )?
-            .execute(params![Collection::Registrations.as_str(), registration_id, etag, body, now, tag])?;
+            .execute(params![
+                Collection::Registrations.as_str(),
+                registration_id,
+                etag,
+                body,
+                now,
+                tag
+            ])?;
             Ok(Document { id: registration_id, etag, body })
         })
         .await
@@ -590,8 +593,7 @@ mod tests {
         assert_eq!((d.etag.as_str(), d.body.as_str()), ("e1", "{\"v\":1}"));
         s.record_registration("dev1", "{}", Some("g"), "op1").await.unwrap();
         s.close().await;
-        let version: i64 =
-            Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 2);
         // And a fresh database is created at the latest version.
         let fresh = dir.path().join("fresh.sqlite");
