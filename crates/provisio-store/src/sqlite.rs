@@ -81,7 +81,9 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 fn stopped() -> StoreError {
-    StoreError::Backend("the database writer has stopped (the store is closed)".into())
+    StoreError::Backend(
+        "the database writer did not answer (the store is closed, or the write failed: see the log)".into(),
+    )
 }
 
 /// Opens a connection with the settings every connection of the store shares.
@@ -167,13 +169,18 @@ fn run_batch(conn: &Connection, batch: Vec<Work>) {
             done.push(d);
             continue;
         }
-        let (ok, d) = work(Ok(conn));
+        // A panicking unit must not take the writer (and every later write) down with it: its
+        // caller's reply is dropped with it, which the caller reports as a store error.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(Ok(conn))));
         // A unit that failed undoes its own changes and only those.
-        if !ok {
+        if !matches!(ran, Ok((true, _))) {
             let _ = conn.execute_batch("ROLLBACK TO unit");
         }
         let _ = conn.execute_batch("RELEASE unit");
-        done.push(d);
+        match ran {
+            Ok((_, d)) => done.push(d),
+            Err(_) => tracing::error!("a database write panicked; its changes were undone"),
+        }
     }
     let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
     if commit.is_err() {
@@ -652,6 +659,22 @@ mod tests {
         assert!(matches!(dup.await.unwrap(), Err(StoreError::Conflict)));
         assert!(s.get(Collection::Enrollments, "half").await.unwrap().is_none(), "the failed unit's write is undone");
         assert_eq!(s.list(Collection::Enrollments, None, 100).await.unwrap().len(), 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_write_is_undone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let r = s
+            .write(|conn| -> Result<()> {
+                put(conn, Collection::Meta, "half", "{}", &Precondition::Any)?;
+                panic!("a bug in a write");
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::Backend(_))));
+        assert!(s.get(Collection::Meta, "half").await.unwrap().is_none());
+        s.put(Collection::Meta, "after", "{}", Precondition::Any).await.unwrap();
+        assert!(s.get(Collection::Meta, "after").await.unwrap().is_some());
     }
 
     #[tokio::test]
