@@ -66,6 +66,8 @@ struct Inner {
     path: Option<PathBuf>,
     readers: Mutex<Vec<Connection>>,
     writer: mpsc::Sender<Msg>,
+    /// Set by [`Store::close`]: reads are refused from then on.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -95,8 +97,9 @@ fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 }
 
 /// Brings the schema up to date. A database made by earlier versions (whose migrations
-/// were tracked by sqlx in `_sqlx_migrations`) continues from what that table records.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+/// were tracked by sqlx in `_sqlx_migrations`) continues from what that table records; one
+/// made by a newer version is refused rather than used with a schema this one does not know.
+fn migrate(conn: &mut Connection) -> Result<()> {
     let mut version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version == 0 {
         let sqlx: bool = conn.query_row(
@@ -112,9 +115,15 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             conn.pragma_update(None, "user_version", version)?;
         }
     }
+    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if version > known {
+        return Err(StoreError::Backend(format!(
+            "the database was made by a newer version of Provisio (schema {version}; this one knows up to {known})"
+        )));
+    }
     for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > version) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        tx.execute_batch(sql).map_err(|e| StoreError::Backend(format!("migration {v} failed: {e}")))?;
         tx.pragma_update(None, "user_version", v)?;
         tx.commit()?;
     }
@@ -162,8 +171,10 @@ fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>) {
             last_commit = started.elapsed();
         }
     }
-    // Closing checkpoints the WAL into the database file.
+    // Closing checkpoints the WAL into the database file. Writes queued after the close
+    // are refused (their replies drop with the queue) before the closer hears it is done.
     drop(conn);
+    drop(rx);
     if let Some(reply) = closing {
         let _ = reply.send(());
     }
@@ -305,7 +316,7 @@ impl SqliteStore {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "foreign_keys", true)?;
-            migrate(&mut conn).map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
+            migrate(&mut conn)?;
             Ok(conn)
         })
         .await
@@ -319,7 +330,7 @@ impl SqliteStore {
     /// If SQLite fails.
     pub async fn in_memory() -> Result<Self> {
         let mut conn = Connection::open_in_memory()?;
-        migrate(&mut conn).map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
+        migrate(&mut conn)?;
         Ok(Self::start(conn, None))
     }
 
@@ -330,7 +341,14 @@ impl SqliteStore {
             |e| tracing::error!(error = %e, "could not start the database writer thread"),
             drop,
         );
-        Self { inner: Arc::new(Inner { path, readers: Mutex::new(Vec::new()), writer: tx }) }
+        Self {
+            inner: Arc::new(Inner {
+                path,
+                readers: Mutex::new(Vec::new()),
+                writer: tx,
+                closed: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
     }
 
     /// Runs `f` in the writer's next batch; answers once that batch is committed.
@@ -397,7 +415,7 @@ impl SqliteStore {
     }
 
     fn reader(&self, path: &Path) -> Result<Connection> {
-        if self.inner.writer.is_closed() {
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) || self.inner.writer.is_closed() {
             return Err(stopped());
         }
         let pooled = self.inner.readers.lock().map_err(|_| stopped())?.pop();
@@ -578,6 +596,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
         if let Ok(mut idle) = self.inner.readers.lock() {
             idle.clear();
         }
@@ -629,6 +648,16 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
+    #[tokio::test]
+    async fn a_database_made_by_a_newer_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path).await.unwrap().close().await;
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteStore::open(&path).await.unwrap_err().to_string();
+        assert!(err.contains("newer version") && err.contains("99"), "{err}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_write_undoes_only_itself_within_its_batch() {
         let dir = tempfile::tempdir().unwrap();
@@ -656,26 +685,28 @@ mod tests {
                 .await
             }
         });
+        // dev1..dev19 once each, dev0 twice (two racing creates).
         let mut others = Vec::new();
-        for i in 0..20 {
+        for i in (0..20).chain([0]) {
             let s = s.clone();
             others.push(tokio::spawn(async move {
                 s.put(Collection::Enrollments, &format!("dev{i}"), "{}", Precondition::CreateOnly).await
             }));
         }
-        let dup = tokio::spawn({
-            let s = s.clone();
-            async move { s.put(Collection::Enrollments, "dev0", "{}", Precondition::CreateOnly).await }
-        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         held.send(()).unwrap();
         hold.await.unwrap().unwrap();
         assert!(matches!(failing.await.unwrap(), Err(StoreError::Backend(_))));
+        let (mut ok, mut conflicts) = (0, 0);
         for o in others {
-            o.await.unwrap().unwrap();
+            match o.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Conflict) => conflicts += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
         }
-        // dev0 was queued twice: the later create is refused and nothing else is harmed.
-        assert!(matches!(dup.await.unwrap(), Err(StoreError::Conflict)));
+        // One of dev0's creates is refused and nothing else is harmed.
+        assert_eq!((ok, conflicts), (20, 1));
         assert!(s.get(Collection::Enrollments, "half").await.unwrap().is_none(), "the failed unit's write is undone");
         assert_eq!(s.list(Collection::Enrollments, None, 100).await.unwrap().len(), 20);
     }
