@@ -391,7 +391,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if has("trivial") {
         let clients: Vec<reqwest::Client> =
-            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
         let tok = svc_token.clone();
@@ -427,7 +427,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if has("https-keepalive") {
         let clients: Vec<reqwest::Client> =
-            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port)).collect::<Result<_>>()?;
+            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let (scope2, gk2, https2) = (scope.clone(), gk.clone(), https.clone());
         let cpu0 = srv.cpu_secs();
@@ -444,39 +444,51 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     provisio_core::sas::SrEncoding::Raw,
                 )
                 .map_err(|e| e.to_string())?;
-                let client = &clients[worker];
-                let t0 = Instant::now();
-                let r = client
-                    .put(format!("https://{https}/{scope}/registrations/{id}/register?api-version=2021-06-01"))
-                    .header("Authorization", &tok)
-                    .header("Content-Type", "application/json")
-                    .body("{}")
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status() != 202 {
-                    return Err(format!("register: HTTP {}", r.status()));
-                }
-                let v: Value = r.json().await.map_err(|e| e.to_string())?;
-                let first = micros(t0.elapsed());
-                let op = v["operationId"].as_str().unwrap_or_default().to_owned();
-                let r = client
-                    .get(format!("https://{https}/{scope}/registrations/{id}/operations/{op}?api-version=2021-06-01"))
-                    .header("Authorization", &tok)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let v: Value = r.json().await.map_err(|e| e.to_string())?;
-                if v["status"] != "assigned" {
-                    return Err(format!("poll: {v}"));
-                }
-                Ok((first, micros(t0.elapsed())))
+                keepalive_registration(&clients[worker], &https, &scope, &id, Some(&tok)).await
             }
         })
         .await;
         rows.push(Row {
             scenario: "HTTPS, keep-alive".into(),
             attestation: "symmetric key (group)".into(),
+            ops: n,
+            errors: e,
+            secs,
+            first: f,
+            total: t,
+            rss_mb: srv.rss_mb(),
+            server_cpu_secs: srv.cpu_secs() - cpu0,
+            first_error: err,
+        });
+        // X.509 on a kept-alive connection: the connection carries one device's certificate,
+        // so each worker is one device that registers again and again on its connection
+        // (re-provisioning), attested by its certificate chain every time.
+        let clients: Vec<reqwest::Client> = (0..c.max(1))
+            .map(|w| {
+                let d = provisio_pki::testcerts::issue(
+                    provisio_pki::testcerts::Role::Device,
+                    &format!("ka-x-{w}"),
+                    Some(&root),
+                    provisio_pki::testcerts::KeyKind::EcdsaP256,
+                    2,
+                )?;
+                keepalive_client(&ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
+            })
+            .collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let (scope2, https2) = (scope.clone(), https.clone());
+        let cpu0 = srv.cpu_secs();
+        let (f, t, e, secs, err) =
+            drive("https keep-alive, x509", n, c, move |_, worker| {
+                let (clients, scope, https) = (clients.clone(), scope2.clone(), https2.clone());
+                async move {
+                    keepalive_registration(&clients[worker], &https, &scope, &format!("ka-x-{worker}"), None).await
+                }
+            })
+            .await;
+        rows.push(Row {
+            scenario: "HTTPS, keep-alive (a device re-registering)".into(),
+            attestation: "X.509 (group)".into(),
             ops: n,
             errors: e,
             secs,
@@ -593,13 +605,54 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn keepalive_client(ca: &str, port: u16) -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+/// A client that keeps one connection alive; `identity` (certificate and key, PEM) for X.509.
+fn keepalive_client(ca: &str, port: u16, identity: Option<&str>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
         .resolve("localhost", ([127, 0, 0, 1], port).into())
         .http1_only()
-        .pool_max_idle_per_host(1)
-        .build()?)
+        .pool_max_idle_per_host(1);
+    if let Some(pem) = identity {
+        b = b.identity(reqwest::Identity::from_pem(pem.as_bytes())?);
+    }
+    Ok(b.build()?)
+}
+
+/// One registration on a kept-alive connection: `PUT …/register`, then one
+/// `GET …/operations/{id}` that must answer `assigned` (the server is started with
+/// `--retry-after-secs 0`). Returns (register, register→assigned) in µs.
+async fn keepalive_registration(
+    client: &reqwest::Client,
+    https: &str,
+    scope: &str,
+    id: &str,
+    token: Option<&str>,
+) -> Result<(u32, u32), String> {
+    let t0 = Instant::now();
+    let mut put = client
+        .put(format!("https://{https}/{scope}/registrations/{id}/register?api-version=2021-06-01"))
+        .header("Content-Type", "application/json")
+        .body(format!("{{\"registrationId\":\"{id}\"}}"));
+    if let Some(t) = token {
+        put = put.header("Authorization", t);
+    }
+    let r = put.send().await.map_err(|e| e.to_string())?;
+    if r.status() != 202 {
+        return Err(format!("register: HTTP {}: {}", r.status(), r.text().await.unwrap_or_default()));
+    }
+    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    let first = micros(t0.elapsed());
+    let op = v["operationId"].as_str().unwrap_or_default().to_owned();
+    let mut get =
+        client.get(format!("https://{https}/{scope}/registrations/{id}/operations/{op}?api-version=2021-06-01"));
+    if let Some(t) = token {
+        get = get.header("Authorization", t);
+    }
+    let v: Value = get.send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+    if v["status"] != "assigned" {
+        return Err(format!("poll: {v}"));
+    }
+    Ok((first, micros(t0.elapsed())))
 }
 
 fn now() -> u64 {
