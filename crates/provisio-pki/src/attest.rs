@@ -76,8 +76,8 @@ pub fn attest(
             None,
         ));
     };
-    let info = x509::cert_info(leaf).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
-    let cn = x509::common_name(leaf).ok().flatten().unwrap_or_default();
+    let (info, cn) = x509::describe(leaf).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
+    let cn = cn.unwrap_or_default();
     if !cn.eq_ignore_ascii_case(registration_id) {
         return Err(refuse(
             "Invalid certificate: the certificate's subject CN is not the registration id.",

@@ -106,7 +106,13 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ChainError> {
 }
 
 fn hex_upper(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(b.len() * 2);
+    for x in b {
+        out.push(char::from(DIGITS[usize::from(x >> 4)]));
+        out.push(char::from(DIGITS[usize::from(x & 15)]));
+    }
+    out
 }
 
 fn fmt_time(t: OffsetDateTime) -> String {
@@ -124,8 +130,25 @@ pub fn sha256_thumbprint(der: &[u8]) -> String {
 /// # Errors
 /// If `der` is not a certificate.
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, ChainError> {
+    Ok(info_of(der, &parse(der)?))
+}
+
+/// The certificate's description and its subject common name, from one parse (a device's
+/// registration needs both).
+///
+/// # Errors
+/// If `der` is not a certificate.
+pub fn describe(der: &[u8]) -> Result<(CertInfo, Option<String>), ChainError> {
     let c = parse(der)?;
-    Ok(CertInfo {
+    Ok((info_of(der, &c), cn_of(&c)))
+}
+
+fn cn_of(c: &X509Certificate<'_>) -> Option<String> {
+    c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned)
+}
+
+fn info_of(der: &[u8], c: &X509Certificate<'_>) -> CertInfo {
+    CertInfo {
         subject_name: c.subject().to_string(),
         sha1_thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
         sha256_thumbprint: sha256_thumbprint(der),
@@ -134,7 +157,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, ChainError> {
         not_after_utc: fmt_time(c.validity().not_after.to_datetime()),
         serial_number: hex_upper(c.raw_serial()),
         version: c.version().0 + 1,
-    })
+    }
 }
 
 /// The subject common name, if any.
@@ -142,8 +165,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, ChainError> {
 /// # Errors
 /// If `der` is not a certificate.
 pub fn common_name(der: &[u8]) -> Result<Option<String>, ChainError> {
-    let c = parse(der)?;
-    Ok(c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned))
+    Ok(cn_of(&parse(der)?))
 }
 
 /// Whether the certificate says `CA:TRUE`.
@@ -159,7 +181,10 @@ pub fn is_ca(der: &[u8]) -> Result<bool, ChainError> {
 /// # Errors
 /// [`ChainError::Expired`] or [`ChainError::NotYetValid`].
 pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError> {
-    let c = parse(der)?;
+    validity_of(&parse(der)?, now)
+}
+
+fn validity_of(c: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), ChainError> {
     let v = c.validity();
     if now > v.not_after.to_datetime() {
         return Err(ChainError::Expired {
@@ -177,7 +202,10 @@ pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError>
 }
 
 fn check_issuer_key_usage(der: &[u8]) -> Result<(), ChainError> {
-    let c = parse(der)?;
+    issuer_key_usage_of(&parse(der)?)
+}
+
+fn issuer_key_usage_of(c: &X509Certificate<'_>) -> Result<(), ChainError> {
     if let Ok(Some(ku)) = c.key_usage()
         && !ku.value.key_cert_sign()
     {
@@ -225,9 +253,10 @@ pub fn verify_chain(
     anchor: &[u8],
     now: OffsetDateTime,
 ) -> Result<ChainMatch, ChainError> {
+    // Each certificate is parsed once here (webpki parses again for its own checks).
     let leaf_cert = parse(leaf)?;
     let anchor_cert = parse(anchor)?;
-    check_validity(leaf, now)?;
+    validity_of(&leaf_cert, now)?;
     if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
         return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
     }
@@ -236,12 +265,14 @@ pub fn verify_chain(
     {
         return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
     }
-    check_validity(anchor, now)?;
-    check_issuer_key_usage(anchor)?;
+    validity_of(&anchor_cert, now)?;
+    issuer_key_usage_of(&anchor_cert)?;
     for i in intermediates {
         // An expired intermediate is named precisely rather than as a webpki failure.
-        if parse(i).is_ok_and(|c| c.subject() == leaf_cert.issuer()) {
-            check_validity(i, now)?;
+        if let Ok(c) = parse(i)
+            && c.subject() == leaf_cert.issuer()
+        {
+            validity_of(&c, now)?;
         }
     }
     let leaf_der = CertificateDer::from(leaf);
@@ -341,6 +372,22 @@ pub fn verify_proof_of_possession(
 mod tests {
     use super::*;
     use crate::testcerts::{KeyKind, Role, issue};
+
+    #[test]
+    fn describe_agrees_with_cert_info_and_common_name() {
+        let root = issue(Role::Root, "root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let dev = issue(Role::Device, "Device-01", Some(&root), KeyKind::EcdsaP256, 1).unwrap();
+        let der = decode_pem_chain(&dev.cert_pem).unwrap().remove(0);
+        let (info, cn) = describe(&der).unwrap();
+        assert_eq!(info, cert_info(&der).unwrap());
+        assert_eq!(cn, common_name(&der).unwrap());
+        assert_eq!(cn.as_deref(), Some("Device-01"));
+        // Thumbprints as DPS shows them: upper-case hex of the digest.
+        assert_eq!(info.sha256_thumbprint.len(), 64);
+        assert!(info.sha256_thumbprint.chars().all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c)));
+        assert_eq!(hex_upper(&[0x00, 0x0f, 0xa5, 0xff]), "000FA5FF");
+        assert!(describe(b"not a certificate").is_err());
+    }
 
     /// Found while writing the `certificate` fuzz target (and reproduced through it; the
     /// input is `fuzz/corpus/certificate/der-version-ffffffff`): a version field beyond v3,
