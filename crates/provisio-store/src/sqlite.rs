@@ -321,7 +321,7 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
-        Ok(Self::start(conn, Some(path)))
+        Self::start(conn, Some(path))
     }
 
     /// Opens a private in-memory database (tests).
@@ -331,24 +331,23 @@ impl SqliteStore {
     pub async fn in_memory() -> Result<Self> {
         let mut conn = Connection::open_in_memory()?;
         migrate(&mut conn)?;
-        Ok(Self::start(conn, None))
+        Self::start(conn, None)
     }
 
-    fn start(conn: Connection, path: Option<PathBuf>) -> Self {
+    fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || write_loop(conn, rx)).map_or_else(
-            // Without a thread every write reports that the writer stopped.
-            |e| tracing::error!(error = %e, "could not start the database writer thread"),
-            drop,
-        );
-        Self {
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the database writer thread: {e}")))?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 readers: Mutex::new(Vec::new()),
                 writer: tx,
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
-        }
+        })
     }
 
     /// Runs `f` in the writer's next batch; answers once that batch is committed.
