@@ -457,13 +457,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         // (re-provisioning), attested by its certificate chain every time.
         let clients: Vec<reqwest::Client> = (0..c.max(1))
             .map(|w| {
-                let d = provisio_pki::testcerts::issue(
-                    provisio_pki::testcerts::Role::Device,
-                    &format!("ka-x-{w}"),
-                    Some(&root),
-                    provisio_pki::testcerts::KeyKind::EcdsaP256,
-                    2,
-                )?;
+                let d = device_cert(&root, &format!("ka-x-{w}"))?;
                 keepalive_client(&ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
             })
             .collect::<Result<_>>()?;
@@ -508,13 +502,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let certs: Arc<Vec<(String, String, Arc<rustls::ClientConfig>)>> = Arc::new(if x509 {
                 (0..n)
                     .map(|i| {
-                        let d = provisio_pki::testcerts::issue(
-                            provisio_pki::testcerts::Role::Device,
-                            &format!("{name}-x-{i}"),
-                            Some(&root),
-                            provisio_pki::testcerts::KeyKind::EcdsaP256,
-                            2,
-                        )?;
+                        let d = device_cert(&root, &format!("{name}-x-{i}"))?;
                         let tls = tls_config(&ca, Some((&d.cert_pem, &d.key_pem)))?;
                         Ok((d.cert_pem, d.key_pem, tls))
                     })
@@ -637,6 +625,17 @@ async fn keepalive_registration(
         return Err(format!("poll: {v}"));
     }
     Ok((first, micros(t0.elapsed())))
+}
+
+/// A device certificate (ECDSA P-256, CN = `id`) signed by the X.509 group's root.
+fn device_cert(root: &provisio_pki::CertAndKey, id: &str) -> Result<provisio_pki::CertAndKey> {
+    Ok(provisio_pki::testcerts::issue(
+        provisio_pki::testcerts::Role::Device,
+        id,
+        Some(root),
+        provisio_pki::testcerts::KeyKind::EcdsaP256,
+        2,
+    )?)
 }
 
 /// The SAS token a device of the symmetric-key group signs with its derived key, as a
