@@ -61,12 +61,7 @@ impl Srv {
 
     /// CPU time the server process has used (user + system), in seconds.
     fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ") ".
-        let fields: Vec<&str> = stat.rsplit_once(") ").map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
-        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / clock_ticks_per_sec()
+        process_cpu_secs(&self.child.id().to_string())
     }
 
     fn s(&self, k: &str) -> String {
@@ -118,6 +113,44 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
     Ok(Srv { child, info, _dir: dir, startup })
 }
 
+/// CPU time (user + system, all threads) of process `pid` (or `self`), in seconds.
+fn process_cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat.rsplit_once(") ").map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clock_ticks_per_sec()
+}
+
+/// The CPU counters at the start of a scenario; [`Probe::row`] turns a run into its [`Row`].
+struct Probe {
+    server: f64,
+    client: f64,
+}
+
+impl Probe {
+    fn start(srv: &Srv) -> Self {
+        Self { server: srv.cpu_secs(), client: process_cpu_secs("self") }
+    }
+
+    fn row(self, srv: &Srv, scenario: &str, attestation: &str, ops: usize, d: Driven) -> Row {
+        Row {
+            scenario: scenario.into(),
+            attestation: attestation.into(),
+            ops,
+            errors: d.errors,
+            secs: d.secs,
+            first: d.first,
+            total: d.total,
+            rss_mb: srv.rss_mb(),
+            server_cpu_secs: srv.cpu_secs() - self.server,
+            client_cpu_secs: process_cpu_secs("self") - self.client,
+            first_error: d.first_error,
+        }
+    }
+}
+
 /// `sysconf(_SC_CLK_TCK)`: 100 on every Linux the benchmark runs on (the kernel's
 /// USER_HZ is fixed at 100 for the /proc interface).
 fn clock_ticks_per_sec() -> f64 {
@@ -137,6 +170,8 @@ struct Row {
     rss_mb: f64,
     /// CPU the server used during the scenario.
     server_cpu_secs: f64,
+    /// CPU the load generator (this process) used during the scenario.
+    client_cpu_secs: f64,
     first_error: Option<String>,
 }
 
@@ -150,6 +185,11 @@ impl Row {
     fn server_us(&self) -> f64 {
         self.server_cpu_secs * 1e6 / ((self.ops - self.errors).max(1) as f64)
     }
+
+    /// The load generator's CPU per successful operation, in microseconds.
+    fn client_us(&self) -> f64 {
+        self.client_cpu_secs * 1e6 / ((self.ops - self.errors).max(1) as f64)
+    }
 }
 
 fn pct(v: &mut [u32], p: f64) -> f64 {
@@ -161,8 +201,17 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
     f64::from(v[i.min(v.len() - 1)]) / 1000.0
 }
 
+/// What [`drive`] measured: per-job latencies in µs, errors, elapsed seconds.
+struct Driven {
+    first: Vec<u32>,
+    total: Vec<u32>,
+    errors: usize,
+    secs: f64,
+    first_error: Option<String>,
+}
+
 /// Runs `n` jobs on `c` workers with a progress bar; each job returns (first, total) µs.
-async fn drive<F, Fut>(label: &str, n: usize, c: usize, job: F) -> (Vec<u32>, Vec<u32>, usize, f64, Option<String>)
+async fn drive<F, Fut>(label: &str, n: usize, c: usize, job: F) -> Driven
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(u32, u32), String>> + Send,
@@ -212,7 +261,7 @@ where
         }
     }
     bar.finish_and_clear();
-    (first, total, errors, started.elapsed().as_secs_f64(), err)
+    Driven { first, total, errors, secs: started.elapsed().as_secs_f64(), first_error: err }
 }
 
 fn micros(d: Duration) -> u32 {
@@ -362,8 +411,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     if has("handshake") {
         let cfg = cfg.clone();
-        let cpu0 = srv.cpu_secs();
-        let (f, t, e, secs, err) = drive("bare TLS handshake", n, c, move |_, _| {
+        let probe = Probe::start(&srv);
+        let d = drive("bare TLS handshake", n, c, move |_, _| {
             let cfg = cfg.clone();
             async move {
                 let t0 = Instant::now();
@@ -376,18 +425,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         })
         .await;
-        rows.push(Row {
-            scenario: "baseline: TLS handshake".into(),
-            attestation: "-".into(),
-            ops: n,
-            errors: e,
-            secs,
-            first: f,
-            total: t,
-            rss_mb: srv.rss_mb(),
-            server_cpu_secs: srv.cpu_secs() - cpu0,
-            first_error: err,
-        });
+        rows.push(probe.row(&srv, "baseline: TLS handshake", "-", n, d));
     }
     if has("trivial") {
         let clients: Vec<reqwest::Client> =
@@ -395,8 +433,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let clients = Arc::new(clients);
         let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
         let tok = svc_token.clone();
-        let cpu0 = srv.cpu_secs();
-        let (f, t, e, secs, err) = drive("baseline: trivial request", n * 4, c, move |_, worker| {
+        let probe = Probe::start(&srv);
+        let d = drive("baseline: trivial request", n * 4, c, move |_, worker| {
             let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
             async move {
                 let t0 = Instant::now();
@@ -412,26 +450,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         })
         .await;
-        rows.push(Row {
-            scenario: "baseline: trivial authenticated request".into(),
-            attestation: "-".into(),
-            ops: n * 4,
-            errors: e,
-            secs,
-            first: f,
-            total: t,
-            rss_mb: srv.rss_mb(),
-            server_cpu_secs: srv.cpu_secs() - cpu0,
-            first_error: err,
-        });
+        rows.push(probe.row(&srv, "baseline: trivial authenticated request", "-", n * 4, d));
     }
     if has("https-keepalive") {
         let clients: Vec<reqwest::Client> =
             (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let (scope2, gk2, https2) = (scope.clone(), gk.clone(), https.clone());
-        let cpu0 = srv.cpu_secs();
-        let (f, t, e, secs, err) = drive("https keep-alive, sym key", n, c, move |i, worker| {
+        let probe = Probe::start(&srv);
+        let d = drive("https keep-alive, sym key", n, c, move |i, worker| {
             let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
             async move {
                 let id = format!("ka-{i}");
@@ -440,18 +467,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         })
         .await;
-        rows.push(Row {
-            scenario: "HTTPS, keep-alive".into(),
-            attestation: "symmetric key (group)".into(),
-            ops: n,
-            errors: e,
-            secs,
-            first: f,
-            total: t,
-            rss_mb: srv.rss_mb(),
-            server_cpu_secs: srv.cpu_secs() - cpu0,
-            first_error: err,
-        });
+        rows.push(probe.row(&srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
         // X.509 on a kept-alive connection: the connection carries one device's certificate,
         // so each worker is one device that registers again and again on its connection
         // (re-provisioning), attested by its certificate chain every time.
@@ -463,8 +479,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .collect::<Result<_>>()?;
         let clients = Arc::new(clients);
         let (scope2, https2) = (scope.clone(), https.clone());
-        let cpu0 = srv.cpu_secs();
-        let (f, t, e, secs, err) =
+        let probe = Probe::start(&srv);
+        let d =
             drive("https keep-alive, x509", n, c, move |_, worker| {
                 let (clients, scope, https) = (clients.clone(), scope2.clone(), https2.clone());
                 async move {
@@ -472,18 +488,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 }
             })
             .await;
-        rows.push(Row {
-            scenario: "HTTPS, keep-alive (a device re-registering)".into(),
-            attestation: "X.509 (group)".into(),
-            ops: n,
-            errors: e,
-            secs,
-            first: f,
-            total: t,
-            rss_mb: srv.rss_mb(),
-            server_cpu_secs: srv.cpu_secs() - cpu0,
-            first_error: err,
-        });
+        rows.push(probe.row(&srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
     }
     for (name, transport, endpoint) in
         // By address, as the handshake baseline connects: a name lookup per device is the
@@ -513,8 +518,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let (scope2, gk2, ep, cfg2, name2) =
                 (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone(), name.to_owned());
             let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
-            let cpu0 = srv.cpu_secs();
-            let (f, t, e, secs, err) = drive(&label, n, c, move |i, _| {
+            let probe = Probe::start(&srv);
+            let d = drive(&label, n, c, move |i, _| {
                 let (scope, gk, ep, cfg, certs, name) =
                     (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone(), name2.clone());
                 async move {
@@ -558,18 +563,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             } else {
                 "MQTT, a connection per device"
             };
-            rows.push(Row {
-                scenario: scenario.into(),
-                attestation: if x509 { "X.509 (group)".into() } else { "symmetric key (group)".into() },
-                ops: n,
-                errors: e,
-                secs,
-                first: f,
-                total: t,
-                rss_mb: srv.rss_mb(),
-                server_cpu_secs: srv.cpu_secs() - cpu0,
-                first_error: err,
-            });
+            rows.push(probe.row(&srv, scenario, if x509 { "X.509 (group)" } else { "symmetric key (group)" }, n, d));
         }
     }
     let held = if args.mqtt_hold > 0 { Some(hold_mqtt(&srv, &mqtt, &cfg, args.mqtt_hold).await?) } else { None };
@@ -689,28 +683,29 @@ async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n
 
 fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f64, f64)>) {
     println!(
-        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) | server CPU per op (µs) |"
+        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) | server CPU per op (µs) | load generator CPU per op (µs) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut out = Vec::new();
     for r in rows.iter_mut() {
         let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
         let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
         println!(
-            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} | {:.0} | {:.0} |",
             r.scenario,
             r.attestation,
             r.ops,
             r.errors,
             r.rate(),
             r.rss_mb,
-            r.server_us()
+            r.server_us(),
+            r.client_us()
         );
         if let Some(e) = &r.first_error {
             eprintln!("  first error in '{}': {e}", r.scenario);
         }
         out.push(json!({"scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
-            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb, "server_cpu_us": r.server_us()}));
+            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb, "server_cpu_us": r.server_us(), "client_cpu_us": r.client_us()}));
     }
     let find = |s: &str, a: &str| {
         rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::rate)
