@@ -1,52 +1,151 @@
 //! The shared store: PostgreSQL (and engines that speak its protocol), so that several
 //! stateless Provisio nodes can serve one instance.
+//!
+//! Connections are sqlx's `PgConnection`s, reused through a small pool of our own rather
+//! than sqlx's: that pool checks a connection with a round trip to the server when it is
+//! taken (`test_before_acquire`) and again, unconditionally, whenever it is given back, so
+//! every query cost three round trips (a profile of `provisio bench --database` put a third
+//! of the server's CPU in them). Here a query costs one: a connection that completed its
+//! work goes back to the pool, any other (an error, a request cancelled mid-query) is
+//! closed; one idle for a while is checked before use.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use sqlx::{
-    Row,
-    postgres::{PgPool, PgPoolOptions, PgRow},
+    Connection, Row,
+    postgres::{PgConnectOptions, PgConnection, PgRow},
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreError, new_etag, unix_now};
+
+/// How long a caller waits for a connection when all are in use.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection older than this is checked with a round trip before use (the server
+/// may have restarted, or an administrator ended the session, meanwhile). Under load a
+/// connection is reused within milliseconds and never checked; after an outage of more
+/// than this, every connection is checked and the dead ones are replaced.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// An idle connection older than this is closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(300);
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    options: PgConnectOptions,
+    /// Idle connections, the most recently used last.
+    idle: Mutex<Vec<(PgConnection, Instant)>>,
+    /// One permit per connection that may be open (`max_connections`).
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Pool {
+    // Not derived: the connect options hold the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("host", &self.options.get_host())
+            .field("database", &self.options.get_database())
+            .field("idle", &self.idle.lock().map_or(0, |v| v.len()))
+            .field("free", &self.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection taken from the pool. It goes back only through [`Pooled::release`]; dropped
+/// otherwise (an error, a cancelled request), it is closed, since it may be mid-exchange.
+struct Pooled {
+    conn: Option<PgConnection>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    fn conn(&mut self) -> &mut PgConnection {
+        // Present from `acquire` until `release`, which consumes `self`.
+        self.conn.as_mut().expect("a pooled connection is present until released")
+    }
+
+    /// Gives the connection back for reuse: its last exchange completed.
+    fn release(mut self) {
+        if let Some(conn) = self.conn.take()
+            && !self.pool.permits.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+impl Pool {
+    async fn acquire(self: &Arc<Self>) -> Result<Pooled> {
+        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "no PostgreSQL connection became free within {} s (database_max_connections)",
+                    ACQUIRE_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|_| StoreError::Backend("the store is closed".into()))?;
+        loop {
+            let idle = self.idle.lock().map_err(|_| StoreError::Backend("connection pool poisoned".into()))?.pop();
+            let conn = match idle {
+                Some((_, since)) if since.elapsed() > MAX_IDLE => continue,
+                Some((mut conn, since)) if since.elapsed() > CHECK_AFTER_IDLE => {
+                    if conn.ping().await.is_err() {
+                        continue;
+                    }
+                    conn
+                }
+                Some((conn, _)) => conn,
+                None => PgConnection::connect_with(&self.options)
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?,
+            };
+            return Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit });
+        }
+    }
 }
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user:pass@host:port/db?sslmode=…`) and applies the
-    /// migrations. sqlx takes a PostgreSQL advisory lock while migrating, so nodes that
-    /// start together do not race.
+    /// migrations; at most `max_connections` connections are opened. sqlx takes a
+    /// PostgreSQL advisory lock while migrating, so nodes that start together do not race.
     ///
     /// # Errors
-    /// If the database cannot be reached or migrated.
+    /// If the URL is malformed or the database cannot be reached or migrated.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .idle_timeout(Duration::from_secs(300))
-            .connect(url)
-            .await
-            .map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        let options: PgConnectOptions =
+            url.parse().map_err(|e| StoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        let permits = usize::try_from(max_connections.max(1)).unwrap_or(1);
+        let pool = Arc::new(Pool { options, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(permits)) });
+        let mut c = pool.acquire().await?;
         sqlx::migrate!("./migrations/postgres")
-            .run(&pool)
+            .run(c.conn())
             .await
             .map_err(|e| StoreError::Backend(format!("migration failed: {e}")))?;
+        c.release();
         Ok(Self { pool })
     }
 
     async fn exists(&self, c: Collection, id: &str) -> Result<bool> {
-        Ok(sqlx::query("SELECT 1 FROM documents WHERE collection = $1 AND id = $2")
+        let mut conn = self.pool.acquire().await?;
+        let found = sqlx::query("SELECT 1 FROM documents WHERE collection = $1 AND id = $2")
             .bind(c.as_str())
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(conn.conn())
             .await?
-            .is_some())
+            .is_some();
+        conn.release();
+        Ok(found)
     }
 }
 
@@ -57,24 +156,26 @@ fn doc(row: &PgRow) -> Result<Document> {
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, c: Collection, id: &str) -> Result<Option<Document>> {
-        sqlx::query("SELECT id, etag, body FROM documents WHERE collection = $1 AND id = $2")
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query("SELECT id, etag, body FROM documents WHERE collection = $1 AND id = $2")
             .bind(c.as_str())
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(doc)
-            .transpose()
+            .fetch_optional(conn.conn())
+            .await?;
+        conn.release();
+        row.as_ref().map(doc).transpose()
     }
 
     async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
+        let mut conn = self.pool.acquire().await?;
         let rows =
             sqlx::query("SELECT collection, id, etag, body FROM documents WHERE id = $1 AND collection IN ($2, $3)")
                 .bind(id)
                 .bind(a.as_str())
                 .bind(b.as_str())
-                .fetch_all(&self.pool)
+                .fetch_all(conn.conn())
                 .await?;
+        conn.release();
         let (mut first, mut second) = (None, None);
         for r in &rows {
             let c: String = r.try_get("collection")?;
@@ -110,7 +211,9 @@ impl Store for PostgresStore {
         if let Precondition::IfMatch(expected) = &pre {
             q = q.bind(expected);
         }
-        let affected = q.execute(&self.pool).await?.rows_affected();
+        let mut conn = self.pool.acquire().await?;
+        let affected = q.execute(conn.conn()).await?.rows_affected();
+        conn.release();
         if affected == 0 {
             return Err(match pre {
                 Precondition::CreateOnly => StoreError::Conflict,
@@ -129,21 +232,16 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, c: Collection, id: &str, if_match: Option<&str>) -> Result<()> {
-        let affected = match if_match {
-            None => sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2")
-                .bind(c.as_str())
-                .bind(id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+        let q = match if_match {
+            None => sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2").bind(c.as_str()).bind(id),
             Some(etag) => sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2 AND etag = $3")
                 .bind(c.as_str())
                 .bind(id)
-                .bind(etag)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+                .bind(etag),
         };
+        let mut conn = self.pool.acquire().await?;
+        let affected = q.execute(conn.conn()).await?.rows_affected();
+        conn.release();
         if affected == 0 {
             return Err(if if_match.is_some() && self.exists(c, id).await? {
                 StoreError::PreconditionFailed
@@ -155,13 +253,15 @@ impl Store for PostgresStore {
     }
 
     async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let mut conn = self.pool.acquire().await?;
         let rows =
             sqlx::query("SELECT id, etag, body FROM documents WHERE collection = $1 AND id > $2 ORDER BY id LIMIT $3")
                 .bind(c.as_str())
                 .bind(after.unwrap_or(""))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(conn.conn())
                 .await?;
+        conn.release();
         rows.iter().map(doc).collect()
     }
 
@@ -174,12 +274,17 @@ impl Store for PostgresStore {
     ) -> Result<Document> {
         let etag = new_etag();
         let now = unix_now();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
-             VALUES ($1, $2, $3, $4, $5, $5, $6)
-             ON CONFLICT (collection, id) DO UPDATE
-             SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
+        // One statement, so one round trip and its own transaction: the record and its
+        // operation are written together or not at all.
+        let q = sqlx::query(
+            "WITH record AS (
+                 INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6)
+                 ON CONFLICT (collection, id) DO UPDATE
+                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag
+             )
+             INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
+             VALUES ($7, $2, $3, $4, $5)",
         )
         .bind(Collection::Registrations.as_str())
         .bind(registration_id)
@@ -187,24 +292,21 @@ impl Store for PostgresStore {
         .bind(body)
         .bind(now)
         .bind(tag)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(operation_id)
-        .bind(registration_id)
-        .bind(&etag)
-        .bind(body)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .bind(operation_id);
+        let mut conn = self.pool.acquire().await?;
+        match q.execute(conn.conn()).await {
+            Ok(_) => conn.release(),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                conn.release();
+                return Err(StoreError::Conflict);
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(Document { id: registration_id.to_owned(), etag, body: body.to_owned() })
     }
 
     async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query(
             "SELECT id, etag, body FROM documents WHERE collection = $1 AND tag = $2 AND id > $3 ORDER BY id LIMIT $4",
         )
@@ -212,18 +314,21 @@ impl Store for PostgresStore {
         .bind(tag)
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(conn.conn())
         .await?;
+        conn.release();
         rows.iter().map(doc).collect()
     }
 
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>> {
+        let mut conn = self.pool.acquire().await?;
         let row = sqlx::query(
             "SELECT id, registration_id, registration_etag, registration_body, created_at FROM operations WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(conn.conn())
         .await?;
+        conn.release();
         row.map(|r| {
             Ok(Operation {
                 id: r.try_get("id")?,
@@ -238,7 +343,8 @@ impl Store for PostgresStore {
 
     async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
         let now = unix_now();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.conn().begin().await?;
         for (id, body) in docs {
             sqlx::query(
                 "INSERT INTO documents (collection, id, etag, body, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)
@@ -249,18 +355,122 @@ impl Store for PostgresStore {
             .await?;
         }
         tx.commit().await?;
+        conn.release();
         Ok(())
     }
 
     async fn close(&self) {
-        self.pool.close().await;
+        // Refuse new work, then close the idle connections politely; connections in use are
+        // closed as their holders finish (a closed pool takes nothing back).
+        self.pool.permits.close();
+        let idle = self.pool.idle.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        for (conn, _) in idle {
+            let _ = conn.close().await;
+        }
     }
 
     async fn purge_operations(&self, before: i64) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM operations WHERE created_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        let mut conn = self.pool.acquire().await?;
+        let purged =
+            sqlx::query("DELETE FROM operations WHERE created_at < $1").bind(before).execute(conn.conn()).await?;
+        conn.release();
+        Ok(purged.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{fresh_postgres_database, postgres_admin_url};
+
+    fn idle(s: &PostgresStore) -> usize {
+        s.pool.idle.lock().map_or(0, |v| v.len())
+    }
+
+    /// Ends every session on `url`'s database except the caller's (as a database restart or
+    /// an administrator would).
+    async fn terminate_sessions(url: &str) {
+        let name = url.rsplit_once('/').map(|(_, n)| n.to_owned()).unwrap_or_default();
+        let mut admin = PgConnection::connect(&postgres_admin_url()).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_a_broken_exchange_is_not() {
+        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        s.put(Collection::Enrollments, "a", "1", Precondition::Any).await.unwrap();
+        for _ in 0..20 {
+            s.get(Collection::Enrollments, "a").await.unwrap();
+        }
+        assert_eq!(idle(&s), 1, "sequential calls share one connection");
+        // A call cancelled mid-query (its request went away) must not leave its connection,
+        // possibly mid-exchange, for the next caller.
+        let slow = async {
+            let mut c = s.pool.acquire().await.unwrap();
+            sqlx::query("SELECT pg_sleep(5)").execute(c.conn()).await.unwrap();
+            c.release();
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(200), slow).await.is_err());
+        assert_eq!(idle(&s), 0, "the cancelled call's connection was closed, not pooled");
+        assert_eq!(s.get(Collection::Enrollments, "a").await.unwrap().unwrap().body, "1");
+        // A failed statement closes its connection too; the store carries on.
+        let mut c = s.pool.acquire().await.unwrap();
+        assert!(sqlx::query("SELECT * FROM no_such_table").execute(c.conn()).await.is_err());
+        drop(c);
+        assert_eq!(s.get(Collection::Enrollments, "a").await.unwrap().unwrap().body, "1");
+    }
+
+    #[tokio::test]
+    async fn at_most_max_connections_are_open_and_callers_wait_for_one() {
+        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        let held = (s.pool.acquire().await.unwrap(), s.pool.acquire().await.unwrap());
+        let third = tokio::time::timeout(Duration::from_millis(300), s.pool.acquire()).await;
+        assert!(third.is_err(), "a third connection waits while two are in use");
+        held.0.release();
+        let third = tokio::time::timeout(Duration::from_secs(5), s.pool.acquire()).await;
+        assert!(matches!(third, Ok(Ok(_))), "and gets the one given back");
+    }
+
+    #[tokio::test]
+    async fn sessions_ended_by_the_server_are_replaced() {
+        let url = fresh_postgres_database().await;
+        let s = PostgresStore::connect(&url, 4).await.unwrap();
+        s.put(Collection::Enrollments, "a", "1", Precondition::Any).await.unwrap();
+        assert_eq!(idle(&s), 1);
+        terminate_sessions(&url).await;
+        // Idle longer than CHECK_AFTER_IDLE: checked before use, found dead, replaced.
+        tokio::time::sleep(CHECK_AFTER_IDLE + Duration::from_millis(200)).await;
+        assert_eq!(s.get(Collection::Enrollments, "a").await.unwrap().unwrap().body, "1");
+        s.record_registration("d", "{}", None, "op-1").await.unwrap();
+        assert!(
+            matches!(s.record_registration("d", "{}", None, "op-1").await, Err(StoreError::Conflict)),
+            "a repeated operation id is a conflict, as on SQLite"
+        );
+        assert_eq!(s.get(Collection::Registrations, "d").await.unwrap().unwrap().body, "{}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_refuses_work() {
+        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        s.get(Collection::Enrollments, "a").await.unwrap();
+        s.close().await;
+        assert_eq!(idle(&s), 0);
+        assert!(matches!(s.get(Collection::Enrollments, "a").await, Err(StoreError::Backend(_))));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_url_or_unreachable_server_is_a_clear_error() {
+        for url in ["not a url", "postgres://postgres@127.0.0.1:1/x"] {
+            match PostgresStore::connect(url, 1).await {
+                Err(StoreError::Backend(m)) => assert!(m.contains("cannot connect to PostgreSQL"), "{m}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
     }
 }
