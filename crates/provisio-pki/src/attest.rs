@@ -58,7 +58,8 @@ fn refuse(public: &str, detail: String, certificate: Option<CertInfo>) -> Box<Re
     Box::new(Refusal { public: public.to_owned(), detail, certificate })
 }
 
-/// Attests `chain` (leaf first, then what the device sent) for `registration_id`.
+/// Attests `chain` (leaf first, then what the device sent) for `registration_id`; `cache`
+/// answers for chains validated before (see [`crate::cache`]).
 ///
 /// # Errors
 /// A boxed [`Refusal`] with the precise reason.
@@ -68,6 +69,7 @@ pub fn attest(
     individual: Option<Enrollment>,
     groups: Vec<(EnrollmentGroup, Vec<Anchor>)>,
     now: OffsetDateTime,
+    cache: &crate::cache::X509Cache,
 ) -> Result<X509Match, Box<Refusal>> {
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Err(refuse(
@@ -76,7 +78,7 @@ pub fn attest(
             None,
         ));
     };
-    let (info, cn) = x509::describe(leaf).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
+    let (info, cn) = cache.describe(leaf).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
     let cn = cn.unwrap_or_default();
     if !cn.eq_ignore_ascii_case(registration_id) {
         return Err(refuse(
@@ -131,7 +133,7 @@ pub fn attest(
                 ));
                 continue;
             };
-            match x509::verify_chain(leaf, intermediates, der, now) {
+            match cache.verify_chain(leaf, intermediates, der, now) {
                 Ok(m) => {
                     if let Err(why) = &a.usable {
                         reasons.push(format!(
@@ -149,7 +151,7 @@ pub fn attest(
                     });
                     if closer {
                         let anchor_info =
-                            x509::cert_info(der).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
+                            cache.cert_info(der).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
                         best = Some((m.intermediates, group.clone(), anchor_info));
                     }
                 }

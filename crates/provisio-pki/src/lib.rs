@@ -3,6 +3,7 @@
 //! X.509 attestation ([`x509`]), and test chains for developers ([`testcerts`]).
 
 pub mod attest;
+pub mod cache;
 pub mod testcerts;
 pub mod x509;
 

@@ -184,6 +184,18 @@ pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError>
     validity_of(&parse(der)?, now)
 }
 
+/// The window in which every certificate of `ders` is valid (the latest start, the
+/// earliest end); `None` if one of them is not a certificate.
+pub fn common_validity<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    let mut window: Option<(OffsetDateTime, OffsetDateTime)> = None;
+    for der in ders {
+        let v = parse(der).ok()?.validity().clone();
+        let (from, until) = (v.not_before.to_datetime(), v.not_after.to_datetime());
+        window = Some(window.map_or((from, until), |(f, u)| (f.max(from), u.min(until))));
+    }
+    window
+}
+
 fn validity_of(c: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), ChainError> {
     let v = c.validity();
     if now > v.not_after.to_datetime() {

@@ -105,6 +105,8 @@ pub struct Engine {
     auth_cache: Arc<crate::cache::AuthCache>,
     /// Operations written moments ago, for polls.
     recent_operations: Arc<crate::cache::RecentOperations>,
+    /// Chains validated before, for X.509 devices registering again.
+    x509_cache: Arc<provisio_pki::cache::X509Cache>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -149,6 +151,8 @@ impl Engine {
                 std::time::Duration::from_secs(60),
                 20_000,
             )),
+            // 10,000 devices' chains and certificate descriptions: a few MB.
+            x509_cache: Arc::new(provisio_pki::cache::X509Cache::new(10_000)),
         }
     }
 
@@ -331,7 +335,14 @@ impl Engine {
                 groups.push((g, anchors));
             }
         }
-        match provisio_pki::attest::attest(id.as_str(), chain, individual, groups, time::OffsetDateTime::now_utc()) {
+        match provisio_pki::attest::attest(
+            id.as_str(),
+            chain,
+            individual,
+            groups,
+            time::OffsetDateTime::now_utc(),
+            &self.x509_cache,
+        ) {
             Ok(X509Match::Individual { enrollment, certificate }) => Ok(Attested {
                 matched: Matched::Individual(*enrollment),
                 x509: Some(X509Details { certificate_info: certificate, signing_certificate_info: None }),
