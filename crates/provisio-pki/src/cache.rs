@@ -90,10 +90,10 @@ impl X509Cache {
         {
             return Ok(v.matched.clone());
         }
-        let matched = x509::verify_chain(leaf, intermediates, anchor, now)?;
+        let (matched, window) = x509::verify_chain_within(leaf, intermediates, anchor, now)?;
         // The window of every certificate given, used in the path or not: narrower than
         // the path's at worst, which only costs a re-validation.
-        if let Some((valid_from, valid_until)) = x509::common_validity(all()) {
+        if let Some((valid_from, valid_until)) = window {
             bounded_insert(
                 &self.chains,
                 self.max_entries,
@@ -192,6 +192,23 @@ mod tests {
         let off = X509Cache::new(0);
         assert!(off.verify_chain(&leaf, &[], &anchor, now).is_ok());
         assert_eq!(off.validations(), 0);
+    }
+
+    #[test]
+    fn a_remembered_chain_lasts_only_as_long_as_its_shortest_lived_certificate() {
+        let root = issue(Role::Root, "window-root", None, KeyKind::EcdsaP256, 30).unwrap();
+        let inter = issue(Role::Intermediate, "window-inter", Some(&root), KeyKind::EcdsaP256, 2).unwrap();
+        let dev = issue(Role::Device, "window-dev", Some(&inter), KeyKind::EcdsaP256, 10).unwrap();
+        let (leaf, chain, anchor) = (der(&dev.cert_pem), vec![der(&inter.cert_pem)], der(&root.cert_pem));
+        let now = OffsetDateTime::now_utc();
+        let c = X509Cache::new(4);
+        assert_eq!(c.verify_chain(&leaf, &chain, &anchor, now).unwrap().intermediates, 1);
+        assert_eq!(c.validations(), 1);
+        assert_eq!(c.verify_chain(&leaf, &chain, &anchor, now + time::Duration::days(1)).unwrap().intermediates, 1);
+        // Past the intermediate's end (the leaf and root are still valid): validated again, refused.
+        assert!(c.verify_chain(&leaf, &chain, &anchor, now + time::Duration::days(5)).is_err());
+        // The same leaf and anchor without the intermediate are other bytes, and no path.
+        assert!(c.verify_chain(&leaf, &[], &anchor, now).is_err());
     }
 
     #[test]

@@ -184,18 +184,6 @@ pub fn check_validity(der: &[u8], now: OffsetDateTime) -> Result<(), ChainError>
     validity_of(&parse(der)?, now)
 }
 
-/// The window in which every certificate of `ders` is valid (the latest start, the
-/// earliest end); `None` if one of them is not a certificate.
-pub fn common_validity<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> Option<(OffsetDateTime, OffsetDateTime)> {
-    let mut window: Option<(OffsetDateTime, OffsetDateTime)> = None;
-    for der in ders {
-        let v = parse(der).ok()?.validity().clone();
-        let (from, until) = (v.not_before.to_datetime(), v.not_after.to_datetime());
-        window = Some(window.map_or((from, until), |(f, u)| (f.max(from), u.min(until))));
-    }
-    window
-}
-
 fn validity_of(c: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), ChainError> {
     let v = c.validity();
     if now > v.not_after.to_datetime() {
@@ -265,9 +253,35 @@ pub fn verify_chain(
     anchor: &[u8],
     now: OffsetDateTime,
 ) -> Result<ChainMatch, ChainError> {
+    verify_chain_within(leaf, intermediates, anchor, now).map(|(m, _)| m)
+}
+
+/// A validity window: the latest start and the earliest end of some certificates.
+pub(crate) type Window = (OffsetDateTime, OffsetDateTime);
+
+fn window_of(c: &X509Certificate<'_>) -> Window {
+    (c.validity().not_before.to_datetime(), c.validity().not_after.to_datetime())
+}
+
+/// [`verify_chain`], and the window in which every certificate given (leaf, anchor and all
+/// the intermediates, used in the path or not) is valid.
+pub(crate) fn verify_chain_within(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    anchor: &[u8],
+    now: OffsetDateTime,
+) -> Result<(ChainMatch, Option<Window>), ChainError> {
     // Each certificate is parsed once here (webpki parses again for its own checks).
     let leaf_cert = parse(leaf)?;
     let anchor_cert = parse(anchor)?;
+    let (mut from, mut until) = window_of(&leaf_cert);
+    let mut narrow = |(f, u): Window| {
+        from = from.max(f);
+        until = until.min(u);
+    };
+    narrow(window_of(&anchor_cert));
+    // An unparsable intermediate leaves the window unknown (webpki may still build a path).
+    let mut known = true;
     validity_of(&leaf_cert, now)?;
     if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
         return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
@@ -280,13 +294,17 @@ pub fn verify_chain(
     validity_of(&anchor_cert, now)?;
     issuer_key_usage_of(&anchor_cert)?;
     for i in intermediates {
+        let Ok(c) = parse(i) else {
+            known = false;
+            continue;
+        };
+        narrow(window_of(&c));
         // An expired intermediate is named precisely rather than as a webpki failure.
-        if let Ok(c) = parse(i)
-            && c.subject() == leaf_cert.issuer()
-        {
+        if c.subject() == leaf_cert.issuer() {
             validity_of(&c, now)?;
         }
     }
+    let window = known.then_some((from, until));
     let leaf_der = CertificateDer::from(leaf);
     let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| ChainError::Malformed(format!("{e:?}")))?;
     let anchor_der = CertificateDer::from(anchor);
@@ -319,7 +337,7 @@ pub fn verify_chain(
                 map_webpki(&e, &anchor_cert)
             }
         })?;
-    Ok(ChainMatch { intermediates: path.intermediate_certificates().count() })
+    Ok((ChainMatch { intermediates: path.intermediate_certificates().count() }, window))
 }
 
 /// Whether `cert` is one of `cas` (same DER) or carries a valid signature by one of them.
