@@ -98,7 +98,11 @@ impl Pool {
         loop {
             let idle = self.idle.lock().map_err(|_| StoreError::Backend("connection pool poisoned".into()))?.pop();
             let conn = match idle {
-                Some((_, since)) if since.elapsed() > MAX_IDLE => continue,
+                Some((conn, since)) if since.elapsed() > MAX_IDLE => {
+                    // Politely (a Terminate message), so the server logs no lost client.
+                    let _ = conn.close().await;
+                    continue;
+                }
                 Some((mut conn, since)) if since.elapsed() > CHECK_AFTER_IDLE => {
                     if conn.ping().await.is_err() {
                         continue;
