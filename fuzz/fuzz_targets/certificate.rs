@@ -4,13 +4,14 @@
 //! The first byte chooses how the rest is read (its value modulo 3; the corpus uses ASCII
 //! digits): `0` one DER certificate; `1` text, as an enrollment or certificate upload
 //! gives it (PEM or base64 DER) and as a PEM bundle; `2` DER certificates separated by
-//! `SEP`, leaf first and anchor last, as a device chain. Invariant: no panic.
+//! `SEP`, leaf first and anchor last, as a device chain. Invariants: no panic, and the
+//! validated-chain cache answers exactly as a fresh validation.
 #![no_main]
 
 use provisio_core::model::{
     Attestation, Enrollment, EnrollmentGroup, EnrollmentSettings, PrimarySecondary, StoredCert, X509Attestation,
 };
-use provisio_pki::{attest, x509};
+use provisio_pki::{attest, cache::X509Cache, x509};
 use time::OffsetDateTime;
 
 /// Separates the certificates of mode `2`.
@@ -41,8 +42,13 @@ fn one(der: &[u8]) {
 /// leaf and against a group anchored at each certificate of the chain.
 fn chain(certs: &[Vec<u8>]) {
     let Some((leaf, rest)) = certs.split_first() else { return };
+    let cache = X509Cache::new(4);
     for anchor in certs {
-        let _ = x509::verify_chain(leaf, rest, anchor, now());
+        let fresh = x509::verify_chain(leaf, rest, anchor, now());
+        // The cache answers as a fresh validation would, the first time and from memory.
+        for _ in 0..2 {
+            assert_eq!(cache.verify_chain(leaf, rest, anchor, now()), fresh);
+        }
         let _ = x509::verify_proof_of_possession(anchor, leaf, CODE, now());
     }
     let id = x509::common_name(leaf).ok().flatten().unwrap_or_else(|| "device-01".into());
@@ -79,8 +85,8 @@ fn chain(certs: &[Vec<u8>]) {
         })
         .chain(std::iter::once(attest::Anchor { label: "missing".into(), der: None, usable: Err("absent".into()) }))
         .collect();
-    let _ = attest::attest(&id, certs, individual, vec![(group.clone(), anchors)], now());
-    let _ = attest::attest(&id, certs, None, vec![(group, Vec::new())], now());
+    let _ = attest::attest(&id, certs, individual, vec![(group.clone(), anchors)], now(), &cache);
+    let _ = attest::attest(&id, certs, None, vec![(group, Vec::new())], now(), &cache);
 }
 
 fn split(data: &[u8]) -> Vec<Vec<u8>> {
