@@ -574,7 +574,9 @@ impl Engine {
             registration_body: body,
             created_at: provisio_store::unix_now(),
         });
-        tracing::info!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
+        // Debug, not info: the audit log records every registration already (with more
+        // detail); the operator's log keeps what needs attention.
+        tracing::debug!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
         Ok((operation_id, record))
     }
 

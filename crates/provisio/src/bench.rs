@@ -78,6 +78,8 @@ impl Drop for Srv {
 
 fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
     let exe = std::env::current_exe()?;
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(exe);
     cmd.args(["serve", "--json", "--data-dir"])
         .arg(dir.path())
@@ -98,16 +100,21 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
         // All load comes from 127.0.0.1 and polls at once: lift the per-IP and per-device limits.
         .env("PROVISIO_MAX_CONNECTIONS_PER_IP", "0")
         .env("PROVISIO_DEVICE_POLLS_PER_10S", "0")
-        .env("PROVISIO_LOG", "warn")
+        // The server logs at its default level (a log line costs CPU too), into a file
+        // rather than over the progress bars.
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::from(log));
     if let Some(db) = &args.database {
         cmd.args(["--database", db]);
     }
     let started = Instant::now();
     let mut child = cmd.spawn().context("cannot start the server")?;
     let stdout = child.stdout.take().context("no stdout")?;
-    let line = BufReader::new(stdout).lines().next().context("the server printed nothing")??;
+    let Some(line) = BufReader::new(stdout).lines().next().transpose()? else {
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!("the server did not start:\n{log}");
+    };
     let info: Value = serde_json::from_str(&line).context("bad info line")?;
     let startup = started.elapsed();
     Ok(Srv { child, info, _dir: dir, startup })

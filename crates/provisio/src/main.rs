@@ -163,10 +163,20 @@ fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A server error with what it keeps from devices (the cause of an internal error), which
+/// the operator starting the server needs: "internal error" alone does not say that the
+/// database is unreachable.
+fn explained(e: provisio_server::ServerError) -> anyhow::Error {
+    match e.detail() {
+        Some(detail) => anyhow::anyhow!("{e}: {detail}"),
+        None => anyhow::Error::new(e),
+    }
+}
+
 async fn serve(args: config::ServeArgs) -> Result<()> {
     let (config, log): (ServerConfig, config::LogSettings) = config::load_serve(&args)?;
     config::init_logging(&log)?;
-    let server = Provisio::open(config).await.context("cannot start Provisio")?;
+    let server = Provisio::open(config).await.map_err(explained).context("cannot start Provisio")?;
     let listeners = server.bind().await?;
     let info = server.info(&listeners);
     if !args.json {
@@ -209,7 +219,8 @@ async fn shutdown_signal() {
 
 async fn rekey(args: RekeyArgs) -> Result<()> {
     let config = config::load_common(&args.common)?;
-    let changed = provisio_server::reseal(&config).await.context("re-encrypting the stored secrets failed")?;
+    let changed =
+        provisio_server::reseal(&config).await.map_err(explained).context("re-encrypting the stored secrets failed")?;
     match config.encryption_key {
         Some(_) => println!("{changed} documents re-encrypted with the current encryption_key."),
         None => println!("{changed} documents now hold their secrets in plain (no encryption_key is set)."),
@@ -227,8 +238,8 @@ async fn info(args: InfoArgs) -> Result<()> {
             config.data_dir.display()
         );
     }
-    let store = provisio_server::open_store(&config).await?;
-    let Some(info) = provisio_server::instance::read_info(store.as_ref(), &config).await? else {
+    let store = provisio_server::open_store(&config).await.map_err(explained)?;
+    let Some(info) = provisio_server::instance::read_info(store.as_ref(), &config).await.map_err(explained)? else {
         bail!("the instance is not initialised yet (run `provisio serve` once)");
     };
     store.close().await;

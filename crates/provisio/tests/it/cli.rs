@@ -229,3 +229,20 @@ async fn operator_cli_round_trips() {
         String::from_utf8_lossy(&untrusted.stderr)
     );
 }
+
+#[test]
+fn an_unreachable_database_is_named_when_the_server_cannot_start() {
+    // "internal error" is what a device would be told; the operator starting the server is
+    // told why: here, nothing listens on port 1.
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["serve", "info"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_provisio"))
+            .args([cmd, "--database", "postgres://provisio@127.0.0.1:1/provisio", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cmd} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot connect to PostgreSQL"), "{cmd}: {err}");
+    }
+}
