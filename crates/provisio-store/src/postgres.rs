@@ -32,6 +32,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// An idle connection older than this is closed rather than reused.
 const MAX_IDLE: Duration = Duration::from_secs(300);
+/// How long that check (or a polite close) may take before the connection is given up.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -99,12 +101,14 @@ impl Pool {
             let idle = self.idle.lock().map_err(|_| StoreError::Backend("connection pool poisoned".into()))?.pop();
             let conn = match idle {
                 Some((conn, since)) if since.elapsed() > MAX_IDLE => {
-                    // Politely (a Terminate message), so the server logs no lost client.
-                    let _ = conn.close().await;
+                    // Politely (a Terminate message), so the server logs no lost client; a
+                    // peer that does not answer is not waited for long.
+                    let _ = tokio::time::timeout(CHECK_TIMEOUT, conn.close()).await;
                     continue;
                 }
                 Some((mut conn, since)) if since.elapsed() > CHECK_AFTER_IDLE => {
-                    if conn.ping().await.is_err() {
+                    // A connection whose peer vanished without a reset would not answer at all.
+                    if !matches!(tokio::time::timeout(CHECK_TIMEOUT, conn.ping()).await, Ok(Ok(()))) {
                         continue;
                     }
                     conn
