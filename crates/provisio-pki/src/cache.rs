@@ -81,9 +81,8 @@ impl X509Cache {
         if self.max_entries == 0 {
             return x509::verify_chain(leaf, intermediates, anchor, now);
         }
-        let all =
-            || std::iter::once(leaf).chain(intermediates.iter().map(Vec::as_slice)).chain(std::iter::once(anchor));
-        let key = digest_of(std::iter::once(b"chain".as_slice()).chain(all()));
+        let parts = [b"chain".as_slice(), leaf].into_iter().chain(intermediates.iter().map(Vec::as_slice));
+        let key = digest_of(parts.chain(std::iter::once(anchor)));
         if let Some(v) = self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
             && v.valid_from <= now
             && now <= v.valid_until
