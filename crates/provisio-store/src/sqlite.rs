@@ -194,7 +194,7 @@ fn run_batch(conn: &Connection, batch: Vec<Work>) {
     }
     let mut done = Vec::with_capacity(batch.len());
     for work in batch {
-        if let Err(e) = conn.execute_batch("SAVEPOINT unit") {
+        if let Err(e) = conn.prepare_cached("SAVEPOINT unit").and_then(|mut s| s.execute([])) {
             let (_, d) = work(Err(&format!("could not open a savepoint: {e}")));
             done.push(d);
             continue;
@@ -206,7 +206,7 @@ fn run_batch(conn: &Connection, batch: Vec<Work>) {
         if !matches!(ran, Ok((true, _))) {
             let _ = conn.execute_batch("ROLLBACK TO unit");
         }
-        let _ = conn.execute_batch("RELEASE unit");
+        let _ = conn.prepare_cached("RELEASE unit").and_then(|mut s| s.execute([]));
         match ran {
             Ok((_, d)) => done.push(d),
             Err(_) => tracing::error!("a database write panicked; its changes were undone"),
