@@ -5,6 +5,7 @@
 mod allocation;
 mod amqp;
 mod bad_input;
+mod bench;
 mod cli;
 mod common;
 mod device;
