@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// Hold this many idle MQTT connections at the end and report the server's RSS.
     #[arg(long, default_value_t = 0)]
     mqtt_hold: usize,
+    /// Run the scenarios this many times, one after the other, and report each scenario's
+    /// median and each ratio's median as well: on a shared or virtual machine one run's ratio
+    /// can be off by a third, the median of alternating runs much less.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Use this PostgreSQL database instead of a fresh embedded one.
     #[arg(long)]
     database: Option<String>,
@@ -410,171 +415,199 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .await?
         .error_for_status()?;
 
-    let mut rows: Vec<Row> = Vec::new();
     let n = args.devices;
     let c = args.concurrency;
     let cfg = tls_config(&ca, None)?;
     let has = |s: &str| args.scenarios.iter().any(|x| x == s);
 
-    if has("handshake") {
-        let cfg = cfg.clone();
-        let probe = Probe::start(&srv);
-        let d = drive("bare TLS handshake", n, c, move |_, _| {
+    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            println!("round {} of {}", round + 1, args.rounds);
+        }
+        // Every round registers devices of its own (a registration id taken in an earlier
+        // round would make a re-registration).
+        let tag = if args.rounds > 1 { format!("r{round}-") } else { String::new() };
+        let mut rows: Vec<Row> = Vec::new();
+        if has("handshake") {
             let cfg = cfg.clone();
-            async move {
-                let t0 = Instant::now();
-                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", https_port)).await.map_err(|e| e.to_string())?;
-                let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-                let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
-                drop(tls);
-                let d = micros(t0.elapsed());
-                Ok((d, d))
-            }
-        })
-        .await;
-        rows.push(probe.row(&srv, "baseline: TLS handshake", "-", n, d));
-    }
-    if has("trivial") {
-        let clients: Vec<reqwest::Client> =
-            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
-        let clients = Arc::new(clients);
-        let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
-        let tok = svc_token.clone();
-        let probe = Probe::start(&srv);
-        let d = drive("baseline: trivial request", n * 4, c, move |_, worker| {
-            let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
-            async move {
-                let t0 = Instant::now();
-                // Each worker keeps its own connection: truly kept alive.
-                let r =
-                    clients[worker].get(&url).header("Authorization", tok).send().await.map_err(|e| e.to_string())?;
-                if !r.status().is_success() {
-                    return Err(format!("HTTP {}", r.status()));
+            let probe = Probe::start(&srv);
+            let d = drive("bare TLS handshake", n, c, move |_, _| {
+                let cfg = cfg.clone();
+                async move {
+                    let t0 = Instant::now();
+                    let tcp =
+                        tokio::net::TcpStream::connect(("127.0.0.1", https_port)).await.map_err(|e| e.to_string())?;
+                    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+                    let tls =
+                        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                    drop(tls);
+                    let d = micros(t0.elapsed());
+                    Ok((d, d))
                 }
-                let _ = r.bytes().await;
-                let d = micros(t0.elapsed());
-                Ok((d, d))
-            }
-        })
-        .await;
-        rows.push(probe.row(&srv, "baseline: trivial authenticated request", "-", n * 4, d));
-    }
-    if has("https-keepalive") {
-        let clients: Vec<reqwest::Client> =
-            (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
-        let clients = Arc::new(clients);
-        let (scope2, gk2, https2) = (scope.clone(), gk.clone(), https.clone());
-        let probe = Probe::start(&srv);
-        let d = drive("https keep-alive, sym key", n, c, move |i, worker| {
-            let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
-            async move {
-                let id = format!("ka-{i}");
-                let tok = group_device_token(&scope, &gk, &id)?;
-                keepalive_registration(&clients[worker], &https, &scope, &id, Some(&tok)).await
-            }
-        })
-        .await;
-        rows.push(probe.row(&srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
-        // X.509 on a kept-alive connection: the connection carries one device's certificate,
-        // so each worker is one device that registers again and again on its connection
-        // (re-provisioning), attested by its certificate chain every time.
-        let clients: Vec<reqwest::Client> = (0..c.max(1))
-            .map(|w| {
-                let d = device_cert(&root, &format!("ka-x-{w}"))?;
-                keepalive_client(&ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
             })
-            .collect::<Result<_>>()?;
-        let clients = Arc::new(clients);
-        let (scope2, https2) = (scope.clone(), https.clone());
-        let probe = Probe::start(&srv);
-        let d =
-            drive("https keep-alive, x509", n, c, move |_, worker| {
+            .await;
+            rows.push(probe.row(&srv, "baseline: TLS handshake", "-", n, d));
+        }
+        if has("trivial") {
+            let clients: Vec<reqwest::Client> =
+                (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
+            let clients = Arc::new(clients);
+            let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
+            let tok = svc_token.clone();
+            let probe = Probe::start(&srv);
+            let d = drive("baseline: trivial request", n * 4, c, move |_, worker| {
+                let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
+                async move {
+                    let t0 = Instant::now();
+                    // Each worker keeps its own connection: truly kept alive.
+                    let r = clients[worker]
+                        .get(&url)
+                        .header("Authorization", tok)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if !r.status().is_success() {
+                        return Err(format!("HTTP {}", r.status()));
+                    }
+                    let _ = r.bytes().await;
+                    let d = micros(t0.elapsed());
+                    Ok((d, d))
+                }
+            })
+            .await;
+            rows.push(probe.row(&srv, "baseline: trivial authenticated request", "-", n * 4, d));
+        }
+        if has("https-keepalive") {
+            let clients: Vec<reqwest::Client> =
+                (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
+            let clients = Arc::new(clients);
+            let (scope2, gk2, https2, tag2) = (scope.clone(), gk.clone(), https.clone(), tag.clone());
+            let probe = Probe::start(&srv);
+            let d = drive("https keep-alive, sym key", n, c, move |i, worker| {
+                let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
+                let id = format!("ka-{tag2}{i}");
+                async move {
+                    let tok = group_device_token(&scope, &gk, &id)?;
+                    keepalive_registration(&clients[worker], &https, &scope, &id, Some(&tok)).await
+                }
+            })
+            .await;
+            rows.push(probe.row(&srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
+            // X.509 on a kept-alive connection: the connection carries one device's certificate,
+            // so each worker is one device that registers again and again on its connection
+            // (re-provisioning), attested by its certificate chain every time.
+            let clients: Vec<reqwest::Client> = (0..c.max(1))
+                .map(|w| {
+                    let d = device_cert(&root, &format!("ka-x-{w}"))?;
+                    keepalive_client(&ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
+                })
+                .collect::<Result<_>>()?;
+            let clients = Arc::new(clients);
+            let (scope2, https2) = (scope.clone(), https.clone());
+            let probe = Probe::start(&srv);
+            let d = drive("https keep-alive, x509", n, c, move |_, worker| {
                 let (clients, scope, https) = (clients.clone(), scope2.clone(), https2.clone());
                 async move {
                     keepalive_registration(&clients[worker], &https, &scope, &format!("ka-x-{worker}"), None).await
                 }
             })
             .await;
-        rows.push(probe.row(&srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
-    }
-    for (name, transport, endpoint) in
-        // By address, as the handshake baseline connects: a name lookup per device is the
-        // load generator's cost, not the server's.
-        [
-            ("https-newconn", Transport::Https, format!("127.0.0.1:{https_port}")),
-            ("mqtt", Transport::Mqtt, mqtt_by_ip.clone()),
-        ]
-    {
-        if !has(name) {
-            continue;
+            rows.push(probe.row(&srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
         }
-        for x509 in [false, true] {
-            // Each device's TLS configuration is made before the clock starts, as a device
-            // has its own in flash; the certificates are issued here too.
-            let certs: Arc<Vec<(String, String, Arc<rustls::ClientConfig>)>> = Arc::new(if x509 {
-                (0..n)
-                    .map(|i| {
-                        let d = device_cert(&root, &format!("{name}-x-{i}"))?;
-                        let tls = tls_config(&ca, Some((&d.cert_pem, &d.key_pem)))?;
-                        Ok((d.cert_pem, d.key_pem, tls))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            });
-            let (scope2, gk2, ep, cfg2, name2) =
-                (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone(), name.to_owned());
-            let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
-            let probe = Probe::start(&srv);
-            let d = drive(&label, n, c, move |i, _| {
-                let (scope, gk, ep, cfg, certs, name) =
-                    (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone(), name2.clone());
-                async move {
-                    if transport == Transport::Https {
-                        return if x509 {
-                            let id = format!("{name}-x-{i}");
-                            https_device(certs[i].2.clone(), https_port, &scope, &id, None).await
-                        } else {
-                            let id = format!("{name}-s-{i}");
-                            let tok = group_device_token(&scope, &gk, &id)?;
-                            https_device(cfg, https_port, &scope, &id, Some(&tok)).await
-                        };
-                    }
-                    let (id, cred, tls) = if x509 {
-                        let (c, k, tls) = certs[i].clone();
-                        (format!("{name}-x-{i}"), Credential::X509 { chain_pem: c, key_pem: k }, tls)
-                    } else {
-                        (format!("{name}-s-{i}"), Credential::GroupKey(gk), cfg)
-                    };
-                    let mut o = Options::new(scope, id, cred);
-                    o.endpoint = ep;
-                    o.transport = transport;
-                    o.tls = Some(tls);
-                    o.min_poll_delay = Duration::ZERO;
-                    o.timeout = Duration::from_secs(30);
-                    let t0 = Instant::now();
-                    let mut first = 0;
-                    provisio_client::register(&o, |p| {
-                        if matches!(p, provisio_client::Progress::Assigning { .. }) && first == 0 {
-                            first = micros(t0.elapsed());
+        for (name, transport, endpoint) in
+            // By address, as the handshake baseline connects: a name lookup per device is the
+            // load generator's cost, not the server's.
+            [
+                ("https-newconn", Transport::Https, format!("127.0.0.1:{https_port}")),
+                ("mqtt", Transport::Mqtt, mqtt_by_ip.clone()),
+            ]
+        {
+            if !has(name) {
+                continue;
+            }
+            for x509 in [false, true] {
+                // Each device's TLS configuration is made before the clock starts, as a device
+                // has its own in flash; the certificates are issued here too.
+                let certs: Arc<Vec<(String, String, Arc<rustls::ClientConfig>)>> = Arc::new(if x509 {
+                    (0..n)
+                        .map(|i| {
+                            let d = device_cert(&root, &format!("{name}-x-{tag}{i}"))?;
+                            let tls = tls_config(&ca, Some((&d.cert_pem, &d.key_pem)))?;
+                            Ok((d.cert_pem, d.key_pem, tls))
+                        })
+                        .collect::<Result<_>>()?
+                } else {
+                    Vec::new()
+                });
+                let (scope2, gk2, ep, cfg2) = (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone());
+                let name2 = format!("{name}-{}", if x509 { "x" } else { "s" });
+                let tag2 = tag.clone();
+                let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
+                let probe = Probe::start(&srv);
+                let d = drive(&label, n, c, move |i, _| {
+                    let (scope, gk, ep, cfg, certs) =
+                        (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone());
+                    // As the certificates above were issued: `{scenario}-{x|s}-{round tag}{i}`.
+                    let id = format!("{name2}-{tag2}{i}");
+                    async move {
+                        if transport == Transport::Https {
+                            return if x509 {
+                                https_device(certs[i].2.clone(), https_port, &scope, &id, None).await
+                            } else {
+                                let tok = group_device_token(&scope, &gk, &id)?;
+                                https_device(cfg, https_port, &scope, &id, Some(&tok)).await
+                            };
                         }
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    Ok((first, micros(t0.elapsed())))
-                }
-            })
-            .await;
-            let scenario = if transport == Transport::Https {
-                "HTTPS, new TLS connection per device"
-            } else {
-                "MQTT, a connection per device"
-            };
-            rows.push(probe.row(&srv, scenario, if x509 { "X.509 (group)" } else { "symmetric key (group)" }, n, d));
+                        let (id, cred, tls) = if x509 {
+                            let (c, k, tls) = certs[i].clone();
+                            (id, Credential::X509 { chain_pem: c, key_pem: k }, tls)
+                        } else {
+                            (id, Credential::GroupKey(gk), cfg)
+                        };
+                        let mut o = Options::new(scope, id, cred);
+                        o.endpoint = ep;
+                        o.transport = transport;
+                        o.tls = Some(tls);
+                        o.min_poll_delay = Duration::ZERO;
+                        o.timeout = Duration::from_secs(30);
+                        let t0 = Instant::now();
+                        let mut first = 0;
+                        provisio_client::register(&o, |p| {
+                            if matches!(p, provisio_client::Progress::Assigning { .. }) && first == 0 {
+                                first = micros(t0.elapsed());
+                            }
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        Ok((first, micros(t0.elapsed())))
+                    }
+                })
+                .await;
+                let scenario = if transport == Transport::Https {
+                    "HTTPS, new TLS connection per device"
+                } else {
+                    "MQTT, a connection per device"
+                };
+                rows.push(probe.row(
+                    &srv,
+                    scenario,
+                    if x509 { "X.509 (group)" } else { "symmetric key (group)" },
+                    n,
+                    d,
+                ));
+            }
         }
+        print_rows(&mut rows);
+        print_ratios(&rows);
+        if args.rounds > 1 {
+            println!();
+        }
+        rounds.push(rows);
     }
+
     let held = if args.mqtt_hold > 0 { Some(hold_mqtt(&srv, &mqtt, &cfg, args.mqtt_hold).await?) } else { None };
-    report(&args, &srv, &mut rows, held);
+    report(&args, &srv, &rounds, held);
     Ok(())
 }
 
@@ -688,12 +721,12 @@ async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n
     Ok((conns.len(), before, after))
 }
 
-fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f64, f64)>) {
+/// Prints a round's table (and each scenario's first error).
+fn print_rows(rows: &mut [Row]) {
     println!(
         "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) | server CPU per op (µs) | load generator CPU per op (µs) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut out = Vec::new();
     for r in rows.iter_mut() {
         let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
         let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
@@ -711,27 +744,54 @@ fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f6
         if let Some(e) = &r.first_error {
             eprintln!("  first error in '{}': {e}", r.scenario);
         }
-        out.push(json!({"scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
-            "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb, "server_cpu_us": r.server_us(), "client_cpu_us": r.client_us()}));
     }
-    let find = |s: &str, a: &str| {
-        rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::rate)
-    };
-    println!();
+}
+
+/// A row as JSON (its latency vectors sorted by [`print_rows`] already).
+fn row_json(round: usize, r: &mut Row) -> Value {
+    let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
+    let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
+    json!({"round": round + 1, "scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
+        "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb,
+        "server_cpu_us": r.server_us(), "client_cpu_us": r.client_us()})
+}
+
+/// The ratios of a round, in percent: by rate (what the targets are stated in), then by
+/// the server's own CPU (which the load generator beside it does not distort).
+fn ratios(rows: &[Row]) -> Vec<(String, f64)> {
+    let find = |s: &str, a: &str| rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a));
+    let mut out = Vec::new();
     if let (Some(ka), Some(tr)) = (find("HTTPS, keep-alive", "symmetric"), find("baseline: trivial", "-")) {
-        println!(
-            "keep-alive registrations / trivial requests: {:.1}% (ceiling 50%: a registration is two requests)",
-            100.0 * ka / tr
-        );
+        out.push(("keep-alive registrations / trivial requests".to_owned(), 100.0 * ka.rate() / tr.rate().max(1e-9)));
+        out.push((
+            "by server CPU: keep-alive registrations / trivial requests".to_owned(),
+            100.0 * tr.server_us() / ka.server_us().max(1e-9),
+        ));
     }
     if let Some(hs) = find("baseline: TLS handshake", "-") {
         for a in ["symmetric", "X.509"] {
             if let Some(nc) = find("HTTPS, new TLS", a) {
-                println!("new-connection registrations ({a}) / bare handshakes: {:.1}%", 100.0 * nc / hs);
+                out.push((
+                    format!("new-connection registrations ({a}) / bare handshakes"),
+                    100.0 * nc.rate() / hs.rate().max(1e-9),
+                ));
+                out.push((
+                    format!("by server CPU: new-connection registrations ({a}) / bare handshakes"),
+                    100.0 * hs.server_us() / nc.server_us().max(1e-9),
+                ));
             }
         }
     }
-    // The same ratios by the server's own CPU, which the load generator does not distort.
+    out
+}
+
+/// Prints a round's ratios, with what each costs in the server's CPU.
+fn print_ratios(rows: &[Row]) {
+    println!();
+    for (name, pct) in ratios(rows).iter().filter(|(n, _)| !n.starts_with("by server CPU")) {
+        let note = if name.starts_with("keep-alive") { " (ceiling 50%: a registration is two requests)" } else { "" };
+        println!("{name}: {pct:.1}%{note}");
+    }
     let cpu = |s: &str, a: &str| {
         rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::server_us)
     };
@@ -753,6 +813,61 @@ fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f6
             }
         }
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
+/// Across rounds: each scenario's rate and CPU per round with their medians, and each
+/// ratio's.
+fn print_medians(rounds: &[Vec<Row>]) -> Value {
+    println!("medians of {} rounds", rounds.len());
+    println!(
+        "| scenario | attestation | registrations/s per round | median | server CPU per op (µs), median | load generator CPU per op (µs), median |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut scenarios = Vec::new();
+    for r in rounds.first().map_or(&[][..], Vec::as_slice) {
+        let same: Vec<&Row> = rounds
+            .iter()
+            .filter_map(|rs| rs.iter().find(|x| x.scenario == r.scenario && x.attestation == r.attestation))
+            .collect();
+        let rates: Vec<f64> = same.iter().map(|x| x.rate()).collect();
+        let (rate, server, client) = (
+            median(rates.clone()),
+            median(same.iter().map(|x| x.server_us()).collect()),
+            median(same.iter().map(|x| x.client_us()).collect()),
+        );
+        let each: Vec<String> = rates.iter().map(|v| format!("{v:.0}")).collect();
+        println!(
+            "| {} | {} | {} | {rate:.0} | {server:.0} | {client:.0} |",
+            r.scenario,
+            r.attestation,
+            each.join(", ")
+        );
+        scenarios.push(json!({"scenario": r.scenario, "attestation": r.attestation, "rates": rates, "rate": rate, "server_cpu_us": server, "client_cpu_us": client}));
+    }
+    println!();
+    let per_round: Vec<Vec<(String, f64)>> = rounds.iter().map(|rs| ratios(rs)).collect();
+    let mut out = Vec::new();
+    for (i, (name, _)) in per_round.first().map_or(&[][..], Vec::as_slice).iter().enumerate() {
+        let values: Vec<f64> = per_round.iter().filter_map(|r| r.get(i).map(|(_, v)| *v)).collect();
+        let each: Vec<String> = values.iter().map(|v| format!("{v:.1}%")).collect();
+        let m = median(values.clone());
+        println!("{name}: median {m:.1}% ({})", each.join(", "));
+        out.push(json!({"ratio": name, "per_round": values, "median": m}));
+    }
+    json!({"scenarios": scenarios, "ratios": out})
+}
+
+fn report(args: &BenchArgs, srv: &Srv, rounds: &[Vec<Row>], held: Option<(usize, f64, f64)>) {
+    let medians = (rounds.len() > 1).then(|| print_medians(rounds));
     println!(
         "server startup (spawn to ready, {} preloaded enrollments): {:.0} ms",
         args.enrollments,
@@ -762,9 +877,19 @@ fn report(args: &BenchArgs, srv: &Srv, rows: &mut [Row], held: Option<(usize, f6
         println!("{n} idle MQTT connections held: server RSS {before:.0} MB -> {after:.0} MB");
     }
     if args.json {
+        let mut rows = Vec::new();
+        let mut ratios_json = Vec::new();
+        for (i, round) in rounds.iter().enumerate() {
+            for r in round {
+                rows.push(row_json(i, &mut r.clone()));
+            }
+            ratios_json.push(json!(
+                ratios(round).into_iter().map(|(n, v)| json!({"ratio": n, "percent": v})).collect::<Vec<_>>()
+            ));
+        }
         println!(
             "{}",
-            json!({"rows": out, "startup_ms": srv.startup.as_millis() as u64, "enrollments": args.enrollments, "held_mqtt": held.map(|h| json!({"connections": h.0, "rss_before_mb": h.1, "rss_after_mb": h.2}))})
+            json!({"rows": rows, "ratios": ratios_json, "medians": medians, "startup_ms": srv.startup.as_millis() as u64, "enrollments": args.enrollments, "held_mqtt": held.map(|h| json!({"connections": h.0, "rss_before_mb": h.1, "rss_after_mb": h.2}))})
         );
     }
 }
