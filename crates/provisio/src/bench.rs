@@ -361,6 +361,196 @@ async fn https_device(
     Ok((first, micros(t0.elapsed())))
 }
 
+/// What every round works with: the server and what the set-up made on it.
+struct Setup {
+    srv: Srv,
+    https_port: u16,
+    /// `localhost:{port}`, for clients that check the server's name.
+    https: String,
+    /// The MQTT endpoint by address.
+    mqtt_by_ip: String,
+    scope: String,
+    /// The server's CA certificate (PEM).
+    ca: String,
+    /// A service SAS token of the owner policy.
+    svc_token: String,
+    /// The symmetric-key group's primary key.
+    gk: String,
+    /// The root of the X.509 group.
+    root: provisio_pki::CertAndKey,
+    /// A TLS client configuration without a client certificate.
+    cfg: Arc<rustls::ClientConfig>,
+}
+
+/// One round: every selected scenario once, with device ids carrying `tag`.
+#[allow(clippy::too_many_lines)]
+async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row>> {
+    let Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, root, cfg } = setup;
+    let (https_port, tag) = (*https_port, tag.to_owned());
+    let (n, c) = (args.devices, args.concurrency);
+    let has = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let mut rows: Vec<Row> = Vec::new();
+    if has("handshake") {
+        let cfg = cfg.clone();
+        let probe = Probe::start(srv);
+        let d = drive("bare TLS handshake", n, c, move |_, _| {
+            let cfg = cfg.clone();
+            async move {
+                let t0 = Instant::now();
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", https_port)).await.map_err(|e| e.to_string())?;
+                let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                drop(tls);
+                let d = micros(t0.elapsed());
+                Ok((d, d))
+            }
+        })
+        .await;
+        rows.push(probe.row(srv, "baseline: TLS handshake", "-", n, d));
+    }
+    if has("trivial") {
+        let clients: Vec<reqwest::Client> =
+            (0..c.max(1)).map(|_| keepalive_client(ca, https_port, None)).collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
+        let tok = svc_token.clone();
+        let probe = Probe::start(srv);
+        let d = drive("baseline: trivial request", n * 4, c, move |_, worker| {
+            let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
+            async move {
+                let t0 = Instant::now();
+                // Each worker keeps its own connection: truly kept alive.
+                let r =
+                    clients[worker].get(&url).header("Authorization", tok).send().await.map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("HTTP {}", r.status()));
+                }
+                let _ = r.bytes().await;
+                let d = micros(t0.elapsed());
+                Ok((d, d))
+            }
+        })
+        .await;
+        rows.push(probe.row(srv, "baseline: trivial authenticated request", "-", n * 4, d));
+    }
+    if has("https-keepalive") {
+        let clients: Vec<reqwest::Client> =
+            (0..c.max(1)).map(|_| keepalive_client(ca, https_port, None)).collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let (scope2, gk2, https2, tag2) = (scope.clone(), gk.clone(), https.clone(), tag.clone());
+        let probe = Probe::start(srv);
+        let d = drive("https keep-alive, sym key", n, c, move |i, worker| {
+            let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
+            let id = format!("ka-{tag2}{i}");
+            async move {
+                let tok = group_device_token(&scope, &gk, &id)?;
+                keepalive_registration(&clients[worker], &https, &scope, &id, Some(&tok)).await
+            }
+        })
+        .await;
+        rows.push(probe.row(srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
+        // X.509 on a kept-alive connection: the connection carries one device's certificate,
+        // so each worker is one device that registers again and again on its connection
+        // (re-provisioning), attested by its certificate chain every time.
+        let clients: Vec<reqwest::Client> = (0..c.max(1))
+            .map(|w| {
+                let d = device_cert(root, &format!("ka-x-{w}"))?;
+                keepalive_client(ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
+            })
+            .collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let (scope2, https2) = (scope.clone(), https.clone());
+        let probe = Probe::start(srv);
+        let d =
+            drive("https keep-alive, x509", n, c, move |_, worker| {
+                let (clients, scope, https) = (clients.clone(), scope2.clone(), https2.clone());
+                async move {
+                    keepalive_registration(&clients[worker], &https, &scope, &format!("ka-x-{worker}"), None).await
+                }
+            })
+            .await;
+        rows.push(probe.row(srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
+    }
+    for (name, transport, endpoint) in
+        // By address, as the handshake baseline connects: a name lookup per device is the
+        // load generator's cost, not the server's.
+        [
+            ("https-newconn", Transport::Https, format!("127.0.0.1:{https_port}")),
+            ("mqtt", Transport::Mqtt, mqtt_by_ip.clone()),
+        ]
+    {
+        if !has(name) {
+            continue;
+        }
+        for x509 in [false, true] {
+            // Each device's TLS configuration is made before the clock starts, as a device
+            // has its own in flash; the certificates are issued here too.
+            let certs: Arc<Vec<(String, String, Arc<rustls::ClientConfig>)>> = Arc::new(if x509 {
+                (0..n)
+                    .map(|i| {
+                        let d = device_cert(root, &format!("{name}-x-{tag}{i}"))?;
+                        let tls = tls_config(ca, Some((&d.cert_pem, &d.key_pem)))?;
+                        Ok((d.cert_pem, d.key_pem, tls))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            });
+            let (scope2, gk2, ep, cfg2) = (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone());
+            let name2 = format!("{name}-{}", if x509 { "x" } else { "s" });
+            let tag2 = tag.clone();
+            let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
+            let probe = Probe::start(srv);
+            let d = drive(&label, n, c, move |i, _| {
+                let (scope, gk, ep, cfg, certs) =
+                    (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone());
+                // As the certificates above were issued: `{scenario}-{x|s}-{round tag}{i}`.
+                let id = format!("{name2}-{tag2}{i}");
+                async move {
+                    if transport == Transport::Https {
+                        return if x509 {
+                            https_device(certs[i].2.clone(), https_port, &scope, &id, None).await
+                        } else {
+                            let tok = group_device_token(&scope, &gk, &id)?;
+                            https_device(cfg, https_port, &scope, &id, Some(&tok)).await
+                        };
+                    }
+                    let (id, cred, tls) = if x509 {
+                        let (c, k, tls) = certs[i].clone();
+                        (id, Credential::X509 { chain_pem: c, key_pem: k }, tls)
+                    } else {
+                        (id, Credential::GroupKey(gk), cfg)
+                    };
+                    let mut o = Options::new(scope, id, cred);
+                    o.endpoint = ep;
+                    o.transport = transport;
+                    o.tls = Some(tls);
+                    o.min_poll_delay = Duration::ZERO;
+                    o.timeout = Duration::from_secs(30);
+                    let t0 = Instant::now();
+                    let mut first = 0;
+                    provisio_client::register(&o, |p| {
+                        if matches!(p, provisio_client::Progress::Assigning { .. }) && first == 0 {
+                            first = micros(t0.elapsed());
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok((first, micros(t0.elapsed())))
+                }
+            })
+            .await;
+            let scenario = if transport == Transport::Https {
+                "HTTPS, new TLS connection per device"
+            } else {
+                "MQTT, a connection per device"
+            };
+            rows.push(probe.row(srv, scenario, if x509 { "X.509 (group)" } else { "symmetric key (group)" }, n, d));
+        }
+    }
+    Ok(rows)
+}
+
 /// Runs the benchmark.
 #[allow(clippy::too_many_lines)]
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -415,10 +605,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .await?
         .error_for_status()?;
 
-    let n = args.devices;
-    let c = args.concurrency;
     let cfg = tls_config(&ca, None)?;
-    let has = |s: &str| args.scenarios.iter().any(|x| x == s);
+    let setup = Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, root, cfg };
 
     let mut rounds: Vec<Vec<Row>> = Vec::new();
     for round in 0..args.rounds {
@@ -428,176 +616,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         // Every round registers devices of its own (a registration id taken in an earlier
         // round would make a re-registration).
         let tag = if args.rounds > 1 { format!("r{round}-") } else { String::new() };
-        let mut rows: Vec<Row> = Vec::new();
-        if has("handshake") {
-            let cfg = cfg.clone();
-            let probe = Probe::start(&srv);
-            let d = drive("bare TLS handshake", n, c, move |_, _| {
-                let cfg = cfg.clone();
-                async move {
-                    let t0 = Instant::now();
-                    let tcp =
-                        tokio::net::TcpStream::connect(("127.0.0.1", https_port)).await.map_err(|e| e.to_string())?;
-                    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-                    let tls =
-                        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
-                    drop(tls);
-                    let d = micros(t0.elapsed());
-                    Ok((d, d))
-                }
-            })
-            .await;
-            rows.push(probe.row(&srv, "baseline: TLS handshake", "-", n, d));
-        }
-        if has("trivial") {
-            let clients: Vec<reqwest::Client> =
-                (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
-            let clients = Arc::new(clients);
-            let url = format!("https://{https}/linkedHubs?api-version=2021-10-01");
-            let tok = svc_token.clone();
-            let probe = Probe::start(&srv);
-            let d = drive("baseline: trivial request", n * 4, c, move |_, worker| {
-                let (clients, url, tok) = (clients.clone(), url.clone(), tok.clone());
-                async move {
-                    let t0 = Instant::now();
-                    // Each worker keeps its own connection: truly kept alive.
-                    let r = clients[worker]
-                        .get(&url)
-                        .header("Authorization", tok)
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if !r.status().is_success() {
-                        return Err(format!("HTTP {}", r.status()));
-                    }
-                    let _ = r.bytes().await;
-                    let d = micros(t0.elapsed());
-                    Ok((d, d))
-                }
-            })
-            .await;
-            rows.push(probe.row(&srv, "baseline: trivial authenticated request", "-", n * 4, d));
-        }
-        if has("https-keepalive") {
-            let clients: Vec<reqwest::Client> =
-                (0..c.max(1)).map(|_| keepalive_client(&ca, https_port, None)).collect::<Result<_>>()?;
-            let clients = Arc::new(clients);
-            let (scope2, gk2, https2, tag2) = (scope.clone(), gk.clone(), https.clone(), tag.clone());
-            let probe = Probe::start(&srv);
-            let d = drive("https keep-alive, sym key", n, c, move |i, worker| {
-                let (clients, scope, gk, https) = (clients.clone(), scope2.clone(), gk2.clone(), https2.clone());
-                let id = format!("ka-{tag2}{i}");
-                async move {
-                    let tok = group_device_token(&scope, &gk, &id)?;
-                    keepalive_registration(&clients[worker], &https, &scope, &id, Some(&tok)).await
-                }
-            })
-            .await;
-            rows.push(probe.row(&srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
-            // X.509 on a kept-alive connection: the connection carries one device's certificate,
-            // so each worker is one device that registers again and again on its connection
-            // (re-provisioning), attested by its certificate chain every time.
-            let clients: Vec<reqwest::Client> = (0..c.max(1))
-                .map(|w| {
-                    let d = device_cert(&root, &format!("ka-x-{w}"))?;
-                    keepalive_client(&ca, https_port, Some(&format!("{}{}", d.cert_pem, d.key_pem)))
-                })
-                .collect::<Result<_>>()?;
-            let clients = Arc::new(clients);
-            let (scope2, https2) = (scope.clone(), https.clone());
-            let probe = Probe::start(&srv);
-            let d = drive("https keep-alive, x509", n, c, move |_, worker| {
-                let (clients, scope, https) = (clients.clone(), scope2.clone(), https2.clone());
-                async move {
-                    keepalive_registration(&clients[worker], &https, &scope, &format!("ka-x-{worker}"), None).await
-                }
-            })
-            .await;
-            rows.push(probe.row(&srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
-        }
-        for (name, transport, endpoint) in
-            // By address, as the handshake baseline connects: a name lookup per device is the
-            // load generator's cost, not the server's.
-            [
-                ("https-newconn", Transport::Https, format!("127.0.0.1:{https_port}")),
-                ("mqtt", Transport::Mqtt, mqtt_by_ip.clone()),
-            ]
-        {
-            if !has(name) {
-                continue;
-            }
-            for x509 in [false, true] {
-                // Each device's TLS configuration is made before the clock starts, as a device
-                // has its own in flash; the certificates are issued here too.
-                let certs: Arc<Vec<(String, String, Arc<rustls::ClientConfig>)>> = Arc::new(if x509 {
-                    (0..n)
-                        .map(|i| {
-                            let d = device_cert(&root, &format!("{name}-x-{tag}{i}"))?;
-                            let tls = tls_config(&ca, Some((&d.cert_pem, &d.key_pem)))?;
-                            Ok((d.cert_pem, d.key_pem, tls))
-                        })
-                        .collect::<Result<_>>()?
-                } else {
-                    Vec::new()
-                });
-                let (scope2, gk2, ep, cfg2) = (scope.clone(), gk.clone(), endpoint.clone(), cfg.clone());
-                let name2 = format!("{name}-{}", if x509 { "x" } else { "s" });
-                let tag2 = tag.clone();
-                let label = format!("{name}, {}", if x509 { "x509" } else { "sym key" });
-                let probe = Probe::start(&srv);
-                let d = drive(&label, n, c, move |i, _| {
-                    let (scope, gk, ep, cfg, certs) =
-                        (scope2.clone(), gk2.clone(), ep.clone(), cfg2.clone(), certs.clone());
-                    // As the certificates above were issued: `{scenario}-{x|s}-{round tag}{i}`.
-                    let id = format!("{name2}-{tag2}{i}");
-                    async move {
-                        if transport == Transport::Https {
-                            return if x509 {
-                                https_device(certs[i].2.clone(), https_port, &scope, &id, None).await
-                            } else {
-                                let tok = group_device_token(&scope, &gk, &id)?;
-                                https_device(cfg, https_port, &scope, &id, Some(&tok)).await
-                            };
-                        }
-                        let (id, cred, tls) = if x509 {
-                            let (c, k, tls) = certs[i].clone();
-                            (id, Credential::X509 { chain_pem: c, key_pem: k }, tls)
-                        } else {
-                            (id, Credential::GroupKey(gk), cfg)
-                        };
-                        let mut o = Options::new(scope, id, cred);
-                        o.endpoint = ep;
-                        o.transport = transport;
-                        o.tls = Some(tls);
-                        o.min_poll_delay = Duration::ZERO;
-                        o.timeout = Duration::from_secs(30);
-                        let t0 = Instant::now();
-                        let mut first = 0;
-                        provisio_client::register(&o, |p| {
-                            if matches!(p, provisio_client::Progress::Assigning { .. }) && first == 0 {
-                                first = micros(t0.elapsed());
-                            }
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                        Ok((first, micros(t0.elapsed())))
-                    }
-                })
-                .await;
-                let scenario = if transport == Transport::Https {
-                    "HTTPS, new TLS connection per device"
-                } else {
-                    "MQTT, a connection per device"
-                };
-                rows.push(probe.row(
-                    &srv,
-                    scenario,
-                    if x509 { "X.509 (group)" } else { "symmetric key (group)" },
-                    n,
-                    d,
-                ));
-            }
-        }
+        let mut rows = run_round(&setup, &args, &tag).await?;
         print_rows(&mut rows);
         print_ratios(&rows);
         if args.rounds > 1 {
@@ -606,8 +625,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         rounds.push(rows);
     }
 
-    let held = if args.mqtt_hold > 0 { Some(hold_mqtt(&srv, &mqtt, &cfg, args.mqtt_hold).await?) } else { None };
-    report(&args, &srv, &rounds, held);
+    let held =
+        if args.mqtt_hold > 0 { Some(hold_mqtt(&setup.srv, &mqtt, &setup.cfg, args.mqtt_hold).await?) } else { None };
+    report(&args, &setup.srv, &rounds, held);
     Ok(())
 }
 
