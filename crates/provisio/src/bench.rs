@@ -552,7 +552,6 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
 }
 
 /// Runs the benchmark.
-#[allow(clippy::too_many_lines)]
 pub async fn run(args: BenchArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     if args.enrollments > 0 {
