@@ -443,8 +443,13 @@ impl Store for SqliteStore {
     async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
         let id = id.to_owned();
         self.read(move |conn| {
+            // Two point lookups, not `collection IN (?2, ?3)`: SQLite answers an IN list of
+            // bound values by building a temporary b-tree of them on every execution (its
+            // own page cache, mallocs and mutexes), which cost more than both lookups.
             let mut stmt = conn.prepare_cached(
-                "SELECT id, etag, body, collection FROM documents WHERE id = ?1 AND collection IN (?2, ?3)",
+                "SELECT id, etag, body, collection FROM documents WHERE collection = ?2 AND id = ?1
+                 UNION ALL
+                 SELECT id, etag, body, collection FROM documents WHERE collection = ?3 AND id = ?1",
             )?;
             let mut rows = stmt.query(params![id, a.as_str(), b.as_str()])?;
             let (mut first, mut second) = (None, None);
