@@ -9,7 +9,9 @@
 //! - **Writes** go to one writer thread that owns the only write connection. It takes
 //!   every queued write, runs each under its own savepoint (a failing write undoes only
 //!   itself) and commits them together: one fsync per batch instead of one per write
-//!   (group commit), and no `SQLITE_BUSY` between writers of this process.
+//!   (group commit), and no `SQLITE_BUSY` between writers of this process. A
+//!   registration's write, which refuses only before it changes anything, skips the
+//!   savepoint (see [`Undo::Batch`]).
 //!
 //! A private in-memory database has a single connection, so there its reads also go
 //! through the writer thread.
@@ -48,9 +50,28 @@ type Done = Box<dyn FnOnce(Option<&str>) + Send>;
 /// what to do once the batch is committed.
 type Work = Box<dyn FnOnce(std::result::Result<&Connection, &str>) -> (bool, Done) + Send>;
 
+/// How a unit's changes are undone when it fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// Under a savepoint of its own: a failing unit undoes only itself.
+    Savepoint,
+    /// Without a savepoint, for a unit that refuses before it changes anything (its
+    /// expected failures are checks made first). If it fails after changing the
+    /// database after all (an I/O error, a full disk), its whole batch is undone and
+    /// every unit in it fails. A savepoint costs a copy of every page the unit touches
+    /// (the sub-journal): a fifth of the writer's work for a registration.
+    Batch,
+}
+
+/// A unit of work and how it is undone.
+struct Unit {
+    undo: Undo,
+    work: Work,
+}
+
 /// Messages to the writer thread.
 enum Msg {
-    Work(Work),
+    Work(Unit),
     /// Commit what is queued, close the connection and stop; the reply says it has.
     Close(oneshot::Sender<()>),
 }
@@ -180,37 +201,69 @@ fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>) {
     }
 }
 
-/// Runs a batch in one transaction, each unit under its own savepoint, then reports the
-/// commit's outcome to every unit.
-fn run_batch(conn: &Connection, batch: Vec<Work>) {
+/// Runs a batch in one transaction, each unit under its own savepoint unless it is
+/// [`Undo::Batch`], then reports the commit's outcome to every unit.
+fn run_batch(conn: &Connection, batch: Vec<Unit>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let why = format!("could not begin a transaction: {e}");
         tracing::error!(error = %e, "the database could not begin a transaction");
-        for work in batch {
-            let (_, d) = work(Err(&why));
+        for unit in batch {
+            let (_, d) = (unit.work)(Err(&why));
             d(None);
         }
         return;
     }
     let mut done = Vec::with_capacity(batch.len());
-    for work in batch {
-        if let Err(e) = conn.prepare_cached("SAVEPOINT unit").and_then(|mut s| s.execute([])) {
+    let mut units = batch.into_iter();
+    let mut aborted = None;
+    for Unit { undo, work } in units.by_ref() {
+        if undo == Undo::Savepoint
+            && let Err(e) = conn.prepare_cached("SAVEPOINT unit").and_then(|mut s| s.execute([]))
+        {
             let (_, d) = work(Err(&format!("could not open a savepoint: {e}")));
             done.push(d);
             continue;
         }
+        let changes = conn.total_changes();
         // A panicking unit must not take the writer (and every later write) down with it: its
         // caller's reply is dropped with it, which the caller reports as a store error.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(Ok(conn))));
-        // A unit that failed undoes its own changes and only those.
-        if !matches!(ran, Ok((true, _))) {
-            let _ = conn.execute_batch("ROLLBACK TO unit");
+        let failed = !matches!(ran, Ok((true, _)));
+        match undo {
+            // A unit that failed undoes its own changes and only those.
+            Undo::Savepoint => {
+                if failed {
+                    let _ = conn.execute_batch("ROLLBACK TO unit");
+                }
+                let _ = conn.prepare_cached("RELEASE unit").and_then(|mut s| s.execute([]));
+            }
+            // SQLite may have rolled the transaction back itself (I/O error, full disk).
+            Undo::Batch if failed && (conn.total_changes() != changes || conn.is_autocommit()) => {
+                aborted = Some("a write failed after changing the database; its batch was undone".to_owned());
+            }
+            Undo::Batch => {}
         }
-        let _ = conn.prepare_cached("RELEASE unit").and_then(|mut s| s.execute([]));
         match ran {
             Ok((_, d)) => done.push(d),
             Err(_) => tracing::error!("a database write panicked; its changes were undone"),
         }
+        if aborted.is_some() {
+            break;
+        }
+    }
+    if let Some(why) = aborted {
+        tracing::error!("{why}");
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for unit in units {
+            let (_, d) = (unit.work)(Err(&why));
+            done.push(d);
+        }
+        for d in done {
+            d(Some(&why));
+        }
+        return;
     }
     let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
     if commit.is_err() {
@@ -350,8 +403,18 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` in the writer's next batch; answers once that batch is committed.
+    /// Runs `f` in the writer's next batch under a savepoint of its own; answers once that
+    /// batch is committed.
     async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_with(Undo::Savepoint, f).await
+    }
+
+    /// [`SqliteStore::write`], undone as `undo` says if it fails.
+    async fn write_with<T, F>(&self, undo: Undo, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -372,7 +435,7 @@ impl SqliteStore {
             });
             (ok, done)
         });
-        self.inner.writer.send(Msg::Work(work)).await.map_err(|_| stopped())?;
+        self.inner.writer.send(Msg::Work(Unit { undo, work })).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -517,7 +580,8 @@ impl Store for SqliteStore {
     ) -> Result<Document> {
         let (registration_id, body) = (registration_id.to_owned(), body.to_owned());
         let (tag, operation_id) = (tag.map(str::to_owned), operation_id.to_owned());
-        self.write(move |conn| {
+        // No savepoint: the one refusal (a taken operation id) comes before any change.
+        self.write_with(Undo::Batch, move |conn| {
             let now = unix_now();
             let etag = new_etag();
             let inserted = conn
@@ -662,11 +726,9 @@ mod tests {
         assert!(err.contains("newer version") && err.contains("99"), "{err}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_write_undoes_only_itself_within_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        // Hold the writer so that everything below lands in one batch.
+    /// Holds the writer until the returned sender sends, so that what is queued meanwhile
+    /// lands in one batch.
+    async fn hold_writer(s: &SqliteStore) -> (tokio::task::JoinHandle<Result<()>>, std::sync::mpsc::Sender<()>) {
         let (held, release) = std::sync::mpsc::channel::<()>();
         let hold = tokio::spawn({
             let s = s.clone();
@@ -679,6 +741,25 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
+        (hold, held)
+    }
+
+    /// Queues creates of `dev{i}` for each `i` in `ids` (one batch while the writer is held).
+    fn creates(s: &SqliteStore, ids: std::ops::Range<usize>) -> Vec<tokio::task::JoinHandle<Result<Document>>> {
+        ids.map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.put(Collection::Enrollments, &format!("dev{i}"), "{}", Precondition::CreateOnly).await
+            })
+        })
+        .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_undoes_only_itself_within_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (hold, held) = hold_writer(&s).await;
         let failing = tokio::spawn({
             let s = s.clone();
             async move {
@@ -690,13 +771,8 @@ mod tests {
             }
         });
         // dev1..dev19 once each, dev0 twice (two racing creates).
-        let mut others = Vec::new();
-        for i in (0..20).chain([0]) {
-            let s = s.clone();
-            others.push(tokio::spawn(async move {
-                s.put(Collection::Enrollments, &format!("dev{i}"), "{}", Precondition::CreateOnly).await
-            }));
-        }
+        let mut others = creates(&s, 0..20);
+        others.extend(creates(&s, 0..1));
         tokio::time::sleep(Duration::from_millis(50)).await;
         held.send(()).unwrap();
         hold.await.unwrap().unwrap();
@@ -713,6 +789,71 @@ mod tests {
         assert_eq!((ok, conflicts), (20, 1));
         assert!(s.get(Collection::Enrollments, "half").await.unwrap().is_none(), "the failed unit's write is undone");
         assert_eq!(s.list(Collection::Enrollments, None, 100).await.unwrap().len(), 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_without_savepoint_that_refuses_first_harms_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        s.record_registration("dev", "{}", None, "op-1").await.unwrap();
+        let (hold, held) = hold_writer(&s).await;
+        let before = creates(&s, 0..10);
+        // The operation id is taken: refused before any change, so nothing else is undone.
+        let taken = tokio::spawn({
+            let s = s.clone();
+            async move { s.record_registration("dev", "{\"second\":1}", None, "op-1").await }
+        });
+        let fresh = tokio::spawn({
+            let s = s.clone();
+            async move { s.record_registration("dev2", "{}", Some("g"), "op-2").await }
+        });
+        let after = creates(&s, 10..20);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        assert!(matches!(taken.await.unwrap(), Err(StoreError::Conflict)));
+        fresh.await.unwrap().unwrap();
+        for c in before.into_iter().chain(after) {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(s.list(Collection::Enrollments, None, 100).await.unwrap().len(), 20);
+        assert_eq!(s.get(Collection::Registrations, "dev").await.unwrap().unwrap().body, "{}");
+        assert!(s.get_operation("op-2").await.unwrap().is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_without_savepoint_failing_after_a_change_undoes_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        s.put(Collection::Meta, "kept", "{}", Precondition::Any).await.unwrap();
+        let (hold, held) = hold_writer(&s).await;
+        let before = creates(&s, 0..10);
+        let failing = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.write_with(Undo::Batch, |conn| {
+                    put(conn, Collection::Enrollments, "half", "{}", &Precondition::Any)?;
+                    Err::<(), _>(StoreError::Backend("second step failed".into()))
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let after = creates(&s, 10..20);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        assert!(matches!(failing.await.unwrap(), Err(StoreError::Backend(_))));
+        // Every unit of the batch, before and after the failing one, is told so; none is
+        // reported done while undone.
+        for c in before.into_iter().chain(after) {
+            assert!(matches!(c.await.unwrap(), Err(StoreError::Backend(_))));
+        }
+        assert!(s.list(Collection::Enrollments, None, 100).await.unwrap().is_empty(), "the whole batch is undone");
+        assert!(s.get(Collection::Meta, "kept").await.unwrap().is_some(), "earlier commits are untouched");
+        // The writer goes on.
+        s.put(Collection::Enrollments, "next", "{}", Precondition::CreateOnly).await.unwrap();
+        assert!(s.get(Collection::Enrollments, "next").await.unwrap().is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
