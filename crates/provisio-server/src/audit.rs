@@ -173,7 +173,7 @@ impl AuditLog {
     /// answer sent after it is never missing from the log, even after a kill -9.
     pub async fn record(&self, entry: &Entry) {
         let Some(writer) = &self.writer else { return };
-        let mut line = match serde_json::to_vec(entry) {
+        let mut line = match crate::to_json(entry) {
             Ok(line) => line,
             Err(e) => {
                 tracing::error!(error = %e, "audit entry not serialisable");

@@ -561,7 +561,10 @@ impl Engine {
             initial_twin: assignment.twin,
         };
         let operation_id = new_operation_id();
-        let body = serde_json::to_string(&record).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let body = crate::to_json(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+            .map_err(ServerError::Internal)?;
         let tag = match &record.source {
             EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.to_ascii_lowercase()),
             EnrollmentSource::Individual => None,

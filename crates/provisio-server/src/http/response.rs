@@ -14,7 +14,7 @@ pub const JSON: &str = "application/json; charset=utf-8";
 
 /// A JSON answer.
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    match serde_json::to_vec(body) {
+    match crate::to_json(body) {
         Ok(bytes) => {
             let mut r = Response::new(Body::from(bytes));
             *r.status_mut() = status;
