@@ -16,7 +16,7 @@ pub fn format(t: OffsetDateTime) -> String {
     let mut ticks = t.nanosecond() / 100; // DPS (.NET) has 100 ns resolution
     if ticks > 0 {
         let mut digits = 7;
-        while ticks % 10 == 0 {
+        while ticks.is_multiple_of(10) {
             ticks /= 10;
             digits -= 1;
         }
