@@ -136,13 +136,23 @@ impl AuthCache {
 
 /// The operations this node created moments ago, so that the device's first polls (which
 /// usually come to the node that took the registration) are answered without a store
-/// read. Operations are immutable snapshots, so a cached one is never stale; a poll that
-/// misses (another node, expired, evicted) reads the store.
+/// read, nor the stored record's JSON parsed again. Operations are immutable snapshots, so
+/// a cached one is never stale; a poll that misses (another node, expired, evicted) reads
+/// the store.
 #[derive(Debug)]
 pub struct RecentOperations {
     ttl: Duration,
     max_entries: usize,
-    entries: Mutex<std::collections::HashMap<String, (Instant, Arc<provisio_store::Operation>)>>,
+    entries: Mutex<std::collections::HashMap<String, (Instant, Arc<RecentOperation>)>>,
+}
+
+/// What a poll of a recent operation answers with.
+#[derive(Debug)]
+pub struct RecentOperation {
+    /// The device's registration key (the store's id for its record).
+    pub registration_key: String,
+    /// The registration state the device is told.
+    pub state: provisio_proto::device::DeviceRegistrationResult,
 }
 
 impl RecentOperations {
@@ -152,8 +162,8 @@ impl RecentOperations {
         Self { ttl, max_entries, entries: Mutex::new(std::collections::HashMap::new()) }
     }
 
-    /// Keeps an operation just written.
-    pub fn insert(&self, op: provisio_store::Operation) {
+    /// Keeps an operation just written, under its id.
+    pub fn insert(&self, operation_id: String, op: RecentOperation) {
         if self.ttl.is_zero() || self.max_entries == 0 {
             return;
         }
@@ -165,12 +175,12 @@ impl RecentOperations {
                 m.clear();
             }
         }
-        m.insert(op.id.clone(), (now, Arc::new(op)));
+        m.insert(operation_id, (now, Arc::new(op)));
     }
 
     /// The operation, if this node wrote it within the TTL.
     #[must_use]
-    pub fn get(&self, id: &str) -> Option<Arc<provisio_store::Operation>> {
+    pub fn get(&self, id: &str) -> Option<Arc<RecentOperation>> {
         let m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.get(id).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, op)| op.clone())
     }
@@ -183,27 +193,27 @@ mod tests {
 
     #[test]
     fn recent_operations_are_bounded_and_expire() {
-        let op = |id: &str| provisio_store::Operation {
-            id: id.into(),
-            registration_id: "d".into(),
-            registration_etag: "e".into(),
-            registration_body: "{}".into(),
-            created_at: 0,
+        let op = || RecentOperation {
+            registration_key: "d".into(),
+            state: provisio_proto::device::DeviceRegistrationResult::bare(
+                "d",
+                provisio_proto::device::RegistrationStatus::Assigned,
+            ),
         };
         let c = RecentOperations::new(Duration::from_secs(60), 3);
-        c.insert(op("a"));
-        assert_eq!(c.get("a").unwrap().registration_id, "d");
+        c.insert("a".into(), op());
+        assert_eq!(c.get("a").unwrap().registration_key, "d");
         assert!(c.get("b").is_none());
         for i in 0..10 {
-            c.insert(op(&format!("x{i}")));
+            c.insert(format!("x{i}"), op());
         }
         assert!(c.entries.lock().unwrap().len() <= 3);
         assert!(c.get("x9").is_some());
         let off = RecentOperations::new(Duration::ZERO, 3);
-        off.insert(op("a"));
+        off.insert("a".into(), op());
         assert!(off.get("a").is_none());
         let short = RecentOperations::new(Duration::from_millis(1), 3);
-        short.insert(op("a"));
+        short.insert("a".into(), op());
         std::thread::sleep(Duration::from_millis(5));
         assert!(short.get("a").is_none(), "expired");
     }

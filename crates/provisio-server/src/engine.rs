@@ -570,13 +570,13 @@ impl Engine {
             EnrollmentSource::Individual => None,
         };
         let stored = self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
-        self.recent_operations.insert(provisio_store::Operation {
-            id: operation_id.clone(),
-            registration_id: id.key().to_owned(),
-            registration_etag: stored.etag,
-            registration_body: body,
-            created_at: provisio_store::unix_now(),
-        });
+        self.recent_operations.insert(
+            operation_id.clone(),
+            crate::cache::RecentOperation {
+                registration_key: id.key().to_owned(),
+                state: device_result(&record, &stored.etag),
+            },
+        );
         // Debug, not info: the audit log records every registration already (with more
         // detail); the operator's log keeps what needs attention.
         tracing::debug!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
@@ -605,15 +605,18 @@ impl Engine {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
         };
-        let op = match self.recent_operations.get(operation_id) {
-            Some(op) => op,
-            None => Arc::new(self.store.get_operation(operation_id).await?.ok_or_else(not_found)?),
-        };
+        if let Some(recent) = self.recent_operations.get(operation_id) {
+            if recent.registration_key != id.key() {
+                return Err(not_found());
+            }
+            return Ok(RegistrationOperationStatus::with_state(operation_id, recent.state.clone()));
+        }
+        let op = self.store.get_operation(operation_id).await?.ok_or_else(not_found)?;
         if op.registration_id != id.key() {
             return Err(not_found());
         }
         let record = service_model::record_from_body(&op.registration_body)?;
-        Ok(RegistrationOperationStatus::with_state(op.id.clone(), device_result(&record, &op.registration_etag)))
+        Ok(RegistrationOperationStatus::with_state(op.id, device_result(&record, &op.registration_etag)))
     }
 
     /// `POST {scope}/registrations/{id}`: the device's current registration state.
