@@ -823,6 +823,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_poll_answered_from_the_recent_operations_equals_one_read_from_the_store() {
+        let (mut engine, api, _) = setup(&["h1"]).await;
+        let key = enroll(&api, "dev-c", None).await;
+        let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
+        let op = engine.register(SCOPE, "Dev-C", req, &token("Dev-C", &key)).await.unwrap();
+        let cached = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key)).await.unwrap();
+        // Another device's poll of this operation is refused from the cache as from the store.
+        let other = enroll(&api, "dev-o", None).await;
+        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other)).await.unwrap_err();
+        assert_eq!(refused.status(), 404);
+        engine.recent_operations = Arc::new(crate::cache::RecentOperations::new(std::time::Duration::ZERO, 0));
+        let stored = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key)).await.unwrap();
+        assert_eq!(serde_json::to_value(&cached).unwrap(), serde_json::to_value(&stored).unwrap());
+        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other)).await.unwrap_err();
+        assert_eq!(refused.status(), 404);
+    }
+
+    #[tokio::test]
     async fn iot_hubs_restrict_and_no_hub_fails_with_400208() {
         let (engine, api, _) = setup(&["h1", "h2"]).await;
         let key = enroll(&api, "dev-r", Some(vec!["H2".into()])).await;
