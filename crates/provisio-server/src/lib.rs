@@ -76,7 +76,18 @@ pub struct Provisio {
 /// # Errors
 /// If the directory or database cannot be created or reached.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
-    let store = open_raw_store(config).await?;
+    open_store_for(config, Use::Tool).await
+}
+
+/// Who opens a store: a server must be the only one on an embedded database.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Serve,
+    Tool,
+}
+
+async fn open_store_for(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>, ServerError> {
+    let store = open_raw_store(config, by).await?;
     let keys = keyring(config)?;
     if keys.is_empty() {
         // Without a key, sealed secrets would surface later as baffling parse errors.
@@ -111,14 +122,14 @@ fn keyring(config: &ServerConfig) -> Result<Keyring, ServerError> {
 /// # Errors
 /// If the store fails or a secret was sealed with a key that is not configured.
 pub async fn reseal(config: &ServerConfig) -> Result<u64, ServerError> {
-    let store = open_raw_store(config).await?;
+    let store = open_raw_store(config, Use::Tool).await?;
     let sealed = SealedStore::new(store.clone(), keyring(config)?);
     let changed = sealed.reseal_all().await;
     store.close().await;
     Ok(changed?)
 }
 
-async fn open_raw_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>, ServerError> {
     tokio::fs::create_dir_all(&config.data_dir).await.map_err(|e| {
         ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display()))
     })?;
@@ -133,6 +144,16 @@ async fn open_raw_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
         None => {
             let db = config.data_dir.join(DATABASE_FILE);
             let store = SqliteStore::open(&db).await?;
+            if by == Use::Serve && store.is_locked_elsewhere() {
+                store.close().await;
+                // Two servers on one embedded database would each miss the other's writes
+                // in their caches; several nodes share a PostgreSQL database instead.
+                return Err(ServerError::invalid(format!(
+                    "another Provisio server is using {} (stop it first, or give this one its own --data-dir; \
+                     several nodes share a PostgreSQL database: --database postgres://…)",
+                    db.display()
+                )));
+            }
             protect_secrets(&config.data_dir, &db);
             Ok(Arc::new(store))
         }
@@ -164,7 +185,7 @@ impl Provisio {
     /// # Errors
     /// If the store, the TLS material or the configuration is unusable.
     pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
-        let store = open_store(&config).await?;
+        let store = open_store_for(&config, Use::Serve).await?;
         let instance = instance::load_or_init(store.as_ref(), &config).await?;
         if provisio_core::allocation::Policy::parse(&config.allocation_policy)
             .is_none_or(|p| p == provisio_core::allocation::Policy::Custom)

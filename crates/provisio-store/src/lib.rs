@@ -7,6 +7,7 @@
 //! Every write is a single atomic statement or one transaction, so ETag checks cannot
 //! race, and SQLite runs with `synchronous=FULL` so an acknowledged write survives a crash.
 
+mod keyfilter;
 mod postgres;
 pub mod sealed;
 mod sqlite;

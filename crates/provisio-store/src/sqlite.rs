@@ -15,6 +15,10 @@
 //!
 //! A private in-memory database has a single connection, so there its reads also go
 //! through the writer thread.
+//!
+//! A store that holds the database's lock file (`{database}.lock`: one server per embedded
+//! database) also keeps a [`KeyFilter`] of the keys that may exist, and answers a lookup of
+//! any other key without reading the database (see [`crate::keyfilter`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -26,7 +30,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreError, new_etag, unix_now};
+use crate::{
+    Collection, Document, Operation, Precondition, Result, Store, StoreError, keyfilter::KeyFilter, new_etag, unix_now,
+};
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -89,6 +95,49 @@ struct Inner {
     writer: mpsc::Sender<Msg>,
     /// Set by [`Store::close`]: reads are refused from then on.
     closed: std::sync::atomic::AtomicBool,
+    /// Another store holds the database's lock file.
+    locked_elsewhere: bool,
+    /// The keys that may exist; only while no other process can write the database.
+    filter: Option<Arc<KeyFilter>>,
+    /// Where filter builds run.
+    runtime: tokio::runtime::Handle,
+    /// Point reads that reached the database (tests).
+    #[cfg(test)]
+    reads: std::sync::atomic::AtomicU64,
+}
+
+/// The state of a database's lock file (`{database}.lock`).
+#[derive(Debug)]
+enum Lock {
+    /// This store holds it. The writer thread keeps it and lets go once its last write has
+    /// committed (at [`Store::close`], when the store is dropped, or when the process ends),
+    /// so that a next server's filter scan sees every write of this one.
+    Held(std::fs::File),
+    /// Another store holds it, in this process or another: a server is using the database.
+    HeldElsewhere,
+    /// The file system does not lock, or the lock file cannot be made.
+    Unavailable,
+}
+
+/// Takes the lock file of the database at `path` if nobody holds it.
+fn take_lock(path: &Path) -> Lock {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&name) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %Path::new(&name).display(), error = %e, "cannot create the database's lock file");
+            return Lock::Unavailable;
+        }
+    };
+    match file.try_lock() {
+        Ok(()) => Lock::Held(file),
+        Err(std::fs::TryLockError::WouldBlock) => Lock::HeldElsewhere,
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %Path::new(&name).display(), error = %e, "cannot lock the database's lock file");
+            Lock::Unavailable
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -163,7 +212,7 @@ const MAX_COMMIT_DELAY: Duration = Duration::from_millis(1);
 /// and its `fsync` serve more of them. A lone writer never waits. Measured with
 /// `provisio bench`: 5–9% less server CPU per registration and a higher rate, for a
 /// fraction of a millisecond of latency under load.
-fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>) {
+fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>, lock: Lock) {
     let mut closing = None;
     let (mut last_len, mut last_commit) = (0, Duration::ZERO);
     while closing.is_none() {
@@ -196,6 +245,9 @@ fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>) {
     // are refused (their replies drop with the queue) before the closer hears it is done.
     drop(conn);
     drop(rx);
+    if let Lock::Held(file) = lock {
+        let _ = file.unlock();
+    }
     if let Some(reply) = closing {
         let _ = reply.send(());
     }
@@ -374,7 +426,13 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
-        Self::start(conn, Some(path))
+        let lock = take_lock(&path);
+        // Only a store that no other process can write behind its back may trust a filter
+        // of the keys it has seen; it is built by a scan, in the background.
+        let filter = matches!(lock, Lock::Held(_)).then(|| Arc::new(KeyFilter::new()));
+        let store = Self::start(conn, Some(path), lock, filter)?;
+        store.spawn_filter_build();
+        Ok(store)
     }
 
     /// Opens a private in-memory database (tests).
@@ -384,14 +442,16 @@ impl SqliteStore {
     pub async fn in_memory() -> Result<Self> {
         let mut conn = Connection::open_in_memory()?;
         migrate(&mut conn)?;
-        Self::start(conn, None)
+        // Private and new: no document exists yet, and nobody else can add one.
+        Self::start(conn, None, Lock::Unavailable, Some(Arc::new(KeyFilter::empty())))
     }
 
-    fn start(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
+    fn start(conn: Connection, path: Option<PathBuf>, lock: Lock, filter: Option<Arc<KeyFilter>>) -> Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let locked_elsewhere = matches!(lock, Lock::HeldElsewhere);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn(move || write_loop(conn, rx, lock))
             .map_err(|e| StoreError::Backend(format!("cannot start the database writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -399,8 +459,94 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 writer: tx,
                 closed: std::sync::atomic::AtomicBool::new(false),
+                locked_elsewhere,
+                filter,
+                runtime: tokio::runtime::Handle::current(),
+                #[cfg(test)]
+                reads: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Whether another store holds the database's lock file: a server (in this process or
+    /// another) is using it. A server refuses to start on such a database.
+    #[must_use]
+    pub fn is_locked_elsewhere(&self) -> bool {
+        self.inner.locked_elsewhere
+    }
+
+    /// Whether lookups of absent keys are answered without reading the database (the key
+    /// filter is built). For tests and diagnostics.
+    #[must_use]
+    pub fn filters_lookups(&self) -> bool {
+        self.inner.filter.as_ref().is_some_and(|f| f.is_built())
+    }
+
+    /// False if no document `c`/`id` can exist (the key filter says it was never written).
+    /// True on a closed store, whose reads answer that it is closed.
+    fn may_exist(&self, c: Collection, id: &str) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
+            || self.inner.filter.as_ref().is_none_or(|f| f.may_contain(c, id))
+    }
+
+    /// Called by the writer thread before a write that may create `c`/`id`: from now on a
+    /// lookup of it reads the database.
+    fn will_write(&self, c: Collection, id: &str) {
+        if let Some(f) = &self.inner.filter
+            && f.add(c, id)
+        {
+            self.spawn_filter_build();
+        }
+    }
+
+    /// Builds the key filter anew in the background, from a scan of every document's key.
+    fn spawn_filter_build(&self) {
+        let Some(filter) = self.inner.filter.clone() else { return };
+        let store = self.clone();
+        self.inner.runtime.spawn(async move {
+            let counted = store
+                .read_many(|conn| conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0)))
+                .await;
+            let Ok(count) = counted else { return };
+            if !filter.begin_build(u64::try_from(count).unwrap_or(0)) {
+                return;
+            }
+            // Every write queued before the build began adds its key to the old filter only;
+            // once this empty write's batch has committed, all of them are in the snapshot
+            // the scan reads, and every later one adds its key to the new filter as well.
+            let scanned = match store.write(|_| Ok(())).await {
+                Ok(()) => {
+                    let (f, s) = (filter.clone(), store.clone());
+                    store
+                        .read_many(move |conn| {
+                            let mut stmt = conn.prepare("SELECT collection, id FROM documents")?;
+                            let mut rows = stmt.query([])?;
+                            while let Some(r) = rows.next()? {
+                                if s.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+                                    return Err(rusqlite::Error::ExecuteReturnedResults);
+                                }
+                                let (c, id) = (r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?);
+                                f.add_built(c, id);
+                            }
+                            Ok(())
+                        })
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match scanned {
+                Ok(()) => {
+                    filter.finish_build();
+                    tracing::debug!(keys = count, "the store's key filter is built");
+                }
+                Err(e) => {
+                    filter.abandon_build();
+                    if !store.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+                        tracing::warn!(error = %e, "could not build the store's key filter: lookups read the database");
+                    }
+                }
+            }
+        });
     }
 
     /// Runs `f` in the writer's next batch under a savepoint of its own; answers once that
@@ -446,6 +592,8 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        #[cfg(test)]
+        self.inner.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(path) = &self.inner.path else {
             return self.write(move |conn| Ok(f(conn)?)).await;
         };
@@ -499,11 +647,20 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn get(&self, c: Collection, id: &str) -> Result<Option<Document>> {
+        if !self.may_exist(c, id) {
+            return Ok(None);
+        }
         let id = id.to_owned();
         self.read(move |conn| get(conn, c, &id)).await
     }
 
     async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
+        match (self.may_exist(a, id), self.may_exist(b, id)) {
+            (false, false) => return Ok((None, None)),
+            (true, false) => return Ok((self.get(a, id).await?, None)),
+            (false, true) => return Ok((None, self.get(b, id).await?)),
+            (true, true) => {}
+        }
         let id = id.to_owned();
         self.read(move |conn| {
             // Two point lookups, not `collection IN (?2, ?3)`: SQLite answers an IN list of
@@ -530,15 +687,22 @@ impl Store for SqliteStore {
     }
 
     async fn put(&self, c: Collection, id: &str, body: &str, pre: Precondition) -> Result<Document> {
-        let (id, body) = (id.to_owned(), body.to_owned());
-        self.write(move |conn| put(conn, c, &id, &body, &pre)).await
+        let (id, body, this) = (id.to_owned(), body.to_owned(), self.clone());
+        self.write(move |conn| {
+            this.will_write(c, &id);
+            put(conn, c, &id, &body, &pre)
+        })
+        .await
     }
 
     async fn insert_if_absent(&self, c: Collection, id: &str, body: &str) -> Result<Document> {
-        let (id, body) = (id.to_owned(), body.to_owned());
-        self.write(move |conn| match put(conn, c, &id, &body, &Precondition::CreateOnly) {
-            Err(StoreError::Conflict) => get(conn, c, &id)?.ok_or(StoreError::NotFound),
-            other => other,
+        let (id, body, this) = (id.to_owned(), body.to_owned(), self.clone());
+        self.write(move |conn| {
+            this.will_write(c, &id);
+            match put(conn, c, &id, &body, &Precondition::CreateOnly) {
+                Err(StoreError::Conflict) => get(conn, c, &id)?.ok_or(StoreError::NotFound),
+                other => other,
+            }
         })
         .await
     }
@@ -579,9 +743,10 @@ impl Store for SqliteStore {
         operation_id: &str,
     ) -> Result<Document> {
         let (registration_id, body) = (registration_id.to_owned(), body.to_owned());
-        let (tag, operation_id) = (tag.map(str::to_owned), operation_id.to_owned());
+        let (tag, operation_id, this) = (tag.map(str::to_owned), operation_id.to_owned(), self.clone());
         // No savepoint: the one refusal (a taken operation id) comes before any change.
         self.write_with(Undo::Batch, move |conn| {
+            this.will_write(Collection::Registrations, &registration_id);
             let now = unix_now();
             let etag = new_etag();
             let inserted = conn
@@ -647,8 +812,11 @@ impl Store for SqliteStore {
     }
 
     async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
-        let docs = docs.to_vec();
+        let (docs, this) = (docs.to_vec(), self.clone());
         self.write(move |conn| {
+            for (id, _) in &docs {
+                this.will_write(c, id);
+            }
             let now = unix_now();
             let mut stmt = conn.prepare_cached(
                 "INSERT INTO documents (collection, id, etag, body, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
@@ -870,6 +1038,112 @@ mod tests {
         assert!(s.get(Collection::Meta, "half").await.unwrap().is_none());
         s.put(Collection::Meta, "after", "{}", Precondition::Any).await.unwrap();
         assert!(s.get(Collection::Meta, "after").await.unwrap().is_some());
+    }
+
+    /// Waits for the store's key filter to be built.
+    async fn filter_built(s: &SqliteStore) {
+        for _ in 0..500 {
+            if s.filters_lookups() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the key filter was not built within 5 s");
+    }
+
+    fn reads(s: &SqliteStore) -> u64 {
+        s.inner.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn absent_keys_are_answered_without_reading_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        filter_built(&s).await;
+        let (e, r) = (Collection::Enrollments, Collection::Registrations);
+        let before = reads(&s);
+        assert!(s.get(e, "nobody").await.unwrap().is_none());
+        assert_eq!(s.get_both(e, r, "nobody").await.unwrap(), (None, None));
+        assert_eq!(reads(&s), before, "no read for keys never written");
+        // Every way of writing a document makes it visible at once.
+        s.put(e, "put", "{}", Precondition::CreateOnly).await.unwrap();
+        s.insert_if_absent(e, "inserted", "{}").await.unwrap();
+        s.import(e, &[("imported".into(), "{}".into())]).await.unwrap();
+        s.record_registration("registered", "{}", Some("g"), "op1").await.unwrap();
+        for id in ["put", "inserted", "imported"] {
+            assert!(s.get(e, id).await.unwrap().is_some(), "{id}");
+            assert!(s.get_both(e, r, id).await.unwrap().0.is_some(), "{id}");
+        }
+        let (enrollment, record) = s.get_both(e, r, "registered").await.unwrap();
+        assert!(enrollment.is_none() && record.is_some());
+        // Deleted and written again: found again.
+        s.delete(e, "put", None).await.unwrap();
+        assert!(s.get(e, "put").await.unwrap().is_none());
+        s.put(e, "put", "{\"again\":1}", Precondition::Any).await.unwrap();
+        assert_eq!(s.get(e, "put").await.unwrap().unwrap().body, "{\"again\":1}");
+        let before = reads(&s);
+        assert!(s.get(r, "put").await.unwrap().is_none(), "the collection is part of the key");
+        assert_eq!(reads(&s), before);
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_filter_holds_what_was_there_and_what_is_written_while_it_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let old: Vec<(String, String)> = (0..20_000).map(|i| (format!("old-{i}"), "{}".to_owned())).collect();
+        {
+            let s = SqliteStore::open(&path).await.unwrap();
+            s.import(Collection::Enrollments, &old).await.unwrap();
+            s.close().await;
+        }
+        // Writes race with the build's scan from the moment the store opens.
+        let s = SqliteStore::open(&path).await.unwrap();
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            writers.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    s.record_registration(&format!("new-{w}-{i}"), "{}", None, &format!("op-{w}-{i}")).await.unwrap();
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        filter_built(&s).await;
+        for (id, _) in old.iter().step_by(97) {
+            assert!(s.get(Collection::Enrollments, id).await.unwrap().is_some(), "{id}");
+        }
+        for w in 0..8 {
+            for i in 0..50 {
+                let id = format!("new-{w}-{i}");
+                assert!(s.get(Collection::Registrations, &id).await.unwrap().is_some(), "{id}");
+            }
+        }
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_a_database_in_use_reads_everything_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let first = SqliteStore::open(&path).await.unwrap();
+        assert!(!first.is_locked_elsewhere());
+        let second = SqliteStore::open(&path).await.unwrap();
+        assert!(second.is_locked_elsewhere(), "the first store holds the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.filters_lookups(), "it cannot trust a filter: the first one writes behind its back");
+        first.put(Collection::Enrollments, "by-first", "{}", Precondition::Any).await.unwrap();
+        assert!(second.get(Collection::Enrollments, "by-first").await.unwrap().is_some());
+        second.close().await;
+        first.close().await;
+        // Closed: the next store takes the lock.
+        let third = SqliteStore::open(&path).await.unwrap();
+        assert!(!third.is_locked_elsewhere());
+        filter_built(&third).await;
+        assert!(third.get(Collection::Enrollments, "by-first").await.unwrap().is_some());
+        third.close().await;
     }
 
     #[tokio::test]

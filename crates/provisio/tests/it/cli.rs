@@ -246,3 +246,30 @@ fn an_unreachable_database_is_named_when_the_server_cannot_start() {
         assert!(err.contains("cannot connect to PostgreSQL"), "{cmd}: {err}");
     }
 }
+
+#[test]
+fn a_second_server_on_an_embedded_database_in_use_refuses_to_start() {
+    // Each would miss the other's writes in its caches; `info` may still read it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Server::start(dir.path(), "127.0.0.1:0", &[]);
+    let second = Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .args(["serve", "--https-listen", "127.0.0.1:0", "--mqtt-listen", "off", "--amqp-listen", "off", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("PROVISIO_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "the second server must not start");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another Provisio server is using"), "{err}");
+    let info = Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .args(["info", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    assert!(String::from_utf8_lossy(&info.stdout).contains(&first.info.id_scope));
+    // Once the first has stopped, the next one starts on the same state.
+    assert!(first.terminate().success());
+    let again = Server::start(dir.path(), "127.0.0.1:0", &[]);
+    assert_eq!(again.info.id_scope, first.info.id_scope);
+}
