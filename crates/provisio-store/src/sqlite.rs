@@ -504,6 +504,7 @@ impl SqliteStore {
         let Some(filter) = self.inner.filter.clone() else { return };
         let store = self.clone();
         self.inner.runtime.spawn(async move {
+            let started = std::time::Instant::now();
             let counted = store
                 .read_many(|conn| conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0)))
                 .await;
@@ -537,7 +538,12 @@ impl SqliteStore {
             match scanned {
                 Ok(()) => {
                     filter.finish_build();
-                    tracing::debug!(keys = count, "the store's key filter is built");
+                    let ms = started.elapsed().as_millis();
+                    tracing::info!(
+                        keys = count,
+                        ms,
+                        "the store's key filter is built: lookups of absent documents skip the database"
+                    );
                 }
                 Err(e) => {
                     filter.abandon_build();
