@@ -21,7 +21,7 @@ use std::{
     hash::BuildHasher,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -95,12 +95,18 @@ pub(crate) struct KeyFilter {
     /// collide on purpose and turn the filter off for others.
     hasher: std::hash::RandomState,
     state: RwLock<State>,
+    /// A rebuild has been asked for and not finished: nobody else is asked to start one.
+    rebuild_asked: AtomicBool,
 }
 
 impl KeyFilter {
     /// A filter that is not built yet: it answers "may exist" for every key.
     pub(crate) fn new() -> Self {
-        Self { hasher: std::hash::RandomState::new(), state: RwLock::new(State { current: None, building: None }) }
+        Self {
+            hasher: std::hash::RandomState::new(),
+            state: RwLock::new(State { current: None, building: None }),
+            rebuild_asked: AtomicBool::new(false),
+        }
     }
 
     /// A filter that is built and empty (for a database known to hold no documents).
@@ -130,7 +136,7 @@ impl KeyFilter {
 
     /// Records that a document may exist from now on. Called by the writer thread before the
     /// write that creates it commits. Returns whether the filter has grown too full and should
-    /// be rebuilt larger.
+    /// be rebuilt larger: once, until that rebuild is finished or abandoned.
     pub(crate) fn add(&self, c: Collection, id: &str) -> bool {
         let h = self.hash(c.as_str(), id);
         let s = self.read_state();
@@ -140,7 +146,7 @@ impl KeyFilter {
         match &s.current {
             Some(b) => {
                 b.add(h);
-                s.building.is_none() && b.is_full()
+                s.building.is_none() && b.is_full() && !self.rebuild_asked.swap(true, Ordering::AcqRel)
             }
             None => false,
         }
@@ -173,11 +179,14 @@ impl KeyFilter {
         if let Some(b) = s.building.take() {
             s.current = Some(b);
         }
+        self.rebuild_asked.store(false, Ordering::Release);
     }
 
-    /// The build failed: lookups go on with the previous filter, or with none.
+    /// The build failed or could not start: lookups go on with the previous filter, or with
+    /// none, and a later write may ask for a rebuild again.
     pub(crate) fn abandon_build(&self) {
         self.write_state().building = None;
+        self.rebuild_asked.store(false, Ordering::Release);
     }
 
     /// Whether a build has completed (lookups can be answered without the database).
@@ -244,12 +253,15 @@ mod tests {
         let f = KeyFilter::new();
         build(&f, &[]);
         let capacity = MIN_BITS / 10;
-        let asked = (0..=capacity).any(|i| f.add(Collection::Registrations, &i.to_string()));
-        assert!(asked, "a rebuild is asked for once {capacity} keys are in");
+        let asked = (0..=capacity).filter(|i| f.add(Collection::Registrations, &i.to_string())).count();
+        assert_eq!(asked, 1, "a rebuild is asked for once {capacity} keys are in, and only once");
+        assert!(!f.add(Collection::Registrations, "more"), "asked already");
         // While a build runs, nobody else is asked to start one.
         assert!(f.begin_build(capacity * 2));
         assert!(!f.add(Collection::Registrations, "one more"));
         f.abandon_build();
         assert!(f.may_contain(Collection::Registrations, "one more"), "the old filter stays");
+        // Abandoned: the next write asks again.
+        assert!(f.add(Collection::Registrations, "and another"));
     }
 }

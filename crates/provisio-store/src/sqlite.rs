@@ -508,6 +508,8 @@ impl SqliteStore {
             let counted = store
                 .read_many(|conn| conn.query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0)))
                 .await;
+            // A store that cannot count its documents is closed or failing: it keeps the
+            // filter it has (still exact, only fuller) and asks for no further rebuild.
             let Ok(count) = counted else { return };
             if !filter.begin_build(u64::try_from(count).unwrap_or(0)) {
                 return;
