@@ -69,4 +69,7 @@ fn a_small_bench_run_registers_every_device_over_every_transport() {
     assert_eq!(json["medians"]["scenarios"].as_array().unwrap().len(), expected.len());
     assert_eq!(json["held_mqtt"]["connections"], 10);
     assert_eq!(json["enrollments"], 50);
+    // The embedded store's key filter was built (the server logged it) before the scenarios.
+    assert!(json["filter_built_ms"].as_u64().is_some_and(|ms| ms >= json["startup_ms"].as_u64().unwrap()), "{json}");
+    assert!(stdout.contains("its key filter built"), "{stdout}");
 }
