@@ -38,7 +38,6 @@ use provisio_proto::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpListener,
-    sync::Semaphore,
     task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
@@ -86,34 +85,19 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = crate::http::limit::Admission::new("AMQP", limits.max_connections, per_ip);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "AMQP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = admission.accept(&listener) => accepted,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "AMQP connection limit reached; closing connection");
-            continue;
-        };
-        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
-            tracing::warn!(%peer, "per-IP connection limit reached; closing AMQP connection");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+        let Some(admitted) = admission.admit(peer) else { continue };
         let (acceptor, engine) = (acceptor.clone(), engine.clone());
         connections.spawn(async move {
-            let _permits = (permit, ip_permit);
+            let _admitted = admitted;
             let deadline = tokio::time::Instant::now() + limits.connect_timeout;
             let Some(crate::tls::Accepted { stream: tls, chain }) =
                 crate::tls::accept_by(&acceptor, tcp, deadline, peer, "AMQP").await

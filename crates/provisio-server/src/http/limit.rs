@@ -1,4 +1,5 @@
-//! A token bucket: a steady rate with a burst allowance.
+//! Limits: a token bucket (a steady rate with a burst allowance) for requests, and the
+//! admission of new connections that every listener (HTTPS, MQTT, AMQP) shares.
 
 use std::{
     sync::Mutex,
@@ -149,6 +150,64 @@ impl KeyedWindow {
     }
 }
 
+/// Which connections a listener lets in: at most `max` at once on this listener, and no
+/// more per client IP address than the limit every listener shares.
+#[derive(Debug)]
+pub struct Admission {
+    /// The listener's name in the log ("HTTPS", "MQTT", "AMQP").
+    listener: &'static str,
+    max: usize,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    per_ip: std::sync::Arc<PerIpLimiter>,
+}
+
+/// Held for the life of an admitted connection; frees both slots when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    _ip: IpPermit,
+}
+
+impl Admission {
+    /// At most `max` simultaneous connections on `listener`, and `per_ip`'s limit.
+    #[must_use]
+    pub fn new(listener: &'static str, max: usize, per_ip: std::sync::Arc<PerIpLimiter>) -> Self {
+        Self { listener, max, permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)), per_ip }
+    }
+
+    /// Slots for a connection from `peer`, or `None` (logged) when a limit is reached: the
+    /// caller closes the connection.
+    pub fn admit(&self, peer: std::net::SocketAddr) -> Option<Admitted> {
+        let Ok(total) = self.permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = self.max, listener = self.listener, "connection limit reached; closing connection");
+            return None;
+        };
+        let Some(ip) = self.per_ip.try_acquire(peer.ip()) else {
+            tracing::warn!(%peer, listener = self.listener, "per-IP connection limit reached; closing connection");
+            return None;
+        };
+        Some(Admitted { _total: total, _ip: ip })
+    }
+
+    /// The next connection on `listener`, with Nagle's algorithm off (answers are small and
+    /// wanted at once). An accept error (EMFILE and friends) is logged and retried after
+    /// 50 ms rather than in a spin. Cancel-safe.
+    pub async fn accept(&self, listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return (tcp, peer);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = self.listener, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod more_tests {
     use super::*;
@@ -175,5 +234,22 @@ mod more_tests {
         assert!(wait > Duration::from_secs(9));
         assert!(w.hit("other").is_ok());
         assert!(KeyedWindow::new(0, Duration::from_secs(1)).hit("x").is_ok());
+    }
+
+    #[tokio::test]
+    async fn admission_caps_the_listener_and_each_address() {
+        let ip = |n: u8| std::net::SocketAddr::from(([10, 0, 0, n], 1000));
+        let a = Admission::new("test", 2, std::sync::Arc::new(PerIpLimiter::new(1)));
+        let first = a.admit(ip(1)).expect("first");
+        assert!(a.admit(ip(1)).is_none(), "one per address");
+        let second = a.admit(ip(2)).expect("another address");
+        assert!(a.admit(ip(3)).is_none(), "two in all");
+        drop(first);
+        let third = a.admit(ip(3)).expect("a slot was freed");
+        // A refusal by address gives back the listener's slot it took.
+        drop(second);
+        assert!(a.admit(ip(3)).is_none());
+        assert!(a.admit(ip(2)).is_some());
+        drop(third);
     }
 }

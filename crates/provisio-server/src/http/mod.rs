@@ -15,7 +15,7 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use rustls_pki_types::CertificateDer;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -53,7 +53,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let router = routes::router(state.clone());
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = limit::Admission::new("HTTPS", limits.max_connections, state.per_ip.clone());
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_headers(limits.max_headers);
@@ -64,32 +64,15 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = admission.accept(&listener) => accepted,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing connection");
-            drop(tcp);
-            continue;
-        };
-        let Some(ip_permit) = state.per_ip.try_acquire(peer.ip()) else {
-            tracing::warn!(%peer, "per-IP connection limit reached; closing connection");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+        let Some(admitted) = admission.admit(peer) else { continue };
         let acceptor = acceptor.clone();
         let router = router.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permits = (permit, ip_permit);
+            let _admitted = admitted;
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

@@ -15,7 +15,6 @@ use rumqttc::mqttbytes::{Error as MqttError, v4::Packet};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
-    sync::Semaphore,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -50,32 +49,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = crate::http::limit::Admission::new("MQTT", limits.max_connections, per_ip);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = admission.accept(&listener) => accepted,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "MQTT connection limit reached; closing connection");
-            continue;
-        };
-        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
-            tracing::warn!(%peer, "per-IP connection limit reached; closing MQTT connection");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+        let Some(admitted) = admission.admit(peer) else { continue };
         let (acceptor, engine) = (acceptor.clone(), engine.clone());
         tokio::spawn(async move {
-            let _permits = (permit, ip_permit);
+            let _admitted = admitted;
             let deadline = tokio::time::Instant::now() + limits.connect_timeout;
             let Some(crate::tls::Accepted { stream: tls, chain }) =
                 crate::tls::accept_by(&acceptor, tcp, deadline, peer, "MQTT").await
