@@ -525,20 +525,22 @@ impl SqliteStore {
                             let mut stmt = conn.prepare("SELECT collection, id FROM documents")?;
                             let mut rows = stmt.query([])?;
                             while let Some(r) = rows.next()? {
+                                // A closing store stops scanning: the build is abandoned.
                                 if s.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
-                                    return Err(rusqlite::Error::ExecuteReturnedResults);
+                                    return Ok(false);
                                 }
                                 let (c, id) = (r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?);
                                 f.add_built(c, id);
                             }
-                            Ok(())
+                            Ok(true)
                         })
                         .await
                 }
                 Err(e) => Err(e),
             };
             match scanned {
-                Ok(()) => {
+                Ok(false) => filter.abandon_build(),
+                Ok(true) => {
                     filter.finish_build();
                     let ms = started.elapsed().as_millis();
                     tracing::info!(
