@@ -109,8 +109,10 @@ fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
         // All load comes from 127.0.0.1 and polls at once: lift the per-IP and per-device limits.
         .env("PROVISIO_MAX_CONNECTIONS_PER_IP", "0")
         .env("PROVISIO_DEVICE_POLLS_PER_10S", "0")
-        // The server logs at its default level (a log line costs CPU too), into a file
-        // rather than over the progress bars.
+        // The server logs at its default level (a log line costs CPU too; and the bench
+        // waits for its "key filter is built" line), into a file rather than over the
+        // progress bars.
+        .env("PROVISIO_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     if let Some(db) = &args.database {
