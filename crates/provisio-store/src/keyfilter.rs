@@ -35,6 +35,9 @@ const PROBES: u64 = 7;
 const BITS_PER_KEY: u64 = 16;
 /// The smallest filter: 2^23 bits (1 MiB) takes 838,860 keys before it is rebuilt.
 const MIN_BITS: u64 = 1 << 23;
+/// The largest: 2^34 bits (2 GiB), for a billion documents; past that the filter only
+/// fills up (more false positives, never a false negative).
+const MAX_BITS: u64 = 1 << 34;
 
 /// One fixed-size Bloom filter.
 struct Bloom {
@@ -47,7 +50,7 @@ struct Bloom {
 
 impl Bloom {
     fn new(expected_keys: u64) -> Self {
-        let bits = expected_keys.saturating_mul(BITS_PER_KEY).max(MIN_BITS).next_power_of_two();
+        let bits = expected_keys.saturating_mul(BITS_PER_KEY).clamp(MIN_BITS, MAX_BITS).next_power_of_two();
         let words = usize::try_from(bits / 64).unwrap_or(usize::MAX / 8);
         Self { words: (0..words).map(|_| AtomicU64::new(0)).collect(), mask: bits - 1, added: AtomicU64::new(0) }
     }
@@ -76,9 +79,9 @@ impl Bloom {
         })
     }
 
-    /// Full enough that false positives pass about 1%.
+    /// Full enough that false positives pass about 1%, and a rebuild could be larger.
     fn is_full(&self) -> bool {
-        self.added.load(Ordering::Relaxed) > (self.mask + 1) / 10
+        self.mask + 1 < MAX_BITS && self.added.load(Ordering::Relaxed) > (self.mask + 1) / 10
     }
 }
 
