@@ -482,6 +482,12 @@ impl SqliteStore {
         self.inner.filter.as_ref().is_some_and(|f| f.is_built())
     }
 
+    /// One document from the database, the key filter already consulted.
+    async fn read_one(&self, c: Collection, id: &str) -> Result<Option<Document>> {
+        let id = id.to_owned();
+        self.read(move |conn| get(conn, c, &id)).await
+    }
+
     /// False if no document `c`/`id` can exist (the key filter says it was never written).
     /// True on a closed store, whose reads answer that it is closed.
     fn may_exist(&self, c: Collection, id: &str) -> bool {
@@ -660,15 +666,14 @@ impl Store for SqliteStore {
         if !self.may_exist(c, id) {
             return Ok(None);
         }
-        let id = id.to_owned();
-        self.read(move |conn| get(conn, c, &id)).await
+        self.read_one(c, id).await
     }
 
     async fn get_both(&self, a: Collection, b: Collection, id: &str) -> Result<(Option<Document>, Option<Document>)> {
         match (self.may_exist(a, id), self.may_exist(b, id)) {
             (false, false) => return Ok((None, None)),
-            (true, false) => return Ok((self.get(a, id).await?, None)),
-            (false, true) => return Ok((None, self.get(b, id).await?)),
+            (true, false) => return Ok((self.read_one(a, id).await?, None)),
+            (false, true) => return Ok((None, self.read_one(b, id).await?)),
             (true, true) => {}
         }
         let id = id.to_owned();

@@ -261,13 +261,10 @@ fn a_second_server_on_an_embedded_database_in_use_refuses_to_start() {
     assert!(!second.status.success(), "the second server must not start");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another Provisio server is using"), "{err}");
-    let info = Command::new(env!("CARGO_BIN_EXE_provisio"))
-        .args(["info", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
-    assert!(String::from_utf8_lossy(&info.stdout).contains(&first.info.id_scope));
+    let info = crate::common::run(
+        Command::new(env!("CARGO_BIN_EXE_provisio")).args(["info", "--json", "--data-dir"]).arg(dir.path()),
+    );
+    assert!(info.contains(&first.info.id_scope), "{info}");
     // Once the first has stopped, the next one starts on the same state.
     assert!(first.terminate().success());
     let again = Server::start(dir.path(), "127.0.0.1:0", &[]);
