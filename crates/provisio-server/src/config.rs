@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// How long registration operations can be polled, in hours.
     pub operation_retention_hours: u64,
+    /// Refused X.509 attestations kept in the store for `GET /registrations/{id}/audit`
+    /// (the most recent ones; 0 keeps none). Their ids are whatever a client wrote in its
+    /// certificate, so the number is bounded; the audit log records every refusal anyway.
+    pub refusal_records_kept: u32,
     /// Azure's stricter rule for X.509 groups: a group's uploaded signing certificate
     /// anchors chains only if it is, or is signed by, a verified CA certificate of the
     /// certificates API. Off by default: an uploaded intermediate is trusted as is.
@@ -155,6 +159,7 @@ impl Default for ServerConfig {
             header_timeout_secs: 30,
             request_timeout_secs: 30,
             operation_retention_hours: 24,
+            refusal_records_kept: 10_000,
             x509_signing_certificates_need_verified_ca: false,
             service_requests_per_second: 200,
             max_bulk_items: 10,

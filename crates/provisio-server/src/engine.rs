@@ -85,6 +85,19 @@ pub struct EngineSettings {
     pub max_concurrent_operations: usize,
     /// How long a proven credential spares a device's polls a second attestation.
     pub poll_auth_cache: std::time::Duration,
+    /// Refusal records kept in the store (the most recent; 0: none are written).
+    pub refusal_records_kept: u32,
+}
+
+/// Keeps the store's refusal records ([`Collection::Audit`]) to
+/// [`EngineSettings::refusal_records_kept`]: each is keyed by the registration id a client
+/// chose (a certificate's CN), so every refused attempt could otherwise add one.
+#[derive(Default)]
+struct RefusalRecords {
+    /// Records this engine has written.
+    written: std::sync::atomic::AtomicU64,
+    /// A trim is running.
+    trimming: std::sync::atomic::AtomicBool,
 }
 
 /// The registration engine.
@@ -107,6 +120,7 @@ pub struct Engine {
     recent_operations: Arc<crate::cache::RecentOperations>,
     /// Chains validated before, for X.509 devices registering again.
     x509_cache: Arc<provisio_pki::cache::X509Cache>,
+    refusals: Arc<RefusalRecords>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -153,7 +167,37 @@ impl Engine {
             )),
             // 10,000 devices' chains and certificate descriptions: a few MB.
             x509_cache: Arc::new(provisio_pki::cache::X509Cache::new(10_000)),
+            refusals: Arc::default(),
         }
+    }
+
+    /// Stores the record of a refused attestation for `GET /registrations/{id}/audit`, and
+    /// trims the stored ones back to the limit after every tenth of it (at most every
+    /// thousand), one trim at a time, in the background.
+    async fn record_refusal(&self, id: &RegistrationId, record: &serde_json::Value) {
+        use std::sync::atomic::Ordering;
+        let keep = self.settings.refusal_records_kept;
+        if keep == 0 {
+            return;
+        }
+        if let Err(e) = self.store.put(Collection::Audit, id.key(), &record.to_string(), Precondition::Any).await {
+            tracing::warn!(error = %e, "could not write the refusal record");
+            return;
+        }
+        let every = u64::from((keep / 10).clamp(1, 1000));
+        let written = self.refusals.written.fetch_add(1, Ordering::Relaxed) + 1;
+        if !written.is_multiple_of(every) || self.refusals.trimming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, refusals) = (self.store.clone(), self.refusals.clone());
+        tokio::spawn(async move {
+            match store.trim(Collection::Audit, keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(trimmed = n, kept = keep, "older refusal records removed"),
+                Err(e) => tracing::warn!(error = %e, "could not trim the refusal records"),
+            }
+            refusals.trimming.store(false, Ordering::Release);
+        });
     }
 
     /// A permit to work on one device operation, or 429 when the node is at its limit: a
@@ -364,10 +408,7 @@ impl Engine {
                     "reason": refusal.detail,
                     "certificateInfo": refusal.certificate.as_ref().map(service_model::cert_info_to_wire),
                 });
-                if let Err(e) = self.store.put(Collection::Audit, id.key(), &audit.to_string(), Precondition::Any).await
-                {
-                    tracing::warn!(error = %e, "could not write the audit record");
-                }
+                self.record_refusal(id, &audit).await;
                 Err(ServerError::Unauthorized {
                     public: refusal.public,
                     detail: refusal.detail,
@@ -749,6 +790,7 @@ mod tests {
                 device_polls_per_10s: 0,
                 max_concurrent_operations: 0,
                 poll_auth_cache: std::time::Duration::ZERO,
+                refusal_records_kept: 3,
             },
             assigner,
         );
@@ -794,6 +836,37 @@ mod tests {
             .await
             .unwrap();
         e.attestation.symmetric_key.unwrap().primary_key.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusal_records_are_kept_to_their_limit() {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let (engine, _api, store) = setup(&["hub1.example.net"]).await;
+        let idle = async || {
+            while engine.refusals.trimming.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        // Certificates with CNs of the client's choosing, from a root no enrollment knows.
+        let root = issue(Role::Root, "stranger-root", None, KeyKind::EcdsaP256, 1).unwrap();
+        for i in 0..12 {
+            if i == 11 {
+                idle().await;
+            }
+            let id = format!("stranger-{i:02}");
+            let cert = issue(Role::Device, &id, Some(&root), KeyKind::EcdsaP256, 1).unwrap();
+            let chain = provisio_pki::x509::decode_pem_chain(&cert.cert_pem).unwrap();
+            let refused =
+                engine.register(SCOPE, &id, DeviceRegistration::default(), &Credential::X509(chain)).await.unwrap_err();
+            assert_eq!(refused.status(), 401);
+        }
+        // The trim after the last refusal started when none was running: it saw every write.
+        idle().await;
+        let kept: Vec<String> =
+            store.list(Collection::Audit, None, 100).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        // The newest stays (within a second, the greater ids do).
+        assert!(kept.contains(&"stranger-11".to_owned()), "{kept:?}");
     }
 
     #[tokio::test]

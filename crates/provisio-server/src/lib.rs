@@ -313,6 +313,7 @@ impl Provisio {
                 device_polls_per_10s: c.device_polls_per_10s,
                 max_concurrent_operations: c.max_concurrent_operations,
                 poll_auth_cache: Duration::from_secs(c.poll_auth_cache_secs),
+                refusal_records_kept: c.refusal_records_kept,
             },
             self.assigner(hubs.clone())?,
         );
@@ -355,7 +356,7 @@ impl Provisio {
             header_timeout: Duration::from_secs(c.header_timeout_secs),
             max_headers: c.max_headers,
         };
-        let purge = tokio::spawn(purge_operations(store.clone(), c.operation_retention_hours));
+        let purge = tokio::spawn(housekeeping(store.clone(), c.operation_retention_hours, c.refusal_records_kept));
         // One shutdown signal for every listener.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mqtt = listeners.mqtt.map(|l| {
@@ -445,8 +446,10 @@ async fn bind_optional(value: &str, flag: &str, what: &str) -> Result<Option<Tcp
     }
 }
 
-/// Deletes operations older than the retention period, every ten minutes.
-async fn purge_operations(store: Arc<dyn Store>, retention_hours: u64) {
+/// Every ten minutes: deletes operations older than the retention period, and trims the
+/// refusal records to their limit (each node trims after its own writes too; this covers
+/// records written by nodes that have stopped since).
+async fn housekeeping(store: Arc<dyn Store>, retention_hours: u64, refusals_kept: u32) {
     let retention = i64::try_from(retention_hours.saturating_mul(3600)).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
@@ -455,6 +458,11 @@ async fn purge_operations(store: Arc<dyn Store>, retention_hours: u64) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired registration operations removed"),
             Err(e) => tracing::warn!(error = %e, "purging operations failed"),
+        }
+        match store.trim(provisio_store::Collection::Audit, refusals_kept).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(trimmed = n, kept = refusals_kept, "older refusal records removed"),
+            Err(e) => tracing::warn!(error = %e, "trimming the refusal records failed"),
         }
     }
 }

@@ -131,6 +131,39 @@ async fn registrations_and_operations() {
 }
 
 #[tokio::test]
+async fn trim_keeps_the_most_recently_updated() {
+    let stores = stores().await;
+    for (_d, s) in &stores {
+        // The greatest id, but the oldest update: trimmed first.
+        s.put(C::Audit, "z-old", "{}", P::Any).await.unwrap();
+        s.put(C::Enrollments, "other", "{}", P::Any).await.unwrap();
+    }
+    // Updates are timed to the second: the next ones come in the next second, together.
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let to_next_second =
+        std::time::Duration::from_secs(1) - std::time::Duration::from_nanos(since_epoch.subsec_nanos().into());
+    tokio::time::sleep(to_next_second + std::time::Duration::from_millis(20)).await;
+    for (_d, s) in &stores {
+        for id in ["b", "a", "c"] {
+            s.put(C::Audit, id, "{}", P::Any).await.unwrap();
+        }
+    }
+    for (_d, s) in &stores {
+        let ids = async || s.list(C::Audit, None, 10).await.unwrap().into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(s.trim(C::Audit, 4).await.unwrap(), 0);
+        assert_eq!(s.trim(C::Audit, 3).await.unwrap(), 1);
+        assert_eq!(ids().await, ["a", "b", "c"]);
+        // Updated in the same second: the greater ids stay.
+        assert_eq!(s.trim(C::Audit, 2).await.unwrap(), 1);
+        assert_eq!(ids().await, ["b", "c"]);
+        assert_eq!(s.trim(C::Audit, 0).await.unwrap(), 2);
+        assert!(ids().await.is_empty());
+        // Other collections are not touched.
+        assert!(s.get(C::Enrollments, "other").await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
 async fn file_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");

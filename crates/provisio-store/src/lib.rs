@@ -173,6 +173,11 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes operations created before `before` (Unix seconds); returns how many.
     async fn purge_operations(&self, before: i64) -> Result<u64>;
 
+    /// Deletes the documents of `c` beyond the `keep` most recently updated (of those
+    /// updated in the same second, the ones with the greater ids are kept); returns how many
+    /// it deleted. For collections that anyone can grow, such as [`Collection::Audit`].
+    async fn trim(&self, c: Collection, keep: u32) -> Result<u64>;
+
     /// Writes many documents in one transaction (`Precondition::Any` each): bulk loads.
     async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()>;
 

@@ -384,6 +384,21 @@ impl Store for PostgresStore {
         conn.release();
         Ok(purged.rows_affected())
     }
+
+    async fn trim(&self, c: Collection, keep: u32) -> Result<u64> {
+        let mut conn = self.pool.acquire().await?;
+        let trimmed = sqlx::query(
+            "DELETE FROM documents WHERE collection = $1 AND id IN (
+                 SELECT id FROM documents WHERE collection = $1
+                 ORDER BY updated_at DESC, id DESC OFFSET $2)",
+        )
+        .bind(c.as_str())
+        .bind(i64::from(keep))
+        .execute(conn.conn())
+        .await?;
+        conn.release();
+        Ok(trimmed.rows_affected())
+    }
 }
 
 #[cfg(test)]

@@ -342,6 +342,10 @@ impl Store for SealedStore {
         self.inner.purge_operations(before).await
     }
 
+    async fn trim(&self, c: Collection, keep: u32) -> Result<u64> {
+        self.inner.trim(c, keep).await
+    }
+
     async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
         let sealed = docs
             .iter()

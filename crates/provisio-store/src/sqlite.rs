@@ -826,6 +826,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn trim(&self, c: Collection, keep: u32) -> Result<u64> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM documents WHERE collection = ?1 AND id IN (
+                         SELECT id FROM documents WHERE collection = ?1
+                         ORDER BY updated_at DESC, id DESC LIMIT -1 OFFSET ?2)",
+                )?
+                .execute(params![c.as_str(), keep])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn import(&self, c: Collection, docs: &[(String, String)]) -> Result<()> {
         let (docs, this) = (docs.to_vec(), self.clone());
         self.write(move |conn| {

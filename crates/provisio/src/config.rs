@@ -42,6 +42,7 @@ const ENV_KEYS: &[&str] = &[
     "header_timeout_secs",
     "request_timeout_secs",
     "operation_retention_hours",
+    "refusal_records_kept",
     "x509_signing_certificates_need_verified_ca",
     "service_requests_per_second",
     "max_bulk_items",
