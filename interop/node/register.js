@@ -11,7 +11,9 @@
 //                   to 5671 (those two also accept "host:port").
 //   ID_SCOPE        ID scope (required).
 //   REGISTRATION_ID registration id (required).
-//   TRANSPORT       "http" (default) | "mqtt" | "amqp".
+//   TRANSPORT       "http" (default) | "mqtt" | "amqp" | "mqtt-ws" | "amqp-ws"
+//                   (the last two: MQTT or AMQP over WebSockets, which the SDK
+//                   always sends to wss://PROVISIO_HOST:443/$iothub/websocket).
 //   ATTESTATION     "symmetricKey" (default) | "x509".
 //   SYMMETRIC_KEY   base64 device key (required for symmetricKey).
 //   CERT_FILE       PEM device certificate (chain allowed), for x509.
@@ -194,17 +196,21 @@ function makeTransport(kind, ca) {
       base.setOptions({ ca: ca });
       return new Http(base);
     }
-    case 'mqtt': {
-      const { Mqtt } = require('azure-iot-provisioning-device-mqtt');
-      if (!ca) return new Mqtt();
+    case 'mqtt':
+    case 'mqtt-ws': {
+      const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
+      const Transport = kind === 'mqtt' ? Mqtt : MqttWs;
+      if (!ca) return new Transport();
       const { MqttBase } = requireFrom('azure-iot-provisioning-device-mqtt', 'azure-iot-mqtt-base');
       const base = new MqttBase();
       base.setOptions({ ca: ca });
-      return new Mqtt(base);
+      return new Transport(base);
     }
-    case 'amqp': {
-      const { Amqp } = require('azure-iot-provisioning-device-amqp');
-      if (!ca) return new Amqp();
+    case 'amqp':
+    case 'amqp-ws': {
+      const { Amqp, AmqpWs } = require('azure-iot-provisioning-device-amqp');
+      const Transport = kind === 'amqp' ? Amqp : AmqpWs;
+      if (!ca) return new Transport();
       // The AMQP transport builds config.sslOptions from the X.509 auth object
       // (or {}), and amqp-base copies only cert/key/ca from it; there is no
       // public CA option, so wrap connect() of a stock base object.
@@ -215,10 +221,10 @@ function makeTransport(kind, ca) {
         config.sslOptions = Object.assign({}, config.sslOptions || {}, { ca: ca });
         return origConnect(config, done);
       };
-      return new Amqp(base);
+      return new Transport(base);
     }
     default:
-      throw usageError('TRANSPORT must be one of http, mqtt, amqp (got ' + JSON.stringify(kind) + ')');
+      throw usageError('TRANSPORT must be one of http, mqtt, amqp, mqtt-ws, amqp-ws (got ' + JSON.stringify(kind) + ')');
   }
 }
 

@@ -331,6 +331,24 @@ impl Provisio {
         let group_cache = engine.group_cache();
         let auth_cache = engine.auth_cache();
         let per_ip = Arc::new(http::limit::PerIpLimiter::new(c.max_connections_per_ip));
+        // MQTT and AMQP sessions have the same limits on their own ports and over WebSockets.
+        let mqtt_limits = mqtt::MqttLimits {
+            max_connections: c.max_connections,
+            max_packet_bytes: c.max_body_bytes + 4096,
+            connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(c.header_timeout_secs.max(60) * 10),
+            retry_after_secs: c.retry_after_secs,
+        };
+        let amqp_limits = amqp::AmqpLimits {
+            max_connections: c.max_connections,
+            max_frame_bytes: c.amqp_max_frame_bytes,
+            max_message_bytes: u64::try_from(c.max_body_bytes).unwrap_or(u64::MAX).saturating_add(4096),
+            max_sessions: c.amqp_max_sessions.max(1),
+            max_links: c.amqp_max_links.max(2),
+            connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(c.amqp_idle_timeout_secs.max(1)),
+            retry_after_secs: c.retry_after_secs,
+        };
         let state = Arc::new(http::AppState {
             engine,
             service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs)
@@ -349,6 +367,8 @@ impl Provisio {
             retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),
             audit: audit.clone(),
+            mqtt_limits,
+            amqp_limits,
         });
         let limits = http::ConnLimits {
             max_connections: c.max_connections,
@@ -364,17 +384,10 @@ impl Provisio {
             let engine = state.engine.clone();
             let per_ip = per_ip.clone();
             let mut rx = stop_rx.clone();
-            let limits = mqtt::MqttLimits {
-                max_connections: c.max_connections,
-                max_packet_bytes: c.max_body_bytes + 4096,
-                connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
-                idle_timeout: Duration::from_secs(c.header_timeout_secs.max(60) * 10),
-                retry_after_secs: c.retry_after_secs,
-            };
             tokio::spawn(async move {
                 match mqtt_tls {
                     Ok(t) => {
-                        mqtt::serve(l, t, engine, limits, per_ip, async move {
+                        mqtt::serve(l, t, engine, mqtt_limits, per_ip, async move {
                             let _ = rx.wait_for(|s| *s).await;
                         })
                         .await;
@@ -388,20 +401,10 @@ impl Provisio {
             let engine = state.engine.clone();
             let per_ip = per_ip.clone();
             let mut rx = stop_rx.clone();
-            let limits = amqp::AmqpLimits {
-                max_connections: c.max_connections,
-                max_frame_bytes: c.amqp_max_frame_bytes,
-                max_message_bytes: u64::try_from(c.max_body_bytes).unwrap_or(u64::MAX).saturating_add(4096),
-                max_sessions: c.amqp_max_sessions.max(1),
-                max_links: c.amqp_max_links.max(2),
-                connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
-                idle_timeout: Duration::from_secs(c.amqp_idle_timeout_secs.max(1)),
-                retry_after_secs: c.retry_after_secs,
-            };
             tokio::spawn(async move {
                 match amqp_tls {
                     Ok(t) => {
-                        amqp::serve(l, t, engine, limits, per_ip, async move {
+                        amqp::serve(l, t, engine, amqp_limits, per_ip, async move {
                             let _ = rx.wait_for(|s| *s).await;
                         })
                         .await;

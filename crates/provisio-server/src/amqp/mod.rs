@@ -222,7 +222,7 @@ impl Shared {
 }
 
 /// One connection: protocol header, SASL or not, Open, then sessions and links.
-async fn connection<S>(
+pub(crate) async fn connection<S>(
     mut io: S,
     chain: Vec<Vec<u8>>,
     engine: Engine,

@@ -7,6 +7,7 @@ pub mod limit;
 mod response;
 mod routes;
 mod service;
+pub mod websocket;
 
 use std::{sync::Arc, time::Duration};
 
@@ -28,6 +29,11 @@ pub struct PeerCertificates(pub Option<Arc<Vec<CertificateDer<'static>>>>);
 /// The client's IP address (for the audit log).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::IpAddr);
+
+/// The connection's slot under the connection limits, shared by its requests: a request
+/// that upgrades the connection (WebSocket) keeps it for the life of the upgraded stream.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(pub Arc<limit::Admitted>);
 
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +78,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _admitted = admitted;
+            let slot = ConnectionSlot(Arc::new(admitted));
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -93,6 +99,7 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer_certs.clone());
                 req.extensions_mut().insert(PeerAddr(peer.ip()));
+                req.extensions_mut().insert(slot.clone());
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);

@@ -44,6 +44,10 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Where service API changes are recorded.
     pub audit: crate::audit::AuditLog,
+    /// Limits of MQTT sessions, also over WebSockets.
+    pub mqtt_limits: crate::mqtt::MqttLimits,
+    /// Limits of AMQP sessions, also over WebSockets.
+    pub amqp_limits: crate::amqp::AmqpLimits,
 }
 
 /// The router: everything goes through [`dispatch`].
@@ -121,6 +125,9 @@ fn decode(s: &str) -> String {
 
 /// Parses and routes one request, under the request deadline.
 async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    if super::websocket::is_endpoint(request.uri().path()) {
+        return super::websocket::upgrade(&state, request).await;
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(decode).collect();

@@ -76,7 +76,7 @@ pub async fn serve(
 }
 
 /// One connection: read, decode, let the session decide, serve requests in order.
-async fn connection<S>(
+pub(crate) async fn connection<S>(
     mut io: S,
     chain: Vec<Vec<u8>>,
     engine: &Engine,

@@ -127,3 +127,88 @@ async fn stock_node_http_x509_client_registers_a_group_device() {
     assert_eq!(r["deviceId"], "node-x509-dev-1", "{r}");
     assert_eq!(r["x509"]["enrollmentGroupId"], "node-x509-group", "{r}");
 }
+
+/// MQTT and AMQP over WebSockets (`MqttWs`, `AmqpWs`), which the SDK always sends to
+/// `wss://{host}:443/$iothub/websocket`: symmetric-key and X.509 group devices, with the
+/// MQTT and AMQP ports turned off (the HTTPS listener serves both), and a wrong key refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_node_websocket_clients_register_over_mqtt_and_amqp() {
+    let _port = crate::common::PORT_443.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for args in [
+        vec!["root", "ws-root"],
+        vec!["device", "ws-x509-mqtt", "--ca", "ws-root"],
+        vec!["device", "ws-x509-amqp", "--ca", "ws-root"],
+    ] {
+        crate::common::run(
+            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
+        );
+    }
+    let s = Server::start(
+        &tmp.path().join("server"),
+        "127.0.0.1:443",
+        &["--linked-hub", "ws-hub.example.net", "--mqtt-listen", "off", "--amqp-listen", "off"],
+    );
+    let gk = provisio_core::keys::generate_key();
+    put_enrollment(&s, true, "ws-group", json!({"enrollmentGroupId": "ws-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
+    let root = std::fs::read_to_string(dir.join("ws-root_cert.pem")).unwrap();
+    put_enrollment(&s, true, "ws-x509-group", json!({"enrollmentGroupId": "ws-x509-group", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
+
+    for transport in ["mqtt-ws", "amqp-ws"] {
+        let id = format!("ws-sym-{}", &transport[..4]);
+        let dk = provisio_core::keys::derive_device_key(&gk, &id).unwrap();
+        let r = node_run(
+            &s,
+            &id,
+            &[("TRANSPORT", transport), ("ATTESTATION", "symmetricKey"), ("SYMMETRIC_KEY", dk.as_str())],
+        );
+        assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(r["assignedHub"], "ws-hub.example.net", "{transport}: {r}");
+        assert_eq!(r["deviceId"], id, "{transport}: {r}");
+        assert_eq!(r["symmetricKey"]["enrollmentGroupId"], "ws-group", "{transport}: {r}");
+
+        let id = format!("ws-x509-{}", &transport[..4]);
+        let cert = dir.join(format!("{id}_fullchain.pem"));
+        let key = dir.join(format!("{id}_key.pem"));
+        let r = node_run(
+            &s,
+            &id,
+            &[
+                ("TRANSPORT", transport),
+                ("ATTESTATION", "x509"),
+                ("CERT_FILE", cert.to_str().unwrap()),
+                ("KEY_FILE", key.to_str().unwrap()),
+            ],
+        );
+        assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(r["deviceId"], id, "{transport}: {r}");
+        assert_eq!(r["x509"]["enrollmentGroupId"], "ws-x509-group", "{transport}: {r}");
+
+        // A key that is not the device's: refused, and the SDK says so.
+        let out = Command::new("node")
+            .arg(repo_root().join("interop/node/register.js"))
+            .env("PROVISIO_HOST", "localhost")
+            .env("ID_SCOPE", &s.info.id_scope)
+            .env("REGISTRATION_ID", "ws-sym-wrong")
+            .env("TRANSPORT", transport)
+            .env("SYMMETRIC_KEY", provisio_core::keys::generate_key())
+            .env("REGISTER_TIMEOUT_MS", "20000")
+            .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        assert_eq!(v["ok"], false, "{transport}: {v}");
+        assert!(v["error"].to_string().contains("401"), "{transport}: the SDK reports the 401: {v}");
+    }
+    // The audit log names the transport of each attempt.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let audit = std::fs::read_to_string(tmp.path().join("server/audit.jsonl")).unwrap();
+    for transport in ["mqtt-ws", "amqp-ws"] {
+        assert!(
+            audit.contains(&format!("\"transport\":\"{transport}\"")),
+            "{transport} not in the audit log:\n{audit}"
+        );
+    }
+}

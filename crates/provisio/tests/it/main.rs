@@ -16,4 +16,5 @@ mod mqtt;
 mod multinode;
 mod service_api;
 mod walkthrough;
+mod websocket;
 mod x509;

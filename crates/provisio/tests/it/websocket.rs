@@ -1,0 +1,101 @@
+//! MQTT and AMQP over WebSockets at `/$iothub/websocket`: what the endpoint refuses, what
+//! ends a connection, and that an upgraded connection keeps its slot under the connection
+//! limits. The stock SDKs' WebSocket transports registering devices are in `interop.rs`.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{self, Message, client::IntoClientRequest},
+};
+
+use crate::common::{Server, assert_dps_error};
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A WebSocket to the server's endpoint over TLS, asking for `protocol`.
+async fn ws(s: &Server, protocol: Option<&str>) -> Result<WebSocketStream<Tls>, tungstenite::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(s.ca_file()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut request = format!("wss://localhost:{}/$iothub/websocket", s.port).into_client_request().unwrap();
+    if let Some(p) = protocol {
+        request.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    tokio_tungstenite::client_async(request, tls).await.map(|(ws, _)| ws)
+}
+
+/// Whether the server ends the connection (within 5 s) without sending it anything.
+async fn ended(c: &mut WebSocketStream<Tls>) -> bool {
+    match tokio::time::timeout(Duration::from_secs(5), c.next()).await {
+        Ok(None | Some(Err(_) | Ok(Message::Close(_)))) => true,
+        Ok(Some(Ok(m))) => panic!("the server sent {m:?}"),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_endpoint_refuses_bad_upgrades_and_ends_bad_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("p.toml");
+    std::fs::write(&cfg, "max_connections_per_ip = 3\n").unwrap();
+    let s = Server::start(&tmp.path().join("d"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+
+    // A plain request: a DPS error that says what the endpoint takes.
+    let r = s.client().get(s.url("/$iothub/websocket")).send().await.unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_dps_error(status, &v, 400, 400_004);
+    assert!(v["message"].as_str().unwrap().contains("AMQPWSB10"), "{v}");
+    // An upgrade for a subprotocol it does not serve, or for none.
+    for protocol in [Some("chat"), Some("mqttv3.1"), None] {
+        match ws(&s, protocol).await {
+            Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 400, "{protocol:?}"),
+            Err(e) => panic!("{protocol:?}: {e}"),
+            Ok(_) => panic!("{protocol:?} was upgraded"),
+        }
+    }
+
+    // MQTT: a packet type that does not exist ends the connection, as does a text message
+    // (MQTT travels in binary messages). AMQP: a stream that does not start with an AMQP
+    // protocol header is answered with the header the server speaks, then ended (AMQP 1.0,
+    // 2.2).
+    let mut c = ws(&s, Some("mqtt")).await.unwrap();
+    c.send(Message::Binary(vec![0xf0, 0xff, 0xff, 0xff, 0xff, 0x7f].into())).await.unwrap();
+    assert!(ended(&mut c).await, "malformed MQTT");
+    let mut c = ws(&s, Some("mqtt")).await.unwrap();
+    c.send(Message::Text("CONNECT".into())).await.unwrap();
+    assert!(ended(&mut c).await, "text message");
+    let mut c = ws(&s, Some("AMQPWSB10")).await.unwrap();
+    c.send(Message::Binary(b"GET / HTTP/1.1\r\n\r\n".to_vec().into())).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), c.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer, Message::Binary(b"AMQP\x03\x01\x00\x00".to_vec().into()));
+    assert!(ended(&mut c).await, "no AMQP header");
+
+    // An upgraded connection keeps its slot under the limits: with three connections per
+    // address, three open WebSockets leave none for another request until one closes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for p in ["mqtt", "mqtt", "AMQPWSB10"] {
+        held.push(ws(&s, Some(p)).await.unwrap());
+    }
+    assert!(s.client().get(s.url("/health")).send().await.is_err(), "a fourth connection was let in");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.client().get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert!(s.log_text().contains("MQTT over WebSocket"), "the dropped connections are logged");
+}
