@@ -212,3 +212,98 @@ async fn stock_node_websocket_clients_register_over_mqtt_and_amqp() {
         );
     }
 }
+
+/// Runs `interop/python/register.py` (the stock Python SDK, `azure-iot-device`) with `env`;
+/// returns its JSON line.
+fn python_run(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
+    let dir = repo_root().join("interop/python");
+    let python = dir.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the stock Python SDK is not installed: run `python3 -m venv interop/python/.venv && interop/python/.venv/bin/pip install -r interop/python/requirements.txt` (the README's test command does)"
+    );
+    let out = Command::new(python)
+        .arg(dir.join("register.py"))
+        .env("PROVISIO_HOST", "localhost")
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", registration_id)
+        .env("CA_FILE", s.ca_file())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("register.py printed no JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// The stock Python SDK (`azure-iot-device`), which provisions over MQTT only: on port 8883
+/// and over WebSockets (`websockets=True`, port 443), with a symmetric-key group device, an
+/// X.509 group device and a payload; a wrong key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_python_client_registers_over_mqtt_and_websockets() {
+    let _port = crate::common::PORT_443.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for args in [
+        vec!["root", "py-root"],
+        vec!["device", "py-x509-8883", "--ca", "py-root"],
+        vec!["device", "py-x509-443", "--ca", "py-root"],
+    ] {
+        crate::common::run(
+            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
+        );
+    }
+    let s = Server::start(
+        &tmp.path().join("server"),
+        "127.0.0.1:443",
+        &["--linked-hub", "py-hub.example.net", "--mqtt-listen", "127.0.0.1:8883"],
+    );
+    let gk = provisio_core::keys::generate_key();
+    put_enrollment(&s, true, "py-group", json!({"enrollmentGroupId": "py-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
+    let root = std::fs::read_to_string(dir.join("py-root_cert.pem")).unwrap();
+    put_enrollment(&s, true, "py-x509-group", json!({"enrollmentGroupId": "py-x509-group", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
+
+    for (port, websockets) in [("8883", "0"), ("443", "1")] {
+        let id = format!("py-sym-{port}");
+        let dk = provisio_core::keys::derive_device_key(&gk, &id).unwrap();
+        let v = python_run(
+            &s,
+            &id,
+            &[("WEBSOCKETS", websockets), ("SYMMETRIC_KEY", dk.as_str()), ("PAYLOAD", r#"{"model":"py-1"}"#)],
+        );
+        assert_eq!(v["ok"], true, "{port}: {v}\n{}", s.log_text());
+        let r = &v["result"];
+        assert_eq!(r["status"], "assigned", "{port}: {r}");
+        assert_eq!(r["assignedHub"], "py-hub.example.net", "{port}: {r}");
+        assert_eq!(r["deviceId"], id, "{port}: {r}");
+        assert_eq!(r["substatus"], "initialAssignment", "{port}: {r}");
+
+        let id = format!("py-x509-{port}");
+        let cert = dir.join(format!("{id}_fullchain.pem"));
+        let key = dir.join(format!("{id}_key.pem"));
+        let v = python_run(
+            &s,
+            &id,
+            &[("WEBSOCKETS", websockets), ("CERT_FILE", cert.to_str().unwrap()), ("KEY_FILE", key.to_str().unwrap())],
+        );
+        assert_eq!(v["ok"], true, "{port}: {v}\n{}", s.log_text());
+        assert_eq!(v["result"]["status"], "assigned", "{port}: {v}");
+        assert_eq!(v["result"]["deviceId"], id, "{port}: {v}");
+
+        let v = python_run(
+            &s,
+            "py-sym-wrong",
+            &[("WEBSOCKETS", websockets), ("SYMMETRIC_KEY", provisio_core::keys::generate_key().as_str())],
+        );
+        assert_eq!(v["ok"], false, "{port}: {v}");
+        assert!(v["error"].to_string().contains("401"), "{port}: the SDK reports the 401: {v}");
+    }
+    // The audit log names the transport of each attempt.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let audit = std::fs::read_to_string(tmp.path().join("server/audit.jsonl")).unwrap();
+    for transport in ["\"transport\":\"mqtt\"", "\"transport\":\"mqtt-ws\""] {
+        assert!(audit.contains(transport), "{transport} not in the audit log:\n{audit}");
+    }
+}
