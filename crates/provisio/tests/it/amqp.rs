@@ -2,7 +2,7 @@
 //! and X.509), fe2o3-amqp's client as a scripted device, and raw frames for what no
 //! well-behaved client sends. Every refusal is checked to store nothing.
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{process::Command, time::Duration};
 
 use fe2o3_amqp::{
     Connection, Receiver, Sender, Session,
@@ -19,7 +19,6 @@ use fe2o3_amqp_types::{
     primitives::Symbol,
     sasl::{SaslCode, SaslInit, SaslOutcome},
 };
-use rustls_pki_types::pem::PemObject;
 use serde_json::{Value as Json, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -145,27 +144,7 @@ fn amqp_port(s: &Server) -> u16 {
 
 /// TLS to the AMQP port, with a client certificate when `identity` (cert, key PEM files) is given.
 async fn tls(s: &Server, identity: Option<(&std::path::Path, &std::path::Path)>) -> Tls {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(s.ca_file()).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let cfg = match identity {
-        Some((cert, key)) => {
-            let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
-            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-            b.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => b.with_no_client_auth(),
-    };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", amqp_port(s))).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap()
+    crate::common::tls_connect(s, amqp_port(s), identity).await
 }
 
 fn sas(s: &Server, id: &str, key: &str) -> String {

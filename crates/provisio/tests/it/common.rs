@@ -308,3 +308,35 @@ pub async fn service(
     let text = r.text().await.unwrap();
     (st, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
 }
+
+/// TLS to `port` on 127.0.0.1 as `localhost`, trusting only the server's CA, with a client
+/// certificate when `identity` (certificate chain, key: PEM files) is given.
+pub async fn tls_connect(
+    s: &Server,
+    port: u16,
+    identity: Option<(&Path, &Path)>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(s.ca_file()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((cert, key)) => {
+            let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}

@@ -43,6 +43,16 @@ fn node_run(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
     v["result"].clone()
 }
 
+/// Test certificates made by `provisio cert` in `dir`: each entry is its arguments.
+fn make_certs(dir: &std::path::Path, certs: &[&[&str]]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for args in certs {
+        crate::common::run(
+            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(*args).arg("--out-dir").arg(dir),
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_node_http_client_registers_individual_and_group_devices() {
     let _port = crate::common::PORT_443.lock().await;
@@ -91,16 +101,14 @@ async fn stock_node_http_x509_client_registers_a_group_device() {
     let _port = crate::common::PORT_443.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("certs");
-    std::fs::create_dir_all(&dir).unwrap();
-    for args in [
-        vec!["root", "node-root"],
-        vec!["intermediate", "node-inter", "--ca", "node-root"],
-        vec!["device", "node-x509-dev-1", "--ca", "node-inter"],
-    ] {
-        crate::common::run(
-            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
-        );
-    }
+    make_certs(
+        &dir,
+        &[
+            &["root", "node-root"],
+            &["intermediate", "node-inter", "--ca", "node-root"],
+            &["device", "node-x509-dev-1", "--ca", "node-inter"],
+        ],
+    );
     let s = Server::start(&tmp.path().join("server"), "127.0.0.1:443", &["--linked-hub", "node-x509-hub.example.net"]);
     let inter = std::fs::read_to_string(dir.join("node-inter_cert.pem")).unwrap();
     let (st, g) = crate::common::service(
@@ -128,6 +136,23 @@ async fn stock_node_http_x509_client_registers_a_group_device() {
     assert_eq!(r["x509"]["enrollmentGroupId"], "node-x509-group", "{r}");
 }
 
+/// A symmetric-key group `{prefix}-group` and an X.509 group `{prefix}-x509-group` on the root
+/// certificate at `root`; returns the symmetric-key group's primary key.
+async fn two_groups(s: &Server, prefix: &str, root: &std::path::Path) -> String {
+    let gk = provisio_core::keys::generate_key();
+    let (sym, x509) = (format!("{prefix}-group"), format!("{prefix}-x509-group"));
+    put_enrollment(
+        s,
+        true,
+        &sym,
+        json!({"enrollmentGroupId": sym, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}}),
+    )
+    .await;
+    let root = std::fs::read_to_string(root).unwrap();
+    put_enrollment(s, true, &x509, json!({"enrollmentGroupId": x509, "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
+    gk
+}
+
 /// MQTT and AMQP over WebSockets (`MqttWs`, `AmqpWs`), which the SDK always sends to
 /// `wss://{host}:443/$iothub/websocket`: symmetric-key and X.509 group devices, with the
 /// MQTT and AMQP ports turned off (the HTTPS listener serves both), and a wrong key refused.
@@ -136,25 +161,20 @@ async fn stock_node_websocket_clients_register_over_mqtt_and_amqp() {
     let _port = crate::common::PORT_443.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("certs");
-    std::fs::create_dir_all(&dir).unwrap();
-    for args in [
-        vec!["root", "ws-root"],
-        vec!["device", "ws-x509-mqtt", "--ca", "ws-root"],
-        vec!["device", "ws-x509-amqp", "--ca", "ws-root"],
-    ] {
-        crate::common::run(
-            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
-        );
-    }
+    make_certs(
+        &dir,
+        &[
+            &["root", "ws-root"],
+            &["device", "ws-x509-mqtt", "--ca", "ws-root"],
+            &["device", "ws-x509-amqp", "--ca", "ws-root"],
+        ],
+    );
     let s = Server::start(
         &tmp.path().join("server"),
         "127.0.0.1:443",
         &["--linked-hub", "ws-hub.example.net", "--mqtt-listen", "off", "--amqp-listen", "off"],
     );
-    let gk = provisio_core::keys::generate_key();
-    put_enrollment(&s, true, "ws-group", json!({"enrollmentGroupId": "ws-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
-    let root = std::fs::read_to_string(dir.join("ws-root_cert.pem")).unwrap();
-    put_enrollment(&s, true, "ws-x509-group", json!({"enrollmentGroupId": "ws-x509-group", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
+    let gk = two_groups(&s, "ws", &dir.join("ws-root_cert.pem")).await;
 
     for transport in ["mqtt-ws", "amqp-ws"] {
         let id = format!("ws-sym-{}", &transport[..4]);
@@ -245,25 +265,20 @@ async fn stock_python_client_registers_over_mqtt_and_websockets() {
     let _port = crate::common::PORT_443.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("certs");
-    std::fs::create_dir_all(&dir).unwrap();
-    for args in [
-        vec!["root", "py-root"],
-        vec!["device", "py-x509-8883", "--ca", "py-root"],
-        vec!["device", "py-x509-443", "--ca", "py-root"],
-    ] {
-        crate::common::run(
-            Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&dir),
-        );
-    }
+    make_certs(
+        &dir,
+        &[
+            &["root", "py-root"],
+            &["device", "py-x509-8883", "--ca", "py-root"],
+            &["device", "py-x509-443", "--ca", "py-root"],
+        ],
+    );
     let s = Server::start(
         &tmp.path().join("server"),
         "127.0.0.1:443",
         &["--linked-hub", "py-hub.example.net", "--mqtt-listen", "127.0.0.1:8883"],
     );
-    let gk = provisio_core::keys::generate_key();
-    put_enrollment(&s, true, "py-group", json!({"enrollmentGroupId": "py-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
-    let root = std::fs::read_to_string(dir.join("py-root_cert.pem")).unwrap();
-    put_enrollment(&s, true, "py-x509-group", json!({"enrollmentGroupId": "py-x509-group", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
+    let gk = two_groups(&s, "py", &dir.join("py-root_cert.pem")).await;
 
     for (port, websockets) in [("8883", "0"), ("443", "1")] {
         let id = format!("py-sym-{port}");

@@ -1,13 +1,12 @@
 //! The MQTT transport: the stock Node MQTT client, and a raw TLS client speaking bytes.
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{process::Command, time::Duration};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{
     QoS,
     v4::{Connect, Login, Packet, PubAck, Publish, Subscribe},
 };
-use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -85,21 +84,7 @@ struct Raw {
 impl Raw {
     async fn connect(s: &Server) -> Self {
         let port: u16 = s.info.mqtt_endpoint.as_deref().unwrap().rsplit_once(':').unwrap().1.parse().unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_file_iter(s.ca_file()).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let io = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        Self { io, buf: BytesMut::new() }
+        Self { io: crate::common::tls_connect(s, port, None).await, buf: BytesMut::new() }
     }
 
     async fn send(&mut self, p: Packet) {

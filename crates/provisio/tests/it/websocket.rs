@@ -2,10 +2,9 @@
 //! ends a connection, and that an upgraded connection keeps its slot under the connection
 //! limits. The stock SDKs' WebSocket transports registering devices are in `interop.rs`.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 use tokio_tungstenite::{
     WebSocketStream,
@@ -18,20 +17,7 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// A WebSocket to the server's endpoint over TLS, asking for `protocol`.
 async fn ws(s: &Server, protocol: Option<&str>) -> Result<WebSocketStream<Tls>, tungstenite::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(s.ca_file()).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = crate::common::tls_connect(s, s.port, None).await;
     let mut request = format!("wss://localhost:{}/$iothub/websocket", s.port).into_client_request().unwrap();
     if let Some(p) = protocol {
         request.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
