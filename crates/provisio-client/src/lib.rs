@@ -1,5 +1,5 @@
 //! A device-side client of the Device Provisioning Service: registers a device and polls
-//! until it is assigned, over HTTPS or MQTT, against Provisio or Azure DPS.
+//! until it is assigned, over HTTPS, MQTT or AMQP, against Provisio or Azure DPS.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), provisio_client::ClientError> {
@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+mod amqp;
 mod http;
 mod mqtt;
 mod tls;
@@ -64,12 +65,14 @@ pub enum Transport {
     Https,
     /// MQTT 3.1.1 over TLS (port 8883 by default).
     Mqtt,
+    /// AMQP 1.0 over TLS (port 5671 by default).
+    Amqp,
 }
 
 /// What a registration needs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// `host[:port]`; the port defaults to the transport's (443 or 8883).
+    /// `host[:port]`; the port defaults to the transport's (443, 8883 or 5671).
     pub endpoint: String,
     /// The ID scope.
     pub scope: String,
@@ -122,9 +125,15 @@ impl Options {
         let default = match self.transport {
             Transport::Https => 443,
             Transport::Mqtt => 8883,
+            Transport::Amqp => 5671,
         };
-        let e =
-            self.endpoint.trim().trim_start_matches("https://").trim_start_matches("mqtts://").trim_end_matches('/');
+        let e = self
+            .endpoint
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("mqtts://")
+            .trim_start_matches("amqps://")
+            .trim_end_matches('/');
         match e.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && !h.contains(']') || h.ends_with(']') => {
                 let port = p.parse().map_err(|_| ClientError::Config(format!("bad port in endpoint '{e}'")))?;
@@ -326,6 +335,7 @@ pub async fn register(opts: &Options, progress: impl FnMut(Progress)) -> Result<
         match opts.transport {
             Transport::Https => http::register(opts, progress).await,
             Transport::Mqtt => mqtt::register(opts, progress).await,
+            Transport::Amqp => amqp::register(opts, progress).await,
         }
     };
     tokio::time::timeout(opts.timeout, work).await.map_err(|_| ClientError::Timeout(opts.timeout))?
@@ -349,6 +359,12 @@ mod tests {
         assert_eq!(o.host_port().unwrap(), (GLOBAL_ENDPOINT.to_owned(), 443));
         o.transport = Transport::Mqtt;
         assert_eq!(o.host_port().unwrap().1, 8883);
+        o.transport = Transport::Amqp;
+        assert_eq!(o.host_port().unwrap().1, 5671);
+        o.endpoint = "amqps://dps.example".into();
+        assert_eq!(o.host_port().unwrap(), ("dps.example".to_owned(), 5671));
+        o.transport = Transport::Mqtt;
+        o.endpoint = GLOBAL_ENDPOINT.into();
         o.endpoint = "localhost:18443".into();
         assert_eq!(o.host_port().unwrap(), ("localhost".to_owned(), 18443));
         o.endpoint = "https://dps.example/".into();

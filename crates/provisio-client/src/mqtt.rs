@@ -1,7 +1,7 @@
 //! The MQTT transport: a minimal MQTT 3.1.1 client for the DPS topics, on rumqttc's packet
 //! codec and our own TLS (so the device certificate and CA handling match HTTPS).
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use provisio_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
@@ -85,19 +85,7 @@ impl Conn {
 }
 
 async fn connect(opts: &Options) -> Result<Conn, ClientError> {
-    let (host, port) = opts.host_port()?;
-    let cfg = tls::client_config(opts, &[])?;
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| ClientError::Network(format!("cannot connect to {host}:{port}: {e}")))?;
-    // Requests are small and answered at once: do not let Nagle hold them back.
-    let _ = tcp.set_nodelay(true);
-    let name = rustls_pki_types::ServerName::try_from(host.clone())
-        .map_err(|e| ClientError::Config(format!("bad host name: {e}")))?;
-    let io = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| ClientError::Network(format!("TLS with {host}:{port} failed: {e}")))?;
+    let io = tls::connect(opts, &[]).await?;
     let mut c = Conn { io, buf: BytesMut::new(), next_pkid: 0 };
     let mut connect = Connect::new(opts.registration_id.clone());
     connect.keep_alive = 60;

@@ -1,4 +1,4 @@
-//! One TLS client configuration for both transports: the given CA or the system's trust
+//! One TLS client configuration for every transport: the given CA or the system's trust
 //! store, TLS 1.2+, and the device certificate for X.509.
 
 use std::sync::Arc;
@@ -54,4 +54,24 @@ pub fn client_config(opts: &Options, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// A TLS connection to the endpoint of `opts` for its transport, with Nagle off (requests
+/// are small and answered at once); `alpn` as for [`client_config`].
+pub async fn connect(
+    opts: &Options,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ClientError> {
+    let (host, port) = opts.host_port()?;
+    let cfg = client_config(opts, alpn)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| ClientError::Network(format!("cannot connect to {host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls_pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| ClientError::Config(format!("bad host name: {e}")))?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::Network(format!("TLS with {host}:{port} failed: {e}")))
 }

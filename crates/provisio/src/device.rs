@@ -65,8 +65,8 @@ pub struct RegisterArgs {
     /// host[:port] of the service [default: global.azure-devices-provisioning.net].
     #[arg(long, default_value = provisio_client::GLOBAL_ENDPOINT)]
     endpoint: String,
-    /// https or mqtt.
-    #[arg(long, default_value = "https", value_parser = ["https", "mqtt"])]
+    /// https (port 443), mqtt (8883) or amqp (5671).
+    #[arg(long, default_value = "https", value_parser = ["https", "mqtt", "amqp"])]
     transport: String,
     /// CA certificate (PEM) to trust instead of the system roots (e.g. provisio-data/ca.pem).
     #[arg(long, env = "PROVISIO_CA", value_name = "FILE")]
@@ -106,7 +106,11 @@ fn options(a: &RegisterArgs) -> Result<Options> {
     };
     let mut o = Options::new(&a.scope, registration_id, credential);
     o.endpoint = a.endpoint.clone();
-    o.transport = if a.transport == "mqtt" { Transport::Mqtt } else { Transport::Https };
+    o.transport = match a.transport.as_str() {
+        "mqtt" => Transport::Mqtt,
+        "amqp" => Transport::Amqp,
+        _ => Transport::Https,
+    };
     o.ca_pem = a.ca.as_ref().map(|p| read(p, "--ca")).transpose()?;
     o.payload = a.payload.as_deref().map(|p| crate::ops::json_arg(p, "--payload")).transpose()?;
     o.timeout = Duration::from_secs(a.timeout.max(1));

@@ -1,0 +1,238 @@
+//! The AMQP transport: AMQP 1.0 over TLS (port 5671) on fe2o3-amqp, as the C, C#, Java and
+//! Node SDKs speak it. A key signs a SAS token sent with SASL PLAIN (username
+//! `{scope}/registrations/{id}`); an X.509 device uses no SASL, its TLS client certificate
+//! is the credential. A receiver and a sender link on `{scope}/registrations/{id}` carry
+//! requests marked `iotdps-operation-type` and their answers, matched by correlation id,
+//! with the HTTP status in `iotdps-status`; a refused request is settled `rejected` with the
+//! DPS error as its description.
+
+use fe2o3_amqp::{
+    Connection, Receiver, Sender, Session,
+    connection::ConnectionHandle,
+    sasl_profile::SaslProfile,
+    session::SessionHandle,
+    types::{
+        messaging::{ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties},
+        primitives::{Binary, SimpleValue, Symbol, Value},
+    },
+};
+use fe2o3_amqp_types::definitions::Fields;
+use provisio_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
+
+use crate::{ClientError, Options, Progress, finish, retry_delay, tls};
+
+/// One device's connection, session and links.
+struct Link {
+    conn: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+    tx: Sender,
+    rx: Receiver,
+}
+
+/// An answer: `(status, retry-after seconds, JSON body)`.
+type Answer = (u16, Option<u64>, Vec<u8>);
+
+fn network(what: &str) -> impl Fn(String) -> ClientError + '_ {
+    move |e| ClientError::Network(format!("AMQP {what}: {e}"))
+}
+
+async fn connect(opts: &Options) -> Result<Link, ClientError> {
+    let (host, _) = opts.host_port()?;
+    let io = tls::connect(opts, &[]).await?;
+    let address = format!("{}/registrations/{}", opts.scope, opts.registration_id);
+    let builder =
+        Connection::builder().container_id(format!("provisio-client-{}", uuid::Uuid::new_v4())).hostname(host.as_str());
+    let opened = match opts.sas_token()? {
+        Some(token) => {
+            builder
+                .sasl_profile(SaslProfile::Plain { username: address.clone(), password: token })
+                .open_with_stream(io)
+                .await
+        }
+        None => builder.open_with_stream(io).await,
+    };
+    let mut conn = opened.map_err(|e| match e {
+        fe2o3_amqp::connection::OpenError::SaslError { .. } => ClientError::Authentication {
+            credential: opts.credential.describe(),
+            status: 401,
+            error_code: 401_000,
+            tracking_id: "-".into(),
+            message: format!("SASL refused the connection: {e}"),
+        },
+        e => ClientError::Network(format!("AMQP open: {e}")),
+    })?;
+    let mut session = Session::begin(&mut conn).await.map_err(|e| network("begin")(e.to_string()))?;
+    // DPS asks for the API version on both links, as the SDKs send it.
+    let properties = || {
+        let mut f = Fields::default();
+        f.insert(Symbol::from("com.microsoft:api-version"), Value::String(crate::API_VERSION.into()));
+        f.insert(
+            Symbol::from("com.microsoft:client-version"),
+            Value::String(concat!("provisio-client/", env!("CARGO_PKG_VERSION")).into()),
+        );
+        f
+    };
+    let rx = Receiver::builder()
+        .name(format!("{}-receiver", opts.registration_id))
+        .source(address.as_str())
+        .properties(properties())
+        .attach(&mut session)
+        .await
+        .map_err(|e| network("attach")(e.to_string()))?;
+    let tx = Sender::builder()
+        .name(format!("{}-sender", opts.registration_id))
+        .target(address.as_str())
+        .properties(properties())
+        .attach(&mut session)
+        .await
+        .map_err(|e| network("attach")(e.to_string()))?;
+    Ok(Link { conn, session, tx, rx })
+}
+
+impl Link {
+    /// Sends a request and waits for its answer (or its rejection).
+    async fn request(&mut self, operation: Option<&str>, body: Vec<u8>) -> Result<Answer, ClientError> {
+        let correlation = uuid::Uuid::new_v4().to_string();
+        let mut ap = ApplicationProperties::builder();
+        ap = match operation {
+            None => ap
+                .insert("iotdps-operation-type", SimpleValue::String("iotdps-register".into()))
+                .insert("iotdps-forceRegistration", SimpleValue::Bool(false)),
+            Some(id) => ap
+                .insert("iotdps-operation-type", SimpleValue::String("iotdps-get-operationstatus".into()))
+                .insert("iotdps-operation-id", SimpleValue::String(id.into())),
+        };
+        let message = Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                message_id: Some(MessageId::String(correlation.clone())),
+                correlation_id: Some(MessageId::String(correlation.clone())),
+                ..Properties::default()
+            }),
+            application_properties: Some(ap.build()),
+            body: Body::<Value>::Data(fe2o3_amqp::types::messaging::Batch::new(vec![Data(Binary::from(body))])),
+            footer: None,
+        };
+        match self.tx.send(message).await.map_err(|e| network("send")(e.to_string()))? {
+            Outcome::Accepted(_) => {}
+            Outcome::Rejected(r) => {
+                let e = r.error.unwrap_or_else(|| {
+                    fe2o3_amqp_types::definitions::Error::new(
+                        fe2o3_amqp_types::definitions::AmqpError::InternalError,
+                        None,
+                        None,
+                    )
+                });
+                let info = |k: &str| e.info.as_ref().and_then(|i| i.get(&Symbol::from(k)));
+                let status = info("iotdps-status").and_then(number).and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
+                let retry = info("retry-after").and_then(number);
+                return Ok((status, retry, e.description.unwrap_or_default().into_bytes()));
+            }
+            other => return Err(ClientError::Protocol(format!("the request was settled {other:?}"))),
+        }
+        loop {
+            let delivery = self.rx.recv::<Body<Value>>().await.map_err(|e| network("receive")(e.to_string()))?;
+            self.rx.accept(&delivery).await.map_err(|e| network("accept")(e.to_string()))?;
+            let m = delivery.into_message();
+            let same = m.properties.as_ref().and_then(|p| p.correlation_id.as_ref())
+                == Some(&MessageId::String(correlation.clone()));
+            if !same {
+                continue;
+            }
+            let prop = |k: &str| m.application_properties.as_ref().and_then(|a| a.0.get(k));
+            let status = prop("iotdps-status")
+                .and_then(simple_number)
+                .and_then(|s| u16::try_from(s).ok())
+                .ok_or_else(|| ClientError::Protocol("an AMQP answer without iotdps-status".into()))?;
+            let retry = prop("retry-after").and_then(simple_number);
+            let body = match m.body {
+                Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
+                Body::Value(v) => match v.0 {
+                    Value::String(s) => s.into_bytes(),
+                    Value::Binary(b) => b.into_vec(),
+                    other => return Err(ClientError::Protocol(format!("an AMQP answer with the body {other:?}"))),
+                },
+                other => return Err(ClientError::Protocol(format!("an AMQP answer with the body {other:?}"))),
+            };
+            return Ok((status, retry, body));
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.tx.close().await;
+        let _ = self.rx.close().await;
+        let _ = self.session.end().await;
+        let _ = self.conn.close().await;
+    }
+}
+
+/// A number sent as an integer or as its decimal text (`retry-after` comes as a string).
+fn number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::Long(i) => u64::try_from(*i).ok(),
+        Value::Uint(i) => Some(u64::from(*i)),
+        Value::Ulong(i) => Some(*i),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn simple_number(v: &SimpleValue) -> Option<u64> {
+    match v {
+        SimpleValue::Int(i) => u64::try_from(*i).ok(),
+        SimpleValue::Long(i) => u64::try_from(*i).ok(),
+        SimpleValue::Uint(i) => Some(u64::from(*i)),
+        SimpleValue::Ulong(i) => Some(*i),
+        SimpleValue::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Registers, then polls, on one connection.
+pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Result<crate::Registration, ClientError> {
+    progress(Progress::Registering);
+    let mut link = connect(opts).await?;
+    let result = exchange(&mut link, opts, progress).await;
+    link.close().await;
+    result
+}
+
+async fn exchange(
+    link: &mut Link,
+    opts: &Options,
+    mut progress: impl FnMut(Progress),
+) -> Result<crate::Registration, ClientError> {
+    let body = DeviceRegistration {
+        registration_id: Some(opts.registration_id.clone()),
+        tpm: None,
+        payload: opts.payload.clone(),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let (mut status, mut retry, mut answer) = link.request(None, body.clone()).await?;
+    let mut polls = 0;
+    let mut operation: Option<String> = None;
+    loop {
+        if status == 429 || status >= 500 {
+            // Transient: repeat the last request after Retry-After.
+            tokio::time::sleep(retry_delay(retry, opts.min_poll_delay)).await;
+        } else if !(200..300).contains(&status) {
+            return Err(ClientError::from_answer(status, &answer, &opts.credential));
+        } else {
+            let op: RegistrationOperationStatus = serde_json::from_slice(&answer).map_err(|e| {
+                ClientError::Protocol(format!("unexpected answer ({e}): {}", String::from_utf8_lossy(&answer)))
+            })?;
+            if op.status != RegistrationStatus::Assigning {
+                return finish(op);
+            }
+            let delay = retry_delay(retry, opts.min_poll_delay);
+            progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
+            tokio::time::sleep(delay).await;
+            operation = Some(op.operation_id);
+        }
+        polls += 1;
+        (status, retry, answer) = link.request(operation.as_deref(), body.clone()).await?;
+    }
+}
