@@ -1,5 +1,5 @@
-//! The AMQP transport: AMQP 1.0 over TLS (port 5671) on fe2o3-amqp, as the C, C#, Java and
-//! Node SDKs speak it. A key signs a SAS token sent with SASL PLAIN (username
+//! The AMQP transport: AMQP 1.0 over TLS (port 5671), or inside a WebSocket, on fe2o3-amqp,
+//! as the C, C#, Java and Node SDKs speak it. A key signs a SAS token sent with SASL PLAIN (username
 //! `{scope}/registrations/{id}`); an X.509 device uses no SASL, its TLS client certificate
 //! is the credential. A receiver and a sender link on `{scope}/registrations/{id}` carry
 //! requests marked `iotdps-operation-type` and their answers, matched by correlation id,
@@ -19,7 +19,7 @@ use fe2o3_amqp::{
 use fe2o3_amqp_types::definitions::Fields;
 use provisio_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
 
-use crate::{ClientError, Options, Progress, finish, retry_delay, tls};
+use crate::{ClientError, Options, Progress, finish, retry_delay};
 
 /// One device's connection, session and links.
 struct Link {
@@ -38,7 +38,7 @@ fn network(what: &str) -> impl Fn(String) -> ClientError + '_ {
 
 async fn connect(opts: &Options) -> Result<Link, ClientError> {
     let (host, _) = opts.host_port()?;
-    let io = tls::connect(opts, &[]).await?;
+    let io = crate::ws::open(opts, "AMQPWSB10").await?;
     let address = format!("{}/registrations/{}", opts.scope, opts.registration_id);
     let builder =
         Connection::builder().container_id(format!("provisio-client-{}", uuid::Uuid::new_v4())).hostname(host.as_str());

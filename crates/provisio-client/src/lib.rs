@@ -1,5 +1,6 @@
 //! A device-side client of the Device Provisioning Service: registers a device and polls
-//! until it is assigned, over HTTPS, MQTT or AMQP, against Provisio or Azure DPS.
+//! until it is assigned, over HTTPS, MQTT or AMQP (the last two also over WebSockets),
+//! against Provisio or Azure DPS.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), provisio_client::ClientError> {
@@ -16,6 +17,7 @@ mod amqp;
 mod http;
 mod mqtt;
 mod tls;
+mod ws;
 
 use std::time::Duration;
 
@@ -67,12 +69,16 @@ pub enum Transport {
     Mqtt,
     /// AMQP 1.0 over TLS (port 5671 by default).
     Amqp,
+    /// MQTT over WebSockets (`wss://{host}/$iothub/websocket`, port 443 by default).
+    MqttWs,
+    /// AMQP over WebSockets (`wss://{host}/$iothub/websocket`, port 443 by default).
+    AmqpWs,
 }
 
 /// What a registration needs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// `host[:port]`; the port defaults to the transport's (443, 8883 or 5671).
+    /// `host[:port]`; the port defaults to the transport's (443, 8883 or 5671; 443 over WebSockets).
     pub endpoint: String,
     /// The ID scope.
     pub scope: String,
@@ -123,7 +129,7 @@ impl Options {
     /// A malformed endpoint.
     pub fn host_port(&self) -> Result<(String, u16), ClientError> {
         let default = match self.transport {
-            Transport::Https => 443,
+            Transport::Https | Transport::MqttWs | Transport::AmqpWs => 443,
             Transport::Mqtt => 8883,
             Transport::Amqp => 5671,
         };
@@ -133,6 +139,7 @@ impl Options {
             .trim_start_matches("https://")
             .trim_start_matches("mqtts://")
             .trim_start_matches("amqps://")
+            .trim_start_matches("wss://")
             .trim_end_matches('/');
         match e.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && !h.contains(']') || h.ends_with(']') => {
@@ -334,8 +341,8 @@ pub async fn register(opts: &Options, progress: impl FnMut(Progress)) -> Result<
     let work = async {
         match opts.transport {
             Transport::Https => http::register(opts, progress).await,
-            Transport::Mqtt => mqtt::register(opts, progress).await,
-            Transport::Amqp => amqp::register(opts, progress).await,
+            Transport::Mqtt | Transport::MqttWs => mqtt::register(opts, progress).await,
+            Transport::Amqp | Transport::AmqpWs => amqp::register(opts, progress).await,
         }
     };
     tokio::time::timeout(opts.timeout, work).await.map_err(|_| ClientError::Timeout(opts.timeout))?
@@ -363,6 +370,9 @@ mod tests {
         assert_eq!(o.host_port().unwrap().1, 5671);
         o.endpoint = "amqps://dps.example".into();
         assert_eq!(o.host_port().unwrap(), ("dps.example".to_owned(), 5671));
+        o.transport = Transport::MqttWs;
+        o.endpoint = "wss://dps.example/".into();
+        assert_eq!(o.host_port().unwrap(), ("dps.example".to_owned(), 443));
         o.transport = Transport::Mqtt;
         o.endpoint = GLOBAL_ENDPOINT.into();
         o.endpoint = "localhost:18443".into();

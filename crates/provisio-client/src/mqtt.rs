@@ -1,5 +1,6 @@
 //! The MQTT transport: a minimal MQTT 3.1.1 client for the DPS topics, on rumqttc's packet
-//! codec and our own TLS (so the device certificate and CA handling match HTTPS).
+//! codec and our own TLS (so the device certificate and CA handling match HTTPS), directly
+//! or inside a WebSocket.
 
 use std::time::Duration;
 
@@ -11,12 +12,12 @@ use rumqttc::mqttbytes::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{ClientError, Options, Progress, finish, retry_delay, tls};
+use crate::{ClientError, Options, Progress, finish, retry_delay};
 
 const MAX_PACKET: usize = 256 * 1024;
 
 struct Conn {
-    io: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    io: Box<dyn crate::ws::Stream>,
     buf: BytesMut,
     next_pkid: u16,
 }
@@ -25,7 +26,9 @@ impl Conn {
     async fn send(&mut self, p: Packet) -> Result<(), ClientError> {
         let mut b = BytesMut::new();
         p.write(&mut b, MAX_PACKET).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.io.write_all(&b).await.map_err(|e| ClientError::Network(format!("MQTT write: {e}")))
+        // Flushed at once: a WebSocket sends its message only then.
+        self.io.write_all(&b).await.map_err(|e| ClientError::Network(format!("MQTT write: {e}")))?;
+        self.io.flush().await.map_err(|e| ClientError::Network(format!("MQTT write: {e}")))
     }
 
     async fn recv(&mut self) -> Result<Packet, ClientError> {
@@ -85,7 +88,7 @@ impl Conn {
 }
 
 async fn connect(opts: &Options) -> Result<Conn, ClientError> {
-    let io = tls::connect(opts, &[]).await?;
+    let io = crate::ws::open(opts, "mqtt").await?;
     let mut c = Conn { io, buf: BytesMut::new(), next_pkid: 0 };
     let mut connect = Connect::new(opts.registration_id.clone());
     connect.keep_alive = 60;

@@ -56,12 +56,12 @@ pub fn client_config(opts: &Options, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>
     Ok(Arc::new(cfg))
 }
 
+/// A TLS connection of the client.
+pub type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// A TLS connection to the endpoint of `opts` for its transport, with Nagle off (requests
 /// are small and answered at once); `alpn` as for [`client_config`].
-pub async fn connect(
-    opts: &Options,
-    alpn: &[&[u8]],
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ClientError> {
+pub async fn connect(opts: &Options, alpn: &[&[u8]]) -> Result<Stream, ClientError> {
     let (host, port) = opts.host_port()?;
     let cfg = client_config(opts, alpn)?;
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))

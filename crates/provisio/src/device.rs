@@ -65,8 +65,9 @@ pub struct RegisterArgs {
     /// host[:port] of the service [default: global.azure-devices-provisioning.net].
     #[arg(long, default_value = provisio_client::GLOBAL_ENDPOINT)]
     endpoint: String,
-    /// https (port 443), mqtt (8883) or amqp (5671).
-    #[arg(long, default_value = "https", value_parser = ["https", "mqtt", "amqp"])]
+    /// https (port 443), mqtt (8883), amqp (5671), or mqtt-ws / amqp-ws (MQTT or AMQP over
+    /// WebSockets, port 443).
+    #[arg(long, default_value = "https", value_parser = ["https", "mqtt", "amqp", "mqtt-ws", "amqp-ws"])]
     transport: String,
     /// CA certificate (PEM) to trust instead of the system roots (e.g. provisio-data/ca.pem).
     #[arg(long, env = "PROVISIO_CA", value_name = "FILE")]
@@ -109,6 +110,8 @@ fn options(a: &RegisterArgs) -> Result<Options> {
     o.transport = match a.transport.as_str() {
         "mqtt" => Transport::Mqtt,
         "amqp" => Transport::Amqp,
+        "mqtt-ws" => Transport::MqttWs,
+        "amqp-ws" => Transport::AmqpWs,
         _ => Transport::Https,
     };
     o.ca_pem = a.ca.as_ref().map(|p| read(p, "--ca")).transpose()?;

@@ -5,22 +5,15 @@
 //! client asks for (`mqtt`, or `AMQPWSB10`) picks which session serves it. A client
 //! certificate presented in the HTTPS handshake attests as it does on those ports.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
-};
+use std::sync::Arc;
 
 use axum::{
-    body::Bytes,
     extract::{
         FromRequestParts, Request,
         ws::{Message, WebSocket, WebSocketUpgrade},
     },
     response::Response,
 };
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{AppState, ConnectionSlot, PeerAddr, PeerCertificates, response};
 use crate::ServerError;
@@ -75,7 +68,7 @@ pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
     ws.on_failed_upgrade(move |e| tracing::debug!(?peer, error = %e, "WebSocket upgrade failed")).on_upgrade(
         move |socket| async move {
             let _slot = slot;
-            let io = WsIo::new(socket);
+            let io = provisio_wsio::WsIo::<WebSocket, Message>::new(socket);
             let result = if is_mqtt {
                 let deadline = tokio::time::Instant::now() + mqtt.connect_timeout;
                 let origin = crate::engine::Origin { transport: "mqtt-ws", peer };
@@ -92,74 +85,4 @@ pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
             }
         },
     )
-}
-
-/// A WebSocket's binary messages as one byte stream, as the MQTT and AMQP sessions read
-/// and write a TLS stream. Each write is sent as one binary message; pings are answered by
-/// the WebSocket layer; a close message or the end of the connection reads as the end of
-/// the stream.
-pub struct WsIo {
-    ws: WebSocket,
-    /// What is left of the message being read.
-    pending: Bytes,
-    /// The peer sent a close message.
-    closed: bool,
-}
-
-impl WsIo {
-    /// The stream of `ws`'s binary messages.
-    #[must_use]
-    pub fn new(ws: WebSocket) -> Self {
-        Self { ws, pending: Bytes::new(), closed: false }
-    }
-}
-
-impl std::fmt::Debug for WsIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsIo").field("pending", &self.pending.len()).field("closed", &self.closed).finish()
-    }
-}
-
-impl AsyncRead for WsIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                let chunk = self.pending.split_to(n);
-                buf.put_slice(&chunk);
-                return Poll::Ready(Ok(()));
-            }
-            if self.closed {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.ws.poll_next_unpin(cx)) {
-                Some(Ok(Message::Binary(data))) => self.pending = data,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "a text message where the protocol's binary messages were expected",
-                    )));
-                }
-                Some(Ok(Message::Close(_))) | None => self.closed = true,
-                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for WsIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        ready!(self.ws.poll_ready_unpin(cx)).map_err(std::io::Error::other)?;
-        self.ws.start_send_unpin(Message::Binary(Bytes::copy_from_slice(data))).map_err(std::io::Error::other)?;
-        Poll::Ready(Ok(data.len()))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.ws.poll_flush_unpin(cx).map_err(std::io::Error::other)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.ws.poll_close_unpin(cx).map_err(std::io::Error::other)
-    }
 }

@@ -49,6 +49,8 @@ async fn register_over_every_transport_and_attestation() {
         vec!["device", "dv-x509-https", "--ca", "dv-root"],
         vec!["device", "dv-x509-mqtt", "--ca", "dv-root"],
         vec!["device", "dv-x509-amqp", "--ca", "dv-root"],
+        vec!["device", "dv-x509-mqtt-ws", "--ca", "dv-root"],
+        vec!["device", "dv-x509-amqp-ws", "--ca", "dv-root"],
     ] {
         run(Command::new(env!("CARGO_BIN_EXE_provisio")).arg("cert").args(&args).arg("--out-dir").arg(&certs));
     }
@@ -78,7 +80,9 @@ async fn register_over_every_transport_and_attestation() {
     let root = std::fs::read_to_string(certs.join("dv-root_cert.pem")).unwrap();
     put_enrollment(&s, true, "dv-x509", json!({"enrollmentGroupId": "dv-x509", "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root}}}}})).await;
 
-    for (transport, endpoint) in [("https", &https), ("mqtt", &mqtt), ("amqp", &amqp)] {
+    for (transport, endpoint) in
+        [("https", &https), ("mqtt", &mqtt), ("amqp", &amqp), ("mqtt-ws", &https), ("amqp-ws", &https)]
+    {
         let base = [
             "register",
             "--scope",
@@ -141,7 +145,9 @@ async fn register_over_every_transport_and_attestation() {
     assert_eq!(serde_json::from_slice::<Value>(&o.stdout).unwrap()["status"], "assigned");
 
     // Errors say what failed. A refused key: exit 4, which credential, errorCode, trackingId.
-    for (transport, endpoint) in [("https", &https), ("mqtt", &mqtt), ("amqp", &amqp)] {
+    for (transport, endpoint) in
+        [("https", &https), ("mqtt", &mqtt), ("amqp", &amqp), ("mqtt-ws", &https), ("amqp-ws", &https)]
+    {
         let o = device(&[
             "register",
             "--scope",
