@@ -17,9 +17,8 @@ use fe2o3_amqp::{
     },
 };
 use fe2o3_amqp_types::definitions::Fields;
-use provisio_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
 
-use crate::{ClientError, Options, Progress, finish, retry_delay};
+use crate::{Answer, ClientError, Options, Progress};
 
 /// One device's connection, session and links.
 struct Link {
@@ -28,9 +27,6 @@ struct Link {
     tx: Sender,
     rx: Receiver,
 }
-
-/// An answer: `(status, retry-after seconds, JSON body)`.
-type Answer = (u16, Option<u64>, Vec<u8>);
 
 fn network(what: &str) -> impl Fn(String) -> ClientError + '_ {
     move |e| ClientError::Network(format!("AMQP {what}: {e}"))
@@ -128,7 +124,7 @@ impl Link {
                 let info = |k: &str| e.info.as_ref().and_then(|i| i.get(&Symbol::from(k)));
                 let status = info("iotdps-status").and_then(number).and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
                 let retry = info("retry-after").and_then(number);
-                return Ok((status, retry, e.description.unwrap_or_default().into_bytes()));
+                return Ok((status, retry, e.description.unwrap_or_default().into()));
             }
             other => return Err(ClientError::Protocol(format!("the request was settled {other:?}"))),
         }
@@ -156,7 +152,7 @@ impl Link {
                 },
                 other => return Err(ClientError::Protocol(format!("an AMQP answer with the body {other:?}"))),
             };
-            return Ok((status, retry, body));
+            return Ok((status, retry, body.into()));
         }
     }
 
@@ -191,48 +187,23 @@ fn simple_number(v: &SimpleValue) -> Option<u64> {
     }
 }
 
+/// The AMQP links and the register request's body.
+struct Device {
+    link: Link,
+    body: Vec<u8>,
+}
+
+impl crate::Requests for Device {
+    async fn request(&mut self, operation: Option<&str>) -> Result<crate::Answer, ClientError> {
+        self.link.request(operation, self.body.clone()).await
+    }
+}
+
 /// Registers, then polls, on one connection.
 pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Result<crate::Registration, ClientError> {
     progress(Progress::Registering);
-    let mut link = connect(opts).await?;
-    let result = exchange(&mut link, opts, progress).await;
-    link.close().await;
+    let mut device = Device { link: connect(opts).await?, body: crate::registration_body(opts)? };
+    let result = crate::register_and_poll(opts, &mut device, progress).await;
+    device.link.close().await;
     result
-}
-
-async fn exchange(
-    link: &mut Link,
-    opts: &Options,
-    mut progress: impl FnMut(Progress),
-) -> Result<crate::Registration, ClientError> {
-    let body = DeviceRegistration {
-        registration_id: Some(opts.registration_id.clone()),
-        tpm: None,
-        payload: opts.payload.clone(),
-    };
-    let body = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let (mut status, mut retry, mut answer) = link.request(None, body.clone()).await?;
-    let mut polls = 0;
-    let mut operation: Option<String> = None;
-    loop {
-        if status == 429 || status >= 500 {
-            // Transient: repeat the last request after Retry-After.
-            tokio::time::sleep(retry_delay(retry, opts.min_poll_delay)).await;
-        } else if !(200..300).contains(&status) {
-            return Err(ClientError::from_answer(status, &answer, &opts.credential));
-        } else {
-            let op: RegistrationOperationStatus = serde_json::from_slice(&answer).map_err(|e| {
-                ClientError::Protocol(format!("unexpected answer ({e}): {}", String::from_utf8_lossy(&answer)))
-            })?;
-            if op.status != RegistrationStatus::Assigning {
-                return finish(op);
-            }
-            let delay = retry_delay(retry, opts.min_poll_delay);
-            progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
-            tokio::time::sleep(delay).await;
-            operation = Some(op.operation_id);
-        }
-        polls += 1;
-        (status, retry, answer) = link.request(operation.as_deref(), body.clone()).await?;
-    }
 }

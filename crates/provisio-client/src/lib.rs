@@ -332,6 +332,58 @@ pub(crate) fn retry_delay(secs: Option<u64>, min: Duration) -> Duration {
     Duration::from_secs(secs.unwrap_or(2).min(60)).max(min)
 }
 
+/// An answer of the service on a connection: `(status, retry-after seconds, JSON body)`.
+pub(crate) type Answer = (u16, Option<u64>, bytes::Bytes);
+
+/// A connection that carries the device API's requests (MQTT, AMQP).
+pub(crate) trait Requests {
+    /// Sends the register request (`None`) or the status request of an operation, and waits
+    /// for its answer.
+    async fn request(&mut self, operation: Option<&str>) -> Result<Answer, ClientError>;
+}
+
+/// The register request's body.
+pub(crate) fn registration_body(opts: &Options) -> Result<Vec<u8>, ClientError> {
+    let body = provisio_proto::device::DeviceRegistration {
+        registration_id: Some(opts.registration_id.clone()),
+        tpm: None,
+        payload: opts.payload.clone(),
+    };
+    serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Registers on `conn`, then polls until a terminal state. A transient answer (`429`,
+/// `5xx`) repeats the last request after its `Retry-After`.
+pub(crate) async fn register_and_poll(
+    opts: &Options,
+    conn: &mut impl Requests,
+    mut progress: impl FnMut(Progress),
+) -> Result<Registration, ClientError> {
+    let (mut status, mut retry, mut answer) = conn.request(None).await?;
+    let mut polls = 0;
+    let mut operation: Option<String> = None;
+    loop {
+        if status == 429 || status >= 500 {
+            tokio::time::sleep(retry_delay(retry, opts.min_poll_delay)).await;
+        } else if !(200..300).contains(&status) {
+            return Err(ClientError::from_answer(status, &answer, &opts.credential));
+        } else {
+            let op: RegistrationOperationStatus = serde_json::from_slice(&answer).map_err(|e| {
+                ClientError::Protocol(format!("unexpected answer ({e}): {}", String::from_utf8_lossy(&answer)))
+            })?;
+            if op.status != RegistrationStatus::Assigning {
+                return finish(op);
+            }
+            let delay = retry_delay(retry, opts.min_poll_delay);
+            progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
+            tokio::time::sleep(delay).await;
+            operation = Some(op.operation_id);
+        }
+        polls += 1;
+        (status, retry, answer) = conn.request(operation.as_deref()).await?;
+    }
+}
+
 /// Registers the device and polls until the service reaches a terminal state, honouring
 /// `Retry-After`; `progress` hears about each step.
 ///

@@ -5,14 +5,13 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use provisio_proto::device::{DeviceRegistration, RegistrationOperationStatus, RegistrationStatus};
 use rumqttc::mqttbytes::{
     QoS,
     v4::{Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{ClientError, Options, Progress, finish, retry_delay};
+use crate::{ClientError, Options, Progress};
 
 const MAX_PACKET: usize = 256 * 1024;
 
@@ -124,43 +123,26 @@ async fn connect(opts: &Options) -> Result<Conn, ClientError> {
 const REGISTER: &str = "$dps/registrations/PUT/iotdps-register/";
 const POLL: &str = "$dps/registrations/GET/iotdps-get-operationstatus/";
 
+/// The MQTT connection and the register request's body.
+struct Device {
+    conn: Conn,
+    body: Vec<u8>,
+}
+
+impl crate::Requests for Device {
+    async fn request(&mut self, operation: Option<&str>) -> Result<crate::Answer, ClientError> {
+        match operation {
+            Some(id) => self.conn.request(POLL, &format!("&operationId={id}"), b" ".to_vec()).await,
+            None => self.conn.request(REGISTER, "", self.body.clone()).await,
+        }
+    }
+}
+
 /// Registers, then polls, on one connection.
 pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Result<crate::Registration, ClientError> {
     progress(Progress::Registering);
-    let mut c = connect(opts).await?;
-    let body = DeviceRegistration {
-        registration_id: Some(opts.registration_id.clone()),
-        tpm: None,
-        payload: opts.payload.clone(),
-    };
-    let payload = serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let (mut status, mut retry, mut bytes) = c.request(REGISTER, "", payload.clone()).await?;
-    let mut polls = 0;
-    let mut operation: Option<String> = None;
-    loop {
-        if status == 429 || status >= 500 {
-            // Transient: repeat the last request after Retry-After.
-            tokio::time::sleep(retry_delay(retry, opts.min_poll_delay)).await;
-        } else if !(200..300).contains(&status) {
-            let _ = c.send(Packet::Disconnect).await;
-            return Err(ClientError::from_answer(status, &bytes, &opts.credential));
-        } else {
-            let op: RegistrationOperationStatus = serde_json::from_slice(&bytes).map_err(|e| {
-                ClientError::Protocol(format!("unexpected answer ({e}): {}", String::from_utf8_lossy(&bytes)))
-            })?;
-            if op.status != RegistrationStatus::Assigning {
-                let _ = c.send(Packet::Disconnect).await;
-                return finish(op);
-            }
-            let delay = retry_delay(retry, opts.min_poll_delay);
-            progress(Progress::Assigning { operation_id: op.operation_id.clone(), retry_after: delay, polls });
-            tokio::time::sleep(delay).await;
-            operation = Some(op.operation_id);
-        }
-        polls += 1;
-        (status, retry, bytes) = match &operation {
-            Some(id) => c.request(POLL, &format!("&operationId={id}"), b" ".to_vec()).await?,
-            None => c.request(REGISTER, "", payload.clone()).await?,
-        };
-    }
+    let mut device = Device { conn: connect(opts).await?, body: crate::registration_body(opts)? };
+    let result = crate::register_and_poll(opts, &mut device, progress).await;
+    let _ = device.conn.send(Packet::Disconnect).await;
+    result
 }
