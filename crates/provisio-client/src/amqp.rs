@@ -176,15 +176,9 @@ fn number(v: &Value) -> Option<u64> {
     }
 }
 
+/// [`number`] of an application property.
 fn simple_number(v: &SimpleValue) -> Option<u64> {
-    match v {
-        SimpleValue::Int(i) => u64::try_from(*i).ok(),
-        SimpleValue::Long(i) => u64::try_from(*i).ok(),
-        SimpleValue::Uint(i) => Some(u64::from(*i)),
-        SimpleValue::Ulong(i) => Some(*i),
-        SimpleValue::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    number(&Value::from(v.clone()))
 }
 
 /// The AMQP links and the register request's body.
