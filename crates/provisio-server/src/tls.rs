@@ -95,6 +95,13 @@ pub fn server_config(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> Result<Ar
         .map_err(|e| ServerError::invalid(format!("TLS certificate and key: {e}")))?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.ignore_client_order = true;
+    // No session resumption. rustls's default keeps the last 256 sessions and sends every
+    // TLS 1.3 client two tickets for them: a fleet's devices connect once each, so under
+    // load the cache churns before anyone comes back, and the tickets cost every handshake
+    // about a tenth of its server CPU (random ids, cache inserts, two more records;
+    // measured with `provisio bench`, BENCHMARKS.md).
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
 
