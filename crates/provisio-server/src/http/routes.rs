@@ -125,7 +125,7 @@ fn decode(s: &str) -> String {
 
 /// Parses and routes one request, under the request deadline.
 async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    if super::websocket::is_endpoint(request.uri().path()) {
+    if super::websocket::is_endpoint(request.uri().path(), request.headers()) {
         return super::websocket::upgrade(&state, request).await;
     }
     let (parts, body) = request.into_parts();

@@ -1,6 +1,6 @@
-//! MQTT and AMQP over WebSockets: `wss://{host}/$iothub/websocket` on the HTTPS listener, as
-//! the device SDKs' WebSocket transports (`MqttWs`, `AmqpWs`, `websockets=True`, …) speak
-//! them for networks that only let port 443 out. The WebSocket's binary messages carry the
+//! MQTT and AMQP over WebSockets: `wss://{host}/$iothub/websocket` (or `wss://{host}/`) on
+//! the HTTPS listener, as the device SDKs' WebSocket transports (`MqttWs`, `AmqpWs`,
+//! `websockets=True`, …) speak them for networks that only let port 443 out. The WebSocket's binary messages carry the
 //! same byte stream as a TLS connection to the MQTT or AMQP port; the subprotocol the
 //! client asks for (`mqtt`, or `AMQPWSB10`) picks which session serves it. A client
 //! certificate presented in the HTTPS handshake attests as it does on those ports.
@@ -23,10 +23,17 @@ pub const MQTT: &str = "mqtt";
 /// The subprotocol of the AMQP WebSocket binding (AMQP 1.0).
 pub const AMQP: &str = "AMQPWSB10";
 
-/// Whether `path` is the device SDKs' WebSocket endpoint.
+/// Whether a request is for the device SDKs' WebSocket endpoint: the path
+/// `/$iothub/websocket` (C, Node, Python, Java), or a WebSocket upgrade of `/` (the C# SDK
+/// opens `wss://{host}:443` without a path).
 #[must_use]
-pub fn is_endpoint(path: &str) -> bool {
+pub fn is_endpoint(path: &str, headers: &axum::http::HeaderMap) -> bool {
     path.eq_ignore_ascii_case("/$iothub/websocket")
+        || path == "/"
+            && headers
+                .get(axum::http::header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
 }
 
 /// Answers a request for the WebSocket endpoint: the upgrade, then the MQTT or AMQP

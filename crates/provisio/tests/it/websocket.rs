@@ -17,8 +17,13 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// A WebSocket to the server's endpoint over TLS, asking for `protocol`.
 async fn ws(s: &Server, protocol: Option<&str>) -> Result<WebSocketStream<Tls>, tungstenite::Error> {
+    ws_at(s, "/$iothub/websocket", protocol).await
+}
+
+/// A WebSocket to `path` on the server over TLS, asking for `protocol`.
+async fn ws_at(s: &Server, path: &str, protocol: Option<&str>) -> Result<WebSocketStream<Tls>, tungstenite::Error> {
     let tls = crate::common::tls_connect(s, s.port, None).await;
-    let mut request = format!("wss://localhost:{}/$iothub/websocket", s.port).into_client_request().unwrap();
+    let mut request = format!("wss://localhost:{}{path}", s.port).into_client_request().unwrap();
     if let Some(p) = protocol {
         request.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
     }
@@ -55,6 +60,22 @@ async fn the_websocket_endpoint_refuses_bad_upgrades_and_ends_bad_streams() {
             Ok(_) => panic!("{protocol:?} was upgraded"),
         }
     }
+
+    // The C# SDK upgrades `/` (it opens `wss://{host}:443`): the same sessions serve it, and a
+    // CONNECT there gets its CONNACK. `/` without an upgrade is no endpoint.
+    let mut c = ws_at(&s, "/", Some("mqtt")).await.unwrap();
+    let mut connect = bytes::BytesMut::new();
+    let mut packet = rumqttc::mqttbytes::v4::Connect::new("ws-root-dev");
+    packet.login = Some(rumqttc::mqttbytes::v4::Login::new(
+        format!("{}/registrations/ws-root-dev/api-version=2019-03-31", s.info.id_scope),
+        "SharedAccessSignature sr=x&sig=y&se=1",
+    ));
+    rumqttc::mqttbytes::v4::Packet::Connect(packet).write(&mut connect, 1024).unwrap();
+    c.send(Message::Binary(connect.freeze())).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), c.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer, Message::Binary(vec![0x20, 0x02, 0x00, 0x00].into()), "CONNACK, accepted");
+    drop(c);
+    assert_eq!(s.client().get(s.url("/")).send().await.unwrap().status(), 404);
 
     // MQTT: a packet type that does not exist ends the connection, as does a text message
     // (MQTT travels in binary messages). AMQP: a stream that does not start with an AMQP
