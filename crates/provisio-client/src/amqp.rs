@@ -121,10 +121,13 @@ impl Link {
                         None,
                     )
                 });
-                let info = |k: &str| e.info.as_ref().and_then(|i| i.get(&Symbol::from(k)));
-                let status = info("iotdps-status").and_then(number).and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
-                let retry = info("retry-after").and_then(number);
-                return Ok((status, retry, e.description.unwrap_or_default().into()));
+                let info = |k: &str| e.info.as_ref().and_then(|i| i.get(&Symbol::from(k))).and_then(number);
+                let description = e.description.clone().unwrap_or_default();
+                let status = info("iotdps-status")
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or_else(|| rejected_status(&e.condition, &description));
+                let retry = info("retry-after").or_else(|| info("Retry-After"));
+                return Ok((status, retry, description.into()));
             }
             other => return Err(ClientError::Protocol(format!("the request was settled {other:?}"))),
         }
@@ -142,7 +145,7 @@ impl Link {
                 .and_then(simple_number)
                 .and_then(|s| u16::try_from(s).ok())
                 .ok_or_else(|| ClientError::Protocol("an AMQP answer without iotdps-status".into()))?;
-            let retry = prop("retry-after").and_then(simple_number);
+            let retry = prop("retry-after").or_else(|| prop("Retry-After")).and_then(simple_number);
             let body = match m.body {
                 Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
                 Body::Value(v) => match v.0 {
@@ -162,6 +165,24 @@ impl Link {
         let _ = self.session.end().await;
         let _ = self.conn.close().await;
     }
+}
+
+/// The HTTP status of a rejection that does not say it in `iotdps-status`: the DPS error
+/// code's (`errorCode / 1000`, as the C# SDK reads it), else the condition's.
+fn rejected_status(condition: &fe2o3_amqp_types::definitions::ErrorCondition, description: &str) -> u16 {
+    use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+    let from_code = serde_json::from_str::<serde_json::Value>(description)
+        .ok()
+        .and_then(|v| v.get("errorCode").and_then(serde_json::Value::as_u64))
+        .and_then(|c| u16::try_from(c / 1000).ok())
+        .filter(|s| (400..600).contains(s));
+    from_code.unwrap_or(match condition {
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess) => 401,
+        ErrorCondition::AmqpError(AmqpError::NotFound) => 404,
+        ErrorCondition::AmqpError(AmqpError::InternalError) => 500,
+        ErrorCondition::Custom(s) if s.as_str() == "com.microsoft:device-container-throttled" => 429,
+        _ => 400,
+    })
 }
 
 /// A number sent as an integer or as its decimal text (`retry-after` comes as a string).
@@ -200,4 +221,35 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
     let result = crate::register_and_poll(opts, &mut device, progress).await;
     device.link.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+
+    use super::*;
+
+    #[test]
+    fn a_rejection_without_iotdps_status_takes_its_status_from_the_error() {
+        let unauthorized = ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess);
+        let throttled = ErrorCondition::Custom(Symbol::from("com.microsoft:device-container-throttled"));
+        // The DPS error code decides (errorCode / 1000)…
+        assert_eq!(rejected_status(&unauthorized, r#"{"errorCode":404201,"message":"x"}"#), 404);
+        assert_eq!(rejected_status(&throttled, r#"{"errorCode":500001}"#), 500);
+        // …else the condition; an error code that is no HTTP status is ignored.
+        assert_eq!(rejected_status(&unauthorized, "not json"), 401);
+        assert_eq!(rejected_status(&throttled, r#"{"errorCode":7}"#), 429);
+        assert_eq!(rejected_status(&ErrorCondition::AmqpError(AmqpError::NotFound), ""), 404);
+        assert_eq!(rejected_status(&ErrorCondition::AmqpError(AmqpError::InternalError), ""), 500);
+        assert_eq!(rejected_status(&ErrorCondition::AmqpError(AmqpError::DecodeError), ""), 400);
+    }
+
+    #[test]
+    fn numbers_come_as_integers_or_text() {
+        assert_eq!(number(&Value::Int(202)), Some(202));
+        assert_eq!(number(&Value::String(" 3 ".into())), Some(3));
+        assert_eq!(number(&Value::Int(-1)), None);
+        assert_eq!(number(&Value::String("soon".into())), None);
+        assert_eq!(simple_number(&SimpleValue::Ulong(60)), Some(60));
+    }
 }
