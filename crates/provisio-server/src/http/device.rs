@@ -21,10 +21,8 @@ fn credential(req: &Req) -> Credential {
     if let Some(v) = req.header(header::AUTHORIZATION.as_str()) {
         return Credential::Sas(v.to_owned());
     }
-    match &req.peer.0 {
-        Some(chain) if !chain.is_empty() => Credential::X509(chain.iter().map(|c| c.as_ref().to_vec()).collect()),
-        _ => Credential::None,
-    }
+    let chain = req.peer.der_chain();
+    if chain.is_empty() { Credential::None } else { Credential::X509(chain) }
 }
 
 /// Parses a `DeviceRegistration` ([`crate::bodies::device_registration`]).

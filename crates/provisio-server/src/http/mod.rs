@@ -26,6 +26,14 @@ pub use routes::AppState;
 #[derive(Debug, Clone, Default)]
 pub struct PeerCertificates(pub Option<Arc<Vec<CertificateDer<'static>>>>);
 
+impl PeerCertificates {
+    /// The chain as the engine takes it, leaf first (DER; empty without one).
+    #[must_use]
+    pub fn der_chain(&self) -> Vec<Vec<u8>> {
+        self.0.as_ref().map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect()).unwrap_or_default()
+    }
+}
+
 /// The client's IP address (for the audit log).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::IpAddr);

@@ -41,12 +41,7 @@ pub fn is_endpoint(path: &str, headers: &axum::http::HeaderMap) -> bool {
 /// connection limits), or a DPS error if the request is not a usable WebSocket upgrade.
 pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
-    let chain: Vec<Vec<u8>> = parts
-        .extensions
-        .get::<PeerCertificates>()
-        .and_then(|p| p.0.as_ref())
-        .map(|c| c.iter().map(|d| d.to_vec()).collect())
-        .unwrap_or_default();
+    let chain = parts.extensions.get::<PeerCertificates>().map(PeerCertificates::der_chain).unwrap_or_default();
     let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
     let slot = parts.extensions.get::<ConnectionSlot>().cloned();
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
