@@ -6,7 +6,8 @@
 //! * [`model`]: enrollments, groups and registration records as stored;
 //! * [`attest`]: which enrollment a symmetric-key credential proves;
 //! * [`allocation`]: choosing an IoT hub;
-//! * [`timefmt`]: DPS's timestamp format.
+//! * [`timefmt`]: DPS's timestamp format;
+//! * [`tpm`]: the blob that delivers a TPM device's key (TPM attestation).
 
 pub mod allocation;
 pub mod attest;
@@ -15,6 +16,7 @@ pub mod keys;
 pub mod model;
 pub mod sas;
 pub mod timefmt;
+pub mod tpm;
 
 mod error;
 pub use error::CoreError;
