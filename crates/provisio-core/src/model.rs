@@ -276,6 +276,18 @@ pub struct RegistrationRecord {
     /// The twin the device was given at its hub (enrollment's, merged with the webhook's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_twin: Option<Value>,
+    /// For TPM devices: the key delivered with the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmDetails>,
+}
+
+/// What a TPM device's registration delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmDetails {
+    /// Base64 of the blob that delivers the device's key into its TPM (see
+    /// [`crate::tpm::authentication_key`]): only that TPM can open it.
+    pub authentication_key: String,
 }
 
 /// A linked IoT hub.

@@ -13,10 +13,11 @@ use provisio_core::{
     attest::{self, Matched},
     ids::RegistrationId,
     model::{
-        Attestation, EnrollmentGroup, EnrollmentSource, Outcome, RegistrationRecord, X509Attestation, X509Details,
+        Attestation, EnrollmentGroup, EnrollmentSource, Outcome, RegistrationRecord, TpmDetails, X509Attestation,
+        X509Details,
     },
     sas::SasToken,
-    timefmt,
+    timefmt, tpm,
 };
 use provisio_pki::attest::{Anchor, X509Match};
 use provisio_proto::{
@@ -441,6 +442,10 @@ impl Engine {
             self.settings.sas_clock_skew_secs,
         )?;
         let individual = self.individual(id, prefetched).await?;
+        if let Some(e) = individual.as_ref().filter(|e| matches!(e.attestation, Attestation::Tpm { .. })) {
+            self.tpm_challenge_key(id, &token).await?;
+            return Ok(Matched::Individual(e.clone()));
+        }
         let groups = if individual.is_some() {
             Vec::new()
         } else {
@@ -546,14 +551,7 @@ impl Engine {
         // DPS-style throttling of the instance's registration rate.
         self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
         let id = Self::parse_id(registration_id)?;
-        if let Some(body_id) = &request.registration_id
-            && !body_id.eq_ignore_ascii_case(id.as_str())
-        {
-            return Err(ServerError::invalid(format!(
-                "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
-                shorten(body_id)
-            )));
-        }
+        check_body_id(&id, &request)?;
         // The enrollment and the previous record in one round trip.
         let (enrollment, previous) =
             self.store.get_both(Collection::Enrollments, Collection::Registrations, id.key()).await?;
@@ -591,6 +589,13 @@ impl Engine {
                 twin: previous.as_ref().and_then(|p| p.initial_twin.clone()),
             }
         };
+        let tpm = match (&matched, &assignment.outcome) {
+            (Matched::Individual(e), Outcome::Assigned { .. }) => match &e.attestation {
+                Attestation::Tpm { endorsement_key, .. } => Some(self.tpm_result(&id, endorsement_key).await?),
+                _ => None,
+            },
+            _ => None,
+        };
         let record = RegistrationRecord {
             registration_id: id.as_str().to_owned(),
             created: previous.as_ref().map_or_else(|| now.clone(), |p| p.created.clone()),
@@ -600,6 +605,7 @@ impl Engine {
             device_payload: payload,
             x509,
             initial_twin: assignment.twin,
+            tpm,
         };
         let operation_id = new_operation_id();
         let body = crate::to_json(&record)
@@ -622,6 +628,166 @@ impl Engine {
         // detail); the operator's log keeps what needs attention.
         tracing::debug!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
         Ok((operation_id, record))
+    }
+
+    /// A TPM device's first `register`: no credential, its EK and SRK in the body's `tpm`.
+    /// Checks the EK against the device's individual enrollment and answers with a fresh HMAC
+    /// key that only that TPM can take in (base64 of [`tpm::authentication_key`]'s blob). The
+    /// key is kept for [`TPM_CHALLENGE_SECS`] to check the SAS tokens the device signs with it;
+    /// a new challenge replaces the previous one. Audited like a registration.
+    ///
+    /// # Errors
+    /// Unknown scope or enrollment (`404201`), an enrollment that is not TPM or whose EK
+    /// differs (`401`), keys this service cannot use (`400`), or a store failure.
+    pub async fn tpm_challenge(
+        &self,
+        origin: &Origin,
+        scope: &str,
+        registration_id: &str,
+        request: Result<DeviceRegistration, ServerError>,
+    ) -> Result<String, ServerError> {
+        let result = match request {
+            Ok(r) => self.tpm_challenge_inner(scope, registration_id, &r).await,
+            Err(e) => Err(e),
+        };
+        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
+        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
+        entry.peer = origin.peer;
+        entry.credential = Some("tpm".to_owned());
+        let result = match result {
+            Ok(blob) => {
+                entry.status = 401;
+                entry.result = "challenged".into();
+                Ok(blob)
+            }
+            Err(e) => {
+                let (e, tracking_id) = e.tracked();
+                entry.result = "refused".into();
+                entry.status = e.status();
+                entry.error_code = Some(e.code());
+                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+                entry.tracking_id = Some(tracking_id);
+                Err(e)
+            }
+        };
+        self.audit.record(&entry).await;
+        result
+    }
+
+    async fn tpm_challenge_inner(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        request: &DeviceRegistration,
+    ) -> Result<String, ServerError> {
+        let _permit = self.admit()?;
+        self.check_scope(scope)?;
+        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
+        let id = Self::parse_id(registration_id)?;
+        check_body_id(&id, request)?;
+        let (ek_sent, srk_sent) = tpm_keys_of(request)?;
+        let enrollment = self.individual(&id, None).await?.ok_or_else(|| ServerError::NotFound {
+            code: codes::ENROLLMENT_NOT_FOUND,
+            message: format!("No individual enrollment has the registration id '{id}'."),
+        })?;
+        let Attestation::Tpm { endorsement_key, storage_root_key } = &enrollment.attestation else {
+            return Err(ServerError::Unauthorized {
+                public: "Unauthorized: this device's enrollment does not use TPM attestation.".into(),
+                detail: format!(
+                    "registration '{id}' sent a TPM endorsement key; its enrollment uses {}",
+                    enrollment.attestation.kind()
+                ),
+                tracking_id: None,
+            });
+        };
+        let enrolled = B64.decode(endorsement_key.trim()).unwrap_or_default();
+        if aws_lc_rs::constant_time::verify_slices_are_equal(&enrolled, &ek_sent).is_err() {
+            return Err(ServerError::Unauthorized {
+                public: "Unauthorized: the endorsement key does not match the enrollment's.".into(),
+                detail: format!("registration '{id}' sent an endorsement key other than its enrollment's"),
+                tracking_id: None,
+            });
+        }
+        let srk = match (srk_sent, storage_root_key) {
+            (Some(s), _) => s,
+            (None, Some(s)) => B64.decode(s.trim()).map_err(|_| {
+                ServerError::Internal(format!("the stored storageRootKey of enrollment '{id}' is not base64"))
+            })?,
+            (None, None) => {
+                return Err(ServerError::invalid(
+                    "tpm.storageRootKey is required: the key is delivered wrapped to the device's storage root key.",
+                ));
+            }
+        };
+        let ek =
+            tpm::StorageKey::parse(&enrolled, "endorsementKey").map_err(|e| ServerError::invalid(e.to_string()))?;
+        let srk_key =
+            tpm::StorageKey::parse(&srk, "storageRootKey").map_err(|e| ServerError::invalid(e.to_string()))?;
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key)
+            .map_err(|_| ServerError::Internal("the random number generator failed".into()))?;
+        let blob = tpm::authentication_key(&ek, &srk_key, &key).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let challenge = TpmChallenge {
+            challenge_key: B64.encode(key),
+            storage_root_key: B64.encode(&srk),
+            expires: unix_now_i64().saturating_add(TPM_CHALLENGE_SECS),
+        };
+        let body = serde_json::to_string(&challenge).map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.store.put(Collection::TpmChallenges, id.key(), &body, Precondition::Any).await?;
+        // A token proven with an earlier challenge's key no longer counts.
+        self.auth_cache.clear();
+        Ok(B64.encode(blob))
+    }
+
+    /// The outstanding challenge of a TPM device whose SAS `token` it signed, or `401`.
+    async fn tpm_challenge_key(&self, id: &RegistrationId, token: &SasToken) -> Result<TpmChallenge, ServerError> {
+        let refused = |detail: String| ServerError::Unauthorized {
+            public: "Unauthorized: the SAS token is not signed with the key of this TPM device's current challenge. \
+                     Register without an Authorization header, with the tpm block, to get one."
+                .into(),
+            detail,
+            tracking_id: None,
+        };
+        let doc = self.store.get(Collection::TpmChallenges, id.key()).await?;
+        let Some(doc) = doc else {
+            return Err(refused(format!("TPM registration '{id}' has no outstanding challenge")));
+        };
+        let c: TpmChallenge = serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))?;
+        if c.expires < unix_now_i64() {
+            return Err(refused(format!("the TPM challenge of '{id}' expired at {}", c.expires)));
+        }
+        let key = B64
+            .decode(&c.challenge_key)
+            .map_err(|_| ServerError::Internal("a stored TPM challenge key is not base64".into()))?;
+        if !token.signed_with(&key) {
+            return Err(refused(format!("the SAS token of '{id}' is not signed with its TPM challenge key")));
+        }
+        Ok(c)
+    }
+
+    /// The result's `tpm.authenticationKey`: the key the device proved, wrapped again for
+    /// its TPM, so that a device that lost the challenge's copy gets it with the result.
+    async fn tpm_result(&self, id: &RegistrationId, endorsement_key: &str) -> Result<TpmDetails, ServerError> {
+        let doc =
+            self.store.get(Collection::TpmChallenges, id.key()).await?.ok_or_else(|| ServerError::Unauthorized {
+                public:
+                    "Unauthorized: this TPM device's challenge is gone; register again without an Authorization header."
+                        .into(),
+                detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
+                tracking_id: None,
+            })?;
+        let c: TpmChallenge = serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let decode = |b: &str| {
+            B64.decode(b.trim()).map_err(|_| ServerError::Internal(format!("stored TPM key of '{id}' is not base64")))
+        };
+        let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey")
+            .map_err(|e| ServerError::invalid(e.to_string()))?;
+        let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey")
+            .map_err(|e| ServerError::invalid(e.to_string()))?;
+        let blob = tpm::authentication_key(&ek, &srk, &decode(&c.challenge_key)?)
+            .map_err(|e| ServerError::Internal(e.to_string()))?;
+        Ok(TpmDetails { authentication_key: B64.encode(blob) })
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.
@@ -682,6 +848,47 @@ impl Engine {
     }
 }
 
+/// How long a TPM device may sign with the key of its challenge (seconds).
+pub const TPM_CHALLENGE_SECS: i64 = 3600;
+
+/// A TPM device's outstanding challenge, as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TpmChallenge {
+    /// The HMAC key sent to the TPM, base64 (sealed at rest when encryption is on).
+    challenge_key: String,
+    /// The SRK it was wrapped to (base64 `TPM2B_PUBLIC`), to wrap the result's key.
+    storage_root_key: String,
+    /// Unix seconds after which the key is refused.
+    expires: i64,
+}
+
+/// The body's `registrationId`, when given, must name the device of the path.
+fn check_body_id(id: &RegistrationId, request: &DeviceRegistration) -> Result<(), ServerError> {
+    match &request.registration_id {
+        Some(body_id) if !body_id.eq_ignore_ascii_case(id.as_str()) => Err(ServerError::invalid(format!(
+            "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
+            shorten(body_id)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The EK (required) and SRK (optional) of a body's `tpm` block, decoded from base64.
+fn tpm_keys_of(request: &DeviceRegistration) -> Result<(Vec<u8>, Option<Vec<u8>>), ServerError> {
+    let tpm = request.tpm.as_ref().ok_or_else(|| ServerError::invalid("The body has no tpm block."))?;
+    let decode = |name: &str, v: &str| {
+        B64.decode(v.trim()).map_err(|_| ServerError::invalid(format!("tpm.{name} is not base64 of a TPM2B_PUBLIC.")))
+    };
+    let ek = decode("endorsementKey", &tpm.endorsement_key)?;
+    let srk = tpm.storage_root_key.as_deref().filter(|s| !s.trim().is_empty()).map(|s| decode("storageRootKey", s));
+    Ok((ek, srk.transpose()?))
+}
+
+fn unix_now_i64() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
+}
+
 fn status_of(o: &Outcome) -> RegistrationStatus {
     match o {
         Outcome::Assigned { .. } => RegistrationStatus::Assigned,
@@ -718,6 +925,9 @@ pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrat
         EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
         EnrollmentSource::Individual => None,
     };
+    if let Some(t) = &record.tpm {
+        r.tpm = Some(serde_json::json!({ "authenticationKey": t.authentication_key }));
+    }
     match &record.x509 {
         Some(x) => {
             r.x509 = Some(X509RegistrationResult {
@@ -726,6 +936,7 @@ pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrat
                 signing_certificate_info: x.signing_certificate_info.as_ref().map(service_model::cert_info_to_wire),
             });
         }
+        None if record.tpm.is_some() => {}
         None => r.symmetric_key = Some(SymmetricKeyRegistrationResult { enrollment_group_id: group_id }),
     }
     r

@@ -39,6 +39,9 @@ pub enum Collection {
     Audit,
     /// Linked IoT hubs, keyed by case-folded host name.
     Hubs,
+    /// Outstanding TPM challenges (the key a TPM device was sent), keyed by case-folded
+    /// registration id.
+    TpmChallenges,
 }
 
 impl Collection {
@@ -53,6 +56,7 @@ impl Collection {
             Self::Meta => "meta",
             Self::Certificates => "certificates",
             Self::Audit => "audit",
+            Self::TpmChallenges => "tpmChallenges",
             Self::Hubs => "hubs",
         }
     }

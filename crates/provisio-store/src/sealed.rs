@@ -28,11 +28,16 @@ use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreE
 const PREFIX: &str = "$sealed:v1:";
 
 /// Fields holding secrets, at the top level of a document or inside its `attestation`.
-const SECRET_FIELDS: &[&str] = &["primaryKey", "secondaryKey", "caKeyPem", "keyPem"];
+const SECRET_FIELDS: &[&str] = &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey"];
 
 /// Collections whose documents carry secrets.
-const SEALED_COLLECTIONS: &[Collection] =
-    &[Collection::Enrollments, Collection::EnrollmentGroups, Collection::Policies, Collection::Meta];
+const SEALED_COLLECTIONS: &[Collection] = &[
+    Collection::Enrollments,
+    Collection::EnrollmentGroups,
+    Collection::Policies,
+    Collection::Meta,
+    Collection::TpmChallenges,
+];
 
 /// Key problems, reported at start-up before anything is served.
 #[derive(Debug, thiserror::Error)]
@@ -402,6 +407,18 @@ mod tests {
             let bytes = std::fs::read(entry.unwrap().path()).unwrap();
             assert!(!bytes.windows(20).any(|w| w == b"cHJpbWFyeS1zZWNyZXQ="));
         }
+    }
+
+    #[tokio::test]
+    async fn tpm_challenge_keys_are_sealed() {
+        let (_dir, raw) = raw_store().await;
+        let s = sealed(&raw, Some(K1), &[]);
+        let doc = r#"{"challengeKey":"Y2hhbGxlbmdlLWtleQ==","storageRootKey":"AAEC","expires":1}"#;
+        s.put(Collection::TpmChallenges, "tpm-1", doc, Precondition::Any).await.unwrap();
+        let stored = raw.get(Collection::TpmChallenges, "tpm-1").await.unwrap().unwrap().body;
+        assert!(!stored.contains("Y2hhbGxlbmdlLWtleQ==") && stored.contains("AAEC"), "{stored}");
+        let got = s.get(Collection::TpmChallenges, "tpm-1").await.unwrap().unwrap().body;
+        assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), serde_json::from_str::<Value>(doc).unwrap());
     }
 
     #[tokio::test]

@@ -40,7 +40,19 @@ fn with_retry_after(mut r: Response, secs: u32) -> Response {
 pub async fn register(state: &AppState, req: &mut Req, scope: &str, id: &str) -> Result<Response, ServerError> {
     let body = req.require_api_version(DEVICE_API_VERSIONS).and_then(|()| registration_body(req));
     let origin = crate::engine::Origin { transport: "https", peer: req.peer_ip };
-    let op = state.engine.register_from(&origin, scope, id, body, &credential(req)).await?;
+    let credential = credential(req);
+    // A TPM device's first request carries no credential, only its keys: it is answered
+    // with the challenge (401 and the key for its TPM), as DPS does.
+    if matches!(credential, Credential::None) && body.as_ref().is_ok_and(|b| b.tpm.is_some()) {
+        let key = state.engine.tpm_challenge(&origin, scope, id, body).await?;
+        let challenge = serde_json::json!({
+            "authenticationKey": key,
+            "keyName": "registration",
+            "message": "Take the key into the TPM, sign a SAS token with it and register again with it.",
+        });
+        return Ok(response::json(StatusCode::UNAUTHORIZED, &challenge));
+    }
+    let op = state.engine.register_from(&origin, scope, id, body, &credential).await?;
     let mut r = response::json(StatusCode::ACCEPTED, &RegistrationOperationStatus::accepted(op));
     if let Some(host) = &req.authority {
         let loc = format!("https://{host}/{scope}/registrations/{id}/register");

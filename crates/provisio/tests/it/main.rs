@@ -15,6 +15,7 @@ mod interop;
 mod mqtt;
 mod multinode;
 mod service_api;
+mod tpm;
 mod walkthrough;
 mod websocket;
 mod x509;

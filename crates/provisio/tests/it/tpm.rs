@@ -1,0 +1,372 @@
+//! TPM attestation against a real TPM 2.0 implementation: swtpm, driven by tpm2-tools the
+//! way the device SDKs drive a TPM (ActivateCredential with the EK under a PolicySecret
+//! session, Import and Load under the SRK, TPM2_HMAC with the imported key), and the device
+//! API spoken with `curl`, as in the walkthrough.
+//!
+//! Needs `swtpm` and `tpm2-tools` (`.ci/run` installs them; Debian: `apt-get install swtpm
+//! tpm2-tools`). Without them these tests fail and say so.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use aws_lc_rs::hmac;
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use provisio_core::tpm::{StorageKey, authentication_key};
+use serde_json::{Value, json};
+
+use crate::common::{Server, assert_dps_error, curl, now, put_enrollment};
+
+/// A software TPM on loopback and a scratch directory for tpm2-tools' files.
+struct SoftTpm {
+    child: Child,
+    dir: tempfile::TempDir,
+    tcti: String,
+}
+
+impl Drop for SoftTpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SoftTpm {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Two free ports next to each other (commands and control).
+        let port = (0..50)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+            .find(|p| *p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
+            .unwrap();
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", dir.path().display()))
+            .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
+            .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
+            .args(["--flags", "not-need-init,startup-clear"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("swtpm could not be started ({e}); install swtpm and tpm2-tools"));
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self { child, dir, tcti: format!("swtpm:host=127.0.0.1,port={port}") }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    /// Runs a tpm2-tools command in the scratch directory; the error carries the TPM's answer.
+    fn run(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(self.dir.path())
+            .env("TPM2TOOLS_TCTI", &self.tcti)
+            .output()
+            .unwrap_or_else(|e| panic!("{} could not be run ({e}); install tpm2-tools", args[0]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Creates the EK (TCG template, RSA-2048) and an SRK; returns their `TPM2B_PUBLIC`s.
+    fn keys(&self) -> (Vec<u8>, Vec<u8>) {
+        self.run(&["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"]).unwrap();
+        self.run(&["tpm2_createprimary", "-Q", "-C", "o", "-c", "srk.ctx"]).unwrap();
+        self.run(&["tpm2_readpublic", "-Q", "-c", "srk.ctx", "-o", "srk.pub"]).unwrap();
+        // swtpm has no resource manager: transient objects stay loaded until flushed.
+        self.run(&["tpm2_flushcontext", "-t"]).unwrap();
+        (std::fs::read(self.path("ek.pub")).unwrap(), std::fs::read(self.path("srk.pub")).unwrap())
+    }
+
+    /// What a device SDK does with an `authenticationKey` blob: activate the credential,
+    /// import the key under the SRK and load it (as `hmac.ctx`).
+    fn take_in(&self, blob: &[u8]) -> Result<(), String> {
+        let parts = split(blob);
+        // tpm2-tools' credential file: magic, version, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET.
+        let mut cred = vec![0xBA, 0xDC, 0xC0, 0xDE, 0, 0, 0, 1];
+        cred.extend_from_slice(&parts[0]);
+        cred.extend_from_slice(&parts[1]);
+        for (f, b) in [("cred.bin", &cred), ("dup.bin", &parts[2]), ("seed.bin", &parts[3]), ("obj.pub", &parts[4])] {
+            std::fs::write(self.path(f), b).unwrap();
+        }
+        self.run(&["tpm2_startauthsession", "--policy-session", "-S", "session.ctx"])?;
+        let activated = self.run(&["tpm2_policysecret", "-S", "session.ctx", "-c", "e"]).and_then(|()| {
+            self.run(&[
+                "tpm2_activatecredential",
+                "-c",
+                "srk.ctx",
+                "-C",
+                "ek.ctx",
+                "-i",
+                "cred.bin",
+                "-o",
+                "inner.key",
+                "-P",
+                "session:session.ctx",
+            ])
+        });
+        self.run(&["tpm2_flushcontext", "session.ctx"])?;
+        self.run(&["tpm2_flushcontext", "-t"])?;
+        activated?;
+        let imported = self.run(&[
+            "tpm2_import",
+            "-C",
+            "srk.ctx",
+            "-u",
+            "obj.pub",
+            "-i",
+            "dup.bin",
+            "-s",
+            "seed.bin",
+            "-k",
+            "inner.key",
+            "-r",
+            "obj.priv",
+        ]);
+        self.run(&["tpm2_flushcontext", "-t"])?;
+        imported?;
+        let loaded = self.run(&["tpm2_load", "-C", "srk.ctx", "-u", "obj.pub", "-r", "obj.priv", "-c", "hmac.ctx"]);
+        self.run(&["tpm2_flushcontext", "-t"])?;
+        loaded
+    }
+
+    /// TPM2_HMAC (SHA-256) of `msg` with the key taken in last.
+    fn hmac(&self, msg: &[u8]) -> Vec<u8> {
+        std::fs::write(self.path("msg.bin"), msg).unwrap();
+        let signed = self.run(&["tpm2_hmac", "-c", "hmac.ctx", "-g", "sha256", "-o", "mac.bin", "msg.bin"]);
+        self.run(&["tpm2_flushcontext", "-t"]).unwrap();
+        signed.unwrap();
+        std::fs::read(self.path("mac.bin")).unwrap()
+    }
+
+    /// A DPS SAS token for `{scope}/registrations/{id}`, signed by the TPM.
+    fn sas(&self, scope: &str, id: &str) -> String {
+        let sr = format!("{scope}%2fregistrations%2f{id}");
+        let se = now() + 3600;
+        let sig = B64.encode(self.hmac(format!("{sr}\n{se}").as_bytes()));
+        let sig = sig.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+        format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration")
+    }
+}
+
+/// The blob's six TPM2B parts, each with its size prefix.
+fn split(blob: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = Vec::new();
+    let mut rest = blob;
+    while rest.len() >= 2 {
+        let n = 2 + usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        parts.push(rest[..n].to_vec());
+        rest = &rest[n..];
+    }
+    assert!(rest.is_empty() && parts.len() == 6, "not six TPM2B parts");
+    parts
+}
+
+#[test]
+fn a_real_tpm_takes_in_the_delivered_key_and_signs_with_it() {
+    let tpm = SoftTpm::start();
+    let (ek_pub, srk_pub) = tpm.keys();
+    let ek = StorageKey::parse(&ek_pub, "endorsementKey").unwrap();
+    let srk = StorageKey::parse(&srk_pub, "storageRootKey").unwrap();
+    let key = [0x5a_u8; 32];
+    tpm.take_in(&authentication_key(&ek, &srk, &key).unwrap()).unwrap();
+    let msg = b"0ne00000001%2fregistrations%2ftpm-1\n1767225600";
+    assert_eq!(tpm.hmac(msg), hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), msg).as_ref());
+}
+
+#[test]
+fn a_blob_for_another_tpm_or_altered_is_refused_by_the_tpm() {
+    let tpm = SoftTpm::start();
+    let (ek_pub, srk_pub) = tpm.keys();
+    let other = SoftTpm::start();
+    let (other_ek, _) = other.keys();
+    let srk = StorageKey::parse(&srk_pub, "storageRootKey").unwrap();
+    // Encrypted to another TPM's EK: this one cannot activate the credential.
+    let foreign = StorageKey::parse(&other_ek, "endorsementKey").unwrap();
+    let e = tpm.take_in(&authentication_key(&foreign, &srk, &[1; 32]).unwrap()).unwrap_err();
+    assert!(e.contains("tpm2_activatecredential"), "{e}");
+    // One bit of the duplicate flipped: the import's integrity check refuses it.
+    let ek = StorageKey::parse(&ek_pub, "endorsementKey").unwrap();
+    let mut blob = authentication_key(&ek, &srk, &[1; 32]).unwrap();
+    let parts = split(&blob);
+    let at = parts[0].len() + parts[1].len() + parts[2].len() - 1;
+    blob[at] ^= 1;
+    let e = tpm.take_in(&blob).unwrap_err();
+    assert!(e.contains("tpm2_import"), "{e}");
+}
+
+fn register_path(scope: &str, id: &str) -> String {
+    format!("/{scope}/registrations/{id}/register?api-version=2021-06-01")
+}
+
+fn tpm_body(id: &str, ek: &[u8], srk: Option<&[u8]>) -> String {
+    let mut tpm = json!({"endorsementKey": B64.encode(ek)});
+    if let Some(srk) = srk {
+        tpm["storageRootKey"] = json!(B64.encode(srk));
+    }
+    json!({"registrationId": id, "tpm": tpm}).to_string()
+}
+
+/// The challenge: `401` with `authenticationKey` and `keyName`, and no `status`.
+fn challenge(s: &Server, scope: &str, id: &str, body: &str) -> Vec<u8> {
+    let (status, _, v) = curl(s, "PUT", &register_path(scope, id), None, Some(body));
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["keyName"], "registration", "{v}");
+    assert!(v.get("status").is_none() && v.get("errorCode").is_none(), "{v}");
+    B64.decode(v["authenticationKey"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_device_registers_with_curl_and_its_tpm() {
+    let tpm = SoftTpm::start();
+    let (ek, srk) = tpm.keys();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-t.example.net"]);
+    let scope = s.info.id_scope.clone();
+    let created = put_enrollment(
+        &s,
+        false,
+        "tpm-dev-01",
+        json!({"registrationId": "tpm-dev-01", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&ek)}}}),
+    )
+    .await;
+    assert_eq!(created["attestation"]["type"], "tpm");
+
+    // 1. No credential, the TPM's keys: the challenge, which only this TPM can take in.
+    let blob = challenge(&s, &scope, "tpm-dev-01", &tpm_body("tpm-dev-01", &ek, Some(&srk)));
+    tpm.take_in(&blob).unwrap();
+    // 2. The same request signed by the TPM with the delivered key.
+    let token = tpm.sas(&scope, "tpm-dev-01");
+    let body = tpm_body("tpm-dev-01", &ek, Some(&srk));
+    let (status, _, v) = curl(&s, "PUT", &register_path(&scope, "tpm-dev-01"), Some(&token), Some(&body));
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["status"], "assigning");
+    let op = v["operationId"].as_str().unwrap().to_owned();
+    // 3. The poll, signed the same way: assigned, with the key again for the device's TPM.
+    let poll = format!("/{scope}/registrations/tpm-dev-01/operations/{op}?api-version=2021-06-01");
+    let (status, _, v) = curl(&s, "GET", &poll, Some(&token), None);
+    assert_eq!(status, 200, "{v}");
+    let state = &v["registrationState"];
+    assert_eq!(state["status"], "assigned", "{v}");
+    assert_eq!(state["assignedHub"], "hub-t.example.net");
+    assert_eq!(state["deviceId"], "tpm-dev-01");
+    assert!(state.get("symmetricKey").is_none() && state.get("x509").is_none(), "{v}");
+    let result_blob = B64.decode(state["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
+    assert_ne!(result_blob, blob, "wrapped afresh");
+    // The result's blob opens in the same TPM to the same key: the token it signs now is
+    // the one it signed before (same expiry second or not, the device's key is unchanged).
+    let msg = b"hub sas";
+    let before = tpm.hmac(msg);
+    tpm.take_in(&result_blob).unwrap();
+    assert_eq!(tpm.hmac(msg), before);
+    // The device's registration state (POST) with the same token.
+    let (status, _, v) = curl(
+        &s,
+        "POST",
+        &format!("/{scope}/registrations/tpm-dev-01?api-version=2021-06-01"),
+        Some(&token),
+        Some("{}"),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "assigned");
+
+    // A second boot: a Rust/aziot-style second request without the tpm block works too,
+    // and a new challenge makes the tokens of the old key worthless.
+    let blob2 = challenge(&s, &scope, "tpm-dev-01", &tpm_body("tpm-dev-01", &ek, Some(&srk)));
+    let (status, _, v) = curl(&s, "PUT", &register_path(&scope, "tpm-dev-01"), Some(&token), Some(&body));
+    assert_dps_error(status, &v, 401, 401_002);
+    tpm.take_in(&blob2).unwrap();
+    let token2 = tpm.sas(&scope, "tpm-dev-01");
+    let (status, _, v) = curl(
+        &s,
+        "PUT",
+        &register_path(&scope, "tpm-dev-01"),
+        Some(&token2),
+        Some(r#"{"registrationId":"tpm-dev-01"}"#),
+    );
+    assert_eq!(status, 202, "{v}");
+    // The audit log records the challenges (credential "tpm") next to the registrations.
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let challenged = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["result"] == "challenged" && e["credential"] == "tpm" && e["registrationId"] == "tpm-dev-01")
+        .count();
+    assert_eq!(challenged, 2, "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
+    let tpm = SoftTpm::start();
+    let (ek, srk) = tpm.keys();
+    let other = SoftTpm::start();
+    let (other_ek, other_srk) = other.keys();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-t.example.net"]);
+    let scope = s.info.id_scope.clone();
+    put_enrollment(
+        &s,
+        false,
+        "tpm-dev-02",
+        json!({"registrationId": "tpm-dev-02", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&ek)}}}),
+    )
+    .await;
+    put_enrollment(&s, false, "sym-dev", json!({"registrationId": "sym-dev", "attestation": {"type": "symmetricKey"}}))
+        .await;
+    let put = |id: &str, auth: Option<&str>, body: &str| curl(&s, "PUT", &register_path(&scope, id), auth, Some(body));
+
+    // Another TPM's EK for this device: refused before anything is sent.
+    let (status, _, v) = put("tpm-dev-02", None, &tpm_body("tpm-dev-02", &other_ek, Some(&other_srk)));
+    assert_dps_error(status, &v, 401, 401_002);
+    // No enrollment: 404201, as the C# SDK's tests expect.
+    let (status, _, v) = put("tpm-nobody", None, &tpm_body("tpm-nobody", &ek, Some(&srk)));
+    assert_dps_error(status, &v, 404, 404_201);
+    // A symmetric-key enrollment is not proven by a TPM.
+    let (status, _, v) = put("sym-dev", None, &tpm_body("sym-dev", &ek, Some(&srk)));
+    assert_dps_error(status, &v, 401, 401_002);
+    // Malformed tpm blocks: 400 in the DPS shape.
+    for body in [
+        r#"{"registrationId":"tpm-dev-02","tpm":{"endorsementKey":"%%%"}}"#.to_owned(),
+        r#"{"registrationId":"tpm-dev-02","tpm":{}}"#.to_owned(),
+        r#"{"registrationId":"tpm-dev-02","tpm":{"endorsementKey":7}}"#.to_owned(),
+        tpm_body("tpm-dev-02", &ek, None),
+        tpm_body("tpm-dev-02", &ek, Some(&srk[..40])),
+        tpm_body("other-id", &ek, Some(&srk)),
+    ] {
+        let (status, _, v) = put("tpm-dev-02", None, &body);
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["errorCode"].as_u64().map(|c| c / 1000), Some(400), "{body}: {v}");
+    }
+    // A token before any challenge, a forged token, and a token from another TPM.
+    let forged = format!(
+        "SharedAccessSignature sr={scope}%2fregistrations%2ftpm-dev-02&sig=AAAA&se={}&skn=registration",
+        now() + 600
+    );
+    let (status, _, v) = put("tpm-dev-02", Some(&forged), r#"{"registrationId":"tpm-dev-02"}"#);
+    assert_dps_error(status, &v, 401, 401_002);
+    let blob = challenge(&s, &scope, "tpm-dev-02", &tpm_body("tpm-dev-02", &ek, Some(&srk)));
+    // The other TPM cannot take in this TPM's key.
+    assert!(other.take_in(&blob).unwrap_err().contains("tpm2_activatecredential"));
+    let (status, _, v) = put("tpm-dev-02", Some(&forged), r#"{"registrationId":"tpm-dev-02"}"#);
+    assert_dps_error(status, &v, 401, 401_002);
+    // The refusals above registered nothing; the right TPM's token then does.
+    let state = "/registrations/tpm-dev-02?api-version=2021-10-01";
+    let (status, v) = crate::common::service(&s, reqwest::Method::GET, state, None, None).await;
+    assert_eq!(status, 404, "{v}");
+    tpm.take_in(&blob).unwrap();
+    let (status, _, v) = put("tpm-dev-02", Some(&tpm.sas(&scope, "tpm-dev-02")), r#"{"registrationId":"tpm-dev-02"}"#);
+    assert_eq!(status, 202, "{v}");
+    let (status, v) = crate::common::service(&s, reqwest::Method::GET, state, None, None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "assigned", "{v}");
+}
