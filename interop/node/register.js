@@ -14,11 +14,17 @@
 //   TRANSPORT       "http" (default) | "mqtt" | "amqp" | "mqtt-ws" | "amqp-ws"
 //                   (the last two: MQTT or AMQP over WebSockets, which the SDK
 //                   always sends to wss://PROVISIO_HOST:443/$iothub/websocket).
-//   ATTESTATION     "symmetricKey" (default) | "x509".
+//   ATTESTATION     "symmetricKey" (default) | "x509" | "tpm".
 //   SYMMETRIC_KEY   base64 device key (required for symmetricKey).
 //   CERT_FILE       PEM device certificate (chain allowed), for x509.
 //   KEY_FILE        PEM private key, for x509.
 //   KEY_PASSPHRASE  optional passphrase of KEY_FILE.
+//   SWTPM_PORT      for tpm: the command port of a swtpm (`swtpm socket --server
+//                   type=tcp,...`). tss.js speaks the Microsoft simulator's TCP
+//                   framing, swtpm raw TPM commands; this harness puts a small
+//                   framing proxy between them (the TPM commands pass unchanged).
+//   TPM_PRINT_EK    for tpm: print {"ok":true,"endorsementKey":...,"registrationId":...}
+//                   from the SDK's TpmSecurityClient and exit, without registering.
 //   PAYLOAD         optional JSON text; passed to setProvisioningPayload().
 //   REGISTER_TIMEOUT_MS optional override of the 60000 ms overall timeout.
 //   CA_FILE         optional PEM CA bundle to trust, passed explicitly to the
@@ -244,9 +250,94 @@ function makeSecurityClient(attestation, registrationId) {
       if (pass !== undefined) cert.passphrase = pass;
       return new X509Security(registrationId, cert);
     }
+    case 'tpm': {
+      const { TpmSecurityClient } = require('azure-iot-security-tpm');
+      const { Tpm } = requireFrom('azure-iot-security-tpm', 'tss.js');
+      return new TpmSecurityClient(registrationId, new Tpm(true, '127.0.0.1', tpmProxyPort));
+    }
     default:
-      throw usageError('ATTESTATION must be symmetricKey or x509 (got ' + JSON.stringify(attestation) + ')');
+      throw usageError('ATTESTATION must be symmetricKey, x509 or tpm (got ' + JSON.stringify(attestation) + ')');
   }
+}
+
+// The Microsoft TPM simulator's TCP framing (what tss.js speaks) in front of swtpm's raw
+// command socket. Command port: HandShake(15) -> [version, tpmInfo, 0]; SendCommand(8),
+// locality byte, size, command -> [size, response, 0]; SessionEnd(20) / Stop(21) close.
+// Platform port (command port + 1): every 4-byte signal (power on, NV on) is acknowledged.
+let tpmProxyPort;
+
+function startTpmProxy(swtpmPort, done) {
+  const net = require('net');
+  function reader(sock) {
+    let buf = Buffer.alloc(0);
+    let waiting = null;
+    const pump = () => {
+      if (waiting && buf.length >= waiting.n) {
+        const w = waiting;
+        waiting = null;
+        const out = buf.subarray(0, w.n);
+        buf = buf.subarray(w.n);
+        w.resolve(out);
+      }
+    };
+    sock.on('data', (d) => { buf = Buffer.concat([buf, d]); pump(); });
+    sock.on('close', () => { if (waiting) { const w = waiting; waiting = null; w.resolve(null); } });
+    return (n) => new Promise((resolve) => { waiting = { n, resolve }; pump(); });
+  }
+  const u32 = (v) => { const b = Buffer.alloc(4); b.writeUInt32BE(v >>> 0); return b; };
+  async function onCommand(sock) {
+    const read = reader(sock);
+    const tpm = net.connect(swtpmPort, '127.0.0.1');
+    const readTpm = reader(tpm);
+    sock.on('error', () => tpm.destroy());
+    tpm.on('error', () => sock.destroy());
+    for (;;) {
+      const code = await read(4);
+      if (!code) break;
+      const op = code.readUInt32BE(0);
+      if (op === 15) {
+        await read(4);
+        sock.write(Buffer.concat([u32(1), u32(0), u32(0)]));
+      } else if (op === 8) {
+        await read(1);
+        const len = await read(4);
+        const cmd = await read(len.readUInt32BE(0));
+        tpm.write(cmd);
+        const head = await readTpm(10);
+        if (!head) break;
+        const rest = await readTpm(head.readUInt32BE(2) - 10);
+        const resp = Buffer.concat([head, rest]);
+        sock.write(Buffer.concat([u32(resp.length), resp, u32(0)]));
+      } else if (op === 20 || op === 21) {
+        break;
+      } else {
+        sock.write(u32(0));
+      }
+    }
+    sock.destroy();
+    tpm.destroy();
+  }
+  function onPlatform(sock) {
+    const read = reader(sock);
+    sock.on('error', () => {});
+    (async () => { while (await read(4)) sock.write(u32(0)); })();
+  }
+  (function attempt(n) {
+    const cmd = net.createServer((s) => { onCommand(s).catch(() => s.destroy()); });
+    cmd.listen(0, '127.0.0.1', () => {
+      const port = cmd.address().port;
+      const plat = net.createServer(onPlatform);
+      plat.once('error', () => {
+        cmd.close();
+        if (n < 20) attempt(n + 1); else done(new Error('no two adjacent free ports for the TPM proxy'));
+      });
+      plat.listen(port + 1, '127.0.0.1', () => {
+        cmd.unref();
+        plat.unref();
+        done(null, port);
+      });
+    });
+  })(0);
 }
 
 function main() {
@@ -301,8 +392,32 @@ function main() {
   });
 }
 
+function printEndorsementKey() {
+  const securityClient = makeSecurityClient('tpm', env('REGISTRATION_ID'));
+  securityClient.getEndorsementKey((err, ek) => {
+    if (err) return fail(err, 1);
+    securityClient.getRegistrationId((err2, id) => {
+      if (err2) return fail(err2, 1);
+      finish({ ok: true, endorsementKey: Buffer.from(ek).toString('base64'), registrationId: id }, 0);
+    });
+  });
+}
+
+function start() {
+  if (env('ATTESTATION') !== 'tpm') return main();
+  startTpmProxy(Number(requireEnv('SWTPM_PORT')), (err, port) => {
+    if (err) return fail(err, 1);
+    tpmProxyPort = port;
+    try {
+      if (env('TPM_PRINT_EK')) printEndorsementKey(); else main();
+    } catch (e) {
+      fail(e, 1);
+    }
+  });
+}
+
 try {
-  main();
+  start();
 } catch (err) {
   fail(err, 1);
 }

@@ -16,6 +16,12 @@ fn node_register(s: &Server, registration_id: &str, key: &str) -> Value {
 }
 
 fn node_run(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
+    node_output(s, registration_id, env)["result"].clone()
+}
+
+/// Runs the Node harness (`interop/node/register.js`) with `env` and returns its JSON line,
+/// which must say `ok`.
+pub(crate) fn node_output(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
     let dir = repo_root().join("interop/node");
     assert!(
         dir.join("node_modules/azure-iot-provisioning-device").exists(),
@@ -40,7 +46,7 @@ fn node_run(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
         "Node SDK registration failed: {v}\nserver log:\n{}",
         s.log_text()
     );
-    v["result"].clone()
+    v
 }
 
 /// Test certificates made by `provisio cert` in `dir`: each entry is its arguments.

@@ -23,6 +23,7 @@ struct SoftTpm {
     child: Child,
     dir: tempfile::TempDir,
     tcti: String,
+    port: u16,
 }
 
 impl Drop for SoftTpm {
@@ -56,7 +57,7 @@ impl SoftTpm {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Self { child, dir, tcti: format!("swtpm:host=127.0.0.1,port={port}") }
+        Self { child, dir, tcti: format!("swtpm:host=127.0.0.1,port={port}"), port }
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -369,4 +370,70 @@ async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
     let (status, v) = crate::common::service(&s, reqwest::Method::GET, state, None, None).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["status"], "assigned", "{v}");
+}
+
+/// The stock Node SDK (`azure-iot-security-tpm` with tss.js, and the HTTP transport) with a
+/// software TPM: it makes its EK and SRK in the TPM, takes the challenge's key in, signs with
+/// it and polls to `assigned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_node_tpm_client_registers_over_https() {
+    let _port = crate::common::PORT_443.lock().await;
+    let tpm = SoftTpm::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        tmp.path(),
+        "127.0.0.1:443",
+        &["--linked-hub", "node-tpm-hub.example.net", "--retry-after-secs", "1"],
+    );
+    let swtpm = tpm.port.to_string();
+    let env = [("ATTESTATION", "tpm"), ("SWTPM_PORT", swtpm.as_str())];
+    let printed = crate::interop::node_output(&s, "node-tpm-1", &[env[0], env[1], ("TPM_PRINT_EK", "1")]);
+    let ek = printed["endorsementKey"].as_str().unwrap().to_owned();
+    put_enrollment(
+        &s,
+        false,
+        "node-tpm-1",
+        json!({"registrationId": "node-tpm-1", "deviceId": "node-tpm-dev", "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}),
+    )
+    .await;
+    // The SDK's TPM path hands back the whole operation status.
+    let out = crate::interop::node_output(&s, "node-tpm-1", &env)["result"].clone();
+    assert_eq!(out["status"], "assigned", "{out}");
+    let r = out["registrationState"].clone();
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(r["assignedHub"], "node-tpm-hub.example.net", "{r}");
+    assert_eq!(r["deviceId"], "node-tpm-dev", "{r}");
+    assert!(r["tpm"]["authenticationKey"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
+
+    // Enrolled with another TPM's EK: the SDK gets our 401 (in the DPS error shape, with no
+    // authenticationKey), says the answer is not a challenge and stops; the audit log has why.
+    let other = SoftTpm::start();
+    let (other_ek, _) = other.keys();
+    put_enrollment(
+        &s,
+        false,
+        "node-tpm-2",
+        json!({"registrationId": "node-tpm-2", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(other_ek)}}}),
+    )
+    .await;
+    let out = Command::new("node")
+        .arg(crate::common::repo_root().join("interop/node/register.js"))
+        .env("PROVISIO_HOST", "localhost")
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", "node-tpm-2")
+        .envs(env)
+        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["name"], "FormatError", "{v}");
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).any(|e| e["registrationId"] == "node-tpm-2"
+            && e["result"] == "refused"
+            && e["errorCode"] == 401_002
+            && e["credential"] == "tpm"),
+        "{audit}"
+    );
 }
