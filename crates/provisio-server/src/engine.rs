@@ -650,29 +650,7 @@ impl Engine {
             Ok(r) => self.tpm_challenge_inner(scope, registration_id, &r).await,
             Err(e) => Err(e),
         };
-        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
-        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
-        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
-        entry.peer = origin.peer;
-        entry.credential = Some("tpm".to_owned());
-        let result = match result {
-            Ok(blob) => {
-                entry.status = 401;
-                entry.result = "challenged".into();
-                Ok(blob)
-            }
-            Err(e) => {
-                let (e, tracking_id) = e.tracked();
-                entry.result = "refused".into();
-                entry.status = e.status();
-                entry.error_code = Some(e.code());
-                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
-                entry.tracking_id = Some(tracking_id);
-                Err(e)
-            }
-        };
-        self.audit.record(&entry).await;
-        result
+        self.audit_challenge(origin, registration_id, result).await
     }
 
     async fn tpm_challenge_inner(
@@ -681,13 +659,67 @@ impl Engine {
         registration_id: &str,
         request: &DeviceRegistration,
     ) -> Result<String, ServerError> {
-        let _permit = self.admit()?;
-        self.check_scope(scope)?;
-        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
-        let id = Self::parse_id(registration_id)?;
+        let (_permit, id) = self.tpm_admit(scope, registration_id)?;
         check_body_id(&id, request)?;
         let (ek_sent, srk_sent) = tpm_keys_of(request)?;
-        let enrollment = self.individual(&id, None).await?.ok_or_else(|| ServerError::NotFound {
+        let (ek, srk) = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key)
+            .map_err(|_| ServerError::Internal("the random number generator failed".into()))?;
+        let blob =
+            tpm::authentication_key(&ek, &tpm::StorageKey::parse(&srk, "storageRootKey").map_err(tpm_invalid)?, &key)
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.store_tpm_challenge(&id, &key, &srk).await?;
+        Ok(B64.encode(blob))
+    }
+
+    /// The AMQP form of [`Engine::tpm_challenge`] (SASL mechanism `TPM`): the front-end has
+    /// already sent the blob for `key`, made from the `ek` and `srk` the device sent, because
+    /// the SASL exchange cannot wait for the store; this checks the EK against the enrollment
+    /// and keeps `key` for the SAS tokens that follow. Audited like a registration.
+    ///
+    /// # Errors
+    /// As [`Engine::tpm_challenge`].
+    pub async fn tpm_sasl_challenge(
+        &self,
+        origin: &Origin,
+        scope: &str,
+        registration_id: &str,
+        ek: &[u8],
+        srk: &[u8],
+        key: &[u8],
+    ) -> Result<(), ServerError> {
+        let result = async {
+            let (_permit, id) = self.tpm_admit(scope, registration_id)?;
+            self.tpm_enrolled(&id, ek, Some(srk.to_vec())).await?;
+            self.store_tpm_challenge(&id, key, srk).await
+        }
+        .await;
+        self.audit_challenge(origin, registration_id, result).await
+    }
+
+    /// The checks a registration passes first: the node's limit (the permit is held until
+    /// the caller is done), the scope, the instance's registration rate, a valid id.
+    fn tpm_admit(
+        &self,
+        scope: &str,
+        registration_id: &str,
+    ) -> Result<(Option<tokio::sync::OwnedSemaphorePermit>, RegistrationId), ServerError> {
+        let permit = self.admit()?;
+        self.check_scope(scope)?;
+        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
+        Ok((permit, Self::parse_id(registration_id)?))
+    }
+
+    /// The device's TPM enrollment, if `ek_sent` is its EK: returns the EK, parsed, and the
+    /// SRK to wrap to (the one sent, else the enrolled one).
+    async fn tpm_enrolled(
+        &self,
+        id: &RegistrationId,
+        ek_sent: &[u8],
+        srk_sent: Option<Vec<u8>>,
+    ) -> Result<(tpm::StorageKey, Vec<u8>), ServerError> {
+        let enrollment = self.individual(id, None).await?.ok_or_else(|| ServerError::NotFound {
             code: codes::ENROLLMENT_NOT_FOUND,
             message: format!("No individual enrollment has the registration id '{id}'."),
         })?;
@@ -702,7 +734,7 @@ impl Engine {
             });
         };
         let enrolled = B64.decode(endorsement_key.trim()).unwrap_or_default();
-        if aws_lc_rs::constant_time::verify_slices_are_equal(&enrolled, &ek_sent).is_err() {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(&enrolled, ek_sent).is_err() {
             return Err(ServerError::Unauthorized {
                 public: "Unauthorized: the endorsement key does not match the enrollment's.".into(),
                 detail: format!("registration '{id}' sent an endorsement key other than its enrollment's"),
@@ -720,24 +752,54 @@ impl Engine {
                 ));
             }
         };
-        let ek =
-            tpm::StorageKey::parse(&enrolled, "endorsementKey").map_err(|e| ServerError::invalid(e.to_string()))?;
-        let srk_key =
-            tpm::StorageKey::parse(&srk, "storageRootKey").map_err(|e| ServerError::invalid(e.to_string()))?;
-        let mut key = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut key)
-            .map_err(|_| ServerError::Internal("the random number generator failed".into()))?;
-        let blob = tpm::authentication_key(&ek, &srk_key, &key).map_err(|e| ServerError::Internal(e.to_string()))?;
+        tpm::StorageKey::parse(&srk, "storageRootKey").map_err(tpm_invalid)?;
+        Ok((tpm::StorageKey::parse(&enrolled, "endorsementKey").map_err(tpm_invalid)?, srk))
+    }
+
+    /// Keeps `key` as the device's current challenge key (replacing an earlier one).
+    async fn store_tpm_challenge(&self, id: &RegistrationId, key: &[u8], srk: &[u8]) -> Result<(), ServerError> {
         let challenge = TpmChallenge {
             challenge_key: B64.encode(key),
-            storage_root_key: B64.encode(&srk),
+            storage_root_key: B64.encode(srk),
             expires: unix_now_i64().saturating_add(TPM_CHALLENGE_SECS),
         };
         let body = serde_json::to_string(&challenge).map_err(|e| ServerError::Internal(e.to_string()))?;
         self.store.put(Collection::TpmChallenges, id.key(), &body, Precondition::Any).await?;
         // A token proven with an earlier challenge's key no longer counts.
         self.auth_cache.clear();
-        Ok(B64.encode(blob))
+        Ok(())
+    }
+
+    /// Records a TPM challenge (or its refusal) in the audit log.
+    async fn audit_challenge<T>(
+        &self,
+        origin: &Origin,
+        registration_id: &str,
+        result: Result<T, ServerError>,
+    ) -> Result<T, ServerError> {
+        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
+        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
+        entry.peer = origin.peer;
+        entry.credential = Some("tpm".to_owned());
+        let result = match result {
+            Ok(v) => {
+                entry.status = 401;
+                entry.result = "challenged".into();
+                Ok(v)
+            }
+            Err(e) => {
+                let (e, tracking_id) = e.tracked();
+                entry.result = "refused".into();
+                entry.status = e.status();
+                entry.error_code = Some(e.code());
+                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+                entry.tracking_id = Some(tracking_id);
+                Err(e)
+            }
+        };
+        self.audit.record(&entry).await;
+        result
     }
 
     /// The outstanding challenge of a TPM device whose SAS `token` it signed, or `401`.
@@ -781,10 +843,8 @@ impl Engine {
         let decode = |b: &str| {
             B64.decode(b.trim()).map_err(|_| ServerError::Internal(format!("stored TPM key of '{id}' is not base64")))
         };
-        let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey")
-            .map_err(|e| ServerError::invalid(e.to_string()))?;
-        let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey")
-            .map_err(|e| ServerError::invalid(e.to_string()))?;
+        let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey").map_err(tpm_invalid)?;
+        let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey").map_err(tpm_invalid)?;
         let blob = tpm::authentication_key(&ek, &srk, &decode(&c.challenge_key)?)
             .map_err(|e| ServerError::Internal(e.to_string()))?;
         Ok(TpmDetails { authentication_key: B64.encode(blob) })
@@ -883,6 +943,10 @@ fn tpm_keys_of(request: &DeviceRegistration) -> Result<(Vec<u8>, Option<Vec<u8>>
     let ek = decode("endorsementKey", &tpm.endorsement_key)?;
     let srk = tpm.storage_root_key.as_deref().filter(|s| !s.trim().is_empty()).map(|s| decode("storageRootKey", s));
     Ok((ek, srk.transpose()?))
+}
+
+fn tpm_invalid(e: tpm::TpmError) -> ServerError {
+    ServerError::invalid(e.to_string())
 }
 
 fn unix_now_i64() -> i64 {

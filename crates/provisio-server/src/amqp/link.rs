@@ -116,9 +116,59 @@ pub fn sasl_init(mechanism: &str, initial_response: Option<&[u8]>) -> Result<Aut
             Ok(Auth::Sas { device, token: token.to_owned() })
         }
         "EXTERNAL" | "ANONYMOUS" => Ok(Auth::Certificate),
-        "TPM" => Err("TPM attestation over AMQP (SASL TPM) is not supported; use HTTPS".into()),
+        "TPM" => Err("SASL TPM is a challenge exchange; see `TpmSasl`".into()),
         other => Err(format!("SASL mechanism '{}' is not supported", crate::engine::shorten(other))),
     }
+}
+
+/// Most bytes of the blob in one SASL challenge frame (the C client keeps its own SASL
+/// frames' data to 470 bytes; frames may be as small as 512 bytes during SASL).
+const TPM_SEGMENT: usize = 400;
+/// Most challenge segments: C# compares a growing counter with the control byte's 2-bit
+/// sequence number.
+const TPM_MAX_SEGMENTS: usize = 4;
+
+/// The init of SASL mechanism `TPM`: `0 ‖ idScope ‖ 0 ‖ registrationId ‖ 0 ‖ EK TPM2B_PUBLIC`.
+/// Returns the device and the EK's bytes.
+///
+/// # Errors
+/// Anything else.
+pub fn tpm_sasl_init(initial_response: Option<&[u8]>) -> Result<(Device, Vec<u8>), String> {
+    let response = initial_response.ok_or("SASL TPM without an initial response")?;
+    let mut parts = response.splitn(4, |b| *b == 0);
+    let (Some([]), Some(scope), Some(id), Some(ek)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err("SASL TPM init is not 0 idScope 0 registrationId 0 endorsementKey".into());
+    };
+    let scope = std::str::from_utf8(scope).map_err(|_| "SASL TPM idScope is not UTF-8")?;
+    let id = std::str::from_utf8(id).map_err(|_| "SASL TPM registration id is not UTF-8")?;
+    let device = parse_address(&format!("{scope}/registrations/{id}"))
+        .ok_or("SASL TPM idScope or registration id is not valid")?;
+    if ek.is_empty() {
+        return Err("SASL TPM init carries no endorsement key".into());
+    }
+    Ok((device, ek.to_vec()))
+}
+
+/// The blob as SASL challenge frames: each `control ‖ segment`, the control byte `0x80 | seq`
+/// for an interim segment and `0xC0 | seq` for the last.
+///
+/// # Errors
+/// A blob that does not fit in [`TPM_MAX_SEGMENTS`] segments.
+pub fn tpm_sasl_segments(blob: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let chunks: Vec<&[u8]> = blob.chunks(TPM_SEGMENT).collect();
+    if chunks.is_empty() || chunks.len() > TPM_MAX_SEGMENTS {
+        return Err(format!("a TPM blob of {} bytes does not fit in {TPM_MAX_SEGMENTS} SASL challenges", blob.len()));
+    }
+    let last = chunks.len() - 1;
+    Ok(chunks
+        .iter()
+        .enumerate()
+        .map(|(seq, c)| {
+            // seq < TPM_MAX_SEGMENTS = 4: it fits the two low bits.
+            let control = if seq == last { 0xC0 } else { 0x80 } | (seq as u8 & 0x03);
+            [&[control][..], c].concat()
+        })
+        .collect())
 }
 
 /// Which way a link carries messages, seen from the server.
@@ -483,6 +533,26 @@ mod tests {
         assert!(sasl_init("PLAIN", Some(b"\x000ne1/registrations/d\x00\xff\xfe")).is_err(), "non-UTF-8");
         let tpm = sasl_init("TPM", Some(b"\x00ek")).unwrap_err();
         assert!(tpm.contains("TPM"), "{tpm}");
+        let (device, ek) = tpm_sasl_init(Some(b"\x000ne00000001\x00tpm-1\x00\x01\x3a\x00\x01")).unwrap();
+        assert_eq!((device.scope.as_str(), device.registration_id.as_str()), ("0ne00000001", "tpm-1"));
+        assert_eq!(ek, b"\x01\x3a\x00\x01", "an EK's zero bytes stay in it");
+        for bad in [
+            &b""[..],
+            b"0ne00000001\x00tpm-1\x00ek",
+            b"\x000ne00000001\x00tpm-1",
+            b"\x000ne00000001\x00\x00ek",
+            b"\x000ne00000001\x00tpm-1\x00",
+        ] {
+            assert!(tpm_sasl_init(Some(bad)).is_err(), "{bad:?}");
+        }
+        assert!(tpm_sasl_init(None).is_err());
+        let segments = tpm_sasl_segments(&[7; 900]).unwrap();
+        assert_eq!(
+            segments.iter().map(|s| (s[0], s.len())).collect::<Vec<_>>(),
+            [(0x80, 401), (0x81, 401), (0xC2, 101)]
+        );
+        assert_eq!(tpm_sasl_segments(&[7; 10]).unwrap(), [[&[0xC0][..], &[7; 10]].concat()]);
+        assert!(tpm_sasl_segments(&[7; 1601]).is_err() && tpm_sasl_segments(&[]).is_err());
         assert!(sasl_init("SCRAM-SHA-256", None).is_err());
         assert_eq!(sasl_init("EXTERNAL", None), Ok(Auth::Certificate));
         assert_eq!(sasl_init("ANONYMOUS", Some(b"x")), Ok(Auth::Certificate));

@@ -28,8 +28,8 @@ use fe2o3_amqp_types::{
     definitions::Role,
     messaging::{Body, Data, Message, Target},
     performatives::Attach,
-    primitives::{Array, Symbol, Value},
-    sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse},
+    primitives::{Array, Binary, Symbol, Value},
+    sasl::{SaslChallenge, SaslCode, SaslInit, SaslOutcome, SaslResponse},
 };
 use provisio_proto::{
     DEVICE_API_VERSIONS,
@@ -115,19 +115,91 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-/// The SASL side of a connection: decides on the SASL init (synchronously, as
+/// The SASL side of a connection: decides on the SASL exchange (synchronously, as
 /// fe2o3-amqp asks) and keeps the outcome for the connection task.
 #[derive(Debug, Clone, Default)]
 struct DpsSasl {
     decided: Arc<Mutex<Option<Auth>>>,
+    /// SASL `TPM`: the challenge the device was sent, for the connection task to check
+    /// against the enrollment and keep before anything else happens.
+    tpm_sent: Arc<Mutex<Option<TpmSent>>>,
+    /// SASL `TPM`, in progress (this acceptor's own copy: fe2o3-amqp keeps one per exchange).
+    tpm: Option<TpmExchange>,
+}
+
+/// A TPM challenge sent over SASL.
+#[derive(Debug, Clone)]
+struct TpmSent {
+    device: link::Device,
+    ek: Vec<u8>,
+    srk: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// Where a SASL `TPM` exchange is.
+#[derive(Debug, Clone)]
+enum TpmExchange {
+    /// The init came (device and EK); the SRK is asked for next.
+    AwaitSrk { device: link::Device, ek: Vec<u8> },
+    /// Challenge segments are being sent; `next` is the next one's index.
+    Sending { sent: TpmSent, segments: Vec<Vec<u8>>, next: usize },
+}
+
+fn sasl_refused(mechanism: &str, why: &str) -> SaslServerFrame {
+    tracing::info!(mechanism, why, "AMQP SASL refused");
+    SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, additional_data: None })
+}
+
+fn sasl_challenge(bytes: Vec<u8>) -> SaslServerFrame {
+    SaslServerFrame::Challenge(SaslChallenge { challenge: Binary::from(bytes) })
+}
+
+impl DpsSasl {
+    /// The device's SRK came: make the key and its blob, send the blob's first segment.
+    fn tpm_srk(&mut self, device: link::Device, ek: Vec<u8>, response: &[u8]) -> SaslServerFrame {
+        let Some((0, srk)) = response.split_first().map(|(a, b)| (*a, b.to_vec())) else {
+            return sasl_refused("TPM", "the SRK response does not start with 0");
+        };
+        let made = (|| -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
+            let ek_key = provisio_core::tpm::StorageKey::parse(&ek, "endorsementKey").map_err(|e| e.to_string())?;
+            let srk_key = provisio_core::tpm::StorageKey::parse(&srk, "storageRootKey").map_err(|e| e.to_string())?;
+            let mut key = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut key).map_err(|_| "the random number generator failed".to_owned())?;
+            let blob = provisio_core::tpm::authentication_key(&ek_key, &srk_key, &key).map_err(|e| e.to_string())?;
+            Ok((key, link::tpm_sasl_segments(&blob)?))
+        })();
+        match made {
+            Ok((key, segments)) => {
+                let first = segments[0].clone();
+                self.tpm = Some(TpmExchange::Sending { sent: TpmSent { device, ek, srk, key }, segments, next: 1 });
+                sasl_challenge(first)
+            }
+            Err(why) => sasl_refused("TPM", &why),
+        }
+    }
 }
 
 impl SaslAcceptor for DpsSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from("PLAIN"), Symbol::from("EXTERNAL"), Symbol::from("ANONYMOUS")])
+        Array::from(vec![
+            Symbol::from("PLAIN"),
+            Symbol::from("EXTERNAL"),
+            Symbol::from("ANONYMOUS"),
+            Symbol::from("TPM"),
+        ])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
+        if init.mechanism.as_str() == "TPM" {
+            return match link::tpm_sasl_init(init.initial_response.as_ref().map(|b| b.as_slice())) {
+                Ok((device, ek)) => {
+                    self.tpm = Some(TpmExchange::AwaitSrk { device, ek });
+                    // A single 0: "send your SRK".
+                    sasl_challenge(vec![0])
+                }
+                Err(why) => sasl_refused("TPM", &why),
+            };
+        }
         let decision = link::sasl_init(init.mechanism.as_str(), init.initial_response.as_ref().map(|b| b.as_slice()));
         let code = match decision {
             Ok(auth) => {
@@ -142,9 +214,35 @@ impl SaslAcceptor for DpsSasl {
         SaslServerFrame::Outcome(SaslOutcome { code, additional_data: None })
     }
 
-    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
-        // PLAIN, EXTERNAL and ANONYMOUS finish with the init; there is no challenge.
-        SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, additional_data: None })
+    fn on_response(&mut self, response: SaslResponse) -> SaslServerFrame {
+        // PLAIN, EXTERNAL and ANONYMOUS finish with the init; only TPM goes on.
+        let response = response.response.as_slice();
+        match self.tpm.take() {
+            None => sasl_refused("-", "a SASL response without a challenge"),
+            Some(TpmExchange::AwaitSrk { device, ek }) => self.tpm_srk(device, ek, response),
+            Some(TpmExchange::Sending { sent, segments, next }) if next < segments.len() => {
+                if response != [0] {
+                    return sasl_refused("TPM", "an interim challenge was not acknowledged with 0");
+                }
+                let segment = segments[next].clone();
+                self.tpm = Some(TpmExchange::Sending { sent, segments, next: next + 1 });
+                sasl_challenge(segment)
+            }
+            Some(TpmExchange::Sending { sent, .. }) => {
+                // The last segment's answer: 0 ‖ the SAS token signed with the delivered key.
+                let token = match response.split_first() {
+                    Some((0, t)) => std::str::from_utf8(t).ok().map(str::trim).filter(|t| !t.is_empty()),
+                    _ => None,
+                };
+                let Some(token) = token else {
+                    return sasl_refused("TPM", "the last challenge was not answered with 0 and a SAS token");
+                };
+                *self.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(Auth::Sas { device: sent.device.clone(), token: token.to_owned() });
+                *self.tpm_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sent);
+                SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Ok, additional_data: None })
+            }
+        }
     }
 }
 
@@ -258,6 +356,22 @@ where
                 .map_err(|_| "no SASL and Open in time".to_owned())?
                 .map_err(|e| format!("SASL/Open failed: {e}"))?;
             let auth = sasl.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let tpm = sasl.tpm_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            if let Some(t) = tpm {
+                // The device proved nothing yet: its enrollment must have this EK, and the
+                // key must be kept for the engine to check the SAS token it signed.
+                let checked = engine
+                    .tpm_sasl_challenge(&origin, &t.device.scope, &t.device.registration_id, &t.ek, &t.srk, &t.key)
+                    .await;
+                if let Err(e) = checked {
+                    let mut conn = conn;
+                    return refuse(
+                        &mut conn,
+                        &Refusal { condition: "amqp:unauthorized-access", description: e.to_string() },
+                    )
+                    .await;
+                }
+            }
             (conn, auth)
         }
         AMQP_HEADER => {

@@ -376,7 +376,7 @@ async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
 /// software TPM: it makes its EK and SRK in the TPM, takes the challenge's key in, signs with
 /// it and polls to `assigned`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stock_node_tpm_client_registers_over_https() {
+async fn stock_node_tpm_client_registers_over_https_and_amqp() {
     let _port = crate::common::PORT_443.lock().await;
     let tpm = SoftTpm::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -403,6 +403,16 @@ async fn stock_node_tpm_client_registers_over_https() {
     assert_eq!(r["status"], "assigned", "{r}");
     assert_eq!(r["assignedHub"], "node-tpm-hub.example.net", "{r}");
     assert_eq!(r["deviceId"], "node-tpm-dev", "{r}");
+    assert!(r["tpm"]["authenticationKey"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
+
+    // The same device again over AMQP: SASL mechanism TPM (EK, then SRK, the blob in
+    // challenge frames, the SAS token in the last response), then the register message.
+    let amqp = s.info.amqp_endpoint.clone().unwrap();
+    let amqp_env = [env[0], env[1], ("TRANSPORT", "amqp"), ("PROVISIO_HOST", amqp.as_str())];
+    let out = crate::interop::node_output(&s, "node-tpm-1", &amqp_env)["result"].clone();
+    let r = if out.get("registrationState").is_some() { out["registrationState"].clone() } else { out };
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(r["assignedHub"], "node-tpm-hub.example.net", "{r}");
     assert!(r["tpm"]["authenticationKey"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
 
     // Enrolled with another TPM's EK: the SDK gets our 401 (in the DPS error shape, with no
@@ -434,6 +444,27 @@ async fn stock_node_tpm_client_registers_over_https() {
             && e["result"] == "refused"
             && e["errorCode"] == 401_002
             && e["credential"] == "tpm"),
+        "{audit}"
+    );
+    // Over AMQP the same refusal closes the connection before any link: the SDK fails.
+    let out = Command::new("node")
+        .arg(crate::common::repo_root().join("interop/node/register.js"))
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", "node-tpm-2")
+        .envs(amqp_env)
+        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+        .env("REGISTER_TIMEOUT_MS", "20000")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_ne!(v["error"]["name"], "HarnessTimeout", "{v}");
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .any(|e| e["registrationId"] == "node-tpm-2" && e["transport"] == "amqp" && e["errorCode"] == 401_002),
         "{audit}"
     );
 }
