@@ -110,6 +110,9 @@ pub struct Request<'a> {
     pub previous: Option<&'a RegistrationRecord>,
     /// Its device id at the hub.
     pub device_id: String,
+    /// For TPM devices: the key delivered into the TPM (base64), which it signs with at the
+    /// hub too.
+    pub tpm_key: Option<&'a str>,
 }
 
 impl Assigner {
@@ -344,6 +347,10 @@ fn strip_etag(v: &mut Value) {
 fn hub_authentication(r: &Request<'_>) -> HubAuthentication {
     if let Some(x) = r.x509 {
         return HubAuthentication::SelfSigned { primary_thumbprint: x.certificate_info.sha256_thumbprint.clone() };
+    }
+    if let Some(key) = r.tpm_key {
+        // A TPM holds one key: both slots name it.
+        return HubAuthentication::Sas { primary_key: key.to_owned(), secondary_key: key.to_owned() };
     }
     let (attestation, group) = match r.matched {
         Matched::Individual(e) => (&e.attestation, false),

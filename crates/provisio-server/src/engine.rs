@@ -572,6 +572,14 @@ impl Engine {
             ),
         };
         let payload = request.payload.filter(|p| !p.is_null());
+        // A TPM device's challenge: its key goes to the hub registrar and, wrapped afresh,
+        // into the result.
+        let tpm_challenge = match &matched {
+            Matched::Individual(e) if matches!(e.attestation, Attestation::Tpm { .. }) => {
+                Some(self.tpm_challenge_of(&id).await?)
+            }
+            _ => None,
+        };
         let assignment = if settings.enabled {
             self.assigner
                 .assign(crate::assignment::Request {
@@ -581,6 +589,7 @@ impl Engine {
                     payload: payload.as_ref(),
                     previous: previous.as_ref(),
                     device_id,
+                    tpm_key: tpm_challenge.as_ref().map(|c| c.challenge_key.as_str()),
                 })
                 .await?
         } else {
@@ -589,9 +598,9 @@ impl Engine {
                 twin: previous.as_ref().and_then(|p| p.initial_twin.clone()),
             }
         };
-        let tpm = match (&matched, &assignment.outcome) {
-            (Matched::Individual(e), Outcome::Assigned { .. }) => match &e.attestation {
-                Attestation::Tpm { endorsement_key, .. } => Some(self.tpm_result(&id, endorsement_key).await?),
+        let tpm = match (&matched, &assignment.outcome, &tpm_challenge) {
+            (Matched::Individual(e), Outcome::Assigned { .. }, Some(c)) => match &e.attestation {
+                Attestation::Tpm { endorsement_key, .. } => Some(tpm_result(&id, endorsement_key, c)?),
                 _ => None,
             },
             _ => None,
@@ -637,8 +646,8 @@ impl Engine {
     /// a new challenge replaces the previous one. Audited like a registration.
     ///
     /// # Errors
-    /// Unknown scope or enrollment (`404201`), an enrollment that is not TPM or whose EK
-    /// differs (`401`), keys this service cannot use (`400`), or a store failure.
+    /// Unknown scope (`404`); no enrollment, one that is not TPM or whose EK differs (`401`,
+    /// the same answer for all three); keys this service cannot use (`400`); a store failure.
     pub async fn tpm_challenge(
         &self,
         origin: &Origin,
@@ -719,27 +728,26 @@ impl Engine {
         ek_sent: &[u8],
         srk_sent: Option<Vec<u8>>,
     ) -> Result<(tpm::StorageKey, Vec<u8>), ServerError> {
-        let enrollment = self.individual(id, None).await?.ok_or_else(|| ServerError::NotFound {
-            code: codes::ENROLLMENT_NOT_FOUND,
-            message: format!("No individual enrollment has the registration id '{id}'."),
-        })?;
+        // One answer for an unknown device, another attestation and another EK: no oracle
+        // for which registration ids are enrolled (DPS answers 404201 to the first).
+        let refused = |detail: String| ServerError::Unauthorized {
+            public: "Unauthorized: no TPM enrollment of this registration id has this endorsement key.".into(),
+            detail,
+            tracking_id: None,
+        };
+        let enrollment = self
+            .individual(id, None)
+            .await?
+            .ok_or_else(|| refused(format!("registration '{id}' sent a TPM endorsement key and has no enrollment")))?;
         let Attestation::Tpm { endorsement_key, storage_root_key } = &enrollment.attestation else {
-            return Err(ServerError::Unauthorized {
-                public: "Unauthorized: this device's enrollment does not use TPM attestation.".into(),
-                detail: format!(
-                    "registration '{id}' sent a TPM endorsement key; its enrollment uses {}",
-                    enrollment.attestation.kind()
-                ),
-                tracking_id: None,
-            });
+            return Err(refused(format!(
+                "registration '{id}' sent a TPM endorsement key; its enrollment uses {}",
+                enrollment.attestation.kind()
+            )));
         };
         let enrolled = B64.decode(endorsement_key.trim()).unwrap_or_default();
         if aws_lc_rs::constant_time::verify_slices_are_equal(&enrolled, ek_sent).is_err() {
-            return Err(ServerError::Unauthorized {
-                public: "Unauthorized: the endorsement key does not match the enrollment's.".into(),
-                detail: format!("registration '{id}' sent an endorsement key other than its enrollment's"),
-                tracking_id: None,
-            });
+            return Err(refused(format!("registration '{id}' sent an endorsement key other than its enrollment's")));
         }
         let srk = match (srk_sent, storage_root_key) {
             (Some(s), _) => s,
@@ -828,9 +836,8 @@ impl Engine {
         Ok(c)
     }
 
-    /// The result's `tpm.authenticationKey`: the key the device proved, wrapped again for
-    /// its TPM, so that a device that lost the challenge's copy gets it with the result.
-    async fn tpm_result(&self, id: &RegistrationId, endorsement_key: &str) -> Result<TpmDetails, ServerError> {
+    /// A TPM device's stored challenge (it attested with its key moments ago).
+    async fn tpm_challenge_of(&self, id: &RegistrationId) -> Result<TpmChallenge, ServerError> {
         let doc =
             self.store.get(Collection::TpmChallenges, id.key()).await?.ok_or_else(|| ServerError::Unauthorized {
                 public:
@@ -839,15 +846,7 @@ impl Engine {
                 detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
                 tracking_id: None,
             })?;
-        let c: TpmChallenge = serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))?;
-        let decode = |b: &str| {
-            B64.decode(b.trim()).map_err(|_| ServerError::Internal(format!("stored TPM key of '{id}' is not base64")))
-        };
-        let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey").map_err(tpm_invalid)?;
-        let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey").map_err(tpm_invalid)?;
-        let blob = tpm::authentication_key(&ek, &srk, &decode(&c.challenge_key)?)
-            .map_err(|e| ServerError::Internal(e.to_string()))?;
-        Ok(TpmDetails { authentication_key: B64.encode(blob) })
+        serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.
@@ -943,6 +942,19 @@ fn tpm_keys_of(request: &DeviceRegistration) -> Result<(Vec<u8>, Option<Vec<u8>>
     let ek = decode("endorsementKey", &tpm.endorsement_key)?;
     let srk = tpm.storage_root_key.as_deref().filter(|s| !s.trim().is_empty()).map(|s| decode("storageRootKey", s));
     Ok((ek, srk.transpose()?))
+}
+
+/// The result's `tpm.authenticationKey`: the key the device proved, wrapped afresh for its
+/// TPM (the SDKs import it for the hub).
+fn tpm_result(id: &RegistrationId, endorsement_key: &str, c: &TpmChallenge) -> Result<TpmDetails, ServerError> {
+    let decode = |b: &str| {
+        B64.decode(b.trim()).map_err(|_| ServerError::Internal(format!("stored TPM key of '{id}' is not base64")))
+    };
+    let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey").map_err(tpm_invalid)?;
+    let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey").map_err(tpm_invalid)?;
+    let blob = tpm::authentication_key(&ek, &srk, &decode(&c.challenge_key)?)
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    Ok(TpmDetails { authentication_key: B64.encode(blob) })
 }
 
 fn tpm_invalid(e: tpm::TpmError) -> ServerError {

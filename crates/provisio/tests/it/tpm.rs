@@ -227,13 +227,49 @@ fn challenge(s: &Server, scope: &str, id: &str, body: &str) -> Vec<u8> {
     B64.decode(v["authenticationKey"].as_str().unwrap()).unwrap()
 }
 
+/// A hub registrar endpoint that keeps what it is sent.
+async fn registrar_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = std::sync::Arc::default();
+    let keep = seen.clone();
+    let app = axum::Router::new().route(
+        "/registrar",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(v);
+                axum::Json(json!({}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (format!("http://{addr}/registrar"), seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tpm_device_registers_with_curl_and_its_tpm() {
     let tpm = SoftTpm::start();
     let (ek, srk) = tpm.keys();
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-t.example.net"]);
+    let cfg = tmp.path().join("provisio.toml");
+    std::fs::write(&cfg, "hub_registrar = \"webhook\"\n").unwrap();
+    let s = Server::start(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--linked-hub", "hub-t.example.net", "--config", cfg.to_str().unwrap()],
+    );
     let scope = s.info.id_scope.clone();
+    let (registrar, seen) = registrar_endpoint().await;
+    let (status, v) = crate::common::service(
+        &s,
+        reqwest::Method::PUT,
+        "/linkedHubs/hub-t.example.net?api-version=2021-10-01",
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": registrar})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
     let created = put_enrollment(
         &s,
         false,
@@ -270,6 +306,12 @@ async fn a_tpm_device_registers_with_curl_and_its_tpm() {
     let before = tpm.hmac(msg);
     tpm.take_in(&result_blob).unwrap();
     assert_eq!(tpm.hmac(msg), before);
+    // The hub registrar was given that key for the device's identity at the hub.
+    let calls = seen.lock().unwrap().clone();
+    let call = calls.iter().find(|c| c["registrationId"] == "tpm-dev-01").expect("registrar called");
+    assert_eq!(call["authentication"]["type"], "sas", "{call}");
+    let hub_key = B64.decode(call["authentication"]["primaryKey"].as_str().unwrap()).unwrap();
+    assert_eq!(hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &hub_key), msg).as_ref(), before.as_slice());
     // The device's registration state (POST) with the same token.
     let (status, _, v) = curl(
         &s,
@@ -329,9 +371,10 @@ async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
     // Another TPM's EK for this device: refused before anything is sent.
     let (status, _, v) = put("tpm-dev-02", None, &tpm_body("tpm-dev-02", &other_ek, Some(&other_srk)));
     assert_dps_error(status, &v, 401, 401_002);
-    // No enrollment: 404201, as the C# SDK's tests expect.
+    // No enrollment: the same 401 (DPS answers 404201, which tells anyone which ids are
+    // enrolled).
     let (status, _, v) = put("tpm-nobody", None, &tpm_body("tpm-nobody", &ek, Some(&srk)));
-    assert_dps_error(status, &v, 404, 404_201);
+    assert_dps_error(status, &v, 401, 401_002);
     // A symmetric-key enrollment is not proven by a TPM.
     let (status, _, v) = put("sym-dev", None, &tpm_body("sym-dev", &ek, Some(&srk)));
     assert_dps_error(status, &v, 401, 401_002);
