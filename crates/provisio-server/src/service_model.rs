@@ -244,6 +244,12 @@ fn attestation_from_wire(
                                 "attestation.tpm.{name} must be base64 of a marshalled TPM2B_PUBLIC (2 to 2048 bytes)."
                             )));
                         }
+                        // A key the challenge cannot be made for would refuse the device for
+                        // ever: say so now.
+                        let what =
+                            if required { "attestation.tpm.endorsementKey" } else { "attestation.tpm.storageRootKey" };
+                        provisio_core::tpm::StorageKey::parse(&bytes, what)
+                            .map_err(|e| ServerError::invalid(e.to_string()))?;
                         Ok(Some(k))
                     }
                 }

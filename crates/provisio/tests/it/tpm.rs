@@ -366,6 +366,22 @@ async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
     .await;
     put_enrollment(&s, false, "sym-dev", json!({"registrationId": "sym-dev", "attestation": {"type": "symmetricKey"}}))
         .await;
+    // An EK no challenge can be made for is refused when enrolled, not at the device's turn:
+    // a truncated one, random bytes, a signing key.
+    let mut signing = ek.clone();
+    signing[7] = 0x05;
+    for bad in [ek[..100].to_vec(), vec![7; 64], signing] {
+        let (status, v) = crate::common::service(
+            &s,
+            reqwest::Method::PUT,
+            "/enrollments/tpm-bad?api-version=2021-10-01",
+            None,
+            Some(json!({"registrationId": "tpm-bad", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&bad)}}})),
+        )
+        .await;
+        assert_dps_error(status, &v, 400, 400_004);
+        assert!(v["message"].as_str().unwrap().contains("attestation.tpm.endorsementKey"), "{v}");
+    }
     let put = |id: &str, auth: Option<&str>, body: &str| curl(&s, "PUT", &register_path(&scope, id), auth, Some(body));
 
     // Another TPM's EK for this device: refused before anything is sent.
