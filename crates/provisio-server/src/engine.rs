@@ -1125,6 +1125,51 @@ mod tests {
         e.attestation.symmetric_key.unwrap().primary_key.unwrap()
     }
 
+    #[tokio::test]
+    async fn tpm_tokens_must_be_signed_with_the_current_unexpired_challenge_key() {
+        let (engine, api, store) = setup(&["hub1.example.net"]).await;
+        // A real EK and SRK (swtpm's, as the fuzz corpus keeps them; the first byte there
+        // selects the fuzz mode).
+        let ek = &include_bytes!("../../../fuzz/corpus/tpm/ek")[1..];
+        let srk = &include_bytes!("../../../fuzz/corpus/tpm/srk")[1..];
+        let e: IndividualEnrollment = serde_json::from_value(serde_json::json!({
+            "registrationId": "tpm-1",
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(ek)}},
+        }))
+        .unwrap();
+        api.put_enrollment("tpm-1", e, None).await.unwrap();
+        let key = provisio_core::keys::generate_key();
+        let challenge = |expires: i64| {
+            serde_json::json!({"challengeKey": key, "storageRootKey": B64.encode(srk), "expires": expires}).to_string()
+        };
+        let register = async |credential: &Credential| {
+            engine.register(SCOPE, "tpm-1", DeviceRegistration::default(), credential).await
+        };
+        // No challenge yet.
+        let e = register(&token("tpm-1", &key)).await.unwrap_err();
+        assert!(e.detail().unwrap_or_default().contains("no outstanding challenge"), "{e:?}");
+        // An expired one.
+        store.put(Collection::TpmChallenges, "tpm-1", &challenge(unix_now_i64() - 1), Precondition::Any).await.unwrap();
+        let e = register(&token("tpm-1", &key)).await.unwrap_err();
+        assert!(e.detail().unwrap_or_default().contains("expired"), "{e:?}");
+        // A current one, and a token signed with another key.
+        store
+            .put(Collection::TpmChallenges, "tpm-1", &challenge(unix_now_i64() + 60), Precondition::Any)
+            .await
+            .unwrap();
+        let e = register(&token("tpm-1", &provisio_core::keys::generate_key())).await.unwrap_err();
+        assert_eq!(e.status(), 401);
+        assert!(e.detail().unwrap_or_default().contains("not signed with its TPM challenge key"), "{e:?}");
+        // The right key: assigned, with the key for the TPM in the result and no symmetric key.
+        let op = register(&token("tpm-1", &key)).await.unwrap();
+        let status = engine.operation_status(SCOPE, "tpm-1", &op, &token("tpm-1", &key)).await.unwrap();
+        let state = status.registration_state.unwrap();
+        assert_eq!(state.status, RegistrationStatus::Assigned);
+        assert!(state.symmetric_key.is_none() && state.x509.is_none());
+        let blob = B64.decode(state.tpm.unwrap()["authenticationKey"].as_str().unwrap()).unwrap();
+        assert!(blob.len() > 600, "{}", blob.len());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refusal_records_are_kept_to_their_limit() {
         use provisio_pki::testcerts::{KeyKind, Role, issue};
