@@ -495,11 +495,7 @@ impl Engine {
             Ok(r) => self.register_inner(scope, registration_id, r, credential).await,
             Err(e) => Err(e),
         };
-        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
-        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
-        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
-        entry.peer = origin.peer;
-        entry.credential = Some(credential.kind().to_owned());
+        let mut entry = attempt(origin, registration_id, credential.kind());
         let result = match result {
             Ok((operation_id, record)) => {
                 entry.status = 202;
@@ -525,15 +521,7 @@ impl Engine {
                 }
                 Ok(operation_id)
             }
-            Err(e) => {
-                let (e, tracking_id) = e.tracked();
-                entry.result = "refused".into();
-                entry.status = e.status();
-                entry.error_code = Some(e.code());
-                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
-                entry.tracking_id = Some(tracking_id);
-                Err(e)
-            }
+            Err(e) => Err(refused(&mut entry, e)),
         };
         self.audit.record(&entry).await;
         result
@@ -785,26 +773,14 @@ impl Engine {
         registration_id: &str,
         result: Result<T, ServerError>,
     ) -> Result<T, ServerError> {
-        let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
-        entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
-        entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
-        entry.peer = origin.peer;
-        entry.credential = Some("tpm".to_owned());
+        let mut entry = attempt(origin, registration_id, "tpm");
         let result = match result {
             Ok(v) => {
                 entry.status = 401;
                 entry.result = "challenged".into();
                 Ok(v)
             }
-            Err(e) => {
-                let (e, tracking_id) = e.tracked();
-                entry.result = "refused".into();
-                entry.status = e.status();
-                entry.error_code = Some(e.code());
-                entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
-                entry.tracking_id = Some(tracking_id);
-                Err(e)
-            }
+            Err(e) => Err(refused(&mut entry, e)),
         };
         self.audit.record(&entry).await;
         result
@@ -905,6 +881,27 @@ impl Engine {
         })?;
         Ok(device_result(&service_model::record_from_body(&doc.body)?, &doc.etag))
     }
+}
+
+/// The audit entry of a registration attempt by `registration_id` from `origin`.
+fn attempt(origin: &Origin, registration_id: &str, credential: &str) -> crate::audit::Entry {
+    let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
+    entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+    entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
+    entry.peer = origin.peer;
+    entry.credential = Some(credential.to_owned());
+    entry
+}
+
+/// Marks `entry` refused by `e`; returns `e` with the tracking id the entry carries.
+fn refused(entry: &mut crate::audit::Entry, e: ServerError) -> ServerError {
+    let (e, tracking_id) = e.tracked();
+    entry.result = "refused".into();
+    entry.status = e.status();
+    entry.error_code = Some(e.code());
+    entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+    entry.tracking_id = Some(tracking_id);
+    e
 }
 
 /// How long a TPM device may sign with the key of its challenge (seconds).
