@@ -5,7 +5,10 @@ use provisio_proto::device::{
 };
 use reqwest::{Method, StatusCode};
 
-use crate::{ClientError, Options, Progress, finish, retry_delay, tls};
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use serde_json::Value;
+
+use crate::{ClientError, Credential, Options, Progress, Tpm, finish, retry_delay, tls};
 
 fn client(opts: &Options) -> Result<reqwest::Client, ClientError> {
     // HTTP/1.1 as the device SDKs speak it: a registration is two or three requests on one
@@ -49,8 +52,19 @@ async fn send(
     url: String,
     body: &DeviceRegistration,
 ) -> Result<(StatusCode, Option<u64>, bytes::Bytes), ClientError> {
+    send_as(c, opts, method, url, body, true).await
+}
+
+async fn send_as(
+    c: &reqwest::Client,
+    opts: &Options,
+    method: Method,
+    url: String,
+    body: &DeviceRegistration,
+    authorize: bool,
+) -> Result<(StatusCode, Option<u64>, bytes::Bytes), ClientError> {
     let mut rb = c.request(method, url).json(body);
-    if let Some(t) = opts.sas_token()? {
+    if authorize && let Some(t) = opts.sas_token()? {
         rb = rb.header("Authorization", t);
     }
     let r = rb.send().await.map_err(|e| network(&e))?;
@@ -69,11 +83,18 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> 
 pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Result<crate::Registration, ClientError> {
     let c = client(opts)?;
     progress(Progress::Registering);
+    let tpm = match &opts.credential {
+        Credential::Tpm(t) => Some(t),
+        _ => None,
+    };
     let body = DeviceRegistration {
         registration_id: Some(opts.registration_id.clone()),
-        tpm: None,
+        tpm: tpm.map(tpm_block).transpose()?,
         payload: opts.payload.clone(),
     };
+    if let Some(t) = tpm {
+        challenge(&c, opts, &body, t).await?;
+    }
     let (status, mut retry, bytes) = send(&c, opts, Method::PUT, url(opts, "/register")?, &body).await?;
     if !status.is_success() {
         return Err(ClientError::from_answer(status.as_u16(), &bytes, &opts.credential));
@@ -82,6 +103,11 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
     let mut polls = 0;
     loop {
         if op.status != RegistrationStatus::Assigning {
+            // A TPM device takes in the key the result delivers (the one it signs with at
+            // the hub).
+            if let (Some(t), Some(key)) = (tpm, op.registration_state.as_ref().and_then(result_key)) {
+                t.with(|d| d.take_in(&key))?;
+            }
             return finish(op);
         }
         let delay = retry_delay(retry, opts.min_poll_delay);
@@ -105,6 +131,41 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
         }
         op = parse(&bytes)?;
     }
+}
+
+/// The body's `tpm` block: the TPM's EK and SRK, base64.
+fn tpm_block(t: &Tpm) -> Result<provisio_proto::device::TpmAttestation, ClientError> {
+    let (ek, srk) = t.with(|d| Ok((d.endorsement_key()?, d.storage_root_key()?)))?;
+    Ok(provisio_proto::device::TpmAttestation {
+        endorsement_key: B64.encode(ek),
+        storage_root_key: Some(B64.encode(srk)),
+    })
+}
+
+/// A TPM device's first request: no credential, its keys; the `401` answer's
+/// `authenticationKey` goes into the TPM.
+async fn challenge(c: &reqwest::Client, opts: &Options, body: &DeviceRegistration, t: &Tpm) -> Result<(), ClientError> {
+    let (status, _, bytes) = send_as(c, opts, Method::PUT, url(opts, "/register")?, body, false).await?;
+    let key = (status == StatusCode::UNAUTHORIZED)
+        .then(|| serde_json::from_slice::<Value>(&bytes).ok())
+        .flatten()
+        .and_then(|v| v.get("authenticationKey").and_then(Value::as_str).map(str::to_owned));
+    let Some(key) = key else {
+        if status.is_success() {
+            return Err(ClientError::Protocol("the service accepted a TPM device without a challenge".into()));
+        }
+        return Err(ClientError::from_answer(status.as_u16(), &bytes, &opts.credential));
+    };
+    let blob = B64
+        .decode(key.trim())
+        .map_err(|_| ClientError::Protocol("the challenge's authenticationKey is not base64".into()))?;
+    t.with(|d| d.take_in(&blob))
+}
+
+/// The key blob in a TPM device's result, if any.
+fn result_key(state: &DeviceRegistrationResult) -> Option<Vec<u8>> {
+    let key = state.tpm.as_ref()?.get("authenticationKey")?.as_str()?;
+    B64.decode(key.trim()).ok()
 }
 
 /// The POST status lookup.

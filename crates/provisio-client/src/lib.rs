@@ -17,6 +17,8 @@ mod amqp;
 mod http;
 mod mqtt;
 mod tls;
+#[cfg(feature = "tpm")]
+pub mod tss;
 mod ws;
 
 use std::time::Duration;
@@ -45,6 +47,71 @@ pub enum Credential {
         /// Private key, PEM.
         key_pem: String,
     },
+    /// A TPM (HTTPS only): the service's challenge delivers a key into it, which signs the
+    /// SAS tokens.
+    Tpm(Tpm),
+}
+
+/// A TPM as TPM attestation uses it. [`tss::TssTpm`] (feature `tpm`) is one on the TCG
+/// software stack; tests may bring their own.
+pub trait TpmDevice: Send {
+    /// The endorsement key, as a marshalled `TPM2B_PUBLIC`.
+    ///
+    /// # Errors
+    /// The TPM's, in words.
+    fn endorsement_key(&mut self) -> Result<Vec<u8>, String>;
+    /// The storage root key, as a marshalled `TPM2B_PUBLIC`.
+    ///
+    /// # Errors
+    /// The TPM's, in words.
+    fn storage_root_key(&mut self) -> Result<Vec<u8>, String>;
+    /// Takes in the key an `authenticationKey` blob delivers (activate the credential with
+    /// the EK, import and load the key under the SRK).
+    ///
+    /// # Errors
+    /// The TPM's, in words (a blob made for another TPM fails here).
+    fn take_in(&mut self, blob: &[u8]) -> Result<(), String>;
+    /// HMAC-SHA256 of `data` with the key taken in last.
+    ///
+    /// # Errors
+    /// The TPM's, in words, or no key taken in yet.
+    fn sign(&mut self, data: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// A shared [`TpmDevice`].
+#[derive(Clone)]
+pub struct Tpm(std::sync::Arc<std::sync::Mutex<Box<dyn TpmDevice>>>);
+
+impl std::fmt::Debug for Tpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tpm")
+    }
+}
+
+/// The same TPM handle (a device has one TPM).
+impl PartialEq for Tpm {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Tpm {}
+
+impl Tpm {
+    /// Wraps a TPM.
+    #[must_use]
+    pub fn new(device: impl TpmDevice + 'static) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Box::new(device))))
+    }
+
+    /// Runs `f` with the TPM; its error becomes a [`ClientError::Tpm`].
+    ///
+    /// # Errors
+    /// `f`'s.
+    pub fn with<R>(&self, f: impl FnOnce(&mut dyn TpmDevice) -> Result<R, String>) -> Result<R, ClientError> {
+        let mut d = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(d.as_mut()).map_err(ClientError::Tpm)
+    }
 }
 
 impl Credential {
@@ -55,6 +122,7 @@ impl Credential {
             Self::SymmetricKey(_) => "the symmetric key",
             Self::GroupKey(_) => "the key derived from the group key",
             Self::X509 { .. } => "the X.509 certificate",
+            Self::Tpm(_) => "the TPM",
         }
     }
 }
@@ -165,7 +233,7 @@ impl Options {
                 provisio_core::keys::derive_device_key(g, &self.registration_id)
                     .map_err(|e| ClientError::Config(format!("--group-key: {e}")))?,
             )),
-            Credential::X509 { .. } => Ok(None),
+            Credential::X509 { .. } | Credential::Tpm(_) => Ok(None),
         }
     }
 
@@ -174,10 +242,20 @@ impl Options {
     /// # Errors
     /// A bad key.
     pub fn sas_token(&self) -> Result<Option<String>, ClientError> {
-        let Some(key) = self.device_key()? else { return Ok(None) };
         let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
             + self.token_lifetime.as_secs();
         let resource = provisio_core::sas::device_resource(&self.scope, &self.registration_id);
+        if let Credential::Tpm(tpm) = &self.credential {
+            let signed = provisio_core::sas::build_token_signed(
+                &resource,
+                expiry,
+                Some("registration"),
+                provisio_core::sas::SrEncoding::Upper,
+                |data| tpm.with(|t| t.sign(data)),
+            )?;
+            return Ok(Some(signed));
+        }
+        let Some(key) = self.device_key()? else { return Ok(None) };
         Ok(Some(
             provisio_core::sas::build_token(
                 &resource,
@@ -279,6 +357,9 @@ pub enum ClientError {
     /// The registration did not finish in time.
     #[error("timed out after {0:?} waiting for the assignment")]
     Timeout(Duration),
+    /// The TPM refused or failed an operation.
+    #[error("TPM: {0}")]
+    Tpm(String),
 }
 
 impl ClientError {
@@ -390,6 +471,12 @@ pub(crate) async fn register_and_poll(
 /// # Errors
 /// A [`ClientError`] that says whether the network, the credential or the assignment failed.
 pub async fn register(opts: &Options, progress: impl FnMut(Progress)) -> Result<Registration, ClientError> {
+    if matches!(opts.credential, Credential::Tpm(_)) && opts.transport != Transport::Https {
+        return Err(ClientError::Config(
+            "TPM attestation goes over HTTPS here (DPS has no TPM over MQTT; AMQP's SASL TPM is the service's, not yet this client's)"
+                .into(),
+        ));
+    }
     let work = async {
         match opts.transport {
             Transport::Https => http::register(opts, progress).await,

@@ -178,9 +178,23 @@ pub fn build_token(
     enc: SrEncoding,
 ) -> Result<String, CoreError> {
     let key = crate::keys::decode_key(key_b64)?;
+    build_token_signed(resource, expiry, skn, enc, |data| Ok::<_, CoreError>(hmac_sha256(&key, data).to_vec()))
+}
+
+/// [`build_token`] with the HMAC-SHA256 made by `sign` (a TPM holds the key of a TPM device).
+///
+/// # Errors
+/// Whatever `sign` returns.
+pub fn build_token_signed<E>(
+    resource: &str,
+    expiry: u64,
+    skn: Option<&str>,
+    enc: SrEncoding,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<String, E> {
     let sr = encode_sr(resource, enc);
     let se = expiry.to_string();
-    let sig = B64.encode(hmac_sha256(&key, string_to_sign(&sr, &se).as_bytes()));
+    let sig = B64.encode(sign(string_to_sign(&sr, &se).as_bytes())?);
     let sig = utf8_percent_encode(&sig, PY_QUOTE);
     let mut token = format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}");
     if let Some(skn) = skn {

@@ -39,6 +39,13 @@ pub enum DeviceCommand {
     Register(RegisterArgs),
     /// The device's current registration state (POST status lookup, HTTPS).
     Status(RegisterArgs),
+    /// The TPM's endorsement key (base64 of its TPM2B_PUBLIC), to enroll the device with
+    /// (`provisio enrollment create ID --endorsement-key …`). Needs a build with `--features tpm`.
+    TpmEk {
+        /// The TPM, by its TCTI: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, …
+        #[arg(long, value_name = "TCTI", default_value = "device:/dev/tpmrm0")]
+        tpm: String,
+    },
 }
 
 /// Connection and credential options of `register` and `status`.
@@ -62,6 +69,10 @@ pub struct RegisterArgs {
     /// Private key of --cert (PEM).
     #[arg(long, value_name = "FILE")]
     cert_key: Option<PathBuf>,
+    /// TPM attestation (HTTPS), with the TPM named by its TCTI: `device:/dev/tpmrm0`,
+    /// `swtpm:host=127.0.0.1,port=2321`, … Needs a build with `--features tpm`.
+    #[arg(long, group = "cred", value_name = "TCTI")]
+    tpm: Option<String>,
     /// host[:port] of the service [default: global.azure-devices-provisioning.net].
     #[arg(long, default_value = provisio_client::GLOBAL_ENDPOINT)]
     endpoint: String,
@@ -88,11 +99,14 @@ fn read(p: &PathBuf, what: &str) -> Result<String> {
 }
 
 fn options(a: &RegisterArgs) -> Result<Options> {
-    let credential = match (&a.key, &a.group_key, &a.cert, &a.cert_key) {
-        (Some(k), _, _, _) => Credential::SymmetricKey(k.clone()),
-        (_, Some(g), _, _) => Credential::GroupKey(g.clone()),
-        (_, _, Some(c), Some(k)) => Credential::X509 { chain_pem: read(c, "--cert")?, key_pem: read(k, "--cert-key")? },
-        _ => bail!("give one credential: --key, --group-key, or --cert with --cert-key"),
+    let credential = match (&a.key, &a.group_key, &a.cert, &a.cert_key, &a.tpm) {
+        (Some(k), ..) => Credential::SymmetricKey(k.clone()),
+        (_, Some(g), ..) => Credential::GroupKey(g.clone()),
+        (_, _, Some(c), Some(k), _) => {
+            Credential::X509 { chain_pem: read(c, "--cert")?, key_pem: read(k, "--cert-key")? }
+        }
+        (.., Some(tcti)) => Credential::Tpm(open_tpm(tcti)?),
+        _ => bail!("give one credential: --key, --group-key, --cert with --cert-key, or --tpm"),
     };
     let registration_id = match (&a.registration_id, &credential) {
         (Some(r), _) => r.clone(),
@@ -103,6 +117,7 @@ fn options(a: &RegisterArgs) -> Result<Options> {
                 .map_err(|e| anyhow::anyhow!("--cert: {e}"))?
                 .context("the certificate has no CN; give --registration-id")?
         }
+        (None, Credential::Tpm(_)) => bail!("--registration-id is required with --tpm (the enrollment's)"),
         (None, _) => bail!("--registration-id is required with a symmetric key"),
     };
     let mut o = Options::new(&a.scope, registration_id, credential);
@@ -120,10 +135,25 @@ fn options(a: &RegisterArgs) -> Result<Options> {
     Ok(o)
 }
 
+/// The TPM named by `tcti`, with its EK and SRK made.
+#[cfg(feature = "tpm")]
+fn open_tpm(tcti: &str) -> Result<provisio_client::Tpm> {
+    let t = provisio_client::tss::TssTpm::open(tcti).map_err(|e| anyhow::anyhow!("--tpm {tcti}: {e}"))?;
+    Ok(provisio_client::Tpm::new(t))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn open_tpm(_tcti: &str) -> Result<provisio_client::Tpm> {
+    bail!(
+        "this provisio was built without TPM support: build it with `cargo build --release --features tpm` \
+         (which links libtss2: `apt-get install libtss2-dev`)"
+    )
+}
+
 /// Exit codes: 2 configuration, 3 network, 4 authentication, 5 assignment, 1 other.
 fn exit_code(e: &ClientError) -> u8 {
     match e {
-        ClientError::Config(_) => 2,
+        ClientError::Config(_) | ClientError::Tpm(_) => 2,
         ClientError::Network(_) | ClientError::Timeout(_) => 3,
         ClientError::Authentication { .. } => 4,
         ClientError::Assignment { .. } => 5,
@@ -216,6 +246,10 @@ pub async fn run(cmd: DeviceCommand) -> Result<()> {
                     println!("payload: {p}");
                 }
             }
+        }
+        DeviceCommand::TpmEk { tpm } => {
+            let ek = open_tpm(&tpm)?.with(|t| t.endorsement_key())?;
+            println!("{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ek));
         }
         DeviceCommand::Status(a) => {
             let opts = options(&a)?;

@@ -527,3 +527,70 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
         "{audit}"
     );
 }
+
+fn provisio_device(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_provisio")).arg("device").args(args).output().unwrap()
+}
+
+/// Without the `tpm` feature `--tpm` says how to get it (exit code 2, configuration).
+#[cfg(not(feature = "tpm"))]
+#[test]
+fn device_tpm_options_say_how_to_build_them() {
+    let out = provisio_device(&["tpm-ek", "--tpm", "swtpm:host=127.0.0.1,port=1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features tpm"), "{out:?}");
+}
+
+/// `provisio device tpm-ek` and `register --tpm` on the TCG software stack (tss-esapi) with
+/// swtpm: the EK is the one tpm2-tools makes, the registration completes over HTTPS, and a
+/// TPM enrolled under another EK is refused as an authentication failure (exit code 4).
+#[cfg(feature = "tpm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisio_device_registers_with_a_tpm() {
+    let tpm = SoftTpm::start();
+    let tcti = tpm.tcti.clone();
+    let out = provisio_device(&["tpm-ek", "--tpm", &tcti]);
+    assert!(out.status.success(), "{out:?}");
+    let ek = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (ek_tools, _) = tpm.keys();
+    assert_eq!(B64.decode(&ek).unwrap(), ek_tools, "the same EK as tpm2_createek");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "cli-tpm-hub.example.net"]);
+    let scope = s.info.id_scope.clone();
+    put_enrollment(
+        &s,
+        false,
+        "cli-tpm",
+        json!({"registrationId": "cli-tpm", "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}),
+    )
+    .await;
+    let endpoint = format!("localhost:{}", s.port);
+    let ca = s.ca_file();
+    let base = ["--scope", &scope, "--endpoint", &endpoint, "--ca", ca.to_str().unwrap(), "--json", "--tpm", &tcti];
+    let out = provisio_device(&[&["register", "--registration-id", "cli-tpm"][..], &base].concat());
+    assert!(out.status.success(), "{out:?}\n{}", s.log_text());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "assigned", "{v}");
+    assert_eq!(v["assignedHub"], "cli-tpm-hub.example.net", "{v}");
+    assert!(v["tpm"]["authenticationKey"].is_string(), "{v}");
+
+    // Another device's EK in the enrollment: the service's 401, exit code 4.
+    let other = SoftTpm::start();
+    let (other_ek, _) = other.keys();
+    put_enrollment(
+        &s,
+        false,
+        "cli-tpm-2",
+        json!({"registrationId": "cli-tpm-2", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(other_ek)}}}),
+    )
+    .await;
+    let out = provisio_device(&[&["register", "--registration-id", "cli-tpm-2"][..], &base].concat());
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "authentication", "{v}");
+    // MQTT has no TPM path: a configuration error before anything is sent.
+    let out =
+        provisio_device(&[&["register", "--registration-id", "cli-tpm", "--transport", "mqtt"][..], &base].concat());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
