@@ -649,4 +649,73 @@ mod tests {
         assert!(matches!(s.on_init(init), SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, .. })));
         assert!(s.decided.lock().unwrap().is_none());
     }
+
+    fn response(bytes: &[u8]) -> SaslResponse {
+        SaslResponse { response: bytes.to_vec().into() }
+    }
+
+    fn challenge_bytes(f: SaslServerFrame) -> Vec<u8> {
+        match f {
+            SaslServerFrame::Challenge(c) => c.challenge.to_vec(),
+            SaslServerFrame::Outcome(o) => panic!("an outcome, not a challenge: {o:?}"),
+        }
+    }
+
+    fn refused(f: &SaslServerFrame) -> bool {
+        matches!(f, SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, .. }))
+    }
+
+    #[test]
+    fn sasl_tpm_runs_its_exchange_and_refuses_every_wrong_step() {
+        // swtpm's EK and SRK, as the fuzz corpus keeps them (their first byte is the mode).
+        let ek = &include_bytes!("../../../../fuzz/corpus/tpm/ek")[1..];
+        let srk = &include_bytes!("../../../../fuzz/corpus/tpm/srk")[1..];
+        let init = || SaslInit {
+            mechanism: Symbol::from("TPM"),
+            initial_response: Some([&b"\x000ne00000001\x00tpm-1\x00"[..], ek].concat().into()),
+            hostname: None,
+        };
+        // The whole exchange: "send the SRK", the blob's segments, then the token.
+        let mut s = DpsSasl::default();
+        assert_eq!(challenge_bytes(s.on_init(init())), [0]);
+        let mut blob = Vec::new();
+        let mut frame = s.on_response(response(&[&[0][..], srk].concat()));
+        loop {
+            let c = challenge_bytes(frame);
+            blob.extend_from_slice(&c[1..]);
+            if c[0] & 0xC0 == 0xC0 {
+                break;
+            }
+            assert_eq!(c[0] & 0xC0, 0x80, "an interim segment");
+            frame = s.on_response(response(&[0]));
+        }
+        assert!(blob.len() > 600 && s.decided.lock().unwrap().is_none());
+        let ok = s.on_response(response(b"\x00SharedAccessSignature sr=x&sig=y&se=1&skn=registration"));
+        assert!(matches!(ok, SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Ok, .. })));
+        assert!(
+            matches!(s.decided.lock().unwrap().as_ref(), Some(Auth::Sas { device, .. }) if device.registration_id == "tpm-1")
+        );
+        let sent = s.tpm_sent.lock().unwrap().clone().unwrap();
+        assert_eq!((sent.ek.as_slice(), sent.srk.as_slice(), sent.key.len()), (ek, srk, 32));
+        // Wrong steps: an SRK without its 0, an SRK that is no storage key, an interim
+        // segment not acknowledged with 0, a last answer without a token.
+        for (srk_response, ack, last) in [
+            (srk.to_vec(), &[0][..], &b"\x00t"[..]),
+            ([&[0][..], &srk[..50]].concat(), &[0], b"\x00t"),
+            ([&[0][..], srk].concat(), &[1], b"\x00t"),
+            ([&[0][..], srk].concat(), &[0], b"\x00 "),
+        ] {
+            let mut s = DpsSasl::default();
+            challenge_bytes(s.on_init(init()));
+            let mut frame = s.on_response(response(&srk_response));
+            while let SaslServerFrame::Challenge(c) = &frame {
+                let last_segment = c.challenge[0] & 0xC0 == 0xC0;
+                frame = s.on_response(response(if last_segment { last } else { ack }));
+            }
+            assert!(refused(&frame), "{frame:?}");
+            assert!(s.decided.lock().unwrap().is_none() && s.tpm_sent.lock().unwrap().is_none());
+        }
+        // A response with no exchange in progress.
+        assert!(refused(&DpsSasl::default().on_response(response(&[0]))));
+    }
 }
