@@ -172,6 +172,11 @@ fn result_key(state: &DeviceRegistrationResult) -> Option<Vec<u8>> {
 pub async fn status(opts: &Options) -> Result<DeviceRegistrationResult, ClientError> {
     let c = client(opts)?;
     let body = DeviceRegistration { registration_id: Some(opts.registration_id.clone()), tpm: None, payload: None };
+    // A TPM holds a key from the service only after a challenge: ask for one first.
+    if let Credential::Tpm(t) = &opts.credential {
+        let register = DeviceRegistration { tpm: Some(tpm_block(t)?), ..body.clone() };
+        challenge(&c, opts, &register, t).await?;
+    }
     let (status, _, bytes) = send(&c, opts, Method::POST, url(opts, "")?, &body).await?;
     if !status.is_success() {
         return Err(ClientError::from_answer(status.as_u16(), &bytes, &opts.credential));

@@ -574,6 +574,11 @@ async fn provisio_device_registers_with_a_tpm() {
     assert_eq!(v["status"], "assigned", "{v}");
     assert_eq!(v["assignedHub"], "cli-tpm-hub.example.net", "{v}");
     assert!(v["tpm"]["authenticationKey"].is_string(), "{v}");
+    // The status lookup from a fresh process: a challenge first, then the POST.
+    let out = provisio_device(&[&["status", "--registration-id", "cli-tpm"][..], &base].concat());
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "assigned", "{v}");
 
     // Another device's EK in the enrollment: the service's 401, exit code 4.
     let other = SoftTpm::start();
