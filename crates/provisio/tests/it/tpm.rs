@@ -206,6 +206,15 @@ fn a_blob_for_another_tpm_or_altered_is_refused_by_the_tpm() {
     assert!(e.contains("tpm2_import"), "{e}");
 }
 
+/// A TPM individual enrollment with the EK `ek` (base64), through the service API.
+async fn enroll_tpm(s: &Server, id: &str, device_id: Option<&str>, ek: &str) -> Value {
+    let mut body = json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}});
+    if let Some(d) = device_id {
+        body["deviceId"] = json!(d);
+    }
+    put_enrollment(s, false, id, body).await
+}
+
 fn register_path(scope: &str, id: &str) -> String {
     format!("/{scope}/registrations/{id}/register?api-version=2021-06-01")
 }
@@ -270,13 +279,7 @@ async fn a_tpm_device_registers_with_curl_and_its_tpm() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let created = put_enrollment(
-        &s,
-        false,
-        "tpm-dev-01",
-        json!({"registrationId": "tpm-dev-01", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&ek)}}}),
-    )
-    .await;
+    let created = enroll_tpm(&s, "tpm-dev-01", None, &B64.encode(&ek)).await;
     assert_eq!(created["attestation"]["type"], "tpm");
 
     // 1. No credential, the TPM's keys: the challenge, which only this TPM can take in.
@@ -357,13 +360,7 @@ async fn tpm_challenges_and_tokens_are_refused_with_dps_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-t.example.net"]);
     let scope = s.info.id_scope.clone();
-    put_enrollment(
-        &s,
-        false,
-        "tpm-dev-02",
-        json!({"registrationId": "tpm-dev-02", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&ek)}}}),
-    )
-    .await;
+    enroll_tpm(&s, "tpm-dev-02", None, &B64.encode(&ek)).await;
     put_enrollment(&s, false, "sym-dev", json!({"registrationId": "sym-dev", "attestation": {"type": "symmetricKey"}}))
         .await;
     // An EK no challenge can be made for is refused when enrolled, not at the device's turn:
@@ -448,13 +445,7 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
     let env = [("ATTESTATION", "tpm"), ("SWTPM_PORT", swtpm.as_str())];
     let printed = crate::interop::node_output(&s, "node-tpm-1", &[env[0], env[1], ("TPM_PRINT_EK", "1")]);
     let ek = printed["endorsementKey"].as_str().unwrap().to_owned();
-    put_enrollment(
-        &s,
-        false,
-        "node-tpm-1",
-        json!({"registrationId": "node-tpm-1", "deviceId": "node-tpm-dev", "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}),
-    )
-    .await;
+    enroll_tpm(&s, "node-tpm-1", Some("node-tpm-dev"), &ek).await;
     // The SDK's TPM path hands back the whole operation status.
     let out = crate::interop::node_output(&s, "node-tpm-1", &env)["result"].clone();
     assert_eq!(out["status"], "assigned", "{out}");
@@ -478,23 +469,8 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
     // authenticationKey), says the answer is not a challenge and stops; the audit log has why.
     let other = SoftTpm::start();
     let (other_ek, _) = other.keys();
-    put_enrollment(
-        &s,
-        false,
-        "node-tpm-2",
-        json!({"registrationId": "node-tpm-2", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(other_ek)}}}),
-    )
-    .await;
-    let out = Command::new("node")
-        .arg(crate::common::repo_root().join("interop/node/register.js"))
-        .env("PROVISIO_HOST", "localhost")
-        .env("ID_SCOPE", &s.info.id_scope)
-        .env("REGISTRATION_ID", "node-tpm-2")
-        .envs(env)
-        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    enroll_tpm(&s, "node-tpm-2", None, &B64.encode(&other_ek)).await;
+    let v = node_failure(&s, "node-tpm-2", &[env[0], env[1], ("PROVISIO_HOST", "localhost")]);
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["error"]["name"], "FormatError", "{v}");
     let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
@@ -506,16 +482,7 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
         "{audit}"
     );
     // Over AMQP the same refusal closes the connection before any link: the SDK fails.
-    let out = Command::new("node")
-        .arg(crate::common::repo_root().join("interop/node/register.js"))
-        .env("ID_SCOPE", &s.info.id_scope)
-        .env("REGISTRATION_ID", "node-tpm-2")
-        .envs(amqp_env)
-        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
-        .env("REGISTER_TIMEOUT_MS", "20000")
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let v = node_failure(&s, "node-tpm-2", &amqp_env);
     assert_eq!(v["ok"], false, "{v}");
     assert_ne!(v["error"]["name"], "HarnessTimeout", "{v}");
     let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
@@ -526,6 +493,20 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
             .any(|e| e["registrationId"] == "node-tpm-2" && e["transport"] == "amqp" && e["errorCode"] == 401_002),
         "{audit}"
     );
+}
+
+/// Runs the Node harness for a registration that must fail; returns its JSON line.
+fn node_failure(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
+    let out = Command::new("node")
+        .arg(crate::common::repo_root().join("interop/node/register.js"))
+        .env("ID_SCOPE", &s.info.id_scope)
+        .env("REGISTRATION_ID", registration_id)
+        .envs(env.iter().copied())
+        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
+        .env("REGISTER_TIMEOUT_MS", "20000")
+        .output()
+        .unwrap();
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
 
 fn provisio_device(args: &[&str]) -> std::process::Output {
@@ -558,13 +539,7 @@ async fn provisio_device_registers_with_a_tpm() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "cli-tpm-hub.example.net"]);
     let scope = s.info.id_scope.clone();
-    put_enrollment(
-        &s,
-        false,
-        "cli-tpm",
-        json!({"registrationId": "cli-tpm", "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}),
-    )
-    .await;
+    enroll_tpm(&s, "cli-tpm", None, &ek).await;
     let endpoint = format!("localhost:{}", s.port);
     let ca = s.ca_file();
     let base = ["--scope", &scope, "--endpoint", &endpoint, "--ca", ca.to_str().unwrap(), "--json", "--tpm", &tcti];
@@ -583,13 +558,7 @@ async fn provisio_device_registers_with_a_tpm() {
     // Another device's EK in the enrollment: the service's 401, exit code 4.
     let other = SoftTpm::start();
     let (other_ek, _) = other.keys();
-    put_enrollment(
-        &s,
-        false,
-        "cli-tpm-2",
-        json!({"registrationId": "cli-tpm-2", "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(other_ek)}}}),
-    )
-    .await;
+    enroll_tpm(&s, "cli-tpm-2", None, &B64.encode(&other_ek)).await;
     let out = provisio_device(&[&["register", "--registration-id", "cli-tpm-2"][..], &base].concat());
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
