@@ -205,6 +205,23 @@ pub fn authentication_key(ek: &StorageKey, srk: &StorageKey, key: &[u8]) -> Resu
     Ok(blob)
 }
 
+/// Size of the HMAC key a challenge delivers (bytes).
+pub const CHALLENGE_KEY_BYTES: usize = 32;
+
+/// A fresh challenge for the TPM with the endorsement key `ek` and storage root key `srk`
+/// (marshalled `TPM2B_PUBLIC`s): a random HMAC key and the blob that delivers it.
+///
+/// # Errors
+/// Keys that [`StorageKey::parse`] refuses, or a failing random number generator.
+pub fn new_challenge(ek: &[u8], srk: &[u8]) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    let ek = StorageKey::parse(ek, "endorsementKey")?;
+    let srk = StorageKey::parse(srk, "storageRootKey")?;
+    let mut key = vec![0; CHALLENGE_KEY_BYTES];
+    SystemRandom::new().fill(&mut key).map_err(|_| TpmError::Crypto("the random number generator"))?;
+    let blob = authentication_key(&ek, &srk, &key)?;
+    Ok((key, blob))
+}
+
 /// Protects `plain` for the holder of `key`'s private part: a random seed encrypted with
 /// RSA-OAEP under `label`, `plain` encrypted with AES-CFB under `KDFa(seed, "STORAGE", name)`
 /// and an HMAC under `KDFa(seed, "INTEGRITY")` over it and `name`. Returns the encrypted seed

@@ -659,13 +659,8 @@ impl Engine {
         let (_permit, id) = self.tpm_admit(scope, registration_id)?;
         check_body_id(&id, request)?;
         let (ek_sent, srk_sent) = tpm_keys_of(request)?;
-        let (ek, srk) = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
-        let mut key = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut key)
-            .map_err(|_| ServerError::Internal("the random number generator failed".into()))?;
-        let blob =
-            tpm::authentication_key(&ek, &tpm::StorageKey::parse(&srk, "storageRootKey").map_err(tpm_invalid)?, &key)
-                .map_err(|e| ServerError::Internal(e.to_string()))?;
+        let srk = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
+        let (key, blob) = tpm::new_challenge(&ek_sent, &srk).map_err(tpm_invalid)?;
         self.store_tpm_challenge(&id, &key, &srk).await?;
         Ok(B64.encode(blob))
     }
@@ -708,14 +703,14 @@ impl Engine {
         Ok((permit, Self::parse_id(registration_id)?))
     }
 
-    /// The device's TPM enrollment, if `ek_sent` is its EK: returns the EK, parsed, and the
-    /// SRK to wrap to (the one sent, else the enrolled one).
+    /// Checks that the device has a TPM enrollment whose EK is `ek_sent` and that both keys
+    /// are usable; returns the SRK to wrap to (the one sent, else the enrolled one).
     async fn tpm_enrolled(
         &self,
         id: &RegistrationId,
         ek_sent: &[u8],
         srk_sent: Option<Vec<u8>>,
-    ) -> Result<(tpm::StorageKey, Vec<u8>), ServerError> {
+    ) -> Result<Vec<u8>, ServerError> {
         // One answer for an unknown device, another attestation and another EK: no oracle
         // for which registration ids are enrolled (DPS answers 404201 to the first).
         let refused = |detail: String| ServerError::Unauthorized {
@@ -748,8 +743,9 @@ impl Engine {
                 ));
             }
         };
+        tpm::StorageKey::parse(&enrolled, "endorsementKey").map_err(tpm_invalid)?;
         tpm::StorageKey::parse(&srk, "storageRootKey").map_err(tpm_invalid)?;
-        Ok((tpm::StorageKey::parse(&enrolled, "endorsementKey").map_err(tpm_invalid)?, srk))
+        Ok(srk)
     }
 
     /// Keeps `key` as the device's current challenge key (replacing an earlier one).

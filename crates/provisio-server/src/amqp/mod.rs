@@ -160,14 +160,9 @@ impl DpsSasl {
         let Some((0, srk)) = response.split_first().map(|(a, b)| (*a, b.to_vec())) else {
             return sasl_refused("TPM", "the SRK response does not start with 0");
         };
-        let made = (|| -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
-            let ek_key = provisio_core::tpm::StorageKey::parse(&ek, "endorsementKey").map_err(|e| e.to_string())?;
-            let srk_key = provisio_core::tpm::StorageKey::parse(&srk, "storageRootKey").map_err(|e| e.to_string())?;
-            let mut key = vec![0u8; 32];
-            aws_lc_rs::rand::fill(&mut key).map_err(|_| "the random number generator failed".to_owned())?;
-            let blob = provisio_core::tpm::authentication_key(&ek_key, &srk_key, &key).map_err(|e| e.to_string())?;
-            Ok((key, link::tpm_sasl_segments(&blob)?))
-        })();
+        let made = provisio_core::tpm::new_challenge(&ek, &srk)
+            .map_err(|e| e.to_string())
+            .and_then(|(key, blob)| Ok((key, link::tpm_sasl_segments(&blob)?)));
         match made {
             Ok((key, segments)) => {
                 let first = segments[0].clone();
