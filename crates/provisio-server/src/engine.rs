@@ -534,11 +534,7 @@ impl Engine {
         request: DeviceRegistration,
         credential: &Credential,
     ) -> Result<(String, RegistrationRecord), ServerError> {
-        let _permit = self.admit()?;
-        self.check_scope(scope)?;
-        // DPS-style throttling of the instance's registration rate.
-        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
-        let id = Self::parse_id(registration_id)?;
+        let (_permit, id) = self.admit_registration(scope, registration_id)?;
         check_body_id(&id, &request)?;
         // The enrollment and the previous record in one round trip.
         let (enrollment, previous) =
@@ -656,7 +652,7 @@ impl Engine {
         registration_id: &str,
         request: &DeviceRegistration,
     ) -> Result<String, ServerError> {
-        let (_permit, id) = self.tpm_admit(scope, registration_id)?;
+        let (_permit, id) = self.admit_registration(scope, registration_id)?;
         check_body_id(&id, request)?;
         let (ek_sent, srk_sent) = tpm_keys_of(request)?;
         let srk = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
@@ -682,7 +678,7 @@ impl Engine {
         key: &[u8],
     ) -> Result<(), ServerError> {
         let result = async {
-            let (_permit, id) = self.tpm_admit(scope, registration_id)?;
+            let (_permit, id) = self.admit_registration(scope, registration_id)?;
             self.tpm_enrolled(&id, ek, Some(srk.to_vec())).await?;
             self.store_tpm_challenge(&id, key, srk).await
         }
@@ -690,9 +686,10 @@ impl Engine {
         self.audit_challenge(origin, registration_id, result).await
     }
 
-    /// The checks a registration passes first: the node's limit (the permit is held until
-    /// the caller is done), the scope, the instance's registration rate, a valid id.
-    fn tpm_admit(
+    /// The checks a registration (or a TPM challenge) passes first: the node's limit (the
+    /// permit is held until the caller is done), the scope, the instance's registration rate
+    /// (DPS-style throttling), a valid id.
+    fn admit_registration(
         &self,
         scope: &str,
         registration_id: &str,
@@ -791,11 +788,9 @@ impl Engine {
             detail,
             tracking_id: None,
         };
-        let doc = self.store.get(Collection::TpmChallenges, id.key()).await?;
-        let Some(doc) = doc else {
+        let Some(c) = self.stored_tpm_challenge(id).await? else {
             return Err(refused(format!("TPM registration '{id}' has no outstanding challenge")));
         };
-        let c: TpmChallenge = serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))?;
         if c.expires < unix_now_i64() {
             return Err(refused(format!("the TPM challenge of '{id}' expired at {}", c.expires)));
         }
@@ -810,15 +805,18 @@ impl Engine {
 
     /// A TPM device's stored challenge (it attested with its key moments ago).
     async fn tpm_challenge_of(&self, id: &RegistrationId) -> Result<TpmChallenge, ServerError> {
-        let doc =
-            self.store.get(Collection::TpmChallenges, id.key()).await?.ok_or_else(|| ServerError::Unauthorized {
-                public:
-                    "Unauthorized: this TPM device's challenge is gone; register again without an Authorization header."
-                        .into(),
-                detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
-                tracking_id: None,
-            })?;
-        serde_json::from_str(&doc.body).map_err(|e| ServerError::Internal(e.to_string()))
+        self.stored_tpm_challenge(id).await?.ok_or_else(|| ServerError::Unauthorized {
+            public:
+                "Unauthorized: this TPM device's challenge is gone; register again without an Authorization header."
+                    .into(),
+            detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
+            tracking_id: None,
+        })
+    }
+
+    async fn stored_tpm_challenge(&self, id: &RegistrationId) -> Result<Option<TpmChallenge>, ServerError> {
+        let Some(doc) = self.store.get(Collection::TpmChallenges, id.key()).await? else { return Ok(None) };
+        serde_json::from_str(&doc.body).map(Some).map_err(|e| ServerError::Internal(e.to_string()))
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.
