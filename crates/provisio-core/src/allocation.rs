@@ -1,6 +1,10 @@
-//! Choosing an IoT hub.
+//! Choosing an IoT hub, and what a (re-)registration does at it: the twin, the substatus
+//! and the credentials the device gets there.
 
 use aws_lc_rs::digest;
+use serde_json::Value;
+
+use crate::model::{Attestation, Substatus};
 
 /// A hub that may receive devices, with its allocation weight (1–1000).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +156,122 @@ pub fn merge_json(base: Option<&serde_json::Value>, over: Option<&serde_json::Va
     }
 }
 
+/// A device's previous assignment, as its re-registration sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreviousAssignment<'a> {
+    /// The hub it was assigned to.
+    pub hub: &'a str,
+    /// The substatus it was given.
+    pub substatus: Substatus,
+    /// The twin it has there.
+    pub twin: Option<&'a Value>,
+}
+
+/// What a registration does with the device's twin, and the substatus it reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinPlan {
+    /// The substatus of the result (before the hub registrar has spoken, see
+    /// [`substatus_after_registrar`]).
+    pub substatus: Substatus,
+    /// The twin the device has at its hub afterwards.
+    pub twin: Option<Value>,
+    /// Whether that twin is applied at the hub (`false`: the hub keeps what it has).
+    pub apply_twin: bool,
+    /// Whether the device's data moves with it (`deviceDataMigrated`).
+    pub migrate: bool,
+}
+
+/// The substatus matrix of `spec/service-api.md` §4.6: given the re-registration
+/// `decision`, the `previous` assignment, the `hub` chosen now and the enrollment's
+/// `fresh_twin` (its initial twin merged with a custom allocation webhook's), what the
+/// device's twin becomes and which substatus it is told.
+///
+/// * first assignment (or no previous assignment): `initialAssignment`, the fresh twin;
+/// * stay (updateHubAssignment off): the previous substatus and twin, nothing applied;
+/// * re-allocate and migrate: to another hub `deviceDataMigrated` with the previous twin
+///   (the fresh one if it had none); to the same hub nothing changes;
+/// * re-allocate and reset: `deviceDataReset` with the fresh twin, also on the same hub
+///   (a factory reset).
+#[must_use]
+pub fn plan_twin(
+    decision: &Reprovision,
+    previous: Option<&PreviousAssignment<'_>>,
+    hub: &str,
+    fresh_twin: Option<Value>,
+) -> TwinPlan {
+    let plan = |substatus, twin, apply_twin, migrate| TwinPlan { substatus, twin, apply_twin, migrate };
+    let Some(prev) = previous else {
+        return plan(Substatus::InitialAssignment, fresh_twin, true, false);
+    };
+    let moved = !prev.hub.eq_ignore_ascii_case(hub);
+    match decision {
+        Reprovision::Initial => plan(Substatus::InitialAssignment, fresh_twin, true, false),
+        Reprovision::Stay => plan(prev.substatus, prev.twin.cloned(), false, true),
+        Reprovision::Reallocate { migrate: true } if moved => {
+            plan(Substatus::DeviceDataMigrated, prev.twin.cloned().or(fresh_twin), true, true)
+        }
+        Reprovision::Reallocate { migrate: true } => plan(prev.substatus, prev.twin.cloned(), false, true),
+        Reprovision::Reallocate { migrate: false } => plan(Substatus::DeviceDataReset, fresh_twin, true, false),
+    }
+}
+
+/// The substatus once the hub registrar has created the device: a device DPS had no record
+/// of that already existed at the hub is `reprovisionedToInitialAssignment` (since
+/// api-version 2019-04-15; `spec/device-api.md` §1.6).
+#[must_use]
+pub fn substatus_after_registrar(planned: Substatus, already_existed_at_hub: bool, had_previous_record: bool) -> Substatus {
+    if already_existed_at_hub && !had_previous_record { Substatus::ReprovisionedToInitialAssignment } else { planned }
+}
+
+/// The credentials a device gets at its hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubCredential {
+    /// Shared access keys.
+    Sas {
+        /// Primary key (base64).
+        primary_key: String,
+        /// Secondary key (base64).
+        secondary_key: String,
+    },
+    /// X.509, by the SHA-256 thumbprint of the device certificate.
+    Thumbprint {
+        /// Upper-case hex.
+        sha256: String,
+    },
+}
+
+/// Which credentials a device gets at its hub: the certificate it presented (X.509), the
+/// key delivered into its TPM (both slots: a TPM holds one), the keys derived from its
+/// group's keys (`from_group`), or its individual enrollment's keys. An attestation without
+/// what it needs (which attestation never lets through) gives empty keys.
+#[must_use]
+pub fn hub_credential(
+    attestation: &Attestation,
+    from_group: bool,
+    registration_id: &str,
+    certificate_sha256: Option<&str>,
+    tpm_key: Option<&str>,
+) -> HubCredential {
+    if let Some(t) = certificate_sha256 {
+        return HubCredential::Thumbprint { sha256: t.to_owned() };
+    }
+    if let Some(key) = tpm_key {
+        return HubCredential::Sas { primary_key: key.to_owned(), secondary_key: key.to_owned() };
+    }
+    match attestation {
+        Attestation::SymmetricKey { primary_key, secondary_key } if from_group => HubCredential::Sas {
+            primary_key: crate::keys::derive_device_key(primary_key, registration_id).unwrap_or_default(),
+            secondary_key: crate::keys::derive_device_key(secondary_key, registration_id).unwrap_or_default(),
+        },
+        Attestation::SymmetricKey { primary_key, secondary_key } => {
+            HubCredential::Sas { primary_key: primary_key.clone(), secondary_key: secondary_key.clone() }
+        }
+        Attestation::X509(_) | Attestation::Tpm { .. } => {
+            HubCredential::Sas { primary_key: String::new(), secondary_key: String::new() }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +381,100 @@ mod tests {
             if before != "c" {
                 assert_eq!(hashed(two, &k), Some(before));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod reprovision_tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::Substatus::{
+        DeviceDataMigrated as Migrated, DeviceDataReset as Reset, InitialAssignment as Initial,
+        ReprovisionedToInitialAssignment as ReInitial,
+    };
+
+    /// Every (policy, previous hub, new hub) combination of `spec/service-api.md` §4.6, one
+    /// row each: (update hub assignment, migrate data, previous hub and substatus, new hub,
+    /// substatus told, twin: "prev" / "fresh" / none, twin applied, data migrated).
+    #[test]
+    fn the_substatus_matrix() {
+        type Row = (bool, bool, Option<(&'static str, Substatus)>, &'static str, Substatus, Option<&'static str>, bool, bool);
+        let rows: &[Row] = &[
+            // No previous assignment: whatever the policy, an initial assignment.
+            (true, true, None, "h1", Initial, Some("fresh"), true, false),
+            (true, false, None, "h1", Initial, Some("fresh"), true, false),
+            (false, true, None, "h1", Initial, Some("fresh"), true, false),
+            (false, false, None, "h1", Initial, Some("fresh"), true, false),
+            // Never re-provision: stays, keeps its substatus and twin, nothing applied.
+            (false, true, Some(("h1", Initial)), "h1", Initial, Some("prev"), false, true),
+            (false, false, Some(("h1", Migrated)), "h1", Migrated, Some("prev"), false, true),
+            // Re-provision and migrate: another hub migrates, the same hub changes nothing.
+            (true, true, Some(("h1", Initial)), "h2", Migrated, Some("prev"), true, true),
+            (true, true, Some(("h1", Reset)), "H1", Reset, Some("prev"), false, true),
+            (true, true, Some(("h1", Initial)), "h1", Initial, Some("prev"), false, true),
+            // Re-provision and reset: the fresh twin, on another hub or the same one.
+            (true, false, Some(("h1", Initial)), "h2", Reset, Some("fresh"), true, false),
+            (true, false, Some(("h1", Migrated)), "h1", Reset, Some("fresh"), true, false),
+        ];
+        let (prev_twin, fresh_twin) = (json!({"tags": {"from": "prev"}}), json!({"tags": {"from": "fresh"}}));
+        for &(update, migrate, previous, hub, substatus, twin, apply_twin, migrated) in rows {
+            let previous = previous.map(|(h, s)| PreviousAssignment { hub: h, substatus: s, twin: Some(&prev_twin) });
+            let decision = reprovision(previous.map(|p| p.hub), update, migrate);
+            let got = plan_twin(&decision, previous.as_ref(), hub, Some(fresh_twin.clone()));
+            let want_twin = twin.map(|t| if t == "prev" { prev_twin.clone() } else { fresh_twin.clone() });
+            let want = TwinPlan { substatus, twin: want_twin, apply_twin, migrate: migrated };
+            assert_eq!(got, want, "update={update} migrate={migrate} previous={previous:?} hub={hub}");
+        }
+    }
+
+    #[test]
+    fn a_migrating_device_without_a_twin_gets_the_fresh_one() {
+        let previous = PreviousAssignment { hub: "h1", substatus: Initial, twin: None };
+        let got = plan_twin(&Reprovision::Reallocate { migrate: true }, Some(&previous), "h2", Some(json!({"a": 1})));
+        assert_eq!((got.substatus, got.twin), (Migrated, Some(json!({"a": 1}))));
+    }
+
+    #[test]
+    fn the_registrar_turns_an_unknown_device_already_at_its_hub_into_reprovisioned() {
+        for (planned, existed, had_record, want) in [
+            (Initial, true, false, ReInitial),
+            (Initial, false, false, Initial),
+            (Initial, true, true, Initial),
+            (Migrated, true, true, Migrated),
+            (Reset, false, true, Reset),
+        ] {
+            assert_eq!(substatus_after_registrar(planned, existed, had_record), want, "{planned:?} {existed} {had_record}");
+        }
+    }
+
+    #[test]
+    fn hub_credentials_by_attestation() {
+        use crate::model::{PrimarySecondary, X509Attestation};
+        let (p, s) = (crate::keys::generate_key(), crate::keys::generate_key());
+        let sym = Attestation::SymmetricKey { primary_key: p.clone(), secondary_key: s.clone() };
+        let sas = |a: &str, b: &str| HubCredential::Sas { primary_key: a.to_owned(), secondary_key: b.to_owned() };
+        let derived = |k: &str| crate::keys::derive_device_key(k, "Dev-1").unwrap();
+        let x509 = Attestation::X509(X509Attestation::CaReferences(PrimarySecondary {
+            primary: Some("root".to_owned()),
+            secondary: None,
+        }));
+        let tpm = Attestation::Tpm { endorsement_key: "AAE=".into(), storage_root_key: None };
+        let rows: &[(&Attestation, bool, Option<&str>, Option<&str>, HubCredential)] = &[
+            // An individual enrollment's own keys; a group's keys derived for the device.
+            (&sym, false, None, None, sas(&p, &s)),
+            (&sym, true, None, None, sas(&derived(&p), &derived(&s))),
+            // X.509: the certificate's thumbprint, individual or group.
+            (&x509, true, Some("AB12"), None, HubCredential::Thumbprint { sha256: "AB12".into() }),
+            (&x509, false, Some("AB12"), None, HubCredential::Thumbprint { sha256: "AB12".into() }),
+            // TPM: the key in the TPM, in both slots.
+            (&tpm, false, None, Some("a2V5"), sas("a2V5", "a2V5")),
+            // Nothing to give (attestation never lets such a device through).
+            (&tpm, false, None, None, sas("", "")),
+        ];
+        for (attestation, group, thumbprint, tpm_key, want) in rows {
+            assert_eq!(&hub_credential(attestation, *group, "Dev-1", *thumbprint, *tpm_key), want, "{attestation:?}");
         }
     }
 }

@@ -2,15 +2,8 @@
 
 use std::fmt;
 
-use crate::CoreError;
+use crate::{CoreError, text::shorten};
 
-fn shorten(s: &str) -> String {
-    let mut out: String = s.chars().take(80).collect();
-    if out.len() < s.len() {
-        out.push('…');
-    }
-    out
-}
 
 /// An ID scope: the tenant selector, first path segment of every device request.
 ///

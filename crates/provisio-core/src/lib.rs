@@ -7,6 +7,7 @@
 //! * [`attest`]: which enrollment a symmetric-key credential proves;
 //! * [`allocation`]: choosing an IoT hub;
 //! * [`timefmt`]: DPS's timestamp format;
+//! * [`text`]: quoting client input in messages;
 //! * [`tpm`]: the blob that delivers a TPM device's key (TPM attestation).
 
 pub mod allocation;
@@ -16,6 +17,7 @@ pub mod keys;
 pub mod model;
 pub mod sas;
 pub mod timefmt;
+pub mod text;
 pub mod tpm;
 
 mod error;
