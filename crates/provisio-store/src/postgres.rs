@@ -4,7 +4,7 @@
 //! Connections are sqlx's `PgConnection`s, reused through a small pool of our own rather
 //! than sqlx's: that pool checks a connection with a round trip to the server when it is
 //! taken (`test_before_acquire`) and again, unconditionally, whenever it is given back, so
-//! every query cost three round trips (a profile of `provisio bench --database` put a third
+//! every query cost three round trips (a profile of `provisio-bench --database` put a third
 //! of the server's CPU in them). Here a query costs one: a connection that completed its
 //! work goes back to the pool, any other (an error, a request cancelled mid-query) is
 //! closed; one idle for a while is checked before use.
@@ -414,7 +414,7 @@ mod tests {
     /// an administrator would).
     async fn terminate_sessions(url: &str) {
         let name = url.rsplit_once('/').map(|(_, n)| n.to_owned()).unwrap_or_default();
-        let mut admin = PgConnection::connect(&postgres_admin_url()).await.unwrap();
+        let mut admin = PgConnection::connect(&postgres_admin_url().unwrap()).await.unwrap();
         sqlx::query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
         )
@@ -426,7 +426,8 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_reused_and_a_broken_exchange_is_not() {
-        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        let Some(url) = fresh_postgres_database().await else { return };
+        let s = PostgresStore::connect(&url, 2).await.unwrap();
         s.put(Collection::Enrollments, "a", "1", Precondition::Any).await.unwrap();
         for _ in 0..20 {
             s.get(Collection::Enrollments, "a").await.unwrap();
@@ -451,7 +452,8 @@ mod tests {
 
     #[tokio::test]
     async fn at_most_max_connections_are_open_and_callers_wait_for_one() {
-        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        let Some(url) = fresh_postgres_database().await else { return };
+        let s = PostgresStore::connect(&url, 2).await.unwrap();
         let held = (s.pool.acquire().await.unwrap(), s.pool.acquire().await.unwrap());
         let third = tokio::time::timeout(Duration::from_millis(300), s.pool.acquire()).await;
         assert!(third.is_err(), "a third connection waits while two are in use");
@@ -462,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_ended_by_the_server_are_replaced() {
-        let url = fresh_postgres_database().await;
+        let Some(url) = fresh_postgres_database().await else { return };
         let s = PostgresStore::connect(&url, 4).await.unwrap();
         s.put(Collection::Enrollments, "a", "1", Precondition::Any).await.unwrap();
         assert_eq!(idle(&s), 1);
@@ -480,7 +482,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_store_refuses_work() {
-        let s = PostgresStore::connect(&fresh_postgres_database().await, 2).await.unwrap();
+        let Some(url) = fresh_postgres_database().await else { return };
+        let s = PostgresStore::connect(&url, 2).await.unwrap();
         s.get(Collection::Enrollments, "a").await.unwrap();
         s.close().await;
         assert_eq!(idle(&s), 0);

@@ -451,11 +451,10 @@ mod tests {
     #[tokio::test]
     async fn rotation_moves_every_value_to_the_new_key() {
         let (_dir, sqlite) = raw_store().await;
-        let pg: Arc<dyn Store> = Arc::new(
-            crate::PostgresStore::connect(&crate::conformance::fresh_postgres_database().await, 2).await.unwrap(),
-        );
-        for raw in [sqlite, pg] {
-            rotate(&raw).await;
+        rotate(&sqlite).await;
+        if let Some(url) = crate::conformance::fresh_postgres_database().await {
+            let pg: Arc<dyn Store> = Arc::new(crate::PostgresStore::connect(&url, 2).await.unwrap());
+            rotate(&pg).await;
         }
     }
 

@@ -210,7 +210,7 @@ const MAX_COMMIT_DELAY: Duration = Duration::from_millis(1);
 /// (others are writing too), a new batch waits up to half the previous commit's duration
 /// (at most [`MAX_COMMIT_DELAY`]) for more writes before it commits, so that one commit
 /// and its `fsync` serve more of them. A lone writer never waits. Measured with
-/// `provisio bench`: 5–9% less server CPU per registration and a higher rate, for a
+/// `provisio-bench`: 5–9% less server CPU per registration and a higher rate, for a
 /// fraction of a millisecond of latency under load.
 fn write_loop(conn: Connection, mut rx: mpsc::Receiver<Msg>, lock: Lock) {
     let mut closing = None;
@@ -480,6 +480,13 @@ impl SqliteStore {
     #[must_use]
     pub fn filters_lookups(&self) -> bool {
         self.inner.filter.as_ref().is_some_and(|f| f.is_built())
+    }
+
+    /// Writes queued for the writer thread and not taken by it yet (tests wait on this
+    /// instead of sleeping).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.inner.writer.max_capacity() - self.inner.writer.capacity()
     }
 
     /// One document from the database, the key filter already consulted.
@@ -923,22 +930,35 @@ mod tests {
         assert!(err.contains("newer version") && err.contains("99"), "{err}");
     }
 
-    /// Holds the writer until the returned sender sends, so that what is queued meanwhile
-    /// lands in one batch.
+    /// Holds the writer (inside a write it has taken) until the returned sender sends, so
+    /// that what is queued meanwhile lands in one batch.
     async fn hold_writer(s: &SqliteStore) -> (tokio::task::JoinHandle<Result<()>>, std::sync::mpsc::Sender<()>) {
         let (held, release) = std::sync::mpsc::channel::<()>();
+        let (entered, inside) = oneshot::channel::<()>();
         let hold = tokio::spawn({
             let s = s.clone();
             async move {
                 s.write(move |_| {
+                    let _ = entered.send(());
                     let _ = release.recv_timeout(Duration::from_secs(5));
                     Ok(())
                 })
                 .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(5), inside).await.unwrap().unwrap();
         (hold, held)
+    }
+
+    /// Waits until `n` writes (at least) are queued behind the held writer.
+    async fn queued(s: &SqliteStore, n: usize) {
+        for _ in 0..500 {
+            if s.queued() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} writes queued after 5 s, not {n}", s.queued());
     }
 
     /// Queues creates of `dev{i}` for each `i` in `ids` (one batch while the writer is held).
@@ -970,7 +990,7 @@ mod tests {
         // dev1..dev19 once each, dev0 twice (two racing creates).
         let mut others = creates(&s, 0..20);
         others.extend(creates(&s, 0..1));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued(&s, 22).await;
         held.send(()).unwrap();
         hold.await.unwrap().unwrap();
         assert!(matches!(failing.await.unwrap(), Err(StoreError::Backend(_))));
@@ -1005,7 +1025,7 @@ mod tests {
             async move { s.record_registration("dev2", "{}", Some("g"), "op-2").await }
         });
         let after = creates(&s, 10..20);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued(&s, 22).await;
         held.send(()).unwrap();
         hold.await.unwrap().unwrap();
         assert!(matches!(taken.await.unwrap(), Err(StoreError::Conflict)));
@@ -1035,9 +1055,10 @@ mod tests {
                 .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The failing unit comes after the first ten in the batch, the next ten after it.
+        queued(&s, 11).await;
         let after = creates(&s, 10..20);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued(&s, 21).await;
         held.send(()).unwrap();
         hold.await.unwrap().unwrap();
         assert!(matches!(failing.await.unwrap(), Err(StoreError::Backend(_))));
@@ -1161,8 +1182,8 @@ mod tests {
         assert!(!first.is_locked_elsewhere());
         let second = SqliteStore::open(&path).await.unwrap();
         assert!(second.is_locked_elsewhere(), "the first store holds the lock");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!second.filters_lookups(), "it cannot trust a filter: the first one writes behind its back");
+        // It has no filter at all (not one being built): the first one writes behind its back.
+        assert!(second.inner.filter.is_none() && !second.filters_lookups());
         first.put(Collection::Enrollments, "by-first", "{}", Precondition::Any).await.unwrap();
         assert!(second.get(Collection::Enrollments, "by-first").await.unwrap().is_some());
         second.close().await;
