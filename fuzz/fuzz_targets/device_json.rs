@@ -1,5 +1,5 @@
 //! The device API's JSON bodies, parsed exactly as the HTTPS and MQTT front-ends parse
-//! them (`provisio_server::bodies::device_registration`, lenient about blank bodies), and
+//! them (`provisio_engine::bodies::device_registration`, lenient about blank bodies), and
 //! the answer shapes clients parse. Invariants: no panic, and what parses survives a
 //! serialise/parse round trip unchanged.
 #![no_main]
@@ -14,10 +14,10 @@ fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: 
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Ok(r) = provisio_server::bodies::device_registration(data) {
+    if let Ok(r) = provisio_engine::bodies::device_registration(data) {
         let text = serde_json::to_vec(&r).expect("a parsed registration serialises");
         let again: DeviceRegistration =
-            provisio_server::bodies::device_registration(&text).expect("a serialised registration parses");
+            provisio_engine::bodies::device_registration(&text).expect("a serialised registration parses");
         assert_eq!(r, again);
     }
     if let Ok(s) = serde_json::from_slice::<RegistrationOperationStatus>(data) {

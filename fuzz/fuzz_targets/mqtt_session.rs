@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    provisio_server::mqtt::session::drive_with_bytes(data, 64 * 1024);
+    provisio_server::fuzzing::drive_with_bytes(data, 64 * 1024);
 });

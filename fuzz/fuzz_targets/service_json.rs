@@ -1,6 +1,6 @@
 //! The service API's JSON bodies, parsed as the HTTPS front-end parses them
-//! (`provisio_server::bodies`) and validated as a PUT validates them
-//! (`provisio_server::service_model::*_from_wire`, the bulk, query, policy and hub checks).
+//! (`provisio_engine::bodies`) and validated as a PUT validates them
+//! (`provisio_engine::wire::*_from_wire`, the bulk, query, policy and hub checks).
 //!
 //! The first byte chooses the body (its value modulo 8; the corpus uses ASCII digits):
 //! `0` individual enrollment, `1` enrollment group, `2` bulk operation, `3` query
@@ -16,7 +16,7 @@ use provisio_proto::service::{
     BulkOperationResult, CertificateBody, CertificateResponse, DeviceRegistrationState, EnrollmentGroup,
     IndividualEnrollment, SharedAccessPolicy,
 };
-use provisio_server::{bodies, service_api, service_model as model};
+use provisio_engine::{bodies, service as service_api, wire as model};
 
 const NOW: &str = "2030-01-01T00:00:00.0000000Z";
 
@@ -118,7 +118,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
         6 => {
             if let Ok(h) = bodies::linked_hub(body) {
-                let _ = provisio_server::hubs::validate(&h);
+                let _ = provisio_engine::hubs::validate(&h);
             }
         }
         _ => {

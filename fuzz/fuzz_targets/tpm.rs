@@ -8,7 +8,7 @@
 #![no_main]
 
 use provisio_core::tpm::{StorageKey, authentication_key};
-use provisio_server::amqp::link::{tpm_sasl_init, tpm_sasl_segments};
+use provisio_server::fuzzing::{tpm_sasl_init, tpm_sasl_segments};
 
 fn key(bytes: &[u8]) {
     let Ok(k) = StorageKey::parse(bytes, "endorsementKey") else { return };

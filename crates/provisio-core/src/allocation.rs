@@ -45,9 +45,10 @@ pub fn hashed<'a>(hubs: &[HubChoice<'a>], registration_key: &str) -> Option<&'a 
 }
 
 /// The allocation policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
-    /// Weighted hash of the registration id.
+    /// Weighted hash of the registration id (DPS's default).
+    #[default]
     Hashed,
     /// The hubs of the serving node's region, hashed; all hubs if none is there.
     GeoLatency,
@@ -219,7 +220,11 @@ pub fn plan_twin(
 /// of that already existed at the hub is `reprovisionedToInitialAssignment` (since
 /// api-version 2019-04-15; `spec/device-api.md` §1.6).
 #[must_use]
-pub fn substatus_after_registrar(planned: Substatus, already_existed_at_hub: bool, had_previous_record: bool) -> Substatus {
+pub fn substatus_after_registrar(
+    planned: Substatus,
+    already_existed_at_hub: bool,
+    had_previous_record: bool,
+) -> Substatus {
     if already_existed_at_hub && !had_previous_record { Substatus::ReprovisionedToInitialAssignment } else { planned }
 }
 
@@ -400,7 +405,8 @@ mod reprovision_tests {
     /// substatus told, twin: "prev" / "fresh" / none, twin applied, data migrated).
     #[test]
     fn the_substatus_matrix() {
-        type Row = (bool, bool, Option<(&'static str, Substatus)>, &'static str, Substatus, Option<&'static str>, bool, bool);
+        type Row =
+            (bool, bool, Option<(&'static str, Substatus)>, &'static str, Substatus, Option<&'static str>, bool, bool);
         let rows: &[Row] = &[
             // No previous assignment: whatever the policy, an initial assignment.
             (true, true, None, "h1", Initial, Some("fresh"), true, false),
@@ -445,7 +451,11 @@ mod reprovision_tests {
             (Migrated, true, true, Migrated),
             (Reset, false, true, Reset),
         ] {
-            assert_eq!(substatus_after_registrar(planned, existed, had_record), want, "{planned:?} {existed} {had_record}");
+            assert_eq!(
+                substatus_after_registrar(planned, existed, had_record),
+                want,
+                "{planned:?} {existed} {had_record}"
+            );
         }
     }
 
@@ -461,7 +471,9 @@ mod reprovision_tests {
             secondary: None,
         }));
         let tpm = Attestation::Tpm { endorsement_key: "AAE=".into(), storage_root_key: None };
-        let rows: &[(&Attestation, bool, Option<&str>, Option<&str>, HubCredential)] = &[
+        // (attestation, from a group, certificate thumbprint, TPM key, credential given)
+        type Row<'a> = (&'a Attestation, bool, Option<&'a str>, Option<&'a str>, HubCredential);
+        let rows: &[Row<'_>] = &[
             // An individual enrollment's own keys; a group's keys derived for the device.
             (&sym, false, None, None, sas(&p, &s)),
             (&sym, true, None, None, sas(&derived(&p), &derived(&s))),

@@ -4,7 +4,6 @@ use std::fmt;
 
 use crate::{CoreError, text::shorten};
 
-
 /// An ID scope: the tenant selector, first path segment of every device request.
 ///
 /// Treated as an opaque, case-insensitive token of ASCII letters and digits. New

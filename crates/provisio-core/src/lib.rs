@@ -16,8 +16,8 @@ pub mod ids;
 pub mod keys;
 pub mod model;
 pub mod sas;
-pub mod timefmt;
 pub mod text;
+pub mod timefmt;
 pub mod tpm;
 
 mod error;

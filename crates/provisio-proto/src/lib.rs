@@ -1,12 +1,13 @@
 //! Wire types of the Azure IoT Hub Device Provisioning Service (DPS), as Provisio speaks them.
 //!
 //! Everything here is plain serde data: the JSON bodies of the device API
-//! ([`device`]), of the service API ([`service`]) and the error body shared by both
-//! ([`error`]). Field names, casing and optionality follow `spec/device-api.md` and
+//! ([`device`]), of the service API ([`service`]), of the hub registrar webhook
+//! ([`registrar`]) and the error body shared by both APIs ([`error`]). Field names, casing and optionality follow `spec/device-api.md` and
 //! `spec/service-api.md`; no DPS rule is enforced here (that is `provisio-core`'s job).
 
 pub mod device;
 pub mod error;
+pub mod registrar;
 pub mod service;
 
 /// `api-version` values the device API accepts (`spec/device-api.md` §1.2). All are

@@ -1,219 +1,55 @@
-//! The one place where failures become DPS error bodies.
+//! Why a server cannot start: configuration, listeners, TLS material, the store. These go
+//! to the operator who starts the service; DPS answers to clients are
+//! [`provisio_engine::Error`]'s.
 
-use provisio_core::{CoreError, attest::AttestError};
-use provisio_proto::error::{ErrorBody, codes};
+use std::net::SocketAddr;
+
+use provisio_engine::SetupError;
 use provisio_store::StoreError;
-use thiserror::Error;
 
-/// Every failure the engine and the service API report.
-#[derive(Debug, Error)]
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Bad input: the message is safe to show.
-    #[error("{message}")]
-    BadRequest {
-        /// DPS error code (400xxx).
-        code: u32,
-        /// What was wrong.
-        message: String,
-    },
-    /// Credentials refused. `public` is what the caller sees; `detail` is logged only.
-    #[error("{public}")]
-    Unauthorized {
-        /// Shown to the caller.
-        public: String,
-        /// Logged with the tracking id.
-        detail: String,
-        /// A tracking id already recorded elsewhere (the audit record), if any.
-        tracking_id: Option<String>,
-    },
-    /// The service policy lacks the right.
+    /// A setting is unusable; the message says which and why.
     #[error("{0}")]
-    Forbidden(String),
-    /// Something does not exist.
-    #[error("{message}")]
-    NotFound {
-        /// DPS error code (404xxx).
-        code: u32,
-        /// What was missing.
-        message: String,
+    Config(String),
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Listen {
+        /// `HTTPS`, `MQTT` or `AMQP`.
+        listener: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
     },
-    /// Method not allowed on a route.
-    #[error("{0}")]
-    MethodNotAllowed(String),
-    /// Create of an existing id.
-    #[error("{0}")]
-    Conflict(String),
-    /// ETag mismatch.
-    #[error("{0}")]
-    PreconditionFailed(String),
-    /// Body too large.
-    #[error("request body exceeds the limit of {0} bytes")]
-    PayloadTooLarge(usize),
-    /// Our fault. The detail is logged, not shown.
-    #[error("internal error")]
-    Internal(String),
-    /// Request took too long.
-    #[error("the request timed out")]
-    Timeout,
-    /// Rate limit reached; retry after this many seconds.
-    #[error("too many requests: retry after {0} s")]
-    Throttled(u64),
-    /// Another error whose tracking id is already recorded (in the audit log).
-    #[error("{inner}")]
-    Tracked {
-        /// The error.
-        inner: Box<ServerError>,
-        /// The tracking id to answer with.
-        tracking_id: String,
-    },
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The store cannot be opened or failed during start-up.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The instance cannot be opened (files, stored documents, settings).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
 }
 
-impl ServerError {
-    /// 400 with `400004` ("argument invalid").
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::BadRequest { code: codes::ARGUMENT_INVALID, message: message.into() }
-    }
-
-    /// 400 with `400001` (malformed body).
-    pub fn malformed(message: impl Into<String>) -> Self {
-        Self::BadRequest { code: codes::MALFORMED_BODY, message: message.into() }
-    }
-
-    /// 401 / `401002` with a generic public message and a logged detail.
-    pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::Unauthorized { public: "Unauthorized".into(), detail: detail.into(), tracking_id: None }
-    }
-
-    /// Gives the error a tracking id (kept if it already has one) and returns it.
-    #[must_use]
-    pub fn tracked(self) -> (Self, String) {
-        match self.tracking_id() {
-            Some(t) => {
-                let t = t.to_owned();
-                (self, t)
-            }
-            None => {
-                let t = uuid::Uuid::new_v4().to_string();
-                (Self::Tracked { inner: Box::new(self), tracking_id: t.clone() }, t)
-            }
-        }
-    }
-
-    /// The tracking id already given to this error, if any.
-    #[must_use]
-    pub fn tracking_id(&self) -> Option<&str> {
-        match self {
-            Self::Unauthorized { tracking_id: Some(t), .. } | Self::Tracked { tracking_id: t, .. } => Some(t),
-            _ => None,
-        }
-    }
-
-    /// The error itself, without its tracking id.
-    #[must_use]
-    pub fn untracked(&self) -> &Self {
-        match self {
-            Self::Tracked { inner, .. } => inner.untracked(),
-            other => other,
-        }
-    }
-
-    /// Seconds the client should wait before retrying, for errors that have one.
-    #[must_use]
-    pub fn retry_after(&self) -> Option<u64> {
-        match self.untracked() {
-            Self::Throttled(s) => Some(*s),
-            Self::Timeout => Some(5),
-            _ => None,
-        }
-    }
-
-    /// The DPS error code.
-    #[must_use]
-    pub fn code(&self) -> u32 {
-        match self {
-            Self::Tracked { inner, .. } => inner.code(),
-            Self::BadRequest { code, .. } | Self::NotFound { code, .. } => *code,
-            Self::Unauthorized { .. } => codes::UNAUTHORIZED,
-            Self::Forbidden(_) => codes::FORBIDDEN,
-            Self::MethodNotAllowed(_) => codes::METHOD_NOT_ALLOWED,
-            Self::Conflict(_) => codes::ALREADY_EXISTS,
-            Self::PreconditionFailed(_) => codes::PRECONDITION_FAILED,
-            Self::PayloadTooLarge(_) => codes::PAYLOAD_TOO_LARGE,
-            Self::Internal(_) => codes::INTERNAL,
-            Self::Timeout => codes::UNAVAILABLE,
-            Self::Throttled(_) => codes::THROTTLED,
-        }
-    }
-
-    /// The HTTP status (the first three digits of the code).
-    #[must_use]
-    pub fn status(&self) -> u16 {
-        codes::http_status(self.code())
-    }
-
-    /// What is logged beyond the public message.
-    #[must_use]
-    pub fn detail(&self) -> Option<&str> {
-        match self {
-            Self::Unauthorized { detail, .. } | Self::Internal(detail) => Some(detail),
-            Self::Tracked { inner, .. } => inner.detail(),
-            _ => None,
-        }
-    }
-
-    /// Builds the body, logging the failure under a fresh tracking id.
-    #[must_use]
-    pub fn to_body(&self) -> ErrorBody {
-        let tracking_id = self.tracking_id().map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        let code = self.code();
-        match self.detail() {
-            Some(detail) if code >= 500_000 => {
-                tracing::error!(tracking_id, error_code = code, detail, "request failed");
-            }
-            Some(detail) => tracing::info!(tracking_id, error_code = code, detail, "request refused"),
-            None => tracing::info!(tracking_id, error_code = code, message = %self, "request refused"),
-        }
-        ErrorBody {
-            error_code: code,
-            tracking_id,
-            message: self.to_string(),
-            timestamp_utc: provisio_core::timefmt::now(),
-            info: None,
-        }
-    }
-}
-
-impl From<StoreError> for ServerError {
-    fn from(e: StoreError) -> Self {
-        Self::Internal(format!("store: {e}"))
-    }
-}
-
-impl From<CoreError> for ServerError {
-    fn from(e: CoreError) -> Self {
-        match e {
-            CoreError::MalformedSas(_) => {
-                Self::Unauthorized { public: e.to_string(), detail: e.to_string(), tracking_id: None }
-            }
-            CoreError::InvalidId { .. } | CoreError::InvalidKey(_) => Self::invalid(e.to_string()),
-        }
-    }
-}
-
-impl From<AttestError> for ServerError {
-    fn from(e: AttestError) -> Self {
-        let public = match &e {
-            // Safe to tell: they concern the token, not whether the device is enrolled.
-            AttestError::Expired { .. } => "The SAS token has expired.".to_owned(),
-            AttestError::WrongResource { .. } => {
-                "The SAS token was issued for another resource than this request's.".to_owned()
-            }
-            AttestError::WrongKeyName(_) => "The SAS token key name must be 'registration'.".to_owned(),
-            // An unknown device and a wrong key must look the same.
-            AttestError::NoEnrollment(_) | AttestError::KeyMismatch(_) | AttestError::WrongAttestationType { .. } => {
-                "Unauthorized".to_owned()
-            }
-        };
-        Self::Unauthorized { public, detail: e.to_string(), tracking_id: None }
-    }
+/// Why the server dropped a device connection (MQTT or AMQP; logged, not answered).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Dropped {
+    /// A deadline passed: what was awaited.
+    #[error("no {0} in time")]
+    Timeout(&'static str),
+    /// Reading failed.
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    /// Writing failed.
+    #[error("write failed: {0}")]
+    Write(std::io::Error),
+    /// Bytes that are not the protocol.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// The protocol's own refusal (an AMQP error condition and why, a SASL outcome …).
+    #[error("{0}")]
+    Refused(String),
 }

@@ -1,5 +1,6 @@
-//! The Provisio server: the registration engine, the HTTPS front-end, the service API,
-//! TLS and configuration.
+//! The Provisio server: listeners, TLS and the thin front-ends (HTTPS with the service API
+//! and WebSockets, MQTT, AMQP) that parse their framing, call [`provisio_engine`] and frame
+//! its answers; and the wiring of an instance from its [`ServerConfig`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), provisio_server::ServerError> {
@@ -11,41 +12,30 @@
 //! # }
 //! ```
 
-pub mod amqp;
-pub mod assignment;
-pub mod audit;
-pub mod bodies;
-pub mod cache;
-pub mod certificates;
+mod amqp;
 pub mod config;
-pub mod engine;
 mod error;
-pub mod http;
-pub mod hubs;
-pub mod instance;
-pub mod mqtt;
-pub mod registrar;
-pub mod service_api;
-pub mod service_model;
-pub mod tls;
+mod http;
+mod mqtt;
+mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use config::{Secret, ServerConfig};
 pub use error::ServerError;
-pub use instance::InstanceInfo;
+pub use provisio_engine::instance::InstanceInfo;
+use provisio_engine::{
+    Engine, EngineSettings,
+    allocation::{AllocationSettings, Assigner, RegistrarKind},
+    audit::{AuditConfig, AuditLog},
+    certificates::Certificates,
+    hubs::Hubs,
+    instance::{self, InstanceSettings},
+    service::ServiceLimits,
+    webhook::WebhookSettings,
+};
 use provisio_store::{Collection, Keyring, PostgresStore, SealedStore, SqliteStore, Store};
 use tokio::net::TcpListener;
-
-/// Serialises `v` as JSON into a buffer sized for the documents of a registration (record,
-/// answer, audit line), so that it is not grown three or four times on the way: a
-/// `realloc` takes a lock on its allocator arena, which the worker threads contend for.
-/// 1,024 bytes is also the largest request glibc answers from its thread-local cache.
-pub(crate) fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut out, v)?;
-    Ok(out)
-}
 
 /// File name of the embedded database inside the data directory.
 pub const DATABASE_FILE: &str = "provisio.sqlite";
@@ -68,6 +58,8 @@ pub struct Provisio {
     store: Arc<dyn Store>,
     instance: instance::Instance,
     linked_hubs: Vec<String>,
+    allocation: AllocationSettings,
+    instance_settings: InstanceSettings,
 }
 
 /// Opens the configured store: PostgreSQL when `database` is set, else the embedded
@@ -94,8 +86,9 @@ async fn open_store_for(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
         if let Some(identity) = store.get(Collection::Meta, "identity").await?
             && provisio_store::sealed::has_sealed_values(&identity.body)
         {
-            return Err(ServerError::invalid(
-                "the database holds encrypted secrets: set encryption_key (PROVISIO_ENCRYPTION_KEY) to the key they were sealed with",
+            return Err(ServerError::Config(
+                "the database holds encrypted secrets: set encryption_key (PROVISIO_ENCRYPTION_KEY) to the key they were sealed with"
+                    .into(),
             ));
         }
         return Ok(store);
@@ -103,7 +96,7 @@ async fn open_store_for(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
     let sealed = SealedStore::new(store, keys);
     // A wrong key is a configuration error: say so at start, not on the first request.
     sealed.get(Collection::Meta, "identity").await.map_err(|e| match e {
-        provisio_store::StoreError::Backend(m) => ServerError::invalid(m),
+        provisio_store::StoreError::Backend(m) => ServerError::Config(m),
         other => ServerError::from(other),
     })?;
     Ok(Arc::new(sealed))
@@ -112,7 +105,19 @@ async fn open_store_for(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
 fn keyring(config: &ServerConfig) -> Result<Keyring, ServerError> {
     let previous: Vec<String> = config.encryption_previous_keys.iter().map(|k| k.0.clone()).collect();
     Keyring::new(config.encryption_key.as_ref().map(|k| k.0.as_str()), &previous)
-        .map_err(|e| ServerError::invalid(e.to_string()))
+        .map_err(|e| ServerError::Config(e.to_string()))
+}
+
+/// The facts of the instance configured by `config` (`provisio info`), without starting it;
+/// `None` if it was never started.
+///
+/// # Errors
+/// If the store cannot be opened or read.
+pub async fn read_info(config: &ServerConfig) -> Result<Option<InstanceInfo>, ServerError> {
+    let store = open_store(config).await?;
+    let info = instance::read_info(store.as_ref(), &instance_settings(config)?).await;
+    store.close().await;
+    Ok(info?)
 }
 
 /// Re-encrypts every stored secret with the current `encryption_key` (or stores them in
@@ -130,14 +135,14 @@ pub async fn reseal(config: &ServerConfig) -> Result<u64, ServerError> {
 }
 
 async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>, ServerError> {
-    tokio::fs::create_dir_all(&config.data_dir).await.map_err(|e| {
-        ServerError::invalid(format!("cannot create data directory {}: {e}", config.data_dir.display()))
-    })?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|e| ServerError::Config(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
     match config.database.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             Ok(Arc::new(PostgresStore::connect(url, config.database_max_connections).await?))
         }
-        Some(other) => Err(ServerError::invalid(format!(
+        Some(other) => Err(ServerError::Config(format!(
             "database '{}' is not a postgres:// URL (leave it unset for the embedded SQLite database)",
             other.split('@').next_back().unwrap_or("")
         ))),
@@ -148,7 +153,7 @@ async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
                 store.close().await;
                 // Two servers on one embedded database would each miss the other's writes
                 // in their caches; several nodes share a PostgreSQL database instead.
-                return Err(ServerError::invalid(format!(
+                return Err(ServerError::Config(format!(
                     "another Provisio server is using {} (stop it first, or give this one its own --data-dir; \
                      several nodes share a PostgreSQL database: --database postgres://…)",
                     db.display()
@@ -185,20 +190,14 @@ impl Provisio {
     /// # Errors
     /// If the store, the TLS material or the configuration is unusable.
     pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        let allocation = allocation_settings(&config)?;
+        let instance_settings = instance_settings(&config)?;
         let store = open_store_for(&config, Use::Serve).await?;
-        let instance = instance::load_or_init(store.as_ref(), &config).await?;
-        if provisio_core::allocation::Policy::parse(&config.allocation_policy)
-            .is_none_or(|p| p == provisio_core::allocation::Policy::Custom)
-        {
-            return Err(ServerError::invalid(format!(
-                "allocation_policy '{}' must be hashed, geoLatency or static (custom is set per enrollment).",
-                config.allocation_policy
-            )));
-        }
-        let hubs = hubs::Hubs::new(store.clone());
+        let instance = instance::load_or_init(store.as_ref(), &instance_settings).await?;
+        let hubs = Hubs::new(store.clone());
         hubs.seed(&config.linked_hubs, &instance::default_hub_name(instance.scope.as_str())).await?;
-        let linked_hubs = hubs.list().await?.into_iter().map(|h| h.host_name).collect();
-        Ok(Self { config, store, instance, linked_hubs })
+        let linked_hubs = Hubs::linked_names(store.as_ref()).await?;
+        Ok(Self { config, store, instance, linked_hubs, allocation, instance_settings })
     }
 
     /// Binds the configured listen addresses.
@@ -207,10 +206,10 @@ impl Provisio {
     /// If an address is invalid or in use.
     pub async fn bind(&self) -> Result<Listeners, ServerError> {
         let addr: SocketAddr = self.config.https_listen.parse().map_err(|_| {
-            ServerError::invalid(format!("--https-listen '{}' is not an address:port", self.config.https_listen))
+            ServerError::Config(format!("--https-listen '{}' is not an address:port", self.config.https_listen))
         })?;
         let https =
-            TcpListener::bind(addr).await.map_err(|e| ServerError::invalid(format!("cannot listen on {addr}: {e}")))?;
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { listener: "HTTPS", addr, source })?;
         let mqtt = bind_optional(&self.config.mqtt_listen, "--mqtt-listen", "MQTT").await?;
         let amqp = bind_optional(&self.config.amqp_listen, "--amqp-listen", "AMQP").await?;
         Ok(Listeners { https, mqtt, amqp })
@@ -247,50 +246,17 @@ impl Provisio {
     }
 
     fn endpoint(&self, listeners: &Listeners) -> instance::Endpoint {
-        let mut e = instance::default_endpoint(&self.config);
+        let mut e = instance::default_endpoint(&self.instance_settings);
         if let Ok(a) = listeners.https.local_addr() {
             e.https_port = a.port();
         }
         e
     }
 
-    /// The assignment machinery: hubs, default policy, webhook client and hub registrar.
-    fn assigner(&self, hubs: hubs::Hubs) -> Result<assignment::Assigner, ServerError> {
-        let c = &self.config;
-        let mut b = reqwest::Client::builder()
-            .timeout(Duration::from_secs(c.webhook_timeout_secs.max(1)))
-            .connect_timeout(Duration::from_secs(c.webhook_timeout_secs.clamp(1, 10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("provisio/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &c.webhook_ca_file {
-            let pem =
-                std::fs::read(ca).map_err(|e| ServerError::invalid(format!("cannot read {}: {e}", ca.display())))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ServerError::invalid(format!("{}: {e}", ca.display())))?
-            {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        let http = b.build().map_err(|e| ServerError::Internal(format!("webhook client: {e}")))?;
-        let registrar: Arc<dyn registrar::HubRegistrar> = match c.hub_registrar.as_str() {
-            "none" => Arc::new(registrar::NoRegistrar),
-            "webhook" => Arc::new(registrar::WebhookRegistrar::new(http.clone(), c.webhook_attempts)),
-            other => return Err(ServerError::invalid(format!("hub_registrar '{other}' must be none or webhook"))),
-        };
-        Ok(assignment::Assigner {
-            hubs,
-            default_policy: provisio_core::allocation::Policy::parse(&c.allocation_policy)
-                .unwrap_or(provisio_core::allocation::Policy::Hashed),
-            region: c.region.clone(),
-            webhook: assignment::WebhookClient::new(http, c.webhook_attempts),
-            registrar,
-        })
-    }
-
     /// Serves until `shutdown` resolves, then drains connections and closes the store.
     ///
     /// # Errors
-    /// If the TLS configuration is unusable or the store fails at start.
+    /// If the TLS configuration or the audit log is unusable, or the store fails at start.
     pub async fn run(
         self,
         listeners: Listeners,
@@ -298,46 +264,40 @@ impl Provisio {
     ) -> Result<(), ServerError> {
         let store: Arc<dyn Store> = self.store.clone();
         instance::record_endpoint(store.as_ref(), &self.endpoint(&listeners)).await?;
-        let tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[b"h2", b"http/1.1"])?;
-        let hubs = hubs::Hubs::with_ttl(store.clone(), Duration::from_millis(self.config.cache_ttl_ms));
-        let hostnames = self.config.effective_hostnames();
+        let (cert, key) = (&self.instance.tls.cert_pem, &self.instance.tls.key_pem);
+        let https_tls = tls::server_config(cert, key, &[b"h2", b"http/1.1"])?;
+        let stream_tls = tls::server_config(cert, key, &[])?;
         let c = &self.config;
-        let engine = engine::Engine::new(
-            store.clone(),
-            self.instance.scope.clone(),
-            engine::EngineSettings {
-                sas_clock_skew_secs: c.sas_clock_skew_secs,
-                signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
-                cache_ttl: Duration::from_millis(c.cache_ttl_ms),
-                registrations_per_second: c.registrations_per_second,
-                device_polls_per_10s: c.device_polls_per_10s,
-                max_concurrent_operations: c.max_concurrent_operations,
-                poll_auth_cache: Duration::from_secs(c.poll_auth_cache_secs),
-                refusal_records_kept: c.refusal_records_kept,
-            },
-            self.assigner(hubs.clone())?,
-        );
         let audit = match c.audit_log_path() {
-            Some(path) => crate::audit::AuditLog::open(crate::audit::AuditConfig {
+            Some(path) => AuditLog::open(AuditConfig {
                 path: path.clone(),
                 max_bytes: c.audit_log_max_mb.saturating_mul(1024 * 1024).max(4096),
                 keep: c.audit_log_keep,
             })
             .await
-            .map_err(|e| ServerError::invalid(format!("cannot open the audit log {}: {e}", path.display())))?,
-            None => crate::audit::AuditLog::disabled(),
+            .map_err(|e| ServerError::Config(format!("cannot open the audit log {}: {e}", path.display())))?,
+            None => AuditLog::disabled(),
         };
-        let engine = engine.with_audit(audit.clone());
-        let group_cache = engine.group_cache();
-        let auth_cache = engine.auth_cache();
-        let per_ip = Arc::new(http::limit::PerIpLimiter::new(c.max_connections_per_ip));
+        let hubs = Hubs::with_ttl(store.clone(), Duration::from_millis(c.cache_ttl_ms));
+        let assigner = Assigner::new(hubs.clone(), self.allocation.clone())?;
+        let engine = Engine::new(store.clone(), self.instance.scope.clone(), engine_settings(c), assigner)
+            .with_audit(audit.clone());
+        let service = engine.service_api(
+            c.effective_hostnames(),
+            ServiceLimits {
+                max_bulk_items: c.max_bulk_items,
+                default_page_size: 100.min(c.max_query_page_size),
+                max_page_size: c.max_query_page_size,
+                requests_per_second: c.service_requests_per_second,
+            },
+        );
+        let per_ip = Arc::new(provisio_engine::limits::PerIpLimiter::new(c.max_connections_per_ip));
         // MQTT and AMQP sessions have the same limits on their own ports and over WebSockets.
         let mqtt_limits = mqtt::MqttLimits {
             max_connections: c.max_connections,
             max_packet_bytes: c.max_body_bytes + 4096,
             connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(c.header_timeout_secs.max(60) * 10),
-            retry_after_secs: c.retry_after_secs,
         };
         let amqp_limits = amqp::AmqpLimits {
             max_connections: c.max_connections,
@@ -347,24 +307,14 @@ impl Provisio {
             max_links: c.amqp_max_links.max(2),
             connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(c.amqp_idle_timeout_secs.max(1)),
-            retry_after_secs: c.retry_after_secs,
         };
         let state = Arc::new(http::AppState {
-            engine,
-            service: service_api::ServiceApi::new(store.clone(), hostnames, c.sas_clock_skew_secs)
-                .with_limits(service_api::ServiceLimits {
-                    max_bulk_items: c.max_bulk_items,
-                    default_page_size: 100.min(c.max_query_page_size),
-                    max_page_size: c.max_query_page_size,
-                })
-                .with_group_cache(group_cache)
-                .with_auth_cache(auth_cache),
-            service_limiter: http::limit::RateLimiter::new(c.service_requests_per_second),
+            engine: engine.clone(),
+            service,
             per_ip: per_ip.clone(),
-            certificates: certificates::Certificates::new(store.clone()),
+            certificates: Certificates::new(store.clone()),
             hubs,
             max_body_bytes: c.max_body_bytes,
-            retry_after_secs: c.retry_after_secs,
             request_timeout: Duration::from_secs(c.request_timeout_secs),
             audit: audit.clone(),
             mqtt_limits,
@@ -379,44 +329,32 @@ impl Provisio {
         let purge = tokio::spawn(housekeeping(store.clone(), c.operation_retention_hours, c.refusal_records_kept));
         // One shutdown signal for every listener.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
         let mqtt = listeners.mqtt.map(|l| {
-            let mqtt_tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[]);
-            let engine = state.engine.clone();
-            let per_ip = per_ip.clone();
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                match mqtt_tls {
-                    Ok(t) => {
-                        mqtt::serve(l, t, engine, mqtt_limits, per_ip, async move {
-                            let _ = rx.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    }
-                    Err(e) => tracing::error!(error = %e, "MQTT listener not started"),
-                }
-            })
+            let serve = mqtt::serve(
+                l,
+                stream_tls.clone(),
+                engine.clone(),
+                mqtt_limits,
+                per_ip.clone(),
+                stopped(stop_rx.clone()),
+            );
+            tokio::spawn(serve)
         });
         let amqp = listeners.amqp.map(|l| {
-            let amqp_tls = tls::server_config(&self.instance.tls.cert_pem, &self.instance.tls.key_pem, &[]);
-            let engine = state.engine.clone();
-            let per_ip = per_ip.clone();
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                match amqp_tls {
-                    Ok(t) => {
-                        amqp::serve(l, t, engine, amqp_limits, per_ip, async move {
-                            let _ = rx.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    }
-                    Err(e) => tracing::error!(error = %e, "AMQP listener not started"),
-                }
-            })
+            let serve = amqp::serve(
+                l,
+                stream_tls.clone(),
+                engine.clone(),
+                amqp_limits,
+                per_ip.clone(),
+                stopped(stop_rx.clone()),
+            );
+            tokio::spawn(serve)
         });
-        let mut rx = stop_rx.clone();
-        let https = tokio::spawn(http::serve(listeners.https, tls, state, limits, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        let https = tokio::spawn(http::serve(listeners.https, https_tls, state, limits, stopped(stop_rx.clone())));
         shutdown.await;
         let _ = stop_tx.send(true);
         let _ = https.await;
@@ -433,18 +371,91 @@ impl Provisio {
     }
 }
 
+/// What the engine is told, from the configuration.
+fn engine_settings(c: &ServerConfig) -> EngineSettings {
+    EngineSettings {
+        sas_clock_skew_secs: c.sas_clock_skew_secs,
+        signing_certificates_need_verified_ca: c.x509_signing_certificates_need_verified_ca,
+        cache_ttl: Duration::from_millis(c.cache_ttl_ms),
+        registrations_per_second: c.registrations_per_second,
+        device_polls_per_10s: c.device_polls_per_10s,
+        max_concurrent_operations: c.max_concurrent_operations,
+        poll_auth_cache: Duration::from_secs(c.poll_auth_cache_secs),
+        refusal_records_kept: c.refusal_records_kept,
+        retry_after_secs: c.retry_after_secs,
+    }
+}
+
+/// How devices are allocated, from the configuration (the webhook CA file is read here, so
+/// that a missing file stops the start rather than the first webhook call).
+fn allocation_settings(c: &ServerConfig) -> Result<AllocationSettings, ServerError> {
+    let default_policy = provisio_core::allocation::Policy::parse(&c.allocation_policy)
+        .filter(|p| *p != provisio_core::allocation::Policy::Custom)
+        .ok_or_else(|| {
+            ServerError::Config(format!(
+                "allocation_policy '{}' must be hashed, geoLatency or static (custom is set per enrollment).",
+                provisio_core::text::shorten(&c.allocation_policy)
+            ))
+        })?;
+    let extra_ca_pem = match &c.webhook_ca_file {
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?)
+        }
+        None => None,
+    };
+    Ok(AllocationSettings {
+        default_policy,
+        region: c.region.clone(),
+        webhooks: WebhookSettings {
+            timeout: Duration::from_secs(c.webhook_timeout_secs.max(1)),
+            attempts: c.webhook_attempts,
+            extra_ca_pem,
+        },
+        registrar: RegistrarKind::parse(&c.hub_registrar)?,
+    })
+}
+
+/// What the instance is opened with, from the configuration.
+fn instance_settings(c: &ServerConfig) -> Result<InstanceSettings, ServerError> {
+    let tls_files = match (&c.tls_cert, &c.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => return Err(ServerError::Config("--tls-cert and --tls-key must be given together".into())),
+    };
+    Ok(InstanceSettings {
+        data_dir: c.data_dir.clone(),
+        hostnames: c.effective_hostnames(),
+        tls_files,
+        https_port: c.https_listen.parse::<SocketAddr>().map_or(8443, |a| a.port()),
+    })
+}
+
+/// The next connection on `listener`, with Nagle's algorithm off (answers are small and
+/// wanted at once). An accept error (EMFILE and friends) is logged and retried after 50 ms
+/// rather than in a spin. Cancel-safe.
+pub(crate) async fn accept(listener: &TcpListener, name: &'static str) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, peer);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listener = name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Binds an optional listener (`off` or empty: none).
-async fn bind_optional(value: &str, flag: &str, what: &str) -> Result<Option<TcpListener>, ServerError> {
+async fn bind_optional(value: &str, flag: &str, listener: &'static str) -> Result<Option<TcpListener>, ServerError> {
     match value.trim() {
         "off" | "" => Ok(None),
         a => {
             let addr: SocketAddr =
-                a.parse().map_err(|_| ServerError::invalid(format!("{flag} '{a}' is not an address:port or 'off'")))?;
-            Ok(Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| ServerError::invalid(format!("cannot listen on {addr} ({what}): {e}")))?,
-            ))
+                a.parse().map_err(|_| ServerError::Config(format!("{flag} '{a}' is not an address:port or 'off'")))?;
+            Ok(Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { listener, addr, source })?))
         }
     }
 }
@@ -468,4 +479,12 @@ async fn housekeeping(store: Arc<dyn Store>, retention_hours: u64, refusals_kept
             Err(e) => tracing::warn!(error = %e, "trimming the refusal records failed"),
         }
     }
+}
+
+/// Internals the fuzz targets (`fuzz/`) drive directly, so that they exercise exactly the
+/// parsers the listeners use. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::amqp::link::{tpm_sasl_init, tpm_sasl_segments};
+    pub use crate::mqtt::session::drive_with_bytes;
 }

@@ -70,29 +70,33 @@ impl ClientCertVerifier for AnyClientCert {
 ///
 /// # Errors
 /// If the PEM does not hold a certificate chain and a private key rustls accepts.
-pub fn server_config(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+pub(crate) fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     // AES-128-GCM with SHA-256 first, and the server's order decides. Clients (OpenSSL,
     // rustls) list AES-256-GCM with SHA-384 first, whose handshake hashes with SHA-384: a
-    // profile of `provisio bench` put 18% of a bare handshake's server CPU in SHA-512
+    // profile of `provisio-bench` put 18% of a bare handshake's server CPU in SHA-512
     // blocks (CPUs accelerate SHA-256, not SHA-512). Both are TLS 1.3's standard suites.
     provider.cipher_suites.sort_by_key(suite_rank);
     let provider = Arc::new(provider);
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServerError::invalid(format!("TLS certificate: {e}")))?;
+        .map_err(|e| ServerError::Tls(format!("certificate: {e}")))?;
     if certs.is_empty() {
-        return Err(ServerError::invalid("TLS certificate file holds no certificate"));
+        return Err(ServerError::Tls("the certificate file holds no certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| ServerError::invalid(format!("TLS private key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| ServerError::Tls(format!("private key: {e}")))?;
     let verifier = Arc::new(AnyClientCert { algorithms: provider.signature_verification_algorithms });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone() as Arc<CryptoProvider>)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| ServerError::Internal(e.to_string()))?
+        .map_err(|e| ServerError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| ServerError::invalid(format!("TLS certificate and key: {e}")))?;
+        .map_err(|e| ServerError::Tls(format!("certificate and key: {e}")))?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.ignore_client_order = true;
     // No session resumption. rustls's default keeps the last 256 sessions and sends every
@@ -121,7 +125,7 @@ fn suite_rank(s: &rustls::SupportedCipherSuite) -> u8 {
 }
 
 /// A TLS connection of the MQTT or AMQP listener, handshake done.
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// The stream.
     pub stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     /// The client's certificate chain, leaf first (DER; empty without one).
@@ -130,7 +134,7 @@ pub struct Accepted {
 
 /// Completes the TLS handshake of an accepted TCP connection by `deadline` and takes the
 /// client's certificate chain; `None` (logged at debug, as `what`) when it fails or is late.
-pub async fn accept_by(
+pub(crate) async fn accept_by(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     deadline: tokio::time::Instant,

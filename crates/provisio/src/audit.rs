@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use provisio_server::audit::{self, Filter, Kind};
+use provisio_engine::audit::{self, Filter, Kind};
 
 use crate::{config, ops::output};
 

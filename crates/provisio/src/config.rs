@@ -82,6 +82,7 @@ pub struct CommonArgs {
 /// `provisio serve` flags. Every flag overrides the file and the environment.
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct ServeArgs {
+    /// The configuration file, data directory and database.
     #[command(flatten)]
     #[serde(flatten)]
     pub common: CommonArgs,

@@ -1,9 +1,7 @@
 //! `provisio`: the Provisio server and its command-line tools.
 
 mod audit;
-mod bench;
 mod cert;
-mod config;
 mod device;
 mod ops;
 
@@ -11,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use provisio::config;
 use provisio_server::{InstanceInfo, Provisio, ServerConfig};
 
 /// Provisio: a self-hostable IoT device provisioning service, wire-compatible with
@@ -31,9 +30,6 @@ enum Command {
     /// Make test certificates: roots, intermediates, devices, proof-of-possession certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
-    /// Load test: start a server, register devices over every transport, report rates,
-    /// latencies and RSS next to baselines.
-    Bench(bench::BenchArgs),
     /// The device side: derive keys, make SAS tokens, register and poll.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -105,7 +101,7 @@ struct InfoArgs {
 /// reconnecting over MQTT, say) glibc's heap is left fragmented and every later request
 /// costs more: a trivial request 25–29 µs of server CPU instead of 17–18, a keep-alive
 /// registration 124–142 µs instead of 105–112, until a restart. With mimalloc the same
-/// requests cost 15–18 and 90–98 µs before and after the burst (`provisio bench --rounds 2`,
+/// requests cost 15–18 and 90–98 µs before and after the burst (`provisio-bench --rounds 2`,
 /// BENCHMARKS.md), for about 14 MB more resident memory when idle.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -137,7 +133,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info(args).await,
         Command::Cert(cmd) => cert::run(cmd),
         Command::Device(cmd) => device::run(cmd).await,
-        Command::Bench(args) => bench::run(args).await,
         Command::Enrollment { conn, cmd } => ops::enrollment_run(&conn, cmd).await,
         Command::EnrollmentGroup { conn, cmd } => ops::group_run(&conn, cmd).await,
         Command::Registration { conn, cmd } => ops::registration::run(&ops::client::Client::new(&conn)?, cmd).await,
@@ -172,20 +167,10 @@ fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A server error with what it keeps from devices (the cause of an internal error), which
-/// the operator starting the server needs: "internal error" alone does not say that the
-/// database is unreachable.
-fn explained(e: provisio_server::ServerError) -> anyhow::Error {
-    match e.detail() {
-        Some(detail) => anyhow::anyhow!("{e}: {detail}"),
-        None => anyhow::Error::new(e),
-    }
-}
-
 async fn serve(args: config::ServeArgs) -> Result<()> {
     let (config, log): (ServerConfig, config::LogSettings) = config::load_serve(&args)?;
     config::init_logging(&log)?;
-    let server = Provisio::open(config).await.map_err(explained).context("cannot start Provisio")?;
+    let server = Provisio::open(config).await.context("cannot start Provisio")?;
     let listeners = server.bind().await?;
     let info = server.info(&listeners);
     if !args.json {
@@ -228,8 +213,7 @@ async fn shutdown_signal() {
 
 async fn rekey(args: RekeyArgs) -> Result<()> {
     let config = config::load_common(&args.common)?;
-    let changed =
-        provisio_server::reseal(&config).await.map_err(explained).context("re-encrypting the stored secrets failed")?;
+    let changed = provisio_server::reseal(&config).await.context("re-encrypting the stored secrets failed")?;
     match config.encryption_key {
         Some(_) => println!("{changed} documents re-encrypted with the current encryption_key."),
         None => println!("{changed} documents now hold their secrets in plain (no encryption_key is set)."),
@@ -247,10 +231,8 @@ async fn info(args: InfoArgs) -> Result<()> {
             config.data_dir.display()
         );
     }
-    let store = provisio_server::open_store(&config).await.map_err(explained)?;
-    let Some(info) = provisio_server::instance::read_info(store.as_ref(), &config).await.map_err(explained)? else {
+    let Some(info) = provisio_server::read_info(&config).await? else {
         bail!("the instance is not initialised yet (run `provisio serve` once)");
     };
-    store.close().await;
     print_info(&info, args.json)
 }

@@ -5,8 +5,10 @@
 //!
 //! Rules (`spec/device-api.md` §5): symmetric keys use SASL PLAIN with authcid
 //! `{idScope}/registrations/{registrationId}` and the SAS token as password; X.509 devices
-//! send no SASL layer (or EXTERNAL/ANONYMOUS) and the certificate comes from TLS; SASL
-//! `TPM` is not supported yet. Both links attach on `{idScope}/registrations/{id}`, bare or
+//! send no SASL layer (or EXTERNAL/ANONYMOUS) and the certificate comes from TLS; TPM
+//! devices run SASL `TPM` (§3.5: the EK in the init, the SRK asked for, the challenge in
+//! segments, the SAS token in the last response). Both links attach on
+//! `{idScope}/registrations/{id}`, bare or
 //! as `amqps://{host}/…`, and must name the authenticated device. Requests carry
 //! `iotdps-operation-type` (`iotdps-register` or `iotdps-get-operationstatus`) and, on
 //! polls, `iotdps-operation-id`; the answer goes back on the device's receiver link with
@@ -19,7 +21,58 @@ use fe2o3_amqp_types::{
     primitives::{Binary, OrderedMap, SimpleValue, Symbol, Value},
 };
 
-use crate::ServerError;
+use provisio_core::text::shorten;
+use provisio_engine::Error;
+
+/// Why a SASL exchange is refused (logged; the device gets a SASL `auth` outcome).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaslRefusal {
+    /// A mechanism this server does not offer.
+    #[error("SASL mechanism '{0}' is not supported")]
+    Mechanism(String),
+    /// SASL PLAIN without its initial response.
+    #[error("SASL PLAIN without an initial response")]
+    PlainMissing,
+    /// SASL PLAIN's response is not `authzid NUL authcid NUL password`.
+    #[error("SASL PLAIN response is not authzid NUL authcid NUL password")]
+    PlainFraming,
+    /// The PLAIN username or password is not UTF-8.
+    #[error("SASL PLAIN {0} is not UTF-8")]
+    PlainNotUtf8(&'static str),
+    /// The PLAIN username names no device.
+    #[error("SASL PLAIN username is not {{idScope}}/registrations/{{registrationId}}")]
+    PlainUsername,
+    /// The PLAIN password is empty.
+    #[error("SASL PLAIN password (the SAS token) is empty")]
+    PlainNoToken,
+    /// SASL TPM's init is not `0 idScope 0 registrationId 0 EK`.
+    #[error("SASL TPM init is not 0 idScope 0 registrationId 0 endorsementKey")]
+    TpmInitFraming,
+    /// SASL TPM's init names no valid device.
+    #[error("SASL TPM idScope or registration id is not valid")]
+    TpmDevice,
+    /// SASL TPM's init carries no EK.
+    #[error("SASL TPM init carries no endorsement key")]
+    TpmNoEk,
+    /// The SRK response does not start with 0.
+    #[error("the SRK response does not start with 0")]
+    TpmSrkFraming,
+    /// The keys cannot be used for a challenge.
+    #[error("{0}")]
+    TpmKeys(String),
+    /// The challenge does not fit the exchange.
+    #[error("a TPM blob of {0} bytes does not fit in {TPM_MAX_SEGMENTS} SASL challenges")]
+    TpmBlobTooLarge(usize),
+    /// An interim challenge was answered with something else than 0.
+    #[error("an interim challenge was not acknowledged with 0")]
+    TpmUnacknowledged,
+    /// The last challenge was not answered with 0 and a SAS token.
+    #[error("the last challenge was not answered with 0 and a SAS token")]
+    TpmNoToken,
+    /// A response came when no challenge was sent.
+    #[error("a SASL response without a challenge")]
+    UnexpectedResponse,
+}
 
 /// Application property naming the operation.
 pub const OPERATION_TYPE: &str = "iotdps-operation-type";
@@ -98,26 +151,25 @@ pub enum Auth {
 ///
 /// # Errors
 /// Why the SASL exchange fails (sent as a SASL `auth` outcome).
-pub fn sasl_init(mechanism: &str, initial_response: Option<&[u8]>) -> Result<Auth, String> {
+pub(crate) fn sasl_init(mechanism: &str, initial_response: Option<&[u8]>) -> Result<Auth, SaslRefusal> {
     match mechanism {
         "PLAIN" => {
-            let response = initial_response.ok_or("SASL PLAIN without an initial response")?;
+            let response = initial_response.ok_or(SaslRefusal::PlainMissing)?;
             let mut parts = response.splitn(3, |b| *b == 0);
             let (Some(_authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err("SASL PLAIN response is not authzid NUL authcid NUL password".into());
+                return Err(SaslRefusal::PlainFraming);
             };
-            let authcid = std::str::from_utf8(authcid).map_err(|_| "SASL PLAIN username is not UTF-8")?;
-            let token = std::str::from_utf8(password).map_err(|_| "SASL PLAIN password is not UTF-8")?;
-            let device =
-                parse_address(authcid).ok_or("SASL PLAIN username is not {idScope}/registrations/{registrationId}")?;
+            let authcid = std::str::from_utf8(authcid).map_err(|_| SaslRefusal::PlainNotUtf8("username"))?;
+            let token = std::str::from_utf8(password).map_err(|_| SaslRefusal::PlainNotUtf8("password"))?;
+            let device = parse_address(authcid).ok_or(SaslRefusal::PlainUsername)?;
             if token.trim().is_empty() {
-                return Err("SASL PLAIN password (the SAS token) is empty".into());
+                return Err(SaslRefusal::PlainNoToken);
             }
             Ok(Auth::Sas { device, token: token.to_owned() })
         }
         "EXTERNAL" | "ANONYMOUS" => Ok(Auth::Certificate),
-        "TPM" => Err("SASL TPM is a challenge exchange; see `TpmSasl`".into()),
-        other => Err(format!("SASL mechanism '{}' is not supported", crate::engine::shorten(other))),
+        // TPM is a challenge exchange, run by the SASL acceptor (`tpm_sasl_init` onwards).
+        other => Err(SaslRefusal::Mechanism(shorten(other))),
     }
 }
 
@@ -133,18 +185,17 @@ const TPM_MAX_SEGMENTS: usize = 4;
 ///
 /// # Errors
 /// Anything else.
-pub fn tpm_sasl_init(initial_response: Option<&[u8]>) -> Result<(Device, Vec<u8>), String> {
-    let response = initial_response.ok_or("SASL TPM without an initial response")?;
+pub fn tpm_sasl_init(initial_response: Option<&[u8]>) -> Result<(Device, Vec<u8>), SaslRefusal> {
+    let response = initial_response.ok_or(SaslRefusal::TpmInitFraming)?;
     let mut parts = response.splitn(4, |b| *b == 0);
     let (Some([]), Some(scope), Some(id), Some(ek)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err("SASL TPM init is not 0 idScope 0 registrationId 0 endorsementKey".into());
+        return Err(SaslRefusal::TpmInitFraming);
     };
-    let scope = std::str::from_utf8(scope).map_err(|_| "SASL TPM idScope is not UTF-8")?;
-    let id = std::str::from_utf8(id).map_err(|_| "SASL TPM registration id is not UTF-8")?;
-    let device = parse_address(&format!("{scope}/registrations/{id}"))
-        .ok_or("SASL TPM idScope or registration id is not valid")?;
+    let scope = std::str::from_utf8(scope).map_err(|_| SaslRefusal::TpmDevice)?;
+    let id = std::str::from_utf8(id).map_err(|_| SaslRefusal::TpmDevice)?;
+    let device = parse_address(&format!("{scope}/registrations/{id}")).ok_or(SaslRefusal::TpmDevice)?;
     if ek.is_empty() {
-        return Err("SASL TPM init carries no endorsement key".into());
+        return Err(SaslRefusal::TpmNoEk);
     }
     Ok((device, ek.to_vec()))
 }
@@ -154,10 +205,10 @@ pub fn tpm_sasl_init(initial_response: Option<&[u8]>) -> Result<(Device, Vec<u8>
 ///
 /// # Errors
 /// A blob that does not fit in [`TPM_MAX_SEGMENTS`] segments.
-pub fn tpm_sasl_segments(blob: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn tpm_sasl_segments(blob: &[u8]) -> Result<Vec<Vec<u8>>, SaslRefusal> {
     let chunks: Vec<&[u8]> = blob.chunks(TPM_SEGMENT).collect();
     if chunks.is_empty() || chunks.len() > TPM_MAX_SEGMENTS {
-        return Err(format!("a TPM blob of {} bytes does not fit in {TPM_MAX_SEGMENTS} SASL challenges", blob.len()));
+        return Err(SaslRefusal::TpmBlobTooLarge(blob.len()));
     }
     let last = chunks.len() - 1;
     Ok(chunks
@@ -204,7 +255,6 @@ impl Refusal {
 /// The link state of one connection.
 #[derive(Debug)]
 pub struct Links {
-    auth: Auth,
     device: Option<Device>,
     api_version: Option<String>,
     attached: usize,
@@ -220,19 +270,13 @@ impl Links {
             Auth::Sas { device, .. } => Some(device.clone()),
             Auth::Certificate => None,
         };
-        Self { auth, device, api_version: None, attached: 0, max_links, to_device: 0 }
+        Self { device, api_version: None, attached: 0, max_links, to_device: 0 }
     }
 
     /// The device this connection speaks for, once known.
     #[must_use]
     pub fn device(&self) -> Option<&Device> {
         self.device.as_ref()
-    }
-
-    /// How the connection authenticated.
-    #[must_use]
-    pub fn auth(&self) -> &Auth {
-        &self.auth
     }
 
     /// The API version from the attach properties, if any was sent.
@@ -268,10 +312,7 @@ impl Links {
         let wanted = parse_address(address).ok_or_else(|| {
             Refusal::new(
                 "amqp:not-found",
-                format!(
-                    "link address '{}' is not {{idScope}}/registrations/{{registrationId}}",
-                    crate::engine::shorten(address)
-                ),
+                format!("link address '{}' is not {{idScope}}/registrations/{{registrationId}}", shorten(address)),
             )
         })?;
         match &self.device {
@@ -282,7 +323,7 @@ impl Links {
                         "this connection is authenticated for '{}/registrations/{}', not '{}'",
                         d.scope,
                         d.registration_id,
-                        crate::engine::shorten(address)
+                        shorten(address)
                     ),
                 ));
             }
@@ -352,20 +393,18 @@ fn text(v: &SimpleValue) -> Option<String> {
 ///
 /// # Errors
 /// A body of another shape (400).
-pub fn body_bytes(body: &Body<Value>) -> Result<Vec<u8>, ServerError> {
+pub fn body_bytes(body: &Body<Value>) -> Result<Vec<u8>, Error> {
     match body {
         Body::Data(batch) => Ok(batch.iter().flat_map(|d| d.0.iter().copied()).collect()),
         Body::Value(v) => match &v.0 {
             Value::String(s) => Ok(s.as_bytes().to_vec()),
             Value::Binary(b) => Ok(b.to_vec()),
             Value::Null => Ok(Vec::new()),
-            _ => {
-                Err(ServerError::malformed("The request body must be JSON in a data section or an amqp-value string."))
-            }
+            _ => Err(Error::malformed("The request body must be JSON in a data section or an amqp-value string.")),
         },
         Body::Empty => Ok(Vec::new()),
         Body::Sequence(_) => {
-            Err(ServerError::malformed("The request body must be JSON in a data section or an amqp-value string."))
+            Err(Error::malformed("The request body must be JSON in a data section or an amqp-value string."))
         }
     }
 }
@@ -375,11 +414,11 @@ pub fn body_bytes(body: &Body<Value>) -> Result<Vec<u8>, ServerError> {
 /// # Errors
 /// A message without a known operation type or a poll without an operation id (400),
 /// with the correlation id still recovered where possible.
-pub fn parse_request(message: &Message<Body<Value>>) -> Result<Request, (Option<MessageId>, ServerError)> {
+pub fn parse_request(message: &Message<Body<Value>>) -> Result<Request, (Option<MessageId>, Error)> {
     let correlation_id =
         message.properties.as_ref().and_then(|p| p.correlation_id.clone().or_else(|| p.message_id.clone()));
     let props = message.application_properties.as_ref();
-    let fail = |e: ServerError| (correlation_id.clone(), e);
+    let fail = |e: Error| (correlation_id.clone(), e);
     let op = prop(props, OPERATION_TYPE).and_then(text).unwrap_or_default();
     let operation = match op.as_str() {
         OP_REGISTER => {
@@ -388,28 +427,28 @@ pub fn parse_request(message: &Message<Body<Value>>) -> Result<Request, (Option<
                 Some(SimpleValue::Bool(b)) => *b,
                 Some(SimpleValue::String(s)) if s.eq_ignore_ascii_case("true") => true,
                 Some(SimpleValue::String(s)) if s.eq_ignore_ascii_case("false") => false,
-                Some(_) => return Err(fail(ServerError::invalid("iotdps-forceRegistration must be true or false."))),
+                Some(_) => return Err(fail(Error::invalid("iotdps-forceRegistration must be true or false."))),
             };
             Operation::Register { body: body_bytes(&message.body).map_err(fail)?, force }
         }
         OP_STATUS => {
             let operation_id = prop(props, OPERATION_ID).and_then(text).unwrap_or_default();
             if operation_id.trim().is_empty() {
-                return Err(fail(ServerError::invalid("A status request needs the iotdps-operation-id property.")));
+                return Err(fail(Error::invalid("A status request needs the iotdps-operation-id property.")));
             }
             Operation::Poll { operation_id }
         }
         "" => {
-            return Err(fail(ServerError::invalid(
+            return Err(fail(Error::invalid(
                 "The message has no iotdps-operation-type (iotdps-register or iotdps-get-operationstatus).",
             )));
         }
         other => {
-            return Err(fail(ServerError::NotFound {
+            return Err(fail(Error::NotFound {
                 code: provisio_proto::error::codes::NOT_FOUND,
                 message: format!(
                     "Unknown operation '{}'; DPS serves iotdps-register and iotdps-get-operationstatus.",
-                    crate::engine::shorten(other)
+                    shorten(other)
                 ),
             }));
         }
@@ -531,8 +570,8 @@ mod tests {
         assert!(sasl_init("PLAIN", Some(b"\x00guest\x00guest")).is_err(), "username must be a device address");
         assert!(sasl_init("PLAIN", Some(b"\x000ne1/registrations/d\x00")).is_err(), "empty token");
         assert!(sasl_init("PLAIN", Some(b"\x000ne1/registrations/d\x00\xff\xfe")).is_err(), "non-UTF-8");
-        let tpm = sasl_init("TPM", Some(b"\x00ek")).unwrap_err();
-        assert!(tpm.contains("TPM"), "{tpm}");
+        // TPM is the acceptor's exchange, not a one-step init.
+        assert_eq!(sasl_init("TPM", Some(b"\x00ek")), Err(SaslRefusal::Mechanism("TPM".into())));
         let (device, ek) = tpm_sasl_init(Some(b"\x000ne00000001\x00tpm-1\x00\x01\x3a\x00\x01")).unwrap();
         assert_eq!((device.scope.as_str(), device.registration_id.as_str()), ("0ne00000001", "tpm-1"));
         assert_eq!(ek, b"\x01\x3a\x00\x01", "an EK's zero bytes stay in it");

@@ -1,6 +1,8 @@
 //! The AMQP front-end: AMQP 1.0 over TLS (port 5671). Framing, SASL, sessions and links
-//! come from fe2o3-amqp's acceptor, the DPS rules from [`link`]; requests go to the same
-//! engine calls as HTTPS and MQTT and answers carry the same JSON bodies and error codes.
+//! come from fe2o3-amqp's acceptor, the connection rules (SASL, link addresses, request
+//! properties) from [`link`]; each request goes to [`Engine::device`], as from every
+//! transport, and its answer is sent on the device's receiver link (or as a Rejected
+//! outcome).
 //!
 //! A connection's first eight bytes after TLS decide its authentication: the SASL header
 //! (`AMQP 3 1 0 0`) for symmetric keys (SASL PLAIN; EXTERNAL/ANONYMOUS also lead to the
@@ -8,7 +10,7 @@
 //! no SASL layer. A refused attach closes the connection with an AMQP error; a refused
 //! request is settled as Rejected with the JSON error body.
 
-pub mod link;
+pub(crate) mod link;
 
 use std::{
     pin::Pin,
@@ -31,9 +33,9 @@ use fe2o3_amqp_types::{
     primitives::{Array, Binary, Symbol, Value},
     sasl::{SaslChallenge, SaslCode, SaslInit, SaslOutcome, SaslResponse},
 };
-use provisio_proto::{
-    DEVICE_API_VERSIONS,
-    device::{RegistrationOperationStatus, RegistrationStatus},
+use provisio_engine::{
+    Answer, Credential, DeviceOperation, DeviceRequest, Engine, Error, Origin, TpmChallenge, Transport,
+    limits::{Admission, PerIpLimiter},
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
@@ -43,10 +45,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use self::link::{Auth, Direction, Links, Operation, Refusal};
-use crate::{
-    ServerError,
-    engine::{Credential, Engine},
-};
+use crate::error::Dropped;
 
 /// The SASL protocol header.
 const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
@@ -55,7 +54,7 @@ const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
 
 /// Limits of the AMQP listener.
 #[derive(Debug, Clone, Copy)]
-pub struct AmqpLimits {
+pub(crate) struct AmqpLimits {
     /// Simultaneous connections.
     pub max_connections: usize,
     /// Largest AMQP frame accepted (the Open's max-frame-size).
@@ -71,28 +70,26 @@ pub struct AmqpLimits {
     /// Idle timeout announced in the Open (the peer must send something, at least an
     /// empty frame, within it).
     pub idle_timeout: Duration,
-    /// `retry-after` on `assigning` answers.
-    pub retry_after_secs: u32,
 }
 
 /// Serves AMQP on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     engine: Engine,
     limits: AmqpLimits,
-    per_ip: Arc<crate::http::limit::PerIpLimiter>,
+    per_ip: Arc<PerIpLimiter>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let admission = crate::http::limit::Admission::new("AMQP", limits.max_connections, per_ip);
+    let admission = Admission::new("AMQP", limits.max_connections, per_ip);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = admission.accept(&listener) => accepted,
+            accepted = crate::accept(&listener, "AMQP") => accepted,
         };
         let Some(admitted) = admission.admit(peer) else { continue };
         let (acceptor, engine) = (acceptor.clone(), engine.clone());
@@ -104,10 +101,10 @@ pub async fn serve(
             else {
                 return;
             };
-            let origin = crate::engine::Origin { transport: "amqp", peer: Some(peer.ip()) };
+            let origin = Origin::new(Transport::Amqp, Some(peer.ip()));
             match connection(tls, chain, engine, limits, deadline, origin).await {
                 Ok(reason) => tracing::debug!(%peer, reason, "AMQP connection closed"),
-                Err(reason) => tracing::info!(%peer, reason, "AMQP connection refused"),
+                Err(reason) => tracing::info!(%peer, %reason, "AMQP connection refused"),
             }
         });
     }
@@ -127,13 +124,11 @@ struct DpsSasl {
     tpm: Option<TpmExchange>,
 }
 
-/// A TPM challenge sent over SASL.
+/// A TPM challenge sent over SASL, for the engine to check and keep.
 #[derive(Debug, Clone)]
 struct TpmSent {
     device: link::Device,
-    ek: Vec<u8>,
-    srk: Vec<u8>,
-    key: Vec<u8>,
+    challenge: TpmChallenge,
 }
 
 /// Where a SASL `TPM` exchange is.
@@ -145,8 +140,8 @@ enum TpmExchange {
     Sending { sent: TpmSent, segments: Vec<Vec<u8>>, next: usize },
 }
 
-fn sasl_refused(mechanism: &str, why: &str) -> SaslServerFrame {
-    tracing::info!(mechanism, why, "AMQP SASL refused");
+fn sasl_refused(mechanism: &str, why: &link::SaslRefusal) -> SaslServerFrame {
+    tracing::info!(mechanism, %why, "AMQP SASL refused");
     SaslServerFrame::Outcome(SaslOutcome { code: SaslCode::Auth, additional_data: None })
 }
 
@@ -155,18 +150,20 @@ fn sasl_challenge(bytes: Vec<u8>) -> SaslServerFrame {
 }
 
 impl DpsSasl {
-    /// The device's SRK came: make the key and its blob, send the blob's first segment.
-    fn tpm_srk(&mut self, device: link::Device, ek: Vec<u8>, response: &[u8]) -> SaslServerFrame {
-        let Some((0, srk)) = response.split_first().map(|(a, b)| (*a, b.to_vec())) else {
-            return sasl_refused("TPM", "the SRK response does not start with 0");
+    /// The device's SRK came: the engine makes the challenge for its keys; its blob goes
+    /// out in segments, the first one now.
+    fn tpm_srk(&mut self, device: link::Device, ek: &[u8], response: &[u8]) -> SaslServerFrame {
+        let Some((0, srk)) = response.split_first() else {
+            return sasl_refused("TPM", &link::SaslRefusal::TpmSrkFraming);
         };
-        let made = provisio_core::tpm::new_challenge(&ek, &srk)
-            .map_err(|e| e.to_string())
-            .and_then(|(key, blob)| Ok((key, link::tpm_sasl_segments(&blob)?)));
-        match made {
-            Ok((key, segments)) => {
+        let challenge = match TpmChallenge::new(ek, srk) {
+            Ok(c) => c,
+            Err(e) => return sasl_refused("TPM", &link::SaslRefusal::TpmKeys(e.to_string())),
+        };
+        match link::tpm_sasl_segments(challenge.blob()) {
+            Ok(segments) => {
                 let first = segments[0].clone();
-                self.tpm = Some(TpmExchange::Sending { sent: TpmSent { device, ek, srk, key }, segments, next: 1 });
+                self.tpm = Some(TpmExchange::Sending { sent: TpmSent { device, challenge }, segments, next: 1 });
                 sasl_challenge(first)
             }
             Err(why) => sasl_refused("TPM", &why),
@@ -202,7 +199,7 @@ impl SaslAcceptor for DpsSasl {
                 SaslCode::Ok
             }
             Err(why) => {
-                tracing::info!(mechanism = init.mechanism.as_str(), why, "AMQP SASL refused");
+                tracing::info!(mechanism = init.mechanism.as_str(), %why, "AMQP SASL refused");
                 SaslCode::Auth
             }
         };
@@ -213,11 +210,11 @@ impl SaslAcceptor for DpsSasl {
         // PLAIN, EXTERNAL and ANONYMOUS finish with the init; only TPM goes on.
         let response = response.response.as_slice();
         match self.tpm.take() {
-            None => sasl_refused("-", "a SASL response without a challenge"),
-            Some(TpmExchange::AwaitSrk { device, ek }) => self.tpm_srk(device, ek, response),
+            None => sasl_refused("-", &link::SaslRefusal::UnexpectedResponse),
+            Some(TpmExchange::AwaitSrk { device, ek }) => self.tpm_srk(device, &ek, response),
             Some(TpmExchange::Sending { sent, segments, next }) if next < segments.len() => {
                 if response != [0] {
-                    return sasl_refused("TPM", "an interim challenge was not acknowledged with 0");
+                    return sasl_refused("TPM", &link::SaslRefusal::TpmUnacknowledged);
                 }
                 let segment = segments[next].clone();
                 self.tpm = Some(TpmExchange::Sending { sent, segments, next: next + 1 });
@@ -230,7 +227,7 @@ impl SaslAcceptor for DpsSasl {
                     _ => None,
                 };
                 let Some(token) = token else {
-                    return sasl_refused("TPM", "the last challenge was not answered with 0 and a SAS token");
+                    return sasl_refused("TPM", &link::SaslRefusal::TpmNoToken);
                 };
                 *self.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(Auth::Sas { device: sent.device.clone(), token: token.to_owned() });
@@ -305,7 +302,7 @@ struct Shared {
     replies: tokio::sync::Mutex<Vec<Sender>>,
     limits: AmqpLimits,
     /// Transport and peer, for the audit log.
-    origin: crate::engine::Origin,
+    origin: Origin,
 }
 
 impl Shared {
@@ -321,16 +318,16 @@ pub(crate) async fn connection<S>(
     engine: Engine,
     limits: AmqpLimits,
     deadline: tokio::time::Instant,
-    origin: crate::engine::Origin,
-) -> Result<String, String>
+    origin: Origin,
+) -> Result<String, Dropped>
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
     let mut header = [0u8; 8];
     match tokio::time::timeout_at(deadline, io.read_exact(&mut header)).await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(format!("no protocol header: {e}")),
-        Err(_) => return Err("no protocol header in time".into()),
+        Ok(Err(e)) => return Err(Dropped::Read(e)),
+        Err(_) => return Err(Dropped::Timeout("protocol header")),
     }
     let stream = Replay::new(header.to_vec(), io);
     let frame = limits.max_frame_bytes.max(512);
@@ -348,16 +345,15 @@ where
                 .build();
             let conn = tokio::time::timeout_at(deadline, acceptor.accept(stream))
                 .await
-                .map_err(|_| "no SASL and Open in time".to_owned())?
-                .map_err(|e| format!("SASL/Open failed: {e}"))?;
+                .map_err(|_| Dropped::Timeout("SASL and Open"))?
+                .map_err(|e| Dropped::Refused(format!("SASL/Open failed: {e}")))?;
             let auth = sasl.decided.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             let tpm = sasl.tpm_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let Some(t) = tpm {
                 // The device proved nothing yet: its enrollment must have this EK, and the
                 // key must be kept for the engine to check the SAS token it signed.
-                let checked = engine
-                    .tpm_sasl_challenge(&origin, &t.device.scope, &t.device.registration_id, &t.ek, &t.srk, &t.key)
-                    .await;
+                let checked =
+                    engine.keep_tpm_challenge(&origin, &t.device.scope, &t.device.registration_id, &t.challenge).await;
                 if let Err(e) = checked {
                     let mut conn = conn;
                     return refuse(
@@ -378,8 +374,8 @@ where
                 .build();
             let conn = tokio::time::timeout_at(deadline, acceptor.accept(stream))
                 .await
-                .map_err(|_| "no Open in time".to_owned())?
-                .map_err(|e| format!("Open failed: {e}"))?;
+                .map_err(|_| Dropped::Timeout("Open"))?
+                .map_err(|e| Dropped::Refused(format!("Open failed: {e}")))?;
             (conn, Some(Auth::Certificate))
         }
         other => {
@@ -387,11 +383,11 @@ where
             let mut io = stream.inner;
             let _ = io.write_all(&SASL_HEADER).await;
             let _ = io.shutdown().await;
-            return Err(format!("unsupported protocol header {other:?}"));
+            return Err(Dropped::Malformed(format!("unsupported protocol header {other:?}")));
         }
     };
     let mut conn = conn;
-    let Some(auth) = auth else { return Err("SASL ended without a decision".into()) };
+    let Some(auth) = auth else { return Err(Dropped::Refused("SASL ended without a decision".into())) };
     let credential = match &auth {
         Auth::Sas { token, .. } => Credential::Sas(token.clone()),
         Auth::Certificate if !chain.is_empty() => Credential::X509(chain),
@@ -432,7 +428,7 @@ where
                     .build();
                 let session = match acceptor.accept_incoming_session(incoming, &mut conn).await {
                     Ok(s) => s,
-                    Err(e) => return Err(format!("Begin failed: {e}")),
+                    Err(e) => return Err(Dropped::Refused(format!("Begin failed: {e}"))),
                 };
                 sessions.spawn(session_task(session, shared.clone()));
             }
@@ -449,9 +445,9 @@ where
 }
 
 /// Closes the connection with `refusal` and reports it.
-async fn refuse(conn: &mut ListenerConnectionHandle, refusal: &Refusal) -> Result<String, String> {
+async fn refuse(conn: &mut ListenerConnectionHandle, refusal: &Refusal) -> Result<String, Dropped> {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close_with_error(refusal.to_error())).await;
-    Err(format!("{}: {}", refusal.condition, refusal.description))
+    Err(Dropped::Refused(format!("{}: {}", refusal.condition, refusal.description)))
 }
 
 fn attach_address(attach: &Attach) -> (Direction, Option<String>) {
@@ -520,18 +516,19 @@ async fn reader(mut rx: fe2o3_amqp::Receiver, shared: Arc<Shared>) {
         };
         let request = link::parse_request(delivery.message());
         let (correlation_id, answer) = match request {
-            Err((c, e)) => (c, error_answer(&e)),
+            Err((c, e)) => (c, e.answer()),
             Ok(req) if !shared.links().can_reply() => (
                 req.correlation_id,
-                error_answer(&ServerError::invalid(
+                Error::invalid(
                     "Attach a receiver link on {idScope}/registrations/{registrationId} before sending requests.",
-                )),
+                )
+                .answer(),
             ),
             Ok(req) => (req.correlation_id, serve_request(&shared, &req.operation).await),
         };
-        let (status, retry, body) = answer;
-        if status >= 300 {
-            if let Err(e) = rx.reject(&delivery, link::rejection(status, retry, &body)).await {
+        if !answer.is_success() {
+            if let Err(e) = rx.reject(&delivery, link::rejection(answer.status, answer.retry_after, &answer.body)).await
+            {
                 tracing::debug!(error = %e, "AMQP reject failed");
                 return;
             }
@@ -541,7 +538,7 @@ async fn reader(mut rx: fe2o3_amqp::Receiver, shared: Arc<Shared>) {
             tracing::debug!(error = %e, "AMQP accept failed");
             return;
         }
-        send_reply(&shared, link::reply(correlation_id, status, retry, body)).await;
+        send_reply(&shared, link::reply(correlation_id, answer.status, answer.retry_after, answer.body)).await;
     }
 }
 
@@ -563,55 +560,31 @@ async fn send_reply(shared: &Shared, message: Message<Data>) {
     }
 }
 
-fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
-    crate::mqtt::error_answer(e)
-}
-
-/// Serves one request with the engine; returns (status, retry-after, body).
-async fn serve_request(shared: &Shared, operation: &Operation) -> (u16, Option<u32>, Vec<u8>) {
+/// Serves one request with the engine, for the device the links name.
+async fn serve_request(shared: &Shared, operation: &Operation) -> Answer {
     let (device, api_version) = {
         let links = shared.links();
         (links.device().cloned(), links.api_version().map(str::to_owned))
     };
     let Some(device) = device else {
-        return error_answer(&ServerError::invalid("No link names the device."));
+        return Error::invalid("No link names the device.").answer();
     };
-    let engine = &shared.engine;
-    let credential = &shared.credential;
-    let retry_after = shared.limits.retry_after_secs;
-    let result = async {
-        let version = match api_version.as_deref() {
-            Some(v) if !provisio_proto::is_supported_api_version(DEVICE_API_VERSIONS, v) => {
-                Err(ServerError::invalid(format!("Unsupported API version {}.", crate::engine::shorten(v))))
-            }
-            _ => Ok(()),
-        };
-        match operation {
-            // forceRegistration needs no branch: every register re-runs the allocation.
-            Operation::Register { body, force: _ } => {
-                let registration = version.and_then(|()| {
-                    crate::bodies::device_registration(body)
-                        .map_err(|e| ServerError::malformed(format!("The body is not a valid DeviceRegistration: {e}")))
-                });
-                let op = engine
-                    .register_from(&shared.origin, &device.scope, &device.registration_id, registration, credential)
-                    .await?;
-                Ok((202, Some(retry_after), crate::mqtt::to_json(&RegistrationOperationStatus::accepted(op))))
-            }
-            Operation::Poll { operation_id } => {
-                version?;
-                let st =
-                    engine.operation_status(&device.scope, &device.registration_id, operation_id, credential).await?;
-                Ok(if st.status == RegistrationStatus::Assigning {
-                    (202, Some(retry_after), crate::mqtt::to_json(&st))
-                } else {
-                    (200, None, crate::mqtt::to_json(&st))
-                })
-            }
-        }
-    }
-    .await;
-    result.unwrap_or_else(|e| error_answer(&e))
+    let operation = match operation {
+        // forceRegistration needs no branch: every register re-runs the allocation.
+        Operation::Register { body, force: _ } => DeviceOperation::Register { body },
+        Operation::Poll { operation_id } => DeviceOperation::OperationStatus { operation_id },
+    };
+    shared
+        .engine
+        .device(DeviceRequest {
+            origin: shared.origin,
+            scope: &device.scope,
+            registration_id: &device.registration_id,
+            api_version: api_version.as_deref(),
+            operation,
+            credential: &shared.credential,
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -690,8 +663,9 @@ mod tests {
         assert!(
             matches!(s.decided.lock().unwrap().as_ref(), Some(Auth::Sas { device, .. }) if device.registration_id == "tpm-1")
         );
+        // What the engine is handed to keep is the challenge whose blob the device was sent.
         let sent = s.tpm_sent.lock().unwrap().clone().unwrap();
-        assert_eq!((sent.ek.as_slice(), sent.srk.as_slice(), sent.key.len()), (ek, srk, 32));
+        assert_eq!((sent.device.registration_id.as_str(), sent.challenge.blob()), ("tpm-1", blob.as_slice()));
         // Wrong steps: an SRK without its 0, an SRK that is no storage key, an interim
         // segment not acknowledged with 0, a last answer without a token.
         for (srk_response, ack, last) in [

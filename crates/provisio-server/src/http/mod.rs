@@ -1,13 +1,12 @@
-//! The HTTPS front-end: one TLS listener carrying the device API, the service API and
-//! `/health`. This module owns sockets, TLS and HTTP framing only; every DPS decision
-//! is made by the engine or the service API.
+//! The HTTPS front-end: one TLS listener carrying the device API, the service API,
+//! `/health` and the WebSocket endpoint of MQTT and AMQP. This module owns sockets, TLS and
+//! HTTP framing only; every DPS decision is made by the engine or the service API.
 
 mod device;
-pub mod limit;
 mod response;
 mod routes;
 mod service;
-pub mod websocket;
+mod websocket;
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,12 +14,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
+use provisio_engine::limits::{Admission, Admitted};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-pub use routes::AppState;
+pub(crate) use routes::AppState;
 
 /// The certificates a client presented during the TLS handshake (empty without one).
 #[derive(Debug, Clone, Default)]
@@ -41,7 +41,9 @@ pub struct PeerAddr(pub std::net::IpAddr);
 /// The connection's slot under the connection limits, shared by its requests: a request
 /// that upgrades the connection (WebSocket) keeps it for the life of the upgraded stream.
 #[derive(Debug, Clone)]
-pub struct ConnectionSlot(pub Arc<limit::Admitted>);
+pub(crate) struct ConnectionSlot {
+    _admitted: Arc<Admitted>,
+}
 
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +69,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let router = routes::router(state.clone());
-    let admission = limit::Admission::new("HTTPS", limits.max_connections, state.per_ip.clone());
+    let admission = Admission::new("HTTPS", limits.max_connections, state.per_ip.clone());
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_headers(limits.max_headers);
@@ -78,7 +80,7 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = admission.accept(&listener) => accepted,
+            accepted = crate::accept(&listener, "HTTPS") => accepted,
         };
         let Some(admitted) = admission.admit(peer) else { continue };
         let acceptor = acceptor.clone();
@@ -86,7 +88,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let slot = ConnectionSlot(Arc::new(admitted));
+            let slot = ConnectionSlot { _admitted: Arc::new(admitted) };
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

@@ -14,36 +14,36 @@ use axum::{
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use percent_encoding::percent_decode_str;
 
-use super::{device, response, service};
-use crate::{
-    ServerError,
+use provisio_core::text::shorten;
+use provisio_engine::{
+    DeviceOperation, Error,
+    audit::{AuditLog, Entry, Kind},
     certificates::Certificates,
-    engine::Engine,
-    service_api::{QueryTarget, ServiceApi},
+    hubs::Hubs,
+    limits::PerIpLimiter,
+    service::{QueryTarget, ServiceApi},
 };
 
+use super::{device, response, service};
+
 /// Shared state of the HTTPS front-end.
-pub struct AppState {
+pub(crate) struct AppState {
     /// The registration engine.
-    pub engine: Engine,
+    pub engine: provisio_engine::Engine,
     /// The service API.
     pub service: ServiceApi,
     /// The certificates API.
     pub certificates: Certificates,
     /// Linked hubs.
-    pub hubs: crate::hubs::Hubs,
+    pub hubs: Hubs,
     /// Connections per client IP, shared by every listener.
-    pub per_ip: Arc<super::limit::PerIpLimiter>,
-    /// Rate limit of the service API.
-    pub service_limiter: super::limit::RateLimiter,
+    pub per_ip: Arc<PerIpLimiter>,
     /// Largest body accepted.
     pub max_body_bytes: usize,
-    /// `Retry-After` for `assigning` answers.
-    pub retry_after_secs: u32,
     /// Deadline for one request.
     pub request_timeout: Duration,
     /// Where service API changes are recorded.
-    pub audit: crate::audit::AuditLog,
+    pub audit: AuditLog,
     /// Limits of MQTT sessions, also over WebSockets.
     pub mqtt_limits: crate::mqtt::MqttLimits,
     /// Limits of AMQP sessions, also over WebSockets.
@@ -51,12 +51,12 @@ pub struct AppState {
 }
 
 /// The router: everything goes through [`dispatch`].
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new().fallback(dispatch).with_state(state)
 }
 
 /// A parsed request, as the handlers see it.
-pub struct Req {
+pub(crate) struct Req {
     /// Method.
     pub method: Method,
     /// Decoded path segments.
@@ -87,35 +87,22 @@ impl Req {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
-
-    /// Checks `api-version` against `known`: required, and one of the listed versions.
-    pub fn require_api_version(&self, known: &[&str]) -> Result<(), ServerError> {
-        match self.query("api-version") {
-            None => Err(ServerError::invalid("The api-version query parameter is required.")),
-            Some(v) if provisio_proto::is_supported_api_version(known, v) => Ok(()),
-            Some(v) => Err(ServerError::invalid(format!(
-                "Unsupported API version {}. Supported versions: {}.",
-                crate::engine::shorten(v),
-                known.join(", ")
-            ))),
-        }
-    }
 }
 
 /// Reads a body, refusing more than `limit` bytes with `413`.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ServerError> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Error> {
     if headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .is_some_and(|n| n > limit as u64)
     {
-        return Err(ServerError::PayloadTooLarge(limit));
+        return Err(Error::PayloadTooLarge(limit));
     }
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ServerError::PayloadTooLarge(limit)),
-        Err(e) => Err(ServerError::malformed(format!("could not read the request body: {e}"))),
+        Err(e) if e.is::<LengthLimitError>() => Err(Error::PayloadTooLarge(limit)),
+        Err(e) => Err(Error::malformed(format!("could not read the request body: {e}"))),
     }
 }
 
@@ -169,12 +156,12 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
             }
             response::error(&e)
         }
-        Err(_) => response::error(&ServerError::Timeout),
+        Err(_) => response::error(&Error::Timeout),
     };
     let status = resp.status().as_u16();
     tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis(), "request");
     if change {
-        let mut e = crate::audit::Entry::new(crate::audit::Kind::Service, format!("{method} {path}"));
+        let mut e = Entry::new(Kind::Service, format!("{method} {path}"));
         e.peer = peer_ip;
         e.credential = key_name;
         e.status = status;
@@ -205,18 +192,22 @@ fn is_service_change(req: &Req) -> bool {
 /// the token than that.
 fn key_name(req: &Req) -> Option<String> {
     let raw = req.header(header::AUTHORIZATION.as_str())?;
-    provisio_core::sas::SasToken::parse(raw).ok().and_then(|t| t.skn).map(|k| crate::engine::shorten(&k))
+    provisio_core::sas::SasToken::parse(raw).ok().and_then(|t| t.skn).map(|k| shorten(&k))
 }
 
 fn is(seg: &str, lit: &str) -> bool {
     seg.eq_ignore_ascii_case(lit)
 }
 
-fn method_not_allowed(req: &Req, allowed: &str) -> ServerError {
-    ServerError::MethodNotAllowed(format!("Method {} is not allowed on {}; allowed: {allowed}.", req.method, req.path))
+fn method_not_allowed(req: &Req, allowed: &str) -> Error {
+    Error::MethodNotAllowed(format!(
+        "Method {} is not allowed on {}; allowed: {allowed}.",
+        req.method,
+        shorten(&req.path)
+    ))
 }
 
-async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> {
+async fn route(state: &AppState, req: Req) -> Result<Response, Error> {
     let seg: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let m = req.method.clone();
     match seg.as_slice() {
@@ -245,9 +236,9 @@ async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> 
             let group = is(c, "enrollmentgroups");
             let id = (*id).to_owned();
             match m {
-                Method::GET => service::get(state, &mut req, group, &id).await,
-                Method::PUT => service::put(state, &mut req, group, &id).await,
-                Method::DELETE => service::delete(state, &mut req, group, &id).await,
+                Method::GET => service::get(state, &req, group, &id).await,
+                Method::PUT => service::put(state, &req, group, &id).await,
+                Method::DELETE => service::delete(state, &req, group, &id).await,
                 _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
             }
         }
@@ -344,32 +335,31 @@ async fn route(state: &AppState, mut req: Req) -> Result<Response, ServerError> 
         }
         // Device API.
         [scope, r, id, op] if is(r, "registrations") && is(op, "register") => {
-            let (scope, id) = ((*scope).to_owned(), (*id).to_owned());
             if m == Method::PUT {
-                device::register(state, &mut req, &scope, &id).await
+                Ok(device::serve(state, &req, scope, id, DeviceOperation::Register { body: &req.body }).await)
             } else {
                 Err(method_not_allowed(&req, "PUT"))
             }
         }
         [scope, r, id, ops, op_id] if is(r, "registrations") && is(ops, "operations") => {
-            let (scope, id, op_id) = ((*scope).to_owned(), (*id).to_owned(), (*op_id).to_owned());
             if m == Method::GET {
-                device::operation_status(state, &mut req, &scope, &id, &op_id).await
+                // The body of a poll carries nothing (Node sends `{}`; its size was bounded).
+                Ok(device::serve(state, &req, scope, id, DeviceOperation::OperationStatus { operation_id: op_id })
+                    .await)
             } else {
                 Err(method_not_allowed(&req, "GET"))
             }
         }
         [scope, r, id] if is(r, "registrations") => {
-            let (scope, id) = ((*scope).to_owned(), (*id).to_owned());
             if m == Method::POST {
-                device::registration_status(state, &mut req, &scope, &id).await
+                Ok(device::serve(state, &req, scope, id, DeviceOperation::RegistrationStatus { body: &req.body }).await)
             } else {
                 Err(method_not_allowed(&req, "POST"))
             }
         }
-        _ => Err(ServerError::NotFound {
+        _ => Err(Error::NotFound {
             code: provisio_proto::error::codes::NOT_FOUND,
-            message: format!("No such route: {} {}.", req.method, crate::engine::shorten(&req.path)),
+            message: format!("No such route: {} {}.", req.method, shorten(&req.path)),
         }),
     }
 }

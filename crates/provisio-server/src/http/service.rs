@@ -1,41 +1,36 @@
-//! Service API over HTTPS: authorise, parse, call [`ServiceApi`](crate::service_api::ServiceApi).
+//! Service API over HTTPS: what the request carries goes to the engine's
+//! [`ServiceApi`](provisio_engine::service::ServiceApi), whose answers become JSON responses.
 
-use axum::http::HeaderValue;
 use axum::{
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::Response,
 };
-use provisio_proto::{
-    CERTIFICATE_API_VERSIONS, SERVICE_API_VERSIONS,
-    service::{CertificateBody, SharedAccessPolicy},
+use provisio_engine::{
+    Error, bodies,
+    service::{Api, QueryTarget, Right, ServiceCall},
 };
+use provisio_proto::service::{CertificateBody, SharedAccessPolicy};
 use serde::de::DeserializeOwned;
 
 use super::{
     response,
     routes::{AppState, Req},
 };
-use crate::{
-    ServerError,
-    service_api::{QueryTarget, Right},
-};
 
-fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, ServerError> {
-    crate::bodies::json_body(&req.body, what)
+fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, Error> {
+    bodies::json_body(&req.body, what)
 }
 
-async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), ServerError> {
-    throttle(state)?;
-    req.require_api_version(SERVICE_API_VERSIONS)?;
-    state.service.authorize(req.header(header::AUTHORIZATION.as_str()), right).await
+fn call(req: &Req) -> ServiceCall<'_> {
+    ServiceCall { authorization: req.header(header::AUTHORIZATION.as_str()), api_version: req.query("api-version") }
 }
 
-fn throttle(state: &AppState) -> Result<(), ServerError> {
-    state.service_limiter.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))
+async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), Error> {
+    state.service.authorize(&call(req), Api::Service, right).await
 }
 
 /// `GET /enrollments/{id}` and `/enrollmentGroups/{id}`.
-pub async fn get(state: &AppState, req: &mut Req, group: bool, id: &str) -> Result<Response, ServerError> {
+pub(crate) async fn get(state: &AppState, req: &Req, group: bool, id: &str) -> Result<Response, Error> {
     authorize(state, req, Right::EnrollmentRead).await?;
     Ok(if group {
         response::json(StatusCode::OK, &state.service.get_group(id).await?)
@@ -45,7 +40,7 @@ pub async fn get(state: &AppState, req: &mut Req, group: bool, id: &str) -> Resu
 }
 
 /// `PUT /enrollments/{id}` and `/enrollmentGroups/{id}`.
-pub async fn put(state: &AppState, req: &mut Req, group: bool, id: &str) -> Result<Response, ServerError> {
+pub(crate) async fn put(state: &AppState, req: &Req, group: bool, id: &str) -> Result<Response, Error> {
     authorize(state, req, Right::EnrollmentWrite).await?;
     let if_match = req.header(header::IF_MATCH.as_str()).map(str::to_owned);
     Ok(if group {
@@ -58,26 +53,24 @@ pub async fn put(state: &AppState, req: &mut Req, group: bool, id: &str) -> Resu
 }
 
 /// `DELETE /enrollments/{id}` and `/enrollmentGroups/{id}`.
-pub async fn delete(state: &AppState, req: &mut Req, group: bool, id: &str) -> Result<Response, ServerError> {
+pub(crate) async fn delete(state: &AppState, req: &Req, group: bool, id: &str) -> Result<Response, Error> {
     authorize(state, req, Right::EnrollmentWrite).await?;
     state.service.delete(group, id, req.header(header::IF_MATCH.as_str())).await?;
     Ok(response::empty(StatusCode::NO_CONTENT))
 }
 
-async fn authorize_certs(state: &AppState, req: &Req) -> Result<(), ServerError> {
-    throttle(state)?;
-    req.require_api_version(CERTIFICATE_API_VERSIONS)?;
-    state.service.authorize(req.header(header::AUTHORIZATION.as_str()), Right::ServiceConfig).await
+async fn authorize_certs(state: &AppState, req: &Req) -> Result<(), Error> {
+    state.service.authorize(&call(req), Api::Certificates, Right::ServiceConfig).await
 }
 
 /// `GET /certificates`.
-pub async fn list_certificates(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+pub(crate) async fn list_certificates(state: &AppState, req: &Req) -> Result<Response, Error> {
     authorize_certs(state, req).await?;
     Ok(response::json(StatusCode::OK, &state.certificates.list().await?))
 }
 
 /// `GET|PUT|DELETE /certificates/{name}`.
-pub async fn certificate(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+pub(crate) async fn certificate(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
     authorize_certs(state, req).await?;
     let if_match = req.header(header::IF_MATCH.as_str());
     match req.method.as_str() {
@@ -94,12 +87,12 @@ pub async fn certificate(state: &AppState, req: &Req, name: &str) -> Result<Resp
 }
 
 /// `POST /certificates/{name}/generateVerificationCode` and `.../verify`.
-pub async fn certificate_action(
+pub(crate) async fn certificate_action(
     state: &AppState,
     req: &Req,
     name: &str,
     verify: bool,
-) -> Result<Response, ServerError> {
+) -> Result<Response, Error> {
     authorize_certs(state, req).await?;
     let if_match = req.header(header::IF_MATCH.as_str());
     let r = if verify {
@@ -112,20 +105,20 @@ pub async fn certificate_action(
 }
 
 /// `GET /registrations/{id}/audit`: the last refused attestation.
-pub async fn audit(state: &AppState, req: &Req, id: &str) -> Result<Response, ServerError> {
+pub(crate) async fn audit(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
     authorize(state, req, Right::RegistrationStatusRead).await?;
     Ok(response::json(StatusCode::OK, &state.service.audit(id).await?))
 }
 
 /// `POST /enrollments` and `POST /enrollmentGroups`: bulk operations.
-pub async fn bulk(state: &AppState, req: &Req, group: bool) -> Result<Response, ServerError> {
+pub(crate) async fn bulk(state: &AppState, req: &Req, group: bool) -> Result<Response, Error> {
     authorize(state, req, Right::EnrollmentWrite).await?;
     let body: serde_json::Value = json_body(req, "bulk operation")?;
     Ok(response::json(StatusCode::OK, &state.service.bulk(group, &body).await?))
 }
 
 /// The three query routes, paged with `x-ms-max-item-count` and `x-ms-continuation`.
-pub async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<Response, ServerError> {
+pub(crate) async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<Response, Error> {
     let right = if matches!(target, QueryTarget::GroupRegistrations(_)) {
         Right::RegistrationStatusRead
     } else {
@@ -133,12 +126,12 @@ pub async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<R
     };
     authorize(state, req, right).await?;
     // The body is optional (Python and the az CLI send none on registration queries).
-    let spec = crate::bodies::query_spec(&req.body)?;
+    let spec = bodies::query_spec(&req.body)?;
     let page_size = match req.header("x-ms-max-item-count").map(str::trim) {
         None | Some("") => None,
-        Some(v) => Some(
-            v.parse::<u32>().map_err(|_| ServerError::invalid("x-ms-max-item-count must be a positive integer."))?,
-        ),
+        Some(v) => {
+            Some(v.parse::<u32>().map_err(|_| Error::invalid("x-ms-max-item-count must be a positive integer."))?)
+        }
     };
     let page = state
         .service
@@ -157,18 +150,18 @@ pub async fn query(state: &AppState, req: &Req, target: QueryTarget) -> Result<R
 }
 
 /// `POST /enrollments/{id}/attestationmechanism` and the group twin.
-pub async fn attestation_mechanism(
+pub(crate) async fn attestation_mechanism(
     state: &AppState,
     req: &Req,
     group: bool,
     id: &str,
-) -> Result<Response, ServerError> {
+) -> Result<Response, Error> {
     authorize(state, req, Right::EnrollmentWrite).await?;
     Ok(response::json(StatusCode::OK, &state.service.attestation_mechanism(group, id).await?))
 }
 
 /// `GET` and `DELETE /registrations/{id}`.
-pub async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Response, ServerError> {
+pub(crate) async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
     if req.method == axum::http::Method::GET {
         authorize(state, req, Right::RegistrationStatusRead).await?;
         Ok(response::json(StatusCode::OK, &state.service.get_registration(id).await?))
@@ -180,13 +173,13 @@ pub async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Respo
 }
 
 /// `GET /policies`.
-pub async fn list_policies(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+pub(crate) async fn list_policies(state: &AppState, req: &Req) -> Result<Response, Error> {
     authorize(state, req, Right::ServiceConfig).await?;
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": state.service.list_policies().await? })))
 }
 
 /// `GET|PUT|DELETE /policies/{name}`.
-pub async fn policy(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+pub(crate) async fn policy(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
     authorize(state, req, Right::ServiceConfig).await?;
     match req.method.as_str() {
         "GET" => Ok(response::json(StatusCode::OK, &state.service.get_policy(name).await?)),
@@ -202,7 +195,7 @@ pub async fn policy(state: &AppState, req: &Req, name: &str) -> Result<Response,
 }
 
 /// `POST /policies/{name}/regenerateKey`, body `{"keyType": "primary"|"secondary"}`.
-pub async fn regenerate_policy_key(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+pub(crate) async fn regenerate_policy_key(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
     authorize(state, req, Right::ServiceConfig).await?;
     let body: serde_json::Value = json_body(req, "regenerateKey body")?;
     let key_type = body.get("keyType").and_then(|v| v.as_str()).unwrap_or("");
@@ -210,19 +203,19 @@ pub async fn regenerate_policy_key(state: &AppState, req: &Req, name: &str) -> R
 }
 
 /// `GET /linkedHubs`.
-pub async fn list_hubs(state: &AppState, req: &Req) -> Result<Response, ServerError> {
+pub(crate) async fn list_hubs(state: &AppState, req: &Req) -> Result<Response, Error> {
     authorize(state, req, Right::ServiceConfig).await?;
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": state.hubs.list().await? })))
 }
 
 /// `GET|PUT|DELETE /linkedHubs/{hostName}`. PUT takes `{"allocationWeight": 1..1000,
 /// "applyAllocationPolicy": bool, "region"?: str, "registrarWebhookUrl"?: url}`.
-pub async fn hub(state: &AppState, req: &Req, name: &str) -> Result<Response, ServerError> {
+pub(crate) async fn hub(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
     authorize(state, req, Right::ServiceConfig).await?;
     match req.method.as_str() {
         "GET" => Ok(response::json(StatusCode::OK, &state.hubs.get(name).await?)),
         "PUT" => {
-            let hub = crate::bodies::linked_hub(&req.body)?;
+            let hub = bodies::linked_hub(&req.body)?;
             Ok(response::json(StatusCode::OK, &state.hubs.put(name, hub).await?))
         }
         _ => {

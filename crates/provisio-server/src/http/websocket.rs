@@ -15,19 +15,20 @@ use axum::{
     response::Response,
 };
 
+use provisio_engine::{Error, Origin, Transport};
+
 use super::{AppState, ConnectionSlot, PeerAddr, PeerCertificates, response};
-use crate::ServerError;
 
 /// The subprotocol of MQTT over WebSockets (MQTT 3.1.1, section 6).
-pub const MQTT: &str = "mqtt";
+pub(crate) const MQTT: &str = "mqtt";
 /// The subprotocol of the AMQP WebSocket binding (AMQP 1.0).
-pub const AMQP: &str = "AMQPWSB10";
+pub(crate) const AMQP: &str = "AMQPWSB10";
 
 /// Whether a request is for the device SDKs' WebSocket endpoint: the path
 /// `/$iothub/websocket` (C, Node, Python, Java), or a WebSocket upgrade of `/` (the C# SDK
 /// opens `wss://{host}:443` without a path).
 #[must_use]
-pub fn is_endpoint(path: &str, headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn is_endpoint(path: &str, headers: &axum::http::HeaderMap) -> bool {
     path.eq_ignore_ascii_case("/$iothub/websocket")
         || path == "/"
             && headers
@@ -39,7 +40,7 @@ pub fn is_endpoint(path: &str, headers: &axum::http::HeaderMap) -> bool {
 /// Answers a request for the WebSocket endpoint: the upgrade, then the MQTT or AMQP
 /// session on the upgraded connection (which keeps the HTTPS connection's slot under the
 /// connection limits), or a DPS error if the request is not a usable WebSocket upgrade.
-pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
+pub(crate) async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let chain = parts.extensions.get::<PeerCertificates>().map(PeerCertificates::der_chain).unwrap_or_default();
     let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
@@ -47,7 +48,7 @@ pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws,
         Err(rejection) => {
-            return response::error(&ServerError::invalid(format!(
+            return response::error(&Error::invalid(format!(
                 "/$iothub/websocket takes a WebSocket upgrade with the subprotocol {MQTT} or {AMQP} ({})",
                 rejection.body_text()
             )));
@@ -61,7 +62,7 @@ pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
         Some(MQTT) => true,
         Some(_) => false,
         None => {
-            return response::error(&ServerError::invalid(format!(
+            return response::error(&Error::invalid(format!(
                 "/$iothub/websocket needs the WebSocket subprotocol {MQTT} or {AMQP} (Sec-WebSocket-Protocol)"
             )));
         }
@@ -73,17 +74,17 @@ pub async fn upgrade(state: &Arc<AppState>, request: Request) -> Response {
             let io = provisio_wsio::WsIo::<WebSocket, Message>::new(socket);
             let result = if is_mqtt {
                 let deadline = tokio::time::Instant::now() + mqtt.connect_timeout;
-                let origin = crate::engine::Origin { transport: "mqtt-ws", peer };
+                let origin = Origin::new(Transport::MqttWs, peer);
                 crate::mqtt::connection(io, chain, &engine, mqtt, deadline, origin).await
             } else {
                 let deadline = tokio::time::Instant::now() + amqp.connect_timeout;
-                let origin = crate::engine::Origin { transport: "amqp-ws", peer };
+                let origin = Origin::new(Transport::AmqpWs, peer);
                 crate::amqp::connection(io, chain, engine, amqp, deadline, origin).await
             };
             let transport = if is_mqtt { "MQTT over WebSocket" } else { "AMQP over WebSocket" };
             match result {
                 Ok(reason) => tracing::debug!(?peer, reason, transport, "connection closed"),
-                Err(reason) => tracing::info!(?peer, reason, transport, "connection dropped"),
+                Err(reason) => tracing::info!(?peer, %reason, transport, "connection dropped"),
             }
         },
     )

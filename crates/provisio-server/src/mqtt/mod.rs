@@ -1,15 +1,17 @@
 //! The MQTT front-end: MQTT 3.1.1 over TLS. Framing comes from rumqttc's `mqttbytes`
-//! codec, the DPS session rules from [`session`]; requests go to the same engine calls as
-//! HTTPS and answers carry the same JSON bodies and error codes.
+//! codec, the session rules (CONNECT, SUBSCRIBE, PUBACK before the answer) from
+//! [`session`]; each request goes to [`Engine::device`], as from every transport, and its
+//! answer is published on the response topic.
 
-pub mod session;
+pub(crate) mod session;
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use provisio_proto::{
-    DEVICE_API_VERSIONS,
-    device::{RegistrationOperationStatus, RegistrationStatus},
+use provisio_core::text::shorten;
+use provisio_engine::{
+    Answer, Credential, DeviceOperation, DeviceRequest, Engine, Error, Origin, Transport,
+    limits::{Admission, PerIpLimiter},
 };
 use rumqttc::mqttbytes::{Error as MqttError, v4::Packet};
 use tokio::{
@@ -18,15 +20,12 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use self::session::{Event, Request, RequestKind, Session};
-use crate::{
-    ServerError,
-    engine::{Credential, Engine},
-};
+use self::session::{Event, Identity, Request, RequestKind, Session};
+use crate::error::Dropped;
 
 /// Limits of the MQTT listener.
 #[derive(Debug, Clone, Copy)]
-pub struct MqttLimits {
+pub(crate) struct MqttLimits {
     /// Simultaneous connections.
     pub max_connections: usize,
     /// Largest packet accepted.
@@ -35,26 +34,24 @@ pub struct MqttLimits {
     pub connect_timeout: Duration,
     /// Idle limit when the device sets no keep-alive.
     pub idle_timeout: Duration,
-    /// `retry-after` on `assigning` answers.
-    pub retry_after_secs: u32,
 }
 
 /// Serves MQTT on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     engine: Engine,
     limits: MqttLimits,
-    per_ip: Arc<crate::http::limit::PerIpLimiter>,
+    per_ip: Arc<PerIpLimiter>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let admission = crate::http::limit::Admission::new("MQTT", limits.max_connections, per_ip);
+    let admission = Admission::new("MQTT", limits.max_connections, per_ip);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = admission.accept(&listener) => accepted,
+            accepted = crate::accept(&listener, "MQTT") => accepted,
         };
         let Some(admitted) = admission.admit(peer) else { continue };
         let (acceptor, engine) = (acceptor.clone(), engine.clone());
@@ -66,10 +63,10 @@ pub async fn serve(
             else {
                 return;
             };
-            let origin = crate::engine::Origin { transport: "mqtt", peer: Some(peer.ip()) };
+            let origin = Origin::new(Transport::Mqtt, Some(peer.ip()));
             match connection(tls, chain, &engine, limits, deadline, origin).await {
                 Ok(reason) => tracing::debug!(%peer, reason, "MQTT connection closed"),
-                Err(reason) => tracing::info!(%peer, reason, "MQTT connection dropped"),
+                Err(reason) => tracing::info!(%peer, %reason, "MQTT connection dropped"),
             }
         });
     }
@@ -82,8 +79,8 @@ pub(crate) async fn connection<S>(
     engine: &Engine,
     limits: MqttLimits,
     connect_deadline: tokio::time::Instant,
-    origin: crate::engine::Origin,
-) -> Result<String, String>
+    origin: Origin,
+) -> Result<String, Dropped>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -96,7 +93,7 @@ where
             match Packet::read(&mut buf, limits.max_packet_bytes) {
                 Ok(p) => break p,
                 Err(MqttError::InsufficientBytes(_)) => {}
-                Err(e) => return Err(format!("malformed packet: {e}")),
+                Err(e) => return Err(Dropped::Malformed(format!("packet: {e}"))),
             }
             let deadline = match session.identity() {
                 None => connect_deadline,
@@ -108,11 +105,13 @@ where
             match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
                 Ok(Ok(0)) => return Ok("peer closed the connection".into()),
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(format!("read failed: {e}")),
+                Ok(Err(e)) => return Err(Dropped::Read(e)),
                 Err(_) => {
-                    return Err(
-                        if session.identity().is_none() { "no CONNECT in time" } else { "keep-alive expired" }.into()
-                    );
+                    return Err(Dropped::Timeout(if session.identity().is_none() {
+                        "CONNECT"
+                    } else {
+                        "packet within the keep-alive"
+                    }));
                 }
             }
         };
@@ -122,22 +121,18 @@ where
             for ev in events {
                 match ev {
                     Event::Send(p) => {
-                        p.write(&mut out, limits.max_packet_bytes).map_err(|e| format!("encoding failed: {e}"))?;
+                        p.write(&mut out, limits.max_packet_bytes)
+                            .map_err(|e| Dropped::Malformed(format!("an answer does not encode: {e}")))?;
                     }
                     Event::Request(req) => {
                         // What came before (the PUBACK) goes out before the answer.
                         flush(&mut io, &mut out).await?;
                         let Some(identity) = session.identity().cloned() else {
-                            return Err("request before CONNECT".into());
+                            return Err(Dropped::Refused("request before CONNECT".into()));
                         };
-                        let credential = match (&identity.password, chain.is_empty()) {
-                            (Some(p), _) => Credential::Sas(p.clone()),
-                            (None, false) => Credential::X509(chain.clone()),
-                            (None, true) => Credential::None,
-                        };
-                        let (status, retry, body) =
-                            serve_request(engine, &identity, &credential, &req, limits.retry_after_secs, &origin).await;
-                        next.extend(session.respond(&req.rid, status, retry, body));
+                        let credential = Credential::from_parts(identity.password.clone(), chain.clone());
+                        let answer = serve_request(engine, &identity, &credential, &req, origin).await;
+                        next.extend(session.respond(&req.rid, answer.status, answer.retry_after, answer.body));
                     }
                     Event::Close(reason) => {
                         flush(&mut io, &mut out).await?;
@@ -152,77 +147,45 @@ where
     }
 }
 
-async fn flush<S: tokio::io::AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut) -> Result<(), String> {
+async fn flush<S: tokio::io::AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut) -> Result<(), Dropped> {
     if !out.is_empty() {
-        io.write_all(out).await.map_err(|e| format!("write failed: {e}"))?;
-        io.flush().await.map_err(|e| format!("write failed: {e}"))?;
+        io.write_all(out).await.map_err(Dropped::Write)?;
+        io.flush().await.map_err(Dropped::Write)?;
         out.clear();
     }
     Ok(())
 }
 
-pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-pub(crate) fn error_answer(e: &ServerError) -> (u16, Option<u32>, Vec<u8>) {
-    let status = e.status();
-    let retry = match e.retry_after() {
-        Some(s) => Some(u32::try_from(s).unwrap_or(5)),
-        None if status >= 500 => Some(5),
-        None => None,
-    };
-    (status, retry, to_json(&e.to_body()))
-}
-
-/// Serves one request with the engine; returns (status, retry-after, body).
+/// Serves one request with the engine.
 async fn serve_request(
     engine: &Engine,
-    id: &session::Identity,
+    id: &Identity,
     credential: &Credential,
     req: &Request,
-    retry_after: u32,
-    origin: &crate::engine::Origin,
-) -> (u16, Option<u32>, Vec<u8>) {
-    let result = async {
-        let version = match id.api_version.as_deref() {
-            None => Err(ServerError::invalid("The MQTT username carries no api-version.")),
-            Some(v) if !provisio_proto::is_supported_api_version(DEVICE_API_VERSIONS, v) => {
-                Err(ServerError::invalid(format!("Unsupported API version {}.", crate::engine::shorten(v))))
-            }
-            Some(_) => Ok(()),
-        };
-        match &req.kind {
-            RequestKind::Register(body) => {
-                let registration = version.and_then(|()| {
-                    crate::bodies::device_registration(body).map_err(|e| {
-                        ServerError::malformed(format!("The payload is not a valid DeviceRegistration: {e}"))
-                    })
-                });
-                let op = engine.register_from(origin, &id.scope, &id.registration_id, registration, credential).await?;
-                Ok((202, Some(retry_after), to_json(&RegistrationOperationStatus::accepted(op))))
-            }
-            RequestKind::Poll { operation_id } => {
-                version?;
-                if operation_id.is_empty() {
-                    return Err(ServerError::invalid("The poll topic needs &operationId=…"));
-                }
-                let st = engine.operation_status(&id.scope, &id.registration_id, operation_id, credential).await?;
-                Ok(if st.status == RegistrationStatus::Assigning {
-                    (202, Some(retry_after), to_json(&st))
-                } else {
-                    (200, None, to_json(&st))
-                })
-            }
-            RequestKind::Unknown(topic) => version.and(Err(ServerError::NotFound {
+    origin: Origin,
+) -> Answer {
+    let operation = match &req.kind {
+        RequestKind::Register(body) => DeviceOperation::Register { body },
+        RequestKind::Poll { operation_id } => DeviceOperation::OperationStatus { operation_id },
+        RequestKind::Unknown(topic) => {
+            return Error::NotFound {
                 code: provisio_proto::error::codes::NOT_FOUND,
                 message: format!(
                     "Unknown topic '{}'; DPS serves iotdps-register and iotdps-get-operationstatus.",
-                    crate::engine::shorten(topic)
+                    shorten(topic)
                 ),
-            })),
+            }
+            .answer();
         }
-    }
-    .await;
-    result.unwrap_or_else(|e| error_answer(&e))
+    };
+    engine
+        .device(DeviceRequest {
+            origin,
+            scope: &id.scope,
+            registration_id: &id.registration_id,
+            api_version: id.api_version.as_deref(),
+            operation,
+            credential,
+        })
+        .await
 }

@@ -225,10 +225,11 @@ impl Session {
     }
 
     /// The answer to a request: published now (QoS 1), or kept until the device subscribes.
-    /// `retry_after` is added to `202`, `429` and `5xx` answers only.
+    /// `retry_after`, when the engine gave one, goes into the topic as `&retry-after=` (which
+    /// answers get one is the engine's rule, not the framing's).
     pub fn respond(&mut self, rid: &str, status: u16, retry_after: Option<u32>, body: Vec<u8>) -> Vec<Event> {
         let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
-        if let Some(s) = retry_after.filter(|_| status == 202 || status == 429 || status >= 500) {
+        if let Some(s) = retry_after {
             topic.push_str(&format!("&retry-after={s}"));
         }
         self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
@@ -435,8 +436,8 @@ mod tests {
         let Event::Send(Packet::Publish(p)) = &ev[0] else { panic!("{ev:?}") };
         assert_eq!(p.topic, "$dps/registrations/res/202/?$rid=42&retry-after=3");
         assert_eq!(p.qos, QoS::AtLeastOnce);
-        // Terminal and error answers carry only $rid.
-        let ev = s.respond("43", 200, Some(3), b"{}".to_vec());
+        // Answers without a hint carry only $rid.
+        let ev = s.respond("43", 200, None, b"{}".to_vec());
         let Event::Send(Packet::Publish(p)) = &ev[0] else { panic!() };
         assert_eq!(p.topic, "$dps/registrations/res/200/?$rid=43");
         let ev = s.respond("44", 401, None, b"{}".to_vec());

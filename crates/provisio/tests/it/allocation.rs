@@ -10,7 +10,7 @@ use axum::{Json, Router, extract::State, http::StatusCode, response::IntoRespons
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::common::{Server, curl, now, service};
+use crate::common::{Instance, Server, curl, now, service};
 
 /// Every request the fake webhook received.
 type Seen = Arc<Mutex<Vec<Value>>>;
@@ -424,9 +424,11 @@ async fn concurrent_operation_limit_answers_429() {
     };
     // wh-slow holds the only permit for 3 s (the webhook sleeps).
     let slow = tokio::spawn(put("wh-slow"));
-    while !seen.lock().unwrap().iter().any(|r| r["deviceRuntimeContext"]["registrationId"] == "wh-slow") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let calling = crate::common::eventually(Duration::from_secs(10), async || {
+        seen.lock().unwrap().iter().any(|r| r["deviceRuntimeContext"]["registrationId"] == "wh-slow")
+    })
+    .await;
+    assert!(calling, "the slow registration never reached its webhook");
     let (st, retry, body) = put("busy-dev").await;
     crate::common::assert_dps_error(st, &body, 429, 429_001);
     assert_eq!(retry.as_deref(), Some("1"));

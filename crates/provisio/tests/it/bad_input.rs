@@ -7,7 +7,7 @@ use provisio_core::{
 };
 use serde_json::{Value, json};
 
-use crate::common::{Server, assert_dps_error, now, put_enrollment};
+use crate::common::{Instance, Server, assert_dps_error, now, put_enrollment};
 
 async fn send(
     s: &Server,
@@ -121,8 +121,7 @@ async fn device_api_bad_input() {
     // The reason is logged with the tracking id; the token's signature is not.
     let (_, v) = send(&s, Method::PUT, &reg, Some(&forged), "{}").await;
     let tracking = v["trackingId"].as_str().unwrap().to_owned();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let log = s.log_text();
+    let log = crate::common::logged(&s, &tracking).await;
     let line = log.lines().find(|l| l.contains(&tracking)).unwrap_or_else(|| panic!("tracking id not logged:\n{log}"));
     assert!(line.contains("neither the primary nor the secondary key"), "{line}");
     let sig = forged.split("sig=").nth(1).unwrap().split('&').next().unwrap();
@@ -421,11 +420,11 @@ async fn throttling_and_connection_limits() {
 
     // Per-IP connections: the fourth simultaneous connection from 127.0.0.1 is closed at once.
     let port = s.port;
+    // A finished TLS handshake means the server admitted the connection.
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        held.push(crate::common::tls_connect(&s, port, None).await);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut fourth = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     use tokio::io::AsyncReadExt;
     let mut b = [0u8; 1];
@@ -434,9 +433,12 @@ async fn throttling_and_connection_limits() {
         .expect("fourth connection not closed");
     assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection was served");
     drop(held);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (st, _) = send(&s, Method::GET, "/health", None, "").await;
-    assert_eq!(st, 200, "slots are freed when connections close");
+    let client = s.client();
+    let freed = crate::common::eventually(std::time::Duration::from_secs(10), async || {
+        client.get(s.url("/health")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(freed, "slots are freed when connections close");
 }
 
 /// Percent-encodes everything but unreserved characters, as a client builds a path.

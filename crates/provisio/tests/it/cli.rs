@@ -4,7 +4,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::common::{Server, curl, now};
+use crate::common::{Instance, Process, Server, curl, now};
 
 struct Cli<'a> {
     s: &'a Server,
@@ -251,7 +251,7 @@ fn an_unreachable_database_is_named_when_the_server_cannot_start() {
 fn a_second_server_on_an_embedded_database_in_use_refuses_to_start() {
     // Each would miss the other's writes in its caches; `info` may still read it.
     let dir = tempfile::tempdir().unwrap();
-    let mut first = Server::start(dir.path(), "127.0.0.1:0", &[]);
+    let mut first = Process::start(dir.path(), "127.0.0.1:0", &[]);
     let second = Command::new(env!("CARGO_BIN_EXE_provisio"))
         .args(["serve", "--https-listen", "127.0.0.1:0", "--mqtt-listen", "off", "--amqp-listen", "off", "--data-dir"])
         .arg(dir.path())

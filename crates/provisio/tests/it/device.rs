@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use crate::common::{Server, put_enrollment, repo_root, run};
+use crate::common::{Instance, Server, put_enrollment, repo_root, run};
 
 fn device(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_provisio")).arg("device").args(args).output().unwrap()

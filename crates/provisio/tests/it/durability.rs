@@ -2,12 +2,12 @@
 
 use serde_json::json;
 
-use crate::common::{Server, curl, now, put_enrollment};
+use crate::common::{Instance, Process, Server, curl, now, put_enrollment};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assigned_registration_survives_kill_9_and_identity_is_reused() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
     let info = s.info.clone();
     let ca = std::fs::read_to_string(s.ca_file()).unwrap();
     let e = put_enrollment(
@@ -69,7 +69,7 @@ async fn assigned_registration_survives_kill_9_and_identity_is_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_info_reports_the_instance() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
     let status = s.terminate();
     assert!(status.success(), "exit status after SIGTERM: {status}");
 

@@ -1,5 +1,8 @@
-//! Integration tests: real `provisio serve` processes on loopback, real TLS, real SQLite.
-//! One test binary (each extra binary costs a link on a 2-core machine).
+//! Integration tests: real servers on loopback (in-process through `provisio-testkit`, or
+//! the `provisio` binary where the binary itself is tested), real TLS, real SQLite, and
+//! PostgreSQL when `PROVISIO_TEST_POSTGRES` names one. Nothing here needs Node, Python,
+//! swtpm or port 443: those tests are the `interop` target. One test binary (each extra
+//! binary costs a link on a 2-core machine).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod allocation;
@@ -11,11 +14,10 @@ mod common;
 mod device;
 mod durability;
 mod hardening;
-mod interop;
 mod mqtt;
 mod multinode;
 mod service_api;
-mod tpm;
+mod transports;
 mod walkthrough;
 mod websocket;
 mod x509;

@@ -1,24 +1,15 @@
-//! Several `provisio serve` processes on one PostgreSQL database: any node answers any
-//! request, racing registrations agree, and killing a node loses nothing acknowledged.
+//! Several nodes on one PostgreSQL database (an in-process server and a `provisio serve`
+//! process): any node answers any request, racing registrations agree, and killing a node
+//! loses nothing acknowledged. Runs when `PROVISIO_TEST_POSTGRES` names a server.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use serde_json::{Value, json};
 
-use crate::common::{Server, curl, now, put_enrollment};
-
-/// A fresh database on the test PostgreSQL server (see `provisio-store`'s conformance suite).
-async fn fresh_database() -> String {
-    use sqlx::{Connection, Executor};
-    let admin = std::env::var("PROVISIO_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable ({e}); `.ci/run` starts it"));
-    let name = format!("provisio_it_{}", uuid::Uuid::new_v4().simple());
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
-    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
-}
+use crate::common::{Instance, Process, Server, curl, now, put_enrollment};
 
 fn token(scope: &str, id: &str, key: &str) -> String {
     provisio_core::sas::build_token(
@@ -31,22 +22,22 @@ fn token(scope: &str, id: &str, key: &str) -> String {
     .unwrap()
 }
 
-fn put(s: &Server, id: &str, tok: &str) -> (u16, Value) {
+fn put(s: &impl Instance, id: &str, tok: &str) -> (u16, Value) {
     let (st, _, v) = curl(
         s,
         "PUT",
-        &format!("/{}/registrations/{id}/register?api-version=2021-06-01", s.info.id_scope),
+        &format!("/{}/registrations/{id}/register?api-version=2021-06-01", s.info().id_scope),
         Some(tok),
         Some("{}"),
     );
     (st, v)
 }
 
-fn poll(s: &Server, id: &str, tok: &str, op: &str) -> (u16, Value) {
+fn poll(s: &impl Instance, id: &str, tok: &str, op: &str) -> (u16, Value) {
     let (st, _, v) = curl(
         s,
         "GET",
-        &format!("/{}/registrations/{id}/operations/{op}?api-version=2021-06-01", s.info.id_scope),
+        &format!("/{}/registrations/{id}/operations/{op}?api-version=2021-06-01", s.info().id_scope),
         Some(tok),
         None,
     );
@@ -55,11 +46,11 @@ fn poll(s: &Server, id: &str, tok: &str, op: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_one_postgres_instance() {
-    let db = fresh_database().await;
+    let Some(db) = provisio_testkit::postgres_database().await else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let a =
-        Server::start(&tmp.path().join("a"), "127.0.0.1:0", &["--database", &db, "--linked-hub", "pg-hub.example.net"]);
-    let mut b = Server::start(&tmp.path().join("b"), "127.0.0.1:0", &["--database", &db]);
+    let hubs = ["--linked-hub", "pg-hub-1.example.net", "--linked-hub", "pg-hub-2.example.net"];
+    let a = Server::start(&tmp.path().join("a"), "127.0.0.1:0", &[&["--database", db.as_str()][..], &hubs].concat());
+    let mut b = Process::start(&tmp.path().join("b"), "127.0.0.1:0", &["--database", &db]);
     // One instance: same scope, same owner key, same CA.
     assert_eq!(a.info.id_scope, b.info.id_scope);
     assert_eq!(a.info.owner_key(), b.info.owner_key());
@@ -80,7 +71,8 @@ async fn two_nodes_share_one_postgres_instance() {
     assert_eq!(st, 202);
     let (st, v) = poll(&b, "pg-dev-1", &t, v["operationId"].as_str().unwrap());
     assert_eq!((st, v["status"].as_str()), (200, Some("assigned")), "{v}");
-    assert_eq!(v["registrationState"]["assignedHub"], "pg-hub.example.net");
+    let hub = v["registrationState"]["assignedHub"].as_str().unwrap().to_owned();
+    assert!(hub == "pg-hub-1.example.net" || hub == "pg-hub-2.example.net", "{v}");
 
     // The same id on both nodes at once: both answer, and both operations and the record agree.
     let (ta, tb) = (t.clone(), t.clone());
@@ -90,9 +82,14 @@ async fn two_nodes_share_one_postgres_instance() {
         (ha.join().unwrap(), hb.join().unwrap())
     });
     assert_eq!((sa.0, sb.0), (202, 202));
-    let (_, pa) = poll(&b, "pg-dev-1", &t, sa.1["operationId"].as_str().unwrap());
-    let (_, pb) = poll(&a, "pg-dev-1", &t, sb.1["operationId"].as_str().unwrap());
-    assert_eq!(pa["registrationState"]["assignedHub"], pb["registrationState"]["assignedHub"]);
+    let (st_a, pa) = poll(&b, "pg-dev-1", &t, sa.1["operationId"].as_str().unwrap());
+    let (st_b, pb) = poll(&a, "pg-dev-1", &t, sb.1["operationId"].as_str().unwrap());
+    assert_eq!((st_a, st_b), (200, 200), "{pa} {pb}");
+    assert_eq!((pa["status"].as_str(), pb["status"].as_str()), (Some("assigned"), Some("assigned")));
+    // Two hubs, and hashed allocation on both nodes: the same device goes to the same hub.
+    assert_eq!(pa["registrationState"]["assignedHub"], hub.as_str(), "{pa}");
+    assert_eq!(pb["registrationState"]["assignedHub"], hub.as_str(), "{pb}");
+    assert_ne!(pa["operationId"], pb["operationId"], "two registrations, two operations");
     let (st, _, now_a) =
         curl(&a, "POST", &format!("/{scope}/registrations/pg-dev-1?api-version=2021-06-01"), Some(&t), Some("{}"));
     let (_, _, now_b) =
@@ -115,13 +112,18 @@ async fn two_nodes_share_one_postgres_instance() {
     .await;
     let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = AtomicBool::new(false);
     let nodes = [(a.port, a.ca_file()), (b.port, b.ca_file())];
     std::thread::scope(|sc| {
         let workers: Vec<_> = (0..2)
             .map(|w| {
-                let (acked, gk, scope, nodes) = (acked.clone(), gk.clone(), scope.clone(), nodes.clone());
+                let (acked, gk, scope, nodes, stop) = (acked.clone(), gk.clone(), scope.clone(), nodes.clone(), &stop);
+                // Each worker registers devices on both nodes in turn until told to stop.
                 sc.spawn(move || {
-                    for i in 0..30 {
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
                         let id = format!("load-{w}-{i}");
                         let tok = token(&scope, &id, &provisio_core::keys::derive_device_key(&gk, &id).unwrap());
                         let (port, ca) = &nodes[i % 2];
@@ -151,14 +153,27 @@ async fn two_nodes_share_one_postgres_instance() {
                 })
             })
             .collect();
-        std::thread::sleep(std::time::Duration::from_millis(400));
+        // Kill B once the load is under way, then let A take more registrations before
+        // stopping the load.
+        let acked_now = || acked.lock().unwrap().len();
+        let wait_for = |n: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while acked_now() < n {
+                assert!(std::time::Instant::now() < deadline, "only {} registrations in 60 s", acked_now());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        wait_for(10);
         b.kill9();
+        let at_kill = acked_now();
+        wait_for(at_kill + 10);
+        stop.store(true, Ordering::Relaxed);
         for w in workers {
             w.join().unwrap();
         }
     });
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 30, "only {} registrations were acknowledged", acked.len());
+    assert!(acked.len() >= 20, "only {} registrations were acknowledged", acked.len());
     for (id, op) in &acked {
         let tok = token(&scope, id, &provisio_core::keys::derive_device_key(&gk, id).unwrap());
         let (st, v) = poll(&a, id, &tok, op);

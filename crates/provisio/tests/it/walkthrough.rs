@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Server, curl, header, put_enrollment, walkthrough_derive, walkthrough_sas};
+use crate::common::{Instance, Server, curl, header, put_enrollment, walkthrough_derive, walkthrough_sas};
 
 fn register_and_poll(s: &Server, reg_id: &str, token: &str, body: &str) -> Value {
     let scope = &s.info.id_scope;

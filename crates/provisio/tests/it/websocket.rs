@@ -11,7 +11,7 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, client::IntoClientRequest},
 };
 
-use crate::common::{Server, assert_dps_error};
+use crate::common::{Instance, Server, assert_dps_error};
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
@@ -95,14 +95,26 @@ async fn the_websocket_endpoint_refuses_bad_upgrades_and_ends_bad_streams() {
 
     // An upgraded connection keeps its slot under the limits: with three connections per
     // address, three open WebSockets leave none for another request until one closes.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (Once the connections above have given their slots back.)
     let mut held = Vec::new();
-    for p in ["mqtt", "mqtt", "AMQPWSB10"] {
-        held.push(ws(&s, Some(p)).await.unwrap());
-    }
+    let all_three = crate::common::eventually(Duration::from_secs(10), async || {
+        held.clear();
+        for p in ["mqtt", "mqtt", "AMQPWSB10"] {
+            match ws(&s, Some(p)).await {
+                Ok(c) => held.push(c),
+                Err(_) => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert!(all_three, "three WebSockets could not be opened");
     assert!(s.client().get(s.url("/health")).send().await.is_err(), "a fourth connection was let in");
     drop(held.pop());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(s.client().get(s.url("/health")).send().await.unwrap().status(), 200);
-    assert!(s.log_text().contains("MQTT over WebSocket"), "the dropped connections are logged");
+    let freed = crate::common::eventually(Duration::from_secs(10), async || {
+        s.client().get(s.url("/health")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(freed, "the closed WebSocket gave its slot back");
+    crate::common::logged(&s, "MQTT over WebSocket").await;
 }

@@ -164,8 +164,7 @@ async fn assert_refused(s: &Server, id: &str, r: Result<Value, (u16, Value)>, re
     let (st, v) = r.expect_err("expected a refusal");
     assert_dps_error(st, &v, 401, 401_002);
     let tracking = v["trackingId"].as_str().unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let log = s.log_text();
+    let log = crate::common::logged(s, tracking).await;
     let line = log.lines().find(|l| l.contains(tracking)).unwrap_or_else(|| panic!("{tracking} not logged"));
     assert!(line.contains(reason), "log line lacks '{reason}': {line}");
     let (st, audit) =

@@ -7,6 +7,7 @@ use provisio_core::{
     ids::{EnrollmentGroupId, RegistrationId},
     model::{Attestation, X509Attestation},
     sas::SasToken,
+    text::shorten,
     timefmt,
 };
 use provisio_proto::{
@@ -17,9 +18,9 @@ use provisio_proto::{
         IndividualEnrollment, SharedAccessPolicy,
     },
 };
-use provisio_store::{Collection, Precondition, Store, StoreError};
+use provisio_store::{Collection, Precondition, Store};
 
-use crate::{ServerError, instance::Policy, service_model as model};
+use crate::{Error, Resource, StoreResult, instance::Policy, wire as model};
 
 /// A right a service operation needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +59,39 @@ pub struct ServiceApi {
     hostnames: Arc<Vec<String>>,
     skew: u64,
     limits: ServiceLimits,
+    /// Requests per second over the whole service API.
+    rate: Arc<crate::limits::RateLimiter>,
     group_cache: Option<Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>>,
     auth_cache: Option<Arc<crate::cache::AuthCache>>,
+}
+
+/// Which API a request is for: each has its own api-versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Enrollments, groups, registration states, policies, hubs
+    /// ([`provisio_proto::SERVICE_API_VERSIONS`]).
+    Service,
+    /// CA certificates ([`provisio_proto::CERTIFICATE_API_VERSIONS`], which adds the ARM
+    /// versions).
+    Certificates,
+}
+
+impl Api {
+    fn versions(self) -> &'static [&'static str] {
+        match self {
+            Self::Service => provisio_proto::SERVICE_API_VERSIONS,
+            Self::Certificates => provisio_proto::CERTIFICATE_API_VERSIONS,
+        }
+    }
+}
+
+/// What a front-end found on a service request that decides whether it may run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceCall<'a> {
+    /// The `Authorization` header (a service SAS token).
+    pub authorization: Option<&'a str>,
+    /// The `api-version` query parameter.
+    pub api_version: Option<&'a str>,
 }
 
 /// Size limits of the service API.
@@ -71,11 +103,13 @@ pub struct ServiceLimits {
     pub default_page_size: u32,
     /// Largest query page size.
     pub max_page_size: u32,
+    /// Requests per second (bursts to twice that); 0: no limit.
+    pub requests_per_second: u32,
 }
 
 impl Default for ServiceLimits {
     fn default() -> Self {
-        Self { max_bulk_items: 10, default_page_size: 100, max_page_size: 1000 }
+        Self { max_bulk_items: 10, default_page_size: 100, max_page_size: 1000, requests_per_second: 0 }
     }
 }
 
@@ -120,25 +154,25 @@ pub fn bulk_request(
     group: bool,
     body: &serde_json::Value,
     max_items: usize,
-) -> Result<(&str, &[serde_json::Value]), ServerError> {
+) -> Result<(&str, &[serde_json::Value]), Error> {
     let mode = body.get("mode").and_then(|m| m.as_str()).ok_or_else(|| {
-        ServerError::invalid("The bulk operation needs 'mode': create, update, updateIfMatchETag or delete.")
+        Error::invalid("The bulk operation needs 'mode': create, update, updateIfMatchETag or delete.")
     })?;
     let list_field = if group { "enrollmentGroups" } else { "enrollments" };
     let items = body
         .get(list_field)
         .and_then(|v| v.as_array())
-        .ok_or_else(|| ServerError::invalid(format!("The bulk operation needs '{list_field}': an array.")))?;
+        .ok_or_else(|| Error::invalid(format!("The bulk operation needs '{list_field}': an array.")))?;
     if items.len() > max_items {
-        return Err(ServerError::invalid(format!(
+        return Err(Error::invalid(format!(
             "A bulk operation takes at most {max_items} items; this one has {}.",
             items.len()
         )));
     }
     if !matches!(mode, "create" | "update" | "updateIfMatchETag" | "delete") {
-        return Err(ServerError::invalid(format!(
+        return Err(Error::invalid(format!(
             "Unknown bulk mode '{}'; expected create, update, updateIfMatchETag or delete.",
-            crate::engine::shorten(mode)
+            shorten(mode)
         )));
     }
     Ok((mode, items))
@@ -148,7 +182,7 @@ pub fn bulk_request(
 ///
 /// # Errors
 /// 400 for any other query.
-pub fn check_query(q: &str) -> Result<(), ServerError> {
+pub fn check_query(q: &str) -> Result<(), Error> {
     let words: Vec<String> = q.split_whitespace().map(str::to_ascii_lowercase).collect();
     let ok = match words.as_slice() {
         [] => true,
@@ -164,9 +198,9 @@ pub fn check_query(q: &str) -> Result<(), ServerError> {
     if ok {
         Ok(())
     } else {
-        Err(ServerError::invalid(format!(
+        Err(Error::invalid(format!(
             "Unsupported query '{}': only 'SELECT *' with an optional 'FROM <collection>' is supported (DPS has no WHERE filter).",
-            crate::engine::shorten(q)
+            shorten(q)
         )))
     }
 }
@@ -201,6 +235,7 @@ impl ServiceApi {
             hostnames: Arc::new(hostnames),
             skew,
             limits: ServiceLimits::default(),
+            rate: Arc::new(crate::limits::RateLimiter::new(0)),
             group_cache: None,
             auth_cache: None,
         }
@@ -240,7 +275,20 @@ impl ServiceApi {
     #[must_use]
     pub fn with_limits(mut self, limits: ServiceLimits) -> Self {
         self.limits = limits;
+        self.rate = Arc::new(crate::limits::RateLimiter::new(limits.requests_per_second));
         self
+    }
+
+    /// Whether a request may run: the service API's rate, then its `api-version` (as
+    /// [`crate::device::check_api_version`] checks every version), then its token
+    /// ([`ServiceApi::authorize_token`]).
+    ///
+    /// # Errors
+    /// `429` when over the rate, `400` for the version, `401` / `403` for the token.
+    pub async fn authorize(&self, call: &ServiceCall<'_>, api: Api, right: Right) -> Result<(), Error> {
+        self.rate.acquire().map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
+        crate::device::check_api_version(api.versions(), call.api_version)?;
+        self.authorize_token(call.authorization, right).await
     }
 
     /// Checks a service SAS token: the policy named by `skn` signed it (primary or
@@ -249,12 +297,9 @@ impl ServiceApi {
     ///
     /// # Errors
     /// `401` for a bad token, `403` for a missing right.
-    pub async fn authorize(&self, authorization: Option<&str>, right: Right) -> Result<(), ServerError> {
-        let refuse = |public: &str, detail: String| ServerError::Unauthorized {
-            public: public.into(),
-            detail,
-            tracking_id: None,
-        };
+    pub async fn authorize_token(&self, authorization: Option<&str>, right: Right) -> Result<(), Error> {
+        let refuse =
+            |public: &str, detail: String| Error::Unauthorized { public: public.into(), detail, tracking_id: None };
         let raw = authorization.ok_or_else(|| {
             refuse("Unauthorized: the Authorization header is missing.", "service request without Authorization".into())
         })?;
@@ -285,10 +330,11 @@ impl ServiceApi {
                 format!("service token expired at {} (now {now})", token.expiry),
             ));
         }
-        let policy: Option<Policy> = match self.store.get(Collection::Policies, &skn.to_ascii_lowercase()).await? {
-            Some(d) => serde_json::from_str(&d.body).ok(),
-            None => None,
-        };
+        let policy: Option<Policy> =
+            match self.store.get(Collection::Policies, &skn.to_ascii_lowercase()).await.or_internal()? {
+                Some(d) => serde_json::from_str(&d.body).ok(),
+                None => None,
+            };
         let Some(policy) = policy else {
             return Err(refuse("Unauthorized", format!("no shared access policy named '{skn}'")));
         };
@@ -304,39 +350,23 @@ impl ServiceApi {
             .map(str::trim)
             .any(|r| right.granted_by().iter().any(|g| g.eq_ignore_ascii_case(r)));
         if !has {
-            return Err(ServerError::Forbidden(format!(
+            return Err(Error::Forbidden(format!(
                 "The shared access policy '{skn}' lacks the {right:?} right this operation needs."
             )));
         }
         Ok(())
     }
 
-    fn store_error(e: StoreError, group: bool, id: &str) -> ServerError {
-        let what = if group { "Enrollment group" } else { "Enrollment" };
-        match e {
-            StoreError::Conflict => ServerError::Conflict(format!(
-                "{what} '{id}' already exists. To update it, send If-Match with its etag, or If-Match: *."
-            )),
-            StoreError::PreconditionFailed => {
-                ServerError::PreconditionFailed(format!("{what} '{id}' has changed: the If-Match etag does not match."))
-            }
-            StoreError::NotFound => Self::not_found(group, id),
-            StoreError::Backend(_) => e.into(),
+    fn resource(group: bool, id: &str) -> Resource<'_> {
+        if group {
+            Resource { kind: "Enrollment group", id, not_found_code: codes::ENROLLMENT_GROUP_NOT_FOUND }
+        } else {
+            Resource { kind: "Enrollment", id, not_found_code: codes::ENROLLMENT_NOT_FOUND }
         }
     }
 
-    fn not_found(group: bool, id: &str) -> ServerError {
-        if group {
-            ServerError::NotFound {
-                code: codes::ENROLLMENT_GROUP_NOT_FOUND,
-                message: format!("Enrollment group '{id}' was not found."),
-            }
-        } else {
-            ServerError::NotFound {
-                code: codes::ENROLLMENT_NOT_FOUND,
-                message: format!("Enrollment '{id}' was not found."),
-            }
-        }
+    fn not_found(group: bool, id: &str) -> Error {
+        Self::resource(group, id).not_found()
     }
 
     /// `PUT /enrollments/{id}`.
@@ -348,9 +378,9 @@ impl ServiceApi {
         id: &str,
         body: IndividualEnrollment,
         if_match: Option<&str>,
-    ) -> Result<IndividualEnrollment, ServerError> {
+    ) -> Result<IndividualEnrollment, Error> {
         let id = RegistrationId::parse(id)?;
-        let existing = self.store.get(Collection::Enrollments, id.key()).await?;
+        let existing = self.store.get(Collection::Enrollments, id.key()).await.or_internal()?;
         let existing = existing.as_ref().map(model::enrollment_from_doc).transpose()?;
         let now = timefmt::now();
         let enrollment = model::enrollment_from_wire(&id, body, existing.as_ref(), &now)?;
@@ -358,7 +388,7 @@ impl ServiceApi {
             .store
             .put(Collection::Enrollments, id.key(), &model::to_body(&enrollment)?, precondition(if_match))
             .await
-            .map_err(|e| Self::store_error(e, false, id.as_str()))?;
+            .about(&Self::resource(false, id.as_str()))?;
         self.enrollments_changed();
         Ok(model::enrollment_to_wire(&enrollment, &doc.etag, true, None))
     }
@@ -367,15 +397,16 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404 if absent.
-    pub async fn get_enrollment(&self, id: &str) -> Result<IndividualEnrollment, ServerError> {
+    pub async fn get_enrollment(&self, id: &str) -> Result<IndividualEnrollment, Error> {
         let id = RegistrationId::parse(id)?;
         let doc = self
             .store
             .get(Collection::Enrollments, id.key())
-            .await?
+            .await
+            .or_internal()?
             .ok_or_else(|| Self::not_found(false, id.as_str()))?;
         let enrollment = model::enrollment_from_doc(&doc)?;
-        let state = match self.store.get(Collection::Registrations, id.key()).await? {
+        let state = match self.store.get(Collection::Registrations, id.key()).await.or_internal()? {
             Some(r) => model::registration_state_to_wire(&model::record_from_body(&r.body)?, &r.etag),
             None => DeviceRegistrationState {
                 registration_id: enrollment.registration_id.clone(),
@@ -399,7 +430,7 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404 if absent, 412 on an etag mismatch.
-    pub async fn delete(&self, group: bool, id: &str, if_match: Option<&str>) -> Result<(), ServerError> {
+    pub async fn delete(&self, group: bool, id: &str, if_match: Option<&str>) -> Result<(), Error> {
         let (collection, key, shown) = if group {
             let g = EnrollmentGroupId::parse(id)?;
             (Collection::EnrollmentGroups, g.key().to_owned(), g.as_str().to_owned())
@@ -408,7 +439,7 @@ impl ServiceApi {
             (Collection::Enrollments, r.key().to_owned(), r.as_str().to_owned())
         };
         let etag = delete_condition(if_match);
-        self.store.delete(collection, &key, etag).await.map_err(|e| Self::store_error(e, group, &shown))?;
+        self.store.delete(collection, &key, etag).await.about(&Self::resource(group, &shown))?;
         if group {
             self.groups_changed();
         } else {
@@ -426,16 +457,16 @@ impl ServiceApi {
         id: &str,
         body: EnrollmentGroup,
         if_match: Option<&str>,
-    ) -> Result<EnrollmentGroup, ServerError> {
+    ) -> Result<EnrollmentGroup, Error> {
         let id = EnrollmentGroupId::parse(id)?;
-        let existing = self.store.get(Collection::EnrollmentGroups, id.key()).await?;
+        let existing = self.store.get(Collection::EnrollmentGroups, id.key()).await.or_internal()?;
         let existing = existing.as_ref().map(model::group_from_doc).transpose()?;
         let now = timefmt::now();
         let group = model::group_from_wire(&id, body, existing.as_ref(), &now)?;
         if let Attestation::X509(X509Attestation::CaReferences(refs)) = &group.attestation {
             for name in refs.iter() {
-                if self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await?.is_none() {
-                    return Err(ServerError::invalid(format!(
+                if self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await.or_internal()?.is_none() {
+                    return Err(Error::invalid(format!(
                         "attestation.x509.caReferences names the CA certificate '{name}', which does not exist; upload it with PUT /certificates/{name}."
                     )));
                 }
@@ -445,7 +476,7 @@ impl ServiceApi {
             .store
             .put(Collection::EnrollmentGroups, id.key(), &model::to_body(&group)?, precondition(if_match))
             .await
-            .map_err(|e| Self::store_error(e, true, id.as_str()))?;
+            .about(&Self::resource(true, id.as_str()))?;
         self.groups_changed();
         Ok(model::group_to_wire(&group, &doc.etag, true))
     }
@@ -454,13 +485,14 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404 if absent.
-    pub async fn attestation_mechanism(&self, group: bool, id: &str) -> Result<AttestationMechanism, ServerError> {
+    pub async fn attestation_mechanism(&self, group: bool, id: &str) -> Result<AttestationMechanism, Error> {
         if group {
             let g = EnrollmentGroupId::parse(id)?;
             let doc = self
                 .store
                 .get(Collection::EnrollmentGroups, g.key())
-                .await?
+                .await
+                .or_internal()?
                 .ok_or_else(|| Self::not_found(true, g.as_str()))?;
             Ok(model::attestation_to_wire(&model::group_from_doc(&doc)?.attestation, true))
         } else {
@@ -468,7 +500,8 @@ impl ServiceApi {
             let doc = self
                 .store
                 .get(Collection::Enrollments, r.key())
-                .await?
+                .await
+                .or_internal()?
                 .ok_or_else(|| Self::not_found(false, r.as_str()))?;
             Ok(model::attestation_to_wire(&model::enrollment_from_doc(&doc)?.attestation, true))
         }
@@ -478,7 +511,7 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 400 for a malformed request or too many items; per-item failures are in the result.
-    pub async fn bulk(&self, group: bool, body: &serde_json::Value) -> Result<BulkOperationResult, ServerError> {
+    pub async fn bulk(&self, group: bool, body: &serde_json::Value) -> Result<BulkOperationResult, Error> {
         let (mode, items) = bulk_request(group, body, self.limits.max_bulk_items)?;
         let id_field = if group { "enrollmentGroupId" } else { "registrationId" };
         let mut errors = Vec::new();
@@ -506,9 +539,9 @@ impl ServiceApi {
         id: &str,
         etag: Option<&str>,
         item: &serde_json::Value,
-    ) -> Result<(), ServerError> {
+    ) -> Result<(), Error> {
         if id.is_empty() {
-            return Err(ServerError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "The item has no {}.",
                 if group { "enrollmentGroupId" } else { "registrationId" }
             )));
@@ -518,14 +551,14 @@ impl ServiceApi {
             ("create", _) | ("update", None) => None,
             ("update" | "updateIfMatchETag" | "delete", Some(e)) => Some(e),
             ("updateIfMatchETag", None) => {
-                return Err(ServerError::PreconditionFailed("updateIfMatchETag needs the item's etag.".into()));
+                return Err(Error::PreconditionFailed("updateIfMatchETag needs the item's etag.".into()));
             }
             _ => None,
         };
         if mode == "delete" {
             return self.delete(group, id, if_match).await;
         }
-        let parse_err = |e: serde_json::Error| ServerError::malformed(format!("The item is not valid: {e}"));
+        let parse_err = |e: serde_json::Error| Error::malformed(format!("The item is not valid: {e}"));
         if group {
             let g: EnrollmentGroup = serde_json::from_value(item.clone()).map_err(parse_err)?;
             self.put_group(id, g, if_match).await.map(|_| ())
@@ -545,7 +578,7 @@ impl ServiceApi {
         query: Option<&str>,
         page_size: Option<u32>,
         continuation: Option<&str>,
-    ) -> Result<QueryPage, ServerError> {
+    ) -> Result<QueryPage, Error> {
         if let Some(q) = query {
             check_query(q)?;
         }
@@ -556,28 +589,34 @@ impl ServiceApi {
                 base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, c)
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        ServerError::invalid("The x-ms-continuation token is not one this server issued.")
-                    })?,
+                    .ok_or_else(|| Error::invalid("The x-ms-continuation token is not one this server issued."))?,
             ),
         };
         // One extra row tells whether another page exists.
         let mut docs = match target {
-            QueryTarget::Enrollments => self.store.list(Collection::Enrollments, after.as_deref(), size + 1).await?,
+            QueryTarget::Enrollments => {
+                self.store.list(Collection::Enrollments, after.as_deref(), size + 1).await.or_internal()?
+            }
             QueryTarget::EnrollmentGroups => {
-                self.store.list(Collection::EnrollmentGroups, after.as_deref(), size + 1).await?
+                self.store.list(Collection::EnrollmentGroups, after.as_deref(), size + 1).await.or_internal()?
             }
             QueryTarget::GroupRegistrations(g) => {
                 let g = EnrollmentGroupId::parse(g)?;
-                if self.store.get(Collection::EnrollmentGroups, g.key()).await?.is_none() && after.is_none() {
+                if self.store.get(Collection::EnrollmentGroups, g.key()).await.or_internal()?.is_none()
+                    && after.is_none()
+                {
                     // Orphaned records of a deleted group are still listed, as in DPS; an id
                     // that never had any is reported as unknown.
-                    let any = self.store.list_by_tag(Collection::Registrations, g.key(), None, 1).await?;
+                    let any =
+                        self.store.list_by_tag(Collection::Registrations, g.key(), None, 1).await.or_internal()?;
                     if any.is_empty() {
                         return Err(Self::not_found(true, g.as_str()));
                     }
                 }
-                self.store.list_by_tag(Collection::Registrations, g.key(), after.as_deref(), size + 1).await?
+                self.store
+                    .list_by_tag(Collection::Registrations, g.key(), after.as_deref(), size + 1)
+                    .await
+                    .or_internal()?
             }
         };
         let more = docs.len() > size as usize;
@@ -588,8 +627,7 @@ impl ServiceApi {
         } else {
             None
         };
-        let to_value =
-            |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| ServerError::Internal(e.to_string()));
+        let to_value = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| Error::Internal(e.to_string()));
         let mut items = Vec::with_capacity(docs.len());
         for d in &docs {
             items.push(match target {
@@ -614,11 +652,13 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404 if the device has no registration state.
-    pub async fn get_registration(&self, id: &str) -> Result<DeviceRegistrationState, ServerError> {
+    pub async fn get_registration(&self, id: &str) -> Result<DeviceRegistrationState, Error> {
         let id = RegistrationId::parse(id)?;
-        let doc = self.store.get(Collection::Registrations, id.key()).await?.ok_or_else(|| ServerError::NotFound {
-            code: codes::REGISTRATION_NOT_FOUND,
-            message: format!("Registration '{id}' was not found."),
+        let doc = self.store.get(Collection::Registrations, id.key()).await.or_internal()?.ok_or_else(|| {
+            Error::NotFound {
+                code: codes::REGISTRATION_NOT_FOUND,
+                message: format!("Registration '{id}' was not found."),
+            }
         })?;
         Ok(model::registration_state_to_wire(&model::record_from_body(&doc.body)?, &doc.etag))
     }
@@ -627,18 +667,13 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404, 412.
-    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), ServerError> {
+    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), Error> {
         let id = RegistrationId::parse(id)?;
         let etag = delete_condition(if_match);
-        self.store.delete(Collection::Registrations, id.key(), etag).await.map_err(|e| match e {
-            StoreError::NotFound => ServerError::NotFound {
-                code: codes::REGISTRATION_NOT_FOUND,
-                message: format!("Registration '{id}' was not found."),
-            },
-            StoreError::PreconditionFailed => ServerError::PreconditionFailed(format!(
-                "Registration '{id}' has changed: the If-Match etag does not match."
-            )),
-            other => other.into(),
+        self.store.delete(Collection::Registrations, id.key(), etag).await.about(&Resource {
+            kind: "Registration",
+            id: id.as_str(),
+            not_found_code: codes::REGISTRATION_NOT_FOUND,
         })
     }
 
@@ -646,8 +681,8 @@ impl ServiceApi {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn list_policies(&self) -> Result<Vec<SharedAccessPolicy>, ServerError> {
-        let docs = self.store.list(Collection::Policies, None, 1000).await?;
+    pub async fn list_policies(&self) -> Result<Vec<SharedAccessPolicy>, Error> {
+        let docs = self.store.list(Collection::Policies, None, 1000).await.or_internal()?;
         docs.iter().map(|d| Ok(policy_to_wire(&parse_policy(&d.body)?))).collect()
     }
 
@@ -655,13 +690,14 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404.
-    pub async fn get_policy(&self, name: &str) -> Result<SharedAccessPolicy, ServerError> {
+    pub async fn get_policy(&self, name: &str) -> Result<SharedAccessPolicy, Error> {
         check_policy_name(name)?;
         let doc = self
             .store
             .get(Collection::Policies, &name.to_ascii_lowercase())
-            .await?
-            .ok_or_else(|| policy_not_found(name))?;
+            .await
+            .or_internal()?
+            .ok_or_else(|| policy(name).not_found())?;
         Ok(policy_to_wire(&parse_policy(&doc.body)?))
     }
 
@@ -671,20 +707,20 @@ impl ServiceApi {
     /// # Errors
     /// 400 for an unknown right or a bad key; 400 when the change would leave no policy
     /// with `ServiceConfig`.
-    pub async fn put_policy(&self, name: &str, body: SharedAccessPolicy) -> Result<SharedAccessPolicy, ServerError> {
+    pub async fn put_policy(&self, name: &str, body: SharedAccessPolicy) -> Result<SharedAccessPolicy, Error> {
         check_policy_name(name)?;
         if !body.key_name.is_empty() && !body.key_name.eq_ignore_ascii_case(name) {
-            return Err(ServerError::invalid("The body's keyName does not match the name in the path."));
+            return Err(Error::invalid("The body's keyName does not match the name in the path."));
         }
         let rights = normalize_rights(&body.rights)?;
-        let existing = match self.store.get(Collection::Policies, &name.to_ascii_lowercase()).await? {
+        let existing = match self.store.get(Collection::Policies, &name.to_ascii_lowercase()).await.or_internal()? {
             Some(d) => Some(parse_policy(&d.body)?),
             None => None,
         };
-        let key = |given: Option<String>, old: Option<&String>, field: &str| -> Result<String, ServerError> {
+        let key = |given: Option<String>, old: Option<&String>, field: &str| -> Result<String, Error> {
             match given.filter(|k| !k.trim().is_empty()) {
                 Some(k) => {
-                    provisio_core::keys::decode_key(&k).map_err(|e| ServerError::invalid(format!("{field}: {e}")))?;
+                    provisio_core::keys::decode_key(&k).map_err(|e| Error::invalid(format!("{field}: {e}")))?;
                     Ok(k.trim().to_owned())
                 }
                 None => Ok(old.cloned().unwrap_or_else(provisio_core::keys::generate_key)),
@@ -699,8 +735,11 @@ impl ServiceApi {
         if !policy.rights.contains("ServiceConfig") {
             self.ensure_other_admin(name).await?;
         }
-        let body = serde_json::to_string(&policy).map_err(|e| ServerError::Internal(e.to_string()))?;
-        self.store.put(Collection::Policies, &name.to_ascii_lowercase(), &body, Precondition::Any).await?;
+        let body = serde_json::to_string(&policy).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(Collection::Policies, &name.to_ascii_lowercase(), &body, Precondition::Any)
+            .await
+            .or_internal()?;
         tracing::info!(policy = name, rights = %policy.rights, "shared access policy written");
         Ok(policy_to_wire(&policy))
     }
@@ -709,13 +748,10 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404; 400 when it is the last policy with `ServiceConfig`.
-    pub async fn delete_policy(&self, name: &str) -> Result<(), ServerError> {
+    pub async fn delete_policy(&self, name: &str) -> Result<(), Error> {
         check_policy_name(name)?;
         self.ensure_other_admin(name).await?;
-        self.store.delete(Collection::Policies, &name.to_ascii_lowercase(), None).await.map_err(|e| match e {
-            StoreError::NotFound => policy_not_found(name),
-            other => other.into(),
-        })?;
+        self.store.delete(Collection::Policies, &name.to_ascii_lowercase(), None).await.about(&policy(name))?;
         tracing::info!(policy = name, "shared access policy removed");
         Ok(())
     }
@@ -724,36 +760,32 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404; 400 for an unknown key type.
-    pub async fn regenerate_policy_key(&self, name: &str, key_type: &str) -> Result<SharedAccessPolicy, ServerError> {
+    pub async fn regenerate_policy_key(&self, name: &str, key_type: &str) -> Result<SharedAccessPolicy, Error> {
         check_policy_name(name)?;
         let doc = self
             .store
             .get(Collection::Policies, &name.to_ascii_lowercase())
-            .await?
-            .ok_or_else(|| policy_not_found(name))?;
+            .await
+            .or_internal()?
+            .ok_or_else(|| policy(name).not_found())?;
         let mut p = parse_policy(&doc.body)?;
         match key_type.to_ascii_lowercase().as_str() {
             "primary" => p.primary_key = provisio_core::keys::generate_key(),
             "secondary" => p.secondary_key = provisio_core::keys::generate_key(),
-            _ => return Err(ServerError::invalid("keyType must be 'primary' or 'secondary'.")),
+            _ => return Err(Error::invalid("keyType must be 'primary' or 'secondary'.")),
         }
-        let body = serde_json::to_string(&p).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let body = serde_json::to_string(&p).map_err(|e| Error::Internal(e.to_string()))?;
         self.store
             .put(Collection::Policies, &name.to_ascii_lowercase(), &body, Precondition::IfMatch(doc.etag))
             .await
-            .map_err(|e| match e {
-                StoreError::PreconditionFailed => {
-                    ServerError::PreconditionFailed(format!("Policy '{name}' changed meanwhile; retry."))
-                }
-                other => other.into(),
-            })?;
+            .about(&policy(name))?;
         tracing::info!(policy = name, key_type, "shared access policy key regenerated");
         Ok(policy_to_wire(&p))
     }
 
     /// Refuses a change that would leave no policy with `ServiceConfig` besides `name`.
-    async fn ensure_other_admin(&self, name: &str) -> Result<(), ServerError> {
-        let others = self.store.list(Collection::Policies, None, 1000).await?;
+    async fn ensure_other_admin(&self, name: &str) -> Result<(), Error> {
+        let others = self.store.list(Collection::Policies, None, 1000).await.or_internal()?;
         let has_admin = others
             .iter()
             .filter(|d| !d.id.eq_ignore_ascii_case(name))
@@ -761,7 +793,7 @@ impl ServiceApi {
         if has_admin {
             Ok(())
         } else {
-            Err(ServerError::invalid(format!(
+            Err(Error::invalid(format!(
                 "Policy '{name}' is the last one with ServiceConfig; removing that right would lock every operator out."
             )))
         }
@@ -771,26 +803,26 @@ impl ServiceApi {
     ///
     /// # Errors
     /// 404 if nothing was refused for this id.
-    pub async fn audit(&self, id: &str) -> Result<serde_json::Value, ServerError> {
+    pub async fn audit(&self, id: &str) -> Result<serde_json::Value, Error> {
         let id = RegistrationId::parse(id)?;
-        let doc = self.store.get(Collection::Audit, id.key()).await?.ok_or_else(|| ServerError::NotFound {
+        let doc = self.store.get(Collection::Audit, id.key()).await.or_internal()?.ok_or_else(|| Error::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("No refused attestation is recorded for '{id}'."),
         })?;
-        serde_json::from_str(&doc.body)
-            .map_err(|e| ServerError::Internal(format!("stored audit record is corrupt: {e}")))
+        serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored audit record is corrupt: {e}")))
     }
 
     /// `GET /enrollmentGroups/{id}`: keys stripped.
     ///
     /// # Errors
     /// 404 if absent.
-    pub async fn get_group(&self, id: &str) -> Result<EnrollmentGroup, ServerError> {
+    pub async fn get_group(&self, id: &str) -> Result<EnrollmentGroup, Error> {
         let id = EnrollmentGroupId::parse(id)?;
         let doc = self
             .store
             .get(Collection::EnrollmentGroups, id.key())
-            .await?
+            .await
+            .or_internal()?
             .ok_or_else(|| Self::not_found(true, id.as_str()))?;
         Ok(model::group_to_wire(&model::group_from_doc(&doc)?, &doc.etag, false))
     }
@@ -810,13 +842,13 @@ pub const ALL_RIGHTS: &[&str] = &[
 ///
 /// # Errors
 /// 400 for an unknown right or an empty list.
-pub fn normalize_rights(rights: &str) -> Result<String, ServerError> {
+pub fn normalize_rights(rights: &str) -> Result<String, Error> {
     let mut out: Vec<&str> = Vec::new();
     for r in rights.split(',').map(str::trim).filter(|r| !r.is_empty()) {
         let Some(canon) = ALL_RIGHTS.iter().find(|k| k.eq_ignore_ascii_case(r)) else {
-            return Err(ServerError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "Unknown right '{}'; rights are {}.",
-                crate::engine::shorten(r),
+                shorten(r),
                 ALL_RIGHTS.join(", ")
             )));
         };
@@ -825,7 +857,7 @@ pub fn normalize_rights(rights: &str) -> Result<String, ServerError> {
         }
     }
     if out.is_empty() {
-        return Err(ServerError::invalid(format!("A policy needs at least one right: {}.", ALL_RIGHTS.join(", "))));
+        return Err(Error::invalid(format!("A policy needs at least one right: {}.", ALL_RIGHTS.join(", "))));
     }
     Ok(out.join(", "))
 }
@@ -834,22 +866,22 @@ pub fn normalize_rights(rights: &str) -> Result<String, ServerError> {
 ///
 /// # Errors
 /// If the name breaks the rule.
-pub fn check_policy_name(name: &str) -> Result<(), ServerError> {
+pub fn check_policy_name(name: &str) -> Result<(), Error> {
     if !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
     {
         Ok(())
     } else {
-        Err(ServerError::invalid(format!(
+        Err(Error::invalid(format!(
             "Invalid policy name '{}': use 1 to 64 letters, digits, '-', '.' or '_'.",
-            crate::engine::shorten(name)
+            shorten(name)
         )))
     }
 }
 
-fn parse_policy(body: &str) -> Result<Policy, ServerError> {
-    serde_json::from_str(body).map_err(|e| ServerError::Internal(format!("stored policy is corrupt: {e}")))
+fn parse_policy(body: &str) -> Result<Policy, Error> {
+    serde_json::from_str(body).map_err(|e| Error::Internal(format!("stored policy is corrupt: {e}")))
 }
 
 fn policy_to_wire(p: &Policy) -> SharedAccessPolicy {
@@ -861,6 +893,6 @@ fn policy_to_wire(p: &Policy) -> SharedAccessPolicy {
     }
 }
 
-fn policy_not_found(name: &str) -> ServerError {
-    ServerError::NotFound { code: codes::NOT_FOUND, message: format!("Shared access policy '{name}' was not found.") }
+fn policy(name: &str) -> Resource<'_> {
+    Resource { kind: "Shared access policy", id: name, not_found_code: codes::NOT_FOUND }
 }

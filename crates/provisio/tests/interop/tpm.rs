@@ -443,11 +443,11 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
     );
     let swtpm = tpm.port.to_string();
     let env = [("ATTESTATION", "tpm"), ("SWTPM_PORT", swtpm.as_str())];
-    let printed = crate::interop::node_output(&s, "node-tpm-1", &[env[0], env[1], ("TPM_PRINT_EK", "1")]);
+    let printed = crate::sdk::node_output(&s, "node-tpm-1", &[env[0], env[1], ("TPM_PRINT_EK", "1")]);
     let ek = printed["endorsementKey"].as_str().unwrap().to_owned();
     enroll_tpm(&s, "node-tpm-1", Some("node-tpm-dev"), &ek).await;
     // The SDK's TPM path hands back the whole operation status.
-    let out = crate::interop::node_output(&s, "node-tpm-1", &env)["result"].clone();
+    let out = crate::sdk::node_output(&s, "node-tpm-1", &env)["result"].clone();
     assert_eq!(out["status"], "assigned", "{out}");
     let r = out["registrationState"].clone();
     assert_eq!(r["status"], "assigned", "{r}");
@@ -459,7 +459,7 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
     // challenge frames, the SAS token in the last response), then the register message.
     let amqp = s.info.amqp_endpoint.clone().unwrap();
     let amqp_env = [env[0], env[1], ("TRANSPORT", "amqp"), ("PROVISIO_HOST", amqp.as_str())];
-    let out = crate::interop::node_output(&s, "node-tpm-1", &amqp_env)["result"].clone();
+    let out = crate::sdk::node_output(&s, "node-tpm-1", &amqp_env)["result"].clone();
     let r = if out.get("registrationState").is_some() { out["registrationState"].clone() } else { out };
     assert_eq!(r["status"], "assigned", "{r}");
     assert_eq!(r["assignedHub"], "node-tpm-hub.example.net", "{r}");
@@ -497,16 +497,7 @@ async fn stock_node_tpm_client_registers_over_https_and_amqp() {
 
 /// Runs the Node harness for a registration that must fail; returns its JSON line.
 fn node_failure(s: &Server, registration_id: &str, env: &[(&str, &str)]) -> Value {
-    let out = Command::new("node")
-        .arg(crate::common::repo_root().join("interop/node/register.js"))
-        .env("ID_SCOPE", &s.info.id_scope)
-        .env("REGISTRATION_ID", registration_id)
-        .envs(env.iter().copied())
-        .env("NODE_EXTRA_CA_CERTS", s.ca_file())
-        .env("REGISTER_TIMEOUT_MS", "20000")
-        .output()
-        .unwrap();
-    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    crate::node::register(s, "http", "localhost", registration_id, env)
 }
 
 fn provisio_device(args: &[&str]) -> std::process::Output {
@@ -528,6 +519,7 @@ fn device_tpm_options_say_how_to_build_them() {
 #[cfg(feature = "tpm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisio_device_registers_with_a_tpm() {
+    use crate::common::Instance;
     let tpm = SoftTpm::start();
     let tcti = tpm.tcti.clone();
     let out = provisio_device(&["tpm-ek", "--tpm", &tcti]);

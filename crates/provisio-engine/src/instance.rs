@@ -12,7 +12,7 @@ use provisio_store::{Collection, Precondition, Store};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{ServerConfig, ServerError};
+use crate::SetupError;
 
 /// Name of the policy every new instance gets.
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
@@ -103,12 +103,27 @@ pub struct Instance {
     pub local_ca: bool,
 }
 
-fn json<T: Serialize>(v: &T) -> Result<String, ServerError> {
-    serde_json::to_string(v).map_err(|e| ServerError::Internal(e.to_string()))
+/// What the instance is started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSettings {
+    /// Where `ca.pem` is written for clients to trust.
+    pub data_dir: PathBuf,
+    /// Host names and IP addresses the server certificate covers; the first is the one
+    /// printed in the endpoint and the service connection string.
+    pub hostnames: Vec<String>,
+    /// An operator's certificate chain and key (PEM files) to serve instead of one issued
+    /// by the local CA.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// The configured HTTPS port (the endpoint printed before the listener is bound).
+    pub https_port: u16,
 }
 
-fn parse<T: for<'a> Deserialize<'a>>(what: &str, s: &str) -> Result<T, ServerError> {
-    serde_json::from_str(s).map_err(|e| ServerError::Internal(format!("stored {what} is corrupt: {e}")))
+fn json<T: Serialize>(what: &'static str, v: &T) -> Result<String, SetupError> {
+    serde_json::to_string(v).map_err(|e| SetupError::Corrupt { what, detail: e.to_string() })
+}
+
+fn parse<T: for<'a> Deserialize<'a>>(what: &'static str, s: &str) -> Result<T, SetupError> {
+    serde_json::from_str(s).map_err(|e| SetupError::Corrupt { what, detail: e.to_string() })
 }
 
 fn random4() -> [u8; 4] {
@@ -119,37 +134,43 @@ fn random4() -> [u8; 4] {
 ///
 /// # Errors
 /// If the store fails, a TLS file cannot be read or the CA cannot be written.
-pub async fn load_or_init(store: &dyn Store, config: &ServerConfig) -> Result<Instance, ServerError> {
-    let fresh = || -> Result<String, ServerError> {
+pub async fn load_or_init(store: &dyn Store, config: &InstanceSettings) -> Result<Instance, SetupError> {
+    let fresh = || -> Result<String, SetupError> {
         let scope = IdScope::generate(random4());
-        let ca = provisio_pki::generate_ca(&format!("Provisio CA {scope}"))
-            .map_err(|e| ServerError::Internal(e.to_string()))?;
-        json(&Identity {
-            id_scope: scope.to_string(),
-            ca_cert_pem: ca.cert_pem,
-            ca_key_pem: ca.key_pem,
-            created: timefmt::now(),
-        })
+        let ca =
+            provisio_pki::generate_ca(&format!("Provisio CA {scope}")).map_err(|e| SetupError::Pki(e.to_string()))?;
+        json(
+            "identity",
+            &Identity {
+                id_scope: scope.to_string(),
+                ca_cert_pem: ca.cert_pem,
+                ca_key_pem: ca.key_pem,
+                created: timefmt::now(),
+            },
+        )
     };
     // insert_if_absent: two nodes starting together on one database agree on one identity.
     let identity: Identity =
         parse("identity", &store.insert_if_absent(Collection::Meta, "identity", &fresh()?).await?.body)?;
-    let scope = IdScope::parse(&identity.id_scope)?;
+    let scope = IdScope::parse(&identity.id_scope)
+        .map_err(|e| SetupError::Corrupt { what: "identity", detail: e.to_string() })?;
 
-    let owner = json(&Policy {
-        key_name: OWNER_POLICY.into(),
-        primary_key: keys::generate_key(),
-        secondary_key: keys::generate_key(),
-        rights: "ServiceConfig, DeviceConnect, EnrollmentWrite".into(),
-    })?;
+    let owner = json(
+        "policy",
+        &Policy {
+            key_name: OWNER_POLICY.into(),
+            primary_key: keys::generate_key(),
+            secondary_key: keys::generate_key(),
+            rights: "ServiceConfig, DeviceConnect, EnrollmentWrite".into(),
+        },
+    )?;
     let owner: Policy =
         parse("policy", &store.insert_if_absent(Collection::Policies, OWNER_POLICY, &owner).await?.body)?;
 
     let ca = CertAndKey { cert_pem: identity.ca_cert_pem.clone(), key_pem: identity.ca_key_pem.clone() };
-    let (tls, local_ca) = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => (CertAndKey { cert_pem: read(cert).await?, key_pem: read(key).await? }, false),
-        (None, None) => (server_cert(store, &ca, &config.effective_hostnames()).await?, true),
-        _ => return Err(ServerError::invalid("--tls-cert and --tls-key must be given together")),
+    let (tls, local_ca) = match &config.tls_files {
+        Some((cert, key)) => (CertAndKey { cert_pem: read(cert).await?, key_pem: read(key).await? }, false),
+        None => (server_cert(store, &ca, &config.hostnames).await?, true),
     };
     if local_ca {
         write_ca(&config.data_dir, &identity.ca_cert_pem).await?;
@@ -157,15 +178,17 @@ pub async fn load_or_init(store: &dyn Store, config: &ServerConfig) -> Result<In
     Ok(Instance { identity, scope, owner, tls, local_ca })
 }
 
-async fn read(path: &Path) -> Result<String, ServerError> {
-    tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| ServerError::invalid(format!("cannot read {}: {e}", path.display())))
+async fn read(path: &Path) -> Result<String, SetupError> {
+    tokio::fs::read_to_string(path).await.map_err(|source| SetupError::File {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Reuses the stored server certificate while it covers `hostnames` and has more than
 /// 30 days left; otherwise issues a new one from the local CA.
-async fn server_cert(store: &dyn Store, ca: &CertAndKey, hostnames: &[String]) -> Result<CertAndKey, ServerError> {
+async fn server_cert(store: &dyn Store, ca: &CertAndKey, hostnames: &[String]) -> Result<CertAndKey, SetupError> {
     if let Some(doc) = store.get(Collection::Meta, "serverCert").await? {
         let stored: ServerCert = parse("server certificate", &doc.body)?;
         let fresh_enough = provisio_pki::summarize(&stored.cert_pem)
@@ -174,35 +197,36 @@ async fn server_cert(store: &dyn Store, ca: &CertAndKey, hostnames: &[String]) -
             return Ok(CertAndKey { cert_pem: stored.cert_pem, key_pem: stored.key_pem });
         }
     }
-    let issued = provisio_pki::issue_server_cert(ca, hostnames).map_err(|e| ServerError::invalid(e.to_string()))?;
+    let issued = provisio_pki::issue_server_cert(ca, hostnames).map_err(|e| SetupError::Config(e.to_string()))?;
     let stored = ServerCert {
         hostnames: hostnames.to_vec(),
         cert_pem: issued.cert_pem.clone(),
         key_pem: issued.key_pem.clone(),
     };
-    store.put(Collection::Meta, "serverCert", &json(&stored)?, Precondition::Any).await?;
+    store.put(Collection::Meta, "serverCert", &json("server certificate", &stored)?, Precondition::Any).await?;
     // Serve the chain, so clients that trust only the CA can build the path.
     Ok(CertAndKey { cert_pem: format!("{}{}", issued.cert_pem, ca.cert_pem), key_pem: issued.key_pem })
 }
 
-async fn write_ca(dir: &Path, pem: &str) -> Result<(), ServerError> {
+async fn write_ca(dir: &Path, pem: &str) -> Result<(), SetupError> {
     let path = dir.join("ca.pem");
     if tokio::fs::read_to_string(&path).await.is_ok_and(|s| s == pem) {
         return Ok(());
     }
     let tmp = dir.join("ca.pem.tmp");
-    tokio::fs::write(&tmp, pem)
-        .await
-        .and(tokio::fs::rename(&tmp, &path).await)
-        .map_err(|e| ServerError::Internal(format!("cannot write {}: {e}", path.display())))
+    tokio::fs::write(&tmp, pem).await.and(tokio::fs::rename(&tmp, &path).await).map_err(|source| SetupError::File {
+        action: "write",
+        path: path.clone(),
+        source,
+    })
 }
 
 /// Records where this instance is served, for `provisio info`.
 ///
 /// # Errors
 /// If the store fails.
-pub async fn record_endpoint(store: &dyn Store, endpoint: &Endpoint) -> Result<(), ServerError> {
-    store.put(Collection::Meta, "endpoint", &json(endpoint)?, Precondition::Any).await?;
+pub async fn record_endpoint(store: &dyn Store, endpoint: &Endpoint) -> Result<(), SetupError> {
+    store.put(Collection::Meta, "endpoint", &json("endpoint", endpoint)?, Precondition::Any).await?;
     Ok(())
 }
 
@@ -210,7 +234,7 @@ pub async fn record_endpoint(store: &dyn Store, endpoint: &Endpoint) -> Result<(
 ///
 /// # Errors
 /// If the instance was never initialised or the store fails.
-pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Option<InstanceInfo>, ServerError> {
+pub async fn read_info(store: &dyn Store, config: &InstanceSettings) -> Result<Option<InstanceInfo>, SetupError> {
     let Some(identity) = store.get(Collection::Meta, "identity").await? else {
         return Ok(None);
     };
@@ -224,7 +248,7 @@ pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Optio
         None => default_endpoint(config),
     };
     let ca_file = config.data_dir.join("ca.pem");
-    let local_ca = config.tls_cert.is_none() && tokio::fs::metadata(&ca_file).await.is_ok();
+    let local_ca = config.tls_files.is_none() && tokio::fs::metadata(&ca_file).await.is_ok();
     Ok(Some(info(
         &identity.id_scope,
         &owner,
@@ -236,11 +260,10 @@ pub async fn read_info(store: &dyn Store, config: &ServerConfig) -> Result<Optio
 
 /// The endpoint implied by the configuration.
 #[must_use]
-pub fn default_endpoint(config: &ServerConfig) -> Endpoint {
-    let port = config.https_listen.parse::<std::net::SocketAddr>().map_or(8443, |a| a.port());
+pub fn default_endpoint(config: &InstanceSettings) -> Endpoint {
     Endpoint {
-        hostname: config.effective_hostnames().into_iter().next().unwrap_or_else(|| "localhost".into()),
-        https_port: port,
+        hostname: config.hostnames.first().cloned().unwrap_or_else(|| "localhost".into()),
+        https_port: config.https_port,
     }
 }
 

@@ -1,15 +1,19 @@
-//! Conversions between the service API's wire shapes and the stored model.
+//! Conversions between the wire shapes (device and service API) and the stored model.
 
 use provisio_core::{
     ids::{EnrollmentGroupId, RegistrationId, check_device_id},
     keys,
     model::{
-        Attestation, CertInfo, CustomAllocation, Enrollment, EnrollmentGroup, EnrollmentSettings, PrimarySecondary,
-        RegistrationRecord, ReprovisionPolicy, StoredCert, Substatus, X509Attestation,
+        Attestation, CertInfo, CustomAllocation, Enrollment, EnrollmentGroup, EnrollmentSettings, EnrollmentSource,
+        Outcome, PrimarySecondary, RegistrationRecord, ReprovisionPolicy, StoredCert, Substatus, X509Attestation,
     },
+    text::shorten,
 };
 use provisio_proto::{
-    device,
+    device::{
+        self, DeviceRegistrationResult, RegistrationStatus, SymmetricKeyRegistrationResult, X509RegistrationResult,
+    },
+    error::codes,
     service::{
         self as wire, AttestationMechanism, DeviceCapabilities, DeviceRegistrationState, ProvisioningStatus,
         SymmetricKeyAttestation, X509CaReferences, X509CertificateInfo, X509CertificateWithInfo, X509Certificates,
@@ -17,17 +21,17 @@ use provisio_proto::{
 };
 use provisio_store::Document;
 
-use crate::{ServerError, engine};
+use crate::Error;
 
-fn corrupt(what: &str, e: &serde_json::Error) -> ServerError {
-    ServerError::Internal(format!("stored {what} is corrupt: {e}"))
+fn corrupt(what: &str, e: &serde_json::Error) -> Error {
+    Error::Internal(format!("stored {what} is corrupt: {e}"))
 }
 
 /// Reads a stored enrollment.
 ///
 /// # Errors
 /// If the body is corrupt.
-pub fn enrollment_from_doc(doc: &Document) -> Result<Enrollment, ServerError> {
+pub fn enrollment_from_doc(doc: &Document) -> Result<Enrollment, Error> {
     serde_json::from_str(&doc.body).map_err(|e| corrupt("enrollment", &e))
 }
 
@@ -35,7 +39,7 @@ pub fn enrollment_from_doc(doc: &Document) -> Result<Enrollment, ServerError> {
 ///
 /// # Errors
 /// If the body is corrupt.
-pub fn group_from_doc(doc: &Document) -> Result<EnrollmentGroup, ServerError> {
+pub fn group_from_doc(doc: &Document) -> Result<EnrollmentGroup, Error> {
     serde_json::from_str(&doc.body).map_err(|e| corrupt("enrollment group", &e))
 }
 
@@ -43,7 +47,7 @@ pub fn group_from_doc(doc: &Document) -> Result<EnrollmentGroup, ServerError> {
 ///
 /// # Errors
 /// If the body is corrupt.
-pub fn record_from_body(body: &str) -> Result<RegistrationRecord, ServerError> {
+pub fn record_from_body(body: &str) -> Result<RegistrationRecord, Error> {
     serde_json::from_str(body).map_err(|e| corrupt("registration record", &e))
 }
 
@@ -51,8 +55,8 @@ pub fn record_from_body(body: &str) -> Result<RegistrationRecord, ServerError> {
 ///
 /// # Errors
 /// Never in practice (the model has only string keys).
-pub fn to_body<T: serde::Serialize>(v: &T) -> Result<String, ServerError> {
-    serde_json::to_string(v).map_err(|e| ServerError::Internal(e.to_string()))
+pub fn to_body<T: serde::Serialize>(v: &T) -> Result<String, Error> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Wire substatus of a model substatus.
@@ -88,19 +92,19 @@ fn cert_slot(
     existing: Option<&StoredCert>,
     field: &str,
     must_be_ca: bool,
-) -> Result<Option<StoredCert>, ServerError> {
+) -> Result<Option<StoredCert>, Error> {
     let Some(slot) = slot else { return Ok(None) };
     match (&slot.certificate, existing) {
         (Some(text), _) => {
             let der = provisio_pki::x509::decode_cert_text(text)
-                .map_err(|e| ServerError::invalid(format!("attestation.x509.{field}.certificate: {e}")))?;
+                .map_err(|e| Error::invalid(format!("attestation.x509.{field}.certificate: {e}")))?;
             if must_be_ca && !provisio_pki::x509::is_ca(&der).unwrap_or(false) {
-                return Err(ServerError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "attestation.x509.{field}.certificate is not a CA certificate (basic constraints lack CA:TRUE); \
                      a group's signing certificate must be a root or intermediate CA."
                 )));
             }
-            let info = provisio_pki::x509::cert_info(&der).map_err(|e| ServerError::invalid(e.to_string()))?;
+            let info = provisio_pki::x509::cert_info(&der).map_err(|e| Error::invalid(e.to_string()))?;
             Ok(Some(StoredCert {
                 der_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der),
                 info,
@@ -108,7 +112,7 @@ fn cert_slot(
         }
         (None, Some(kept)) if slot.info.is_some() => Ok(Some(kept.clone())),
         (None, _) => {
-            Err(ServerError::invalid(format!("attestation.x509.{field} needs a 'certificate' (PEM or base64 DER).")))
+            Err(Error::invalid(format!("attestation.x509.{field} needs a 'certificate' (PEM or base64 DER).")))
         }
     }
 }
@@ -118,7 +122,7 @@ fn cert_pair(
     existing: Option<&PrimarySecondary<StoredCert>>,
     field: &str,
     must_be_ca: bool,
-) -> Result<PrimarySecondary<StoredCert>, ServerError> {
+) -> Result<PrimarySecondary<StoredCert>, Error> {
     let pair = PrimarySecondary {
         primary: cert_slot(
             w.primary.as_ref(),
@@ -134,30 +138,26 @@ fn cert_pair(
         )?,
     };
     if pair.primary.is_none() {
-        return Err(ServerError::invalid(format!("attestation.x509.{field}.primary is required.")));
+        return Err(Error::invalid(format!("attestation.x509.{field}.primary is required.")));
     }
     Ok(pair)
 }
 
-fn x509_from_wire(
-    a: &AttestationMechanism,
-    existing: Option<&Attestation>,
-    group: bool,
-) -> Result<Attestation, ServerError> {
-    let x = a.x509.clone().ok_or_else(|| ServerError::invalid("attestation.x509 is required for type 'x509'."))?;
+fn x509_from_wire(a: &AttestationMechanism, existing: Option<&Attestation>, group: bool) -> Result<Attestation, Error> {
+    let x = a.x509.clone().ok_or_else(|| Error::invalid("attestation.x509 is required for type 'x509'."))?;
     let prev = match existing {
         Some(Attestation::X509(p)) => Some(p),
         _ => None,
     };
     let given = [x.client_certificates.is_some(), x.signing_certificates.is_some(), x.ca_references.is_some()];
     if given.iter().filter(|g| **g).count() != 1 {
-        return Err(ServerError::invalid(
+        return Err(Error::invalid(
             "attestation.x509 must hold exactly one of clientCertificates, signingCertificates or caReferences.",
         ));
     }
     if group {
         if x.client_certificates.is_some() {
-            return Err(ServerError::invalid(
+            return Err(Error::invalid(
                 "An enrollment group takes x509.signingCertificates or x509.caReferences, not clientCertificates.",
             ));
         }
@@ -174,7 +174,7 @@ fn x509_from_wire(
             )?)));
         }
         let refs = x.ca_references.unwrap_or_default();
-        let check = |n: &Option<String>| -> Result<Option<String>, ServerError> {
+        let check = |n: &Option<String>| -> Result<Option<String>, Error> {
             match n.as_deref().map(str::trim) {
                 None | Some("") => Ok(None),
                 Some(n) => {
@@ -185,12 +185,12 @@ fn x509_from_wire(
         };
         let pair = PrimarySecondary { primary: check(&refs.primary)?, secondary: check(&refs.secondary)? };
         if pair.primary.is_none() {
-            return Err(ServerError::invalid("attestation.x509.caReferences.primary is required."));
+            return Err(Error::invalid("attestation.x509.caReferences.primary is required."));
         }
         return Ok(Attestation::X509(X509Attestation::CaReferences(pair)));
     }
     let Some(cc) = &x.client_certificates else {
-        return Err(ServerError::invalid(
+        return Err(Error::invalid(
             "An individual enrollment takes x509.clientCertificates (the device's own certificate).",
         ));
     };
@@ -207,16 +207,16 @@ fn attestation_from_wire(
     what: &str,
     existing: Option<&Attestation>,
     group: bool,
-) -> Result<Attestation, ServerError> {
+) -> Result<Attestation, Error> {
     match a.kind.as_str() {
         "symmetricKey" => {
             let sk = a.symmetric_key.clone().unwrap_or_default();
-            let pick = |k: Option<String>, name: &str| -> Result<String, ServerError> {
+            let pick = |k: Option<String>, name: &str| -> Result<String, Error> {
                 match k.filter(|k| !k.trim().is_empty()) {
                     None => Ok(keys::generate_key()),
                     Some(k) => {
                         keys::decode_key(&k)
-                            .map_err(|e| ServerError::invalid(format!("attestation.symmetricKey.{name}: {e}")))?;
+                            .map_err(|e| Error::invalid(format!("attestation.symmetricKey.{name}: {e}")))?;
                         Ok(k.trim().to_owned())
                     }
                 }
@@ -227,20 +227,20 @@ fn attestation_from_wire(
             })
         }
         "x509" => x509_from_wire(a, existing, group),
-        "tpm" if group => Err(ServerError::invalid(
+        "tpm" if group => Err(Error::invalid(
             "Enrollment groups do not support TPM attestation (DPS offers it for individual enrollments only).",
         )),
         "tpm" => {
             let t = a.tpm.clone().unwrap_or_default();
-            let check = |k: Option<String>, name: &str, required: bool| -> Result<Option<String>, ServerError> {
+            let check = |k: Option<String>, name: &str, required: bool| -> Result<Option<String>, Error> {
                 match k.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()) {
-                    None if required => Err(ServerError::invalid(format!("attestation.tpm.{name} is required."))),
+                    None if required => Err(Error::invalid(format!("attestation.tpm.{name} is required."))),
                     None => Ok(None),
                     Some(k) => {
                         let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &k)
-                            .map_err(|_| ServerError::invalid(format!("attestation.tpm.{name} is not base64.")))?;
+                            .map_err(|_| Error::invalid(format!("attestation.tpm.{name} is not base64.")))?;
                         if bytes.len() < 2 || bytes.len() > 2048 {
-                            return Err(ServerError::invalid(format!(
+                            return Err(Error::invalid(format!(
                                 "attestation.tpm.{name} must be base64 of a marshalled TPM2B_PUBLIC (2 to 2048 bytes)."
                             )));
                         }
@@ -249,7 +249,7 @@ fn attestation_from_wire(
                         let what =
                             if required { "attestation.tpm.endorsementKey" } else { "attestation.tpm.storageRootKey" };
                         provisio_core::tpm::StorageKey::parse(&bytes, what)
-                            .map_err(|e| ServerError::invalid(e.to_string()))?;
+                            .map_err(|e| Error::invalid(e.to_string()))?;
                         Ok(Some(k))
                     }
                 }
@@ -259,12 +259,12 @@ fn attestation_from_wire(
                 storage_root_key: check(t.storage_root_key, "storageRootKey", false)?,
             })
         }
-        "none" => Err(ServerError::invalid(format!(
+        "none" => Err(Error::invalid(format!(
             "Attestation type 'none' cannot authenticate devices; use symmetricKey, x509 or tpm for {what}."
         ))),
-        other => Err(ServerError::invalid(format!(
+        other => Err(Error::invalid(format!(
             "Unknown attestation type '{}'; expected symmetricKey, x509 or tpm.",
-            engine::shorten(other)
+            shorten(other)
         ))),
     }
 }
@@ -336,25 +336,23 @@ struct WireSettings {
     custom_allocation_definition: Option<wire::CustomAllocationDefinition>,
 }
 
-fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError> {
+fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, Error> {
     use provisio_core::allocation::Policy;
     let policy = match &w.allocation_policy {
         None => None,
         Some(p) => Some(Policy::parse(p).ok_or_else(|| {
-            ServerError::invalid(format!(
+            Error::invalid(format!(
                 "allocationPolicy '{}' is not one of hashed, geoLatency, static, custom.",
-                engine::shorten(p)
+                shorten(p)
             ))
         })?),
     };
     if policy == Some(Policy::Custom) {
         let Some(def) = &w.custom_allocation_definition else {
-            return Err(ServerError::invalid(
-                "A CustomAllocationDefinition is required when allocationPolicy is custom.",
-            ));
+            return Err(Error::invalid("A CustomAllocationDefinition is required when allocationPolicy is custom."));
         };
         if !(def.webhook_url.starts_with("https://") || def.webhook_url.starts_with("http://")) {
-            return Err(ServerError::invalid("customAllocationDefinition.webhookUrl must be an http(s) URL."));
+            return Err(Error::invalid("customAllocationDefinition.webhookUrl must be an http(s) URL."));
         }
     }
     // An InitialTwin is {"tags": {…}, "properties": {"desired": {…}}}: anything but an
@@ -362,24 +360,24 @@ fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, ServerError
     if let Some(t) = &w.initial_twin {
         let obj = t.as_object().filter(|_| !t.is_null());
         match obj {
-            None if !t.is_null() => return Err(ServerError::invalid("initialTwin must be a JSON object.")),
+            None if !t.is_null() => return Err(Error::invalid("initialTwin must be a JSON object.")),
             Some(o) => {
                 for (k, v) in o {
                     if matches!(k.as_str(), "tags" | "properties") && !(v.is_object() || v.is_null()) {
-                        return Err(ServerError::invalid(format!("initialTwin.{k} must be a JSON object.")));
+                        return Err(Error::invalid(format!("initialTwin.{k} must be a JSON object.")));
                     }
                 }
                 if let Some(d) = o.get("properties").and_then(|p| p.get("desired"))
                     && !(d.is_object() || d.is_null())
                 {
-                    return Err(ServerError::invalid("initialTwin.properties.desired must be a JSON object."));
+                    return Err(Error::invalid("initialTwin.properties.desired must be a JSON object."));
                 }
             }
             None => {}
         }
     }
     if policy == Some(Policy::Static) && w.iot_hubs.as_ref().is_some_and(|h| h.len() > 1) {
-        return Err(ServerError::invalid("A static allocation policy takes exactly one hub in iotHubs."));
+        return Err(Error::invalid("A static allocation policy takes exactly one hub in iotHubs."));
     }
     Ok(EnrollmentSettings {
         enabled: w.provisioning_status.unwrap_or_default() == ProvisioningStatus::Enabled,
@@ -426,12 +424,12 @@ pub fn enrollment_from_wire(
     w: wire::IndividualEnrollment,
     existing: Option<&Enrollment>,
     now: &str,
-) -> Result<Enrollment, ServerError> {
+) -> Result<Enrollment, Error> {
     let created = existing.map(|e| e.created.clone());
     if !w.registration_id.eq_ignore_ascii_case(path_id.as_str()) {
-        return Err(ServerError::invalid(format!(
+        return Err(Error::invalid(format!(
             "The body's registrationId '{}' does not match '{path_id}' in the path.",
-            engine::shorten(&w.registration_id)
+            shorten(&w.registration_id)
         )));
     }
     if let Some(d) = &w.device_id {
@@ -500,12 +498,12 @@ pub fn group_from_wire(
     w: wire::EnrollmentGroup,
     existing: Option<&EnrollmentGroup>,
     now: &str,
-) -> Result<EnrollmentGroup, ServerError> {
+) -> Result<EnrollmentGroup, Error> {
     let created = existing.map(|g| g.created.clone());
     if !w.enrollment_group_id.eq_ignore_ascii_case(path_id.as_str()) {
-        return Err(ServerError::invalid(format!(
+        return Err(Error::invalid(format!(
             "The body's enrollmentGroupId '{}' does not match '{}' in the path.",
-            engine::shorten(&w.enrollment_group_id),
+            shorten(&w.enrollment_group_id),
             path_id.as_str()
         )));
     }
@@ -556,7 +554,7 @@ pub fn group_to_wire(g: &EnrollmentGroup, etag: &str, with_secrets: bool) -> wir
 /// The service API's view of a registration record.
 #[must_use]
 pub fn registration_state_to_wire(r: &RegistrationRecord, etag: &str) -> DeviceRegistrationState {
-    let d = engine::device_result(r, etag);
+    let d = device_result(r, etag);
     DeviceRegistrationState {
         registration_id: d.registration_id,
         created_date_time_utc: d.created_date_time_utc,
@@ -571,4 +569,59 @@ pub fn registration_state_to_wire(r: &RegistrationRecord, etag: &str) -> DeviceR
         payload: d.payload,
         initial_twin: r.initial_twin.clone(),
     }
+}
+
+/// The status a record's outcome shows.
+#[must_use]
+pub fn status_of(o: &Outcome) -> RegistrationStatus {
+    match o {
+        Outcome::Assigned { .. } => RegistrationStatus::Assigned,
+        Outcome::Failed { .. } => RegistrationStatus::Failed,
+        Outcome::Disabled => RegistrationStatus::Disabled,
+    }
+}
+
+/// The device's view of a registration record.
+#[must_use]
+pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrationResult {
+    let mut r = DeviceRegistrationResult::bare(&record.registration_id, status_of(&record.outcome));
+    r.created_date_time_utc = Some(record.created.clone());
+    r.last_updated_date_time_utc = Some(record.updated.clone());
+    r.etag = Some(etag.to_owned());
+    match &record.outcome {
+        Outcome::Assigned { assigned_hub, device_id, substatus, payload } => {
+            r.assigned_hub = Some(assigned_hub.clone());
+            r.device_id = Some(device_id.clone());
+            r.substatus = Some(substatus_to_wire(*substatus));
+            r.payload.clone_from(payload);
+        }
+        Outcome::Failed { error_code, error_message } => {
+            r.error_code = Some(*error_code);
+            r.error_message = Some(error_message.clone());
+        }
+        Outcome::Disabled => {
+            // Older Java SDKs hang on a terminal state without an error code.
+            r.error_code = Some(codes::ENROLLMENT_DISABLED);
+            r.error_message = Some("The enrollment or enrollment group is disabled.".into());
+        }
+    }
+    let group_id = match &record.source {
+        EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
+        EnrollmentSource::Individual => None,
+    };
+    if let Some(t) = &record.tpm {
+        r.tpm = Some(serde_json::json!({ "authenticationKey": t.authentication_key }));
+    }
+    match &record.x509 {
+        Some(x) => {
+            r.x509 = Some(X509RegistrationResult {
+                enrollment_group_id: group_id,
+                certificate_info: Some(cert_info_to_wire(&x.certificate_info)),
+                signing_certificate_info: x.signing_certificate_info.as_ref().map(cert_info_to_wire),
+            });
+        }
+        None if record.tpm.is_some() => {}
+        None => r.symmetric_key = Some(SymmetricKeyRegistrationResult { enrollment_group_id: group_id }),
+    }
+    r
 }

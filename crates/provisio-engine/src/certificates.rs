@@ -6,15 +6,16 @@
 use std::sync::Arc;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use provisio_core::text::shorten;
 use provisio_proto::{
     error::codes,
     service::{CertificateBody, CertificateProperties, CertificateResponse},
 };
-use provisio_store::{Collection, Document, Precondition, Store, StoreError};
+use provisio_store::{Collection, Document, Precondition, Store};
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc2822};
 
-use crate::ServerError;
+use crate::{Error, Resource, StoreResult};
 
 /// How long a verification code stays valid.
 const CODE_LIFETIME_SECS: i64 = 24 * 3600;
@@ -46,8 +47,8 @@ impl StoredCa {
     ///
     /// # Errors
     /// If the stored base64 is corrupt.
-    pub fn der(&self) -> Result<Vec<u8>, ServerError> {
-        B64.decode(&self.der_base64).map_err(|e| ServerError::Internal(format!("stored certificate is corrupt: {e}")))
+    pub fn der(&self) -> Result<Vec<u8>, Error> {
+        B64.decode(&self.der_base64).map_err(|e| Error::Internal(format!("stored certificate is corrupt: {e}")))
     }
 }
 
@@ -55,16 +56,16 @@ impl StoredCa {
 ///
 /// # Errors
 /// If the name breaks the rule.
-pub fn check_name(name: &str) -> Result<(), ServerError> {
+pub fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if ok {
         Ok(())
     } else {
-        Err(ServerError::invalid(format!(
+        Err(Error::invalid(format!(
             "Invalid certificate name '{}': use 1 to 128 letters, digits, '-', '.' or '_'.",
-            crate::engine::shorten(name)
+            shorten(name)
         )))
     }
 }
@@ -88,13 +89,13 @@ fn pem(der: &[u8]) -> String {
     out
 }
 
-fn not_found(name: &str) -> ServerError {
-    ServerError::NotFound { code: codes::NOT_FOUND, message: format!("Certificate '{name}' was not found.") }
+fn resource(name: &str) -> Resource<'_> {
+    Resource { kind: "Certificate", id: name, not_found_code: codes::NOT_FOUND }
 }
 
-fn if_match_required(if_match: Option<&str>, name: &str) -> Result<Option<String>, ServerError> {
+fn if_match_required(if_match: Option<&str>, name: &str) -> Result<Option<String>, Error> {
     match if_match.map(str::trim) {
-        None | Some("") => Err(ServerError::PreconditionFailed(format!(
+        None | Some("") => Err(Error::PreconditionFailed(format!(
             "If-Match is required: send the etag of certificate '{name}' (or *)."
         ))),
         Some("*") => Ok(None),
@@ -115,9 +116,9 @@ impl Certificates {
         Self { store }
     }
 
-    fn response(doc: &Document, ca: &StoredCa, with_code: bool) -> Result<CertificateResponse, ServerError> {
+    fn response(doc: &Document, ca: &StoredCa, with_code: bool) -> Result<CertificateResponse, Error> {
         let der = ca.der()?;
-        let info = provisio_pki::x509::cert_info(&der).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let info = provisio_pki::x509::cert_info(&der).map_err(|e| Error::Internal(e.to_string()))?;
         let expiry = OffsetDateTime::parse(&info.not_after_utc, &time::format_description::well_known::Rfc3339)
             .map_or_else(|_| info.not_after_utc.clone(), |t| rfc1123(t.unix_timestamp()));
         Ok(CertificateResponse {
@@ -138,36 +139,28 @@ impl Certificates {
         })
     }
 
-    fn parse(doc: &Document) -> Result<StoredCa, ServerError> {
-        serde_json::from_str(&doc.body)
-            .map_err(|e| ServerError::Internal(format!("stored certificate is corrupt: {e}")))
+    fn parse(doc: &Document) -> Result<StoredCa, Error> {
+        serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored certificate is corrupt: {e}")))
     }
 
-    async fn load(&self, name: &str) -> Result<(Document, StoredCa), ServerError> {
+    async fn load(&self, name: &str) -> Result<(Document, StoredCa), Error> {
         check_name(name)?;
         let doc = self
             .store
             .get(Collection::Certificates, &name.to_ascii_lowercase())
-            .await?
-            .ok_or_else(|| not_found(name))?;
+            .await
+            .or_internal()?
+            .ok_or_else(|| resource(name).not_found())?;
         let ca = Self::parse(&doc)?;
         Ok((doc, ca))
     }
 
-    async fn save(&self, ca: &StoredCa, pre: Precondition) -> Result<Document, ServerError> {
-        let body = serde_json::to_string(ca).map_err(|e| ServerError::Internal(e.to_string()))?;
-        self.store.put(Collection::Certificates, &ca.name.to_ascii_lowercase(), &body, pre).await.map_err(|e| match e {
-            StoreError::Conflict => ServerError::Conflict(format!(
-                "Certificate '{}' already exists. To replace it, send If-Match with its etag (or *).",
-                ca.name
-            )),
-            StoreError::PreconditionFailed => ServerError::PreconditionFailed(format!(
-                "Certificate '{}' has changed: the If-Match etag does not match.",
-                ca.name
-            )),
-            StoreError::NotFound => not_found(&ca.name),
-            other => other.into(),
-        })
+    async fn save(&self, ca: &StoredCa, pre: Precondition) -> Result<Document, Error> {
+        let body = serde_json::to_string(ca).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(Collection::Certificates, &ca.name.to_ascii_lowercase(), &body, pre)
+            .await
+            .about(&resource(&ca.name))
     }
 
     /// `PUT /certificates/{name}`: upload (or, with `If-Match`, replace) a CA certificate.
@@ -179,16 +172,15 @@ impl Certificates {
         name: &str,
         body: CertificateBody,
         if_match: Option<&str>,
-    ) -> Result<CertificateResponse, ServerError> {
+    ) -> Result<CertificateResponse, Error> {
         check_name(name)?;
         let body = crate::bodies::certificate_body(body);
-        let text = body
-            .certificate
-            .ok_or_else(|| ServerError::invalid("The body needs 'certificate' (PEM or base64 DER)."))?;
-        let der = provisio_pki::x509::decode_cert_text(&text)
-            .map_err(|e| ServerError::invalid(format!("certificate: {e}")))?;
+        let text =
+            body.certificate.ok_or_else(|| Error::invalid("The body needs 'certificate' (PEM or base64 DER)."))?;
+        let der =
+            provisio_pki::x509::decode_cert_text(&text).map_err(|e| Error::invalid(format!("certificate: {e}")))?;
         if !provisio_pki::x509::is_ca(&der).unwrap_or(false) {
-            return Err(ServerError::invalid(
+            return Err(Error::invalid(
                 "certificate is not a CA certificate (basic constraints lack CA:TRUE); upload the root or intermediate CA that signs your devices.",
             ));
         }
@@ -198,7 +190,7 @@ impl Certificates {
             Some("*") => Precondition::Any,
             Some(v) => Precondition::IfMatch(v.trim_matches('"').to_owned()),
         };
-        let created = match self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await? {
+        let created = match self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await.or_internal()? {
             Some(d) => Self::parse(&d)?.created,
             None => now,
         };
@@ -219,7 +211,7 @@ impl Certificates {
     ///
     /// # Errors
     /// 404.
-    pub async fn get(&self, name: &str) -> Result<CertificateResponse, ServerError> {
+    pub async fn get(&self, name: &str) -> Result<CertificateResponse, Error> {
         let (doc, ca) = self.load(name).await?;
         Self::response(&doc, &ca, false)
     }
@@ -228,11 +220,11 @@ impl Certificates {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn list(&self) -> Result<serde_json::Value, ServerError> {
+    pub async fn list(&self) -> Result<serde_json::Value, Error> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self.store.list(Collection::Certificates, after.as_deref(), 500).await?;
+            let page = self.store.list(Collection::Certificates, after.as_deref(), 500).await.or_internal()?;
             for d in &page {
                 out.push(Self::response(d, &Self::parse(d)?, false)?);
             }
@@ -248,18 +240,13 @@ impl Certificates {
     ///
     /// # Errors
     /// 404, 412.
-    pub async fn delete(&self, name: &str, if_match: Option<&str>) -> Result<(), ServerError> {
+    pub async fn delete(&self, name: &str, if_match: Option<&str>) -> Result<(), Error> {
         check_name(name)?;
         let etag = if_match_required(if_match, name)?;
-        self.store.delete(Collection::Certificates, &name.to_ascii_lowercase(), etag.as_deref()).await.map_err(|e| {
-            match e {
-                StoreError::NotFound => not_found(name),
-                StoreError::PreconditionFailed => ServerError::PreconditionFailed(format!(
-                    "Certificate '{name}' has changed: the If-Match etag does not match."
-                )),
-                other => other.into(),
-            }
-        })
+        self.store
+            .delete(Collection::Certificates, &name.to_ascii_lowercase(), etag.as_deref())
+            .await
+            .about(&resource(name))
     }
 
     /// `POST /certificates/{name}/generateVerificationCode`.
@@ -270,7 +257,7 @@ impl Certificates {
         &self,
         name: &str,
         if_match: Option<&str>,
-    ) -> Result<CertificateResponse, ServerError> {
+    ) -> Result<CertificateResponse, Error> {
         let etag = if_match_required(if_match, name)?;
         let (_, mut ca) = self.load(name).await?;
         let code: [u8; 24] = rand::random();
@@ -290,32 +277,32 @@ impl Certificates {
         name: &str,
         body: CertificateBody,
         if_match: Option<&str>,
-    ) -> Result<CertificateResponse, ServerError> {
+    ) -> Result<CertificateResponse, Error> {
         let etag = if_match_required(if_match, name)?;
         let (_, mut ca) = self.load(name).await?;
         let body = crate::bodies::certificate_body(body);
         let text = body.certificate.ok_or_else(|| {
-            ServerError::invalid("The body needs 'certificate': the verification certificate (PEM or base64 DER).")
+            Error::invalid("The body needs 'certificate': the verification certificate (PEM or base64 DER).")
         })?;
-        let ver = provisio_pki::x509::decode_cert_text(&text)
-            .map_err(|e| ServerError::invalid(format!("certificate: {e}")))?;
+        let ver =
+            provisio_pki::x509::decode_cert_text(&text).map_err(|e| Error::invalid(format!("certificate: {e}")))?;
         let now = provisio_store::unix_now();
         let code = match (&ca.verification_code, ca.code_expires) {
             (Some(c), Some(exp)) if exp > now => c.clone(),
             (Some(_), _) => {
-                return Err(ServerError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "The verification code of '{name}' has expired; generate a new one with POST /certificates/{name}/generateVerificationCode."
                 )));
             }
             (None, _) => {
-                return Err(ServerError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "Certificate '{name}' has no outstanding verification code; generate one with POST /certificates/{name}/generateVerificationCode."
                 )));
             }
         };
         let now_t = OffsetDateTime::now_utc();
         provisio_pki::x509::verify_proof_of_possession(&ca.der()?, &ver, &code, now_t)
-            .map_err(|e| ServerError::invalid(format!("Proof of possession failed: {e}.")))?;
+            .map_err(|e| Error::invalid(format!("Proof of possession failed: {e}.")))?;
         ca.is_verified = true;
         // A code proves possession once.
         ca.verification_code = None;
@@ -330,9 +317,9 @@ impl Certificates {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn verified_ders(&self) -> Result<Vec<Vec<u8>>, ServerError> {
+    pub async fn verified_ders(&self) -> Result<Vec<Vec<u8>>, Error> {
         let mut out = Vec::new();
-        for d in self.store.list(Collection::Certificates, None, 1000).await? {
+        for d in self.store.list(Collection::Certificates, None, 1000).await.or_internal()? {
             let ca = Self::parse(&d)?;
             if ca.is_verified {
                 out.push(ca.der()?);
@@ -345,8 +332,8 @@ impl Certificates {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn find(&self, name: &str) -> Result<Option<StoredCa>, ServerError> {
-        match self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await? {
+    pub async fn find(&self, name: &str) -> Result<Option<StoredCa>, Error> {
+        match self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await.or_internal()? {
             Some(d) => Ok(Some(Self::parse(&d)?)),
             None => Ok(None),
         }

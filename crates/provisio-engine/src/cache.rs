@@ -54,7 +54,7 @@ impl<T> TtlCache<T> {
 /// derivation, or a certificate chain validation, per poll.
 ///
 /// Entries are keyed by a SHA-256 of the registration id and the exact credential (the
-/// whole SAS token, or the whole certificate chain), live at most `ttl` and never past a
+/// whole SAS token, or the whole certificate chain: `Credential::fingerprint`), live at most `ttl` and never past a
 /// token's expiry, and are all dropped on any local enrollment or group change. Register
 /// requests always attest in full.
 #[derive(Debug)]
@@ -71,39 +71,14 @@ impl AuthCache {
         Self { ttl, max_entries, entries: Mutex::new(std::collections::HashMap::new()) }
     }
 
-    fn key(registration_key: &str, credential: &crate::engine::Credential) -> Option<[u8; 32]> {
-        use aws_lc_rs::digest::{Context, SHA256};
-        let mut ctx = Context::new(&SHA256);
-        ctx.update(registration_key.as_bytes());
-        match credential {
-            crate::engine::Credential::Sas(token) => {
-                ctx.update(b"\0sas\0");
-                ctx.update(token.as_bytes());
-            }
-            crate::engine::Credential::X509(chain) => {
-                ctx.update(b"\0x509");
-                for der in chain {
-                    ctx.update(&(der.len() as u64).to_be_bytes());
-                    ctx.update(der);
-                }
-            }
-            crate::engine::Credential::None => return None,
-        }
-        ctx.finish().as_ref().try_into().ok()
-    }
-
-    /// Remembers that `credential` was proven for the registration, until `ttl` from now
+    /// Remembers that the credential with this fingerprint (of the registration id and
+    /// the exact credential, see `Credential::fingerprint`) was proven, until `ttl` from now
     /// or `expires_at` (a token's expiry), whichever comes first.
-    pub fn remember(
-        &self,
-        registration_key: &str,
-        credential: &crate::engine::Credential,
-        expires_at: Option<Instant>,
-    ) {
+    pub fn remember(&self, fingerprint: [u8; 32], expires_at: Option<Instant>) {
         if self.ttl.is_zero() {
             return;
         }
-        let Some(k) = Self::key(registration_key, credential) else { return };
+        let k = fingerprint;
         let now = Instant::now();
         let until = expires_at.map_or(now + self.ttl, |e| e.min(now + self.ttl));
         let mut m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -117,15 +92,14 @@ impl AuthCache {
         m.insert(k, until);
     }
 
-    /// Whether `credential` was proven for the registration and the entry is still live.
+    /// Whether the credential with this fingerprint was proven and the entry is still live.
     #[must_use]
-    pub fn recalls(&self, registration_key: &str, credential: &crate::engine::Credential) -> bool {
+    pub fn recalls(&self, fingerprint: &[u8; 32]) -> bool {
         if self.ttl.is_zero() {
             return false;
         }
-        let Some(k) = Self::key(registration_key, credential) else { return false };
         let m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.get(&k).is_some_and(|until| *until > Instant::now())
+        m.get(fingerprint).is_some_and(|until| *until > Instant::now())
     }
 
     /// Forgets everything (after a local enrollment, group or key change).
@@ -189,7 +163,6 @@ impl RecentOperations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Credential;
 
     #[test]
     fn recent_operations_are_bounded_and_expire() {
@@ -219,33 +192,25 @@ mod tests {
     }
 
     #[test]
-    fn auth_cache_matches_exact_credentials_only_and_expires() {
+    fn auth_cache_recalls_live_fingerprints_only() {
         let c = AuthCache::new(Duration::from_secs(60), 4);
-        let tok = Credential::Sas("SharedAccessSignature sr=s/registrations/d&sig=abc&se=1".into());
-        assert!(!c.recalls("d", &tok));
-        c.remember("d", &tok, None);
-        assert!(c.recalls("d", &tok));
-        // Another device, another token, another chain: not recalled.
-        assert!(!c.recalls("e", &tok));
-        assert!(!c.recalls("d", &Credential::Sas("SharedAccessSignature sr=s/registrations/d&sig=abd&se=1".into())));
-        assert!(!c.recalls("d", &Credential::X509(vec![b"abc".to_vec()])));
-        assert!(!c.recalls("d", &Credential::None));
-        c.remember("d", &Credential::None, None);
-        assert!(!c.recalls("d", &Credential::None), "no credential is never remembered");
-        // A token's expiry caps the entry.
-        let expired = Credential::Sas("t2".into());
-        c.remember("d", &expired, Some(Instant::now()));
-        assert!(!c.recalls("d", &expired));
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(!c.recalls(&a));
+        c.remember(a, None);
+        assert!(c.recalls(&a) && !c.recalls(&b));
+        // An expiry caps the entry.
+        c.remember(b, Some(Instant::now()));
+        assert!(!c.recalls(&b));
         // Bounded, and cleared on demand.
-        for i in 0..10 {
-            c.remember(&format!("x{i}"), &tok, None);
+        for i in 0..10u8 {
+            c.remember([i + 10; 32], None);
         }
         assert!(c.entries.lock().unwrap().len() <= 4);
         c.clear();
-        assert!(!c.recalls("x9", &tok));
+        assert!(!c.recalls(&[19; 32]));
         // Disabled with a zero TTL.
         let off = AuthCache::new(Duration::ZERO, 4);
-        off.remember("d", &tok, None);
-        assert!(!off.recalls("d", &tok));
+        off.remember(a, None);
+        assert!(!off.recalls(&a));
     }
 }

@@ -1,160 +1,63 @@
-//! `provisio bench`: a load generator that starts its own server and measures
-//! registrations per second, latency percentiles, errors and server RSS, next to baselines
-//! measured in the same run (a bare TLS handshake, a trivial authenticated request), so
-//! the results hold as ratios on a noisy machine.
+//! `provisio-bench`: Provisio's load generator, as `redis-benchmark` is to `redis-server`.
+//! It starts a `provisio serve` of its own and measures registrations per second, latency
+//! percentiles, errors and server RSS and CPU, next to baselines measured in the same run
+//! (a bare TLS handshake, a trivial authenticated request), so the results hold as ratios
+//! on a noisy machine.
+//!
+//! [`run`] prints what it measures (a Markdown table per round, the ratios, their medians,
+//! with `--json` one JSON object) and returns it as a [`Report`].
+
+mod report;
+mod server;
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use provisio_client::{Credential, Options, Transport};
+pub use report::{HeldMqtt, Latency, Medians, Ratio, RatioMedian, Report, Round, Row, ScenarioMedian};
 use serde_json::{Value, json};
+use server::{Srv, process_cpu_secs};
 
-/// `provisio bench` options.
-#[derive(Debug, Clone, clap::Args)]
+/// `provisio-bench` options.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "provisio-bench", version, about, long_about = None)]
 pub struct BenchArgs {
     /// Devices registered per scenario (the trivial-request baseline makes four requests per
     /// device, so that it runs about as long as the others: a scenario of a fraction of a
     /// second measures warm-up, not the steady state).
     #[arg(long, default_value_t = 20_000)]
-    devices: usize,
+    pub devices: usize,
     /// Concurrent clients.
     #[arg(long, default_value_t = 32)]
-    concurrency: usize,
+    pub concurrency: usize,
     /// Scenarios: handshake, trivial, https-keepalive, https-newconn, mqtt.
     #[arg(long, value_delimiter = ',', default_value = "handshake,trivial,https-keepalive,https-newconn,mqtt")]
-    scenarios: Vec<String>,
+    pub scenarios: Vec<String>,
     /// Individual enrollments loaded into the store before the server starts (scale test).
     #[arg(long, default_value_t = 0)]
-    enrollments: usize,
+    pub enrollments: usize,
     /// Hold this many idle MQTT connections at the end and report the server's RSS.
     #[arg(long, default_value_t = 0)]
-    mqtt_hold: usize,
+    pub mqtt_hold: usize,
     /// Run the scenarios this many times, one after the other, and report each scenario's
     /// median and each ratio's median as well: on a shared or virtual machine one run's ratio
     /// can be off by a third, the median of alternating runs much less.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
-    rounds: u32,
+    pub rounds: u32,
     /// Use this PostgreSQL database instead of a fresh embedded one.
     #[arg(long)]
-    database: Option<String>,
+    pub database: Option<String>,
+    /// The `provisio` executable to start as the server [default: `provisio` next to this
+    /// executable, else on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub server: Option<PathBuf>,
     /// Print the results as JSON too.
     #[arg(long)]
-    json: bool,
-}
-
-struct Srv {
-    child: Child,
-    info: Value,
-    _dir: tempfile::TempDir,
-    startup: Duration,
-    /// Spawn to the embedded store's key filter being built (the end of the server's start-up
-    /// work: until then lookups of absent documents read the database); `None` with
-    /// PostgreSQL, or if the log did not say so in time.
-    filter_built: Option<Duration>,
-}
-
-impl Srv {
-    fn rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-
-    /// CPU time the server process has used (user + system), in seconds.
-    fn cpu_secs(&self) -> f64 {
-        process_cpu_secs(&self.child.id().to_string())
-    }
-
-    fn s(&self, k: &str) -> String {
-        self.info[k].as_str().unwrap_or_default().to_owned()
-    }
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(args: &BenchArgs, dir: tempfile::TempDir) -> Result<Srv> {
-    let exe = std::env::current_exe()?;
-    let log_path = dir.path().join("server.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["serve", "--json", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--https-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--hostname",
-            "localhost",
-            "--hostname",
-            "127.0.0.1",
-        ])
-        .args(["--amqp-listen", "off"])
-        .args(["--linked-hub", "bench-hub.example.net", "--retry-after-secs", "0"])
-        .env("PROVISIO_SERVICE_REQUESTS_PER_SECOND", "0")
-        .env("PROVISIO_MAX_CONNECTIONS", "100000")
-        // All load comes from 127.0.0.1 and polls at once: lift the per-IP and per-device limits.
-        .env("PROVISIO_MAX_CONNECTIONS_PER_IP", "0")
-        .env("PROVISIO_DEVICE_POLLS_PER_10S", "0")
-        // The server logs at its default level (a log line costs CPU too; and the bench
-        // waits for its "key filter is built" line), into a file rather than over the
-        // progress bars.
-        .env("PROVISIO_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    if let Some(db) = &args.database {
-        cmd.args(["--database", db]);
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().context("cannot start the server")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let Some(line) = BufReader::new(stdout).lines().next().transpose()? else {
-        let _ = child.wait();
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("the server did not start:\n{log}");
-    };
-    let info: Value = serde_json::from_str(&line).context("bad info line")?;
-    let startup = started.elapsed();
-    // The scenarios measure the steady state: with many documents in the store (see
-    // `--enrollments`) the filter's scan would otherwise run inside the first scenario.
-    let filter_built = if args.database.is_none() {
-        let deadline = started + Duration::from_secs(60);
-        loop {
-            if std::fs::read_to_string(&log_path).unwrap_or_default().contains("key filter is built") {
-                break Some(started.elapsed());
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    } else {
-        None
-    };
-    Ok(Srv { child, info, _dir: dir, startup, filter_built })
-}
-
-/// CPU time (user + system, all threads) of process `pid` (or `self`), in seconds.
-fn process_cpu_secs(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let fields: Vec<&str> = stat.rsplit_once(") ").map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / clock_ticks_per_sec()
+    pub json: bool,
 }
 
 /// The CPU counters at the start of a scenario; [`Probe::row`] turns a run into its [`Row`].
@@ -168,88 +71,69 @@ impl Probe {
         Self { server: srv.cpu_secs(), client: process_cpu_secs("self") }
     }
 
-    fn row(self, srv: &Srv, scenario: &str, attestation: &str, ops: usize, d: Driven) -> Row {
+    fn row(self, srv: &Srv, scenario: &str, attestation: &str, d: Driven) -> Row {
+        // The counters first: sorting the latencies is the report's work, not the scenario's.
+        let rss_mb = srv.rss_mb();
+        let server_cpu_secs = srv.cpu_secs() - self.server;
+        let client_cpu_secs = process_cpu_secs("self") - self.client;
+        let Driven { mut first, mut total, ops, succeeded, secs, first_error } = d;
         Row {
             scenario: scenario.into(),
             attestation: attestation.into(),
             ops,
-            errors: d.errors,
-            secs: d.secs,
-            first: d.first,
-            total: d.total,
-            rss_mb: srv.rss_mb(),
-            server_cpu_secs: srv.cpu_secs() - self.server,
-            client_cpu_secs: process_cpu_secs("self") - self.client,
-            first_error: d.first_error,
+            succeeded,
+            errors: ops - succeeded,
+            secs,
+            register: Latency::of(&mut first),
+            assigned: Latency::of(&mut total),
+            rss_mb,
+            server_cpu_secs,
+            client_cpu_secs,
+            first_error,
         }
     }
 }
 
-/// `sysconf(_SC_CLK_TCK)`: 100 on every Linux the benchmark runs on (the kernel's
-/// USER_HZ is fixed at 100 for the /proc interface).
-fn clock_ticks_per_sec() -> f64 {
-    100.0
-}
-
-/// One scenario's measurements.
-#[derive(Debug, Default, Clone)]
-struct Row {
-    scenario: String,
-    attestation: String,
-    ops: usize,
-    errors: usize,
-    secs: f64,
-    first: Vec<u32>,
-    total: Vec<u32>,
-    rss_mb: f64,
-    /// CPU the server used during the scenario.
-    server_cpu_secs: f64,
-    /// CPU the load generator (this process) used during the scenario.
-    client_cpu_secs: f64,
-    first_error: Option<String>,
-}
-
-impl Row {
-    fn rate(&self) -> f64 {
-        (self.ops - self.errors) as f64 / self.secs.max(1e-9)
-    }
-
-    /// Server CPU per successful operation, in microseconds: what one operation costs the
-    /// server, whatever the load generator beside it costs.
-    fn server_us(&self) -> f64 {
-        self.server_cpu_secs * 1e6 / ((self.ops - self.errors).max(1) as f64)
-    }
-
-    /// The load generator's CPU per successful operation, in microseconds.
-    fn client_us(&self) -> f64 {
-        self.client_cpu_secs * 1e6 / ((self.ops - self.errors).max(1) as f64)
-    }
-}
-
-fn pct(v: &mut [u32], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(v[i.min(v.len() - 1)]) / 1000.0
-}
-
-/// What [`drive`] measured: per-job latencies in µs, errors, elapsed seconds.
+/// What [`drive`] measured: the latencies (µs) of the jobs that succeeded, how many ran and
+/// how many succeeded, elapsed seconds.
 struct Driven {
     first: Vec<u32>,
     total: Vec<u32>,
-    errors: usize,
+    ops: usize,
+    /// Jobs that returned `Ok`, counted one by one; every other job is an error.
+    succeeded: usize,
     secs: f64,
     first_error: Option<String>,
 }
 
+/// What one worker of [`drive`] brings back.
+#[derive(Default)]
+struct WorkerResult {
+    first: Vec<u32>,
+    total: Vec<u32>,
+    first_error: Option<String>,
+}
+
+/// The message of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_owned())
+}
+
 /// Runs `n` jobs on `c` workers with a progress bar; each job returns (first, total) µs.
+///
+/// A job counts as succeeded only when it returned `Ok`; everything else is an error: a job
+/// that returned `Err` or panicked (the worker goes on with the next one), and, should a
+/// worker itself die, every job whose success it can no longer report.
 async fn drive<F, Fut>(label: &str, n: usize, c: usize, job: F) -> Driven
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(u32, u32), String>> + Send,
 {
+    use futures_util::FutureExt;
     let bar = indicatif::ProgressBar::new(n as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!("{label:>28} {{bar:30}} {{pos}}/{{len}} {{per_sec}}"))
@@ -262,40 +146,51 @@ where
     for worker in 0..c.max(1) {
         let (job, next, bar) = (job.clone(), next.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
-            let (mut first, mut total, mut errors, mut err) = (Vec::new(), Vec::new(), 0usize, None);
+            let mut out = WorkerResult::default();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= n {
                     break;
                 }
-                match job(i, worker).await {
-                    Ok((f, t)) => {
-                        first.push(f);
-                        total.push(t);
+                match std::panic::AssertUnwindSafe(async { job(i, worker).await }).catch_unwind().await {
+                    Ok(Ok((f, t))) => {
+                        out.first.push(f);
+                        out.total.push(t);
                     }
-                    Err(e) => {
-                        errors += 1;
-                        err.get_or_insert(e);
+                    Ok(Err(e)) => {
+                        out.first_error.get_or_insert(e);
+                    }
+                    Err(panic) => {
+                        out.first_error.get_or_insert_with(|| format!("job {i} panicked: {}", panic_message(&*panic)));
                     }
                 }
                 bar.inc(1);
             }
-            (first, total, errors, err)
+            out
         }));
     }
-    let (mut first, mut total, mut errors, mut err) = (Vec::new(), Vec::new(), 0, None);
-    for t in tasks {
-        if let Ok((f, tt, e, m)) = t.await {
-            first.extend(f);
-            total.extend(tt);
-            errors += e;
-            if err.is_none() {
-                err = m;
+    let (mut first, mut total, mut err, mut crash) = (Vec::new(), Vec::new(), None, None);
+    for (worker, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(w) => {
+                first.extend(w.first);
+                total.extend(w.total);
+                if err.is_none() {
+                    err = w.first_error;
+                }
+            }
+            // Its results are lost with it: its jobs are not counted as succeeded.
+            Err(e) => {
+                crash.get_or_insert_with(|| match e.try_into_panic() {
+                    Ok(panic) => format!("worker {worker} panicked: {}", panic_message(&*panic)),
+                    Err(e) => format!("worker {worker} did not finish: {e}"),
+                });
             }
         }
     }
     bar.finish_and_clear();
-    Driven { first, total, errors, secs: started.elapsed().as_secs_f64(), first_error: err }
+    let succeeded = total.len();
+    Driven { first, total, ops: n, succeeded, secs: started.elapsed().as_secs_f64(), first_error: crash.or(err) }
 }
 
 fn micros(d: Duration) -> u32 {
@@ -428,7 +323,7 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
             }
         })
         .await;
-        rows.push(probe.row(srv, "baseline: TLS handshake", "-", n, d));
+        rows.push(probe.row(srv, "baseline: TLS handshake", "-", d));
     }
     if has("trivial") {
         let clients: Vec<reqwest::Client> =
@@ -453,7 +348,7 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
             }
         })
         .await;
-        rows.push(probe.row(srv, "baseline: trivial authenticated request", "-", n * 4, d));
+        rows.push(probe.row(srv, "baseline: trivial authenticated request", "-", d));
     }
     if has("https-keepalive") {
         let clients: Vec<reqwest::Client> =
@@ -470,7 +365,7 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
             }
         })
         .await;
-        rows.push(probe.row(srv, "HTTPS, keep-alive", "symmetric key (group)", n, d));
+        rows.push(probe.row(srv, "HTTPS, keep-alive", "symmetric key (group)", d));
         // X.509 on a kept-alive connection: the connection carries one device's certificate,
         // so each worker is one device that registers again and again on its connection
         // (re-provisioning), attested by its certificate chain every time.
@@ -491,7 +386,7 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
                 }
             })
             .await;
-        rows.push(probe.row(srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", n, d));
+        rows.push(probe.row(srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", d));
     }
     for (name, transport, endpoint) in
         // By address, as the handshake baseline connects: a name lookup per device is the
@@ -567,14 +462,21 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
             } else {
                 "MQTT, a connection per device"
             };
-            rows.push(probe.row(srv, scenario, if x509 { "X.509 (group)" } else { "symmetric key (group)" }, n, d));
+            rows.push(probe.row(srv, scenario, if x509 { "X.509 (group)" } else { "symmetric key (group)" }, d));
         }
     }
     Ok(rows)
 }
 
-/// Runs the benchmark.
-pub async fn run(args: BenchArgs) -> Result<()> {
+/// Runs the benchmark: starts the server, runs `args.rounds` rounds of the selected
+/// scenarios, holds the MQTT connections, prints it all and returns it.
+///
+/// # Errors
+/// When the server cannot be found or started, the set-up on it fails, or the server does
+/// not see the preloaded enrollments. A failing job is no error of the run: it is counted in
+/// its row.
+pub async fn run(args: BenchArgs) -> Result<Report> {
+    let exe = server::server_exe(args.server.as_deref())?;
     let dir = tempfile::tempdir()?;
     if args.enrollments > 0 {
         if args.database.is_some() {
@@ -582,7 +484,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
         preload(dir.path(), args.enrollments).await?;
     }
-    let srv = start_server(&args, dir)?;
+    let srv = server::start_server(&exe, args.database.as_deref(), dir)?;
     let https_port: u16 = srv.s("deviceEndpoint").rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("port")?;
     let https = format!("localhost:{https_port}");
     let mqtt = srv.s("mqttEndpoint");
@@ -602,6 +504,24 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
         .resolve("localhost", ([127, 0, 0, 1], https_port).into())
         .build()?;
+    if args.enrollments > 0 {
+        // The preload wrote the server's database file by name: the last enrollment written
+        // must be there for the server.
+        let id = format!("pre-{:07}", args.enrollments - 1);
+        let r = reqw
+            .get(format!("https://{https}/enrollments/{id}?api-version=2021-10-01"))
+            .header("Authorization", &svc_token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!(
+                "the server does not see the preloaded enrollment {id} (HTTP {}): is its embedded database \
+                 still the file {} of its data directory?",
+                r.status(),
+                server::DATABASE_FILE
+            );
+        }
+    }
     // A symmetric-key group and an X.509 group with one device certificate per device.
     let group: Value = reqw
         .put(format!("https://{https}/enrollmentGroups/bench-sym?api-version=2021-10-01"))
@@ -629,7 +549,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let cfg = tls_config(&ca, None)?;
     let setup = Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, root, cfg };
 
-    let mut rounds: Vec<Vec<Row>> = Vec::new();
+    let mut rounds: Vec<Round> = Vec::new();
     for round in 0..args.rounds {
         if args.rounds > 1 {
             println!("round {} of {}", round + 1, args.rounds);
@@ -637,19 +557,28 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         // Every round registers devices of its own (a registration id taken in an earlier
         // round would make a re-registration).
         let tag = if args.rounds > 1 { format!("r{round}-") } else { String::new() };
-        let mut rows = run_round(&setup, &args, &tag).await?;
-        print_rows(&mut rows);
-        print_ratios(&rows);
+        let round = Round::new(run_round(&setup, &args, &tag).await?);
+        report::print_rows(&round.rows);
+        report::print_ratios(&round);
         if args.rounds > 1 {
             println!();
         }
-        rounds.push(rows);
+        rounds.push(round);
     }
 
-    let held =
+    let held_mqtt =
         if args.mqtt_hold > 0 { Some(hold_mqtt(&setup.srv, &mqtt, &setup.cfg, args.mqtt_hold).await?) } else { None };
-    report(&args, &setup.srv, &rounds, held);
-    Ok(())
+    let report = Report {
+        medians: (rounds.len() > 1).then(|| report::medians(&rounds)),
+        rounds,
+        startup: setup.srv.startup,
+        filter_built: setup.srv.filter_built,
+        embedded_store: args.database.is_none(),
+        enrollments: args.enrollments,
+        held_mqtt,
+    };
+    report.print_summary(args.json);
+    Ok(report)
 }
 
 /// A client that keeps one connection alive; `identity` (certificate and key, PEM) for X.509.
@@ -731,219 +660,106 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Opens `n` idle MQTT connections (TLS + CONNECT) and reports the server's RSS.
-async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n: usize) -> Result<(usize, f64, f64)> {
-    use rumqttc::mqttbytes::v4::{Connect, Login, Packet};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Opens `n` idle MQTT connections (TLS + CONNECT), holds those the server accepts (a
+/// CONNACK with return code 0) and reports the server's RSS before and after.
+async fn hold_mqtt(srv: &Srv, endpoint: &str, cfg: &Arc<rustls::ClientConfig>, n: usize) -> Result<HeldMqtt> {
     let port: u16 = endpoint.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).context("mqtt port")?;
     let before = srv.rss_mb();
     let bar = indicatif::ProgressBar::new(n as u64);
     let mut conns = Vec::with_capacity(n);
+    let (mut refused, mut failed, mut first_failure) = (0, 0, None);
     let scope = srv.s("idScope");
     for i in 0..n {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
-            .await?;
-        let mut c = Connect::new(format!("hold-{i}"));
-        c.keep_alive = 600;
-        c.login = Some(Login::new(format!("{scope}/registrations/hold-{i}/api-version=2019-03-31"), ""));
-        let mut b = bytes::BytesMut::new();
-        Packet::Connect(c).write(&mut b, 1 << 16)?;
-        tls.write_all(&b).await?;
-        let mut ack = [0u8; 4];
-        tls.read_exact(&mut ack).await?;
-        conns.push(tls);
+        let attempt = tokio::time::timeout(Duration::from_secs(30), hold_one(cfg, port, &scope, i)).await;
+        match attempt {
+            Ok(Ok(Held::Accepted(tls))) => conns.push(*tls),
+            Ok(Ok(Held::Refused(why))) => {
+                refused += 1;
+                first_failure.get_or_insert(format!("hold-{i}: {why}"));
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                first_failure.get_or_insert(format!("hold-{i}: {e:#}"));
+            }
+            Err(_) => {
+                failed += 1;
+                first_failure.get_or_insert(format!("hold-{i}: no CONNACK within 30 s"));
+            }
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = srv.rss_mb();
-    Ok((conns.len(), before, after))
+    Ok(HeldMqtt {
+        requested: n,
+        accepted: conns.len(),
+        refused,
+        failed,
+        first_failure,
+        rss_before_mb: before,
+        rss_after_mb: after,
+    })
 }
 
-/// Prints a round's table (and each scenario's first error).
-fn print_rows(rows: &mut [Row]) {
-    println!(
-        "| scenario | attestation | devices | errors | registrations/s | register p50 / p99 / max (ms) | register→assigned p50 / p99 / max (ms) | server RSS (MB) | server CPU per op (µs) | load generator CPU per op (µs) |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in rows.iter_mut() {
-        let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
-        let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
-        println!(
-            "| {} | {} | {} | {} | {:.0} | {f50:.2} / {f99:.2} / {fmax:.2} | {t50:.2} / {t99:.2} / {tmax:.2} | {:.0} | {:.0} | {:.0} |",
-            r.scenario,
-            r.attestation,
-            r.ops,
-            r.errors,
-            r.rate(),
-            r.rss_mb,
-            r.server_us(),
-            r.client_us()
-        );
-        if let Some(e) = &r.first_error {
-            eprintln!("  first error in '{}': {e}", r.scenario);
-        }
-    }
+/// How the server answered one CONNECT of [`hold_mqtt`].
+enum Held {
+    /// CONNACK with return code 0: the open connection.
+    Accepted(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    /// CONNACK with another return code.
+    Refused(String),
 }
 
-/// A row as JSON (its latency vectors sorted by [`print_rows`] already).
-fn row_json(round: usize, r: &mut Row) -> Value {
-    let (f50, f99, fmax) = (pct(&mut r.first, 0.5), pct(&mut r.first, 0.99), pct(&mut r.first, 1.0));
-    let (t50, t99, tmax) = (pct(&mut r.total, 0.5), pct(&mut r.total, 0.99), pct(&mut r.total, 1.0));
-    json!({"round": round + 1, "scenario": r.scenario, "attestation": r.attestation, "ops": r.ops, "errors": r.errors, "rate": r.rate(),
-        "p50": f50, "p99": f99, "max": fmax, "total_p50": t50, "total_p99": t99, "total_max": tmax, "rss_mb": r.rss_mb,
-        "server_cpu_us": r.server_us(), "client_cpu_us": r.client_us()})
+/// Connects, sends CONNECT, and reads the CONNACK of connection `i`.
+async fn hold_one(cfg: &Arc<rustls::ClientConfig>, port: u16, scope: &str, i: usize) -> Result<Held> {
+    use rumqttc::mqttbytes::v4::{Connect, Login, Packet};
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let mut c = Connect::new(format!("hold-{i}"));
+    c.keep_alive = 600;
+    c.login = Some(Login::new(format!("{scope}/registrations/hold-{i}/api-version=2019-03-31"), ""));
+    let mut b = bytes::BytesMut::new();
+    Packet::Connect(c).write(&mut b, 1 << 16)?;
+    tls.write_all(&b).await?;
+    Ok(match read_connack(&mut tls).await? {
+        Ok(()) => Held::Accepted(Box::new(tls)),
+        Err(why) => Held::Refused(why),
+    })
 }
 
-/// The ratios of a round, in percent: by rate (what the targets are stated in), then by
-/// the server's own CPU (which the load generator beside it does not distort).
-fn ratios(rows: &[Row]) -> Vec<(String, f64)> {
-    let find = |s: &str, a: &str| rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a));
-    let mut out = Vec::new();
-    if let (Some(ka), Some(tr)) = (find("HTTPS, keep-alive", "symmetric"), find("baseline: trivial", "-")) {
-        out.push(("keep-alive registrations / trivial requests".to_owned(), 100.0 * ka.rate() / tr.rate().max(1e-9)));
-        out.push((
-            "by server CPU: keep-alive registrations / trivial requests".to_owned(),
-            100.0 * tr.server_us() / ka.server_us().max(1e-9),
-        ));
-    }
-    if let Some(hs) = find("baseline: TLS handshake", "-") {
-        for a in ["symmetric", "X.509"] {
-            if let Some(nc) = find("HTTPS, new TLS", a) {
-                out.push((
-                    format!("new-connection registrations ({a}) / bare handshakes"),
-                    100.0 * nc.rate() / hs.rate().max(1e-9),
-                ));
-                out.push((
-                    format!("by server CPU: new-connection registrations ({a}) / bare handshakes"),
-                    100.0 * hs.server_us() / nc.server_us().max(1e-9),
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// Prints a round's ratios, with what each costs in the server's CPU.
-fn print_ratios(rows: &[Row]) {
-    println!();
-    for (name, pct) in ratios(rows).iter().filter(|(n, _)| !n.starts_with("by server CPU")) {
-        let note = if name.starts_with("keep-alive") { " (ceiling 50%: a registration is two requests)" } else { "" };
-        println!("{name}: {pct:.1}%{note}");
-    }
-    let cpu = |s: &str, a: &str| {
-        rows.iter().find(|r| r.scenario.starts_with(s) && r.attestation.starts_with(a)).map(Row::server_us)
+/// Reads the CONNACK that answers a CONNECT: `Ok(Ok(()))` for return code 0 (accepted),
+/// `Ok(Err(why))` for another return code, `Err` when no CONNACK came.
+async fn read_connack(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Result<(), String>> {
+    use rumqttc::mqttbytes::{
+        Error as MqttError,
+        v4::{ConnectReturnCode, Packet},
     };
-    if let (Some(ka), Some(tr)) = (cpu("HTTPS, keep-alive", "symmetric"), cpu("baseline: trivial", "-")) {
-        println!(
-            "by server CPU: a keep-alive registration costs {ka:.0} µs = {:.1} trivial requests ({:.0} registrations/s per server core)",
-            ka / tr.max(1e-9),
-            1e6 / ka.max(1e-9)
-        );
-    }
-    if let Some(hs) = cpu("baseline: TLS handshake", "-") {
-        for a in ["symmetric", "X.509"] {
-            if let Some(nc) = cpu("HTTPS, new TLS", a) {
-                println!(
-                    "by server CPU: a new-connection registration ({a}) costs {nc:.0} µs = {:.2} bare handshakes ({:.1}% of the handshake rate)",
-                    nc / hs.max(1e-9),
-                    100.0 * hs / nc.max(1e-9)
-                );
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(64);
+    loop {
+        match Packet::read(&mut buf, 1 << 16) {
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => return Ok(Ok(())),
+            Ok(Packet::ConnAck(ack)) => {
+                return Ok(Err(format!("CONNACK return code {} ({:?})", ack.code as u8, ack.code)));
             }
-        }
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
-    }
-}
-
-/// Across rounds: each scenario's rate and CPU per round with their medians, and each
-/// ratio's.
-fn print_medians(rounds: &[Vec<Row>]) -> Value {
-    println!("medians of {} rounds", rounds.len());
-    println!(
-        "| scenario | attestation | registrations/s per round | median | server CPU per op (µs), median | load generator CPU per op (µs), median |"
-    );
-    println!("|---|---|---|---|---|---|");
-    let mut scenarios = Vec::new();
-    for r in rounds.first().map_or(&[][..], Vec::as_slice) {
-        let same: Vec<&Row> = rounds
-            .iter()
-            .filter_map(|rs| rs.iter().find(|x| x.scenario == r.scenario && x.attestation == r.attestation))
-            .collect();
-        let rates: Vec<f64> = same.iter().map(|x| x.rate()).collect();
-        let (rate, server, client) = (
-            median(rates.clone()),
-            median(same.iter().map(|x| x.server_us()).collect()),
-            median(same.iter().map(|x| x.client_us()).collect()),
-        );
-        let each: Vec<String> = rates.iter().map(|v| format!("{v:.0}")).collect();
-        println!(
-            "| {} | {} | {} | {rate:.0} | {server:.0} | {client:.0} |",
-            r.scenario,
-            r.attestation,
-            each.join(", ")
-        );
-        scenarios.push(json!({"scenario": r.scenario, "attestation": r.attestation, "rates": rates, "rate": rate, "server_cpu_us": server, "client_cpu_us": client}));
-    }
-    println!();
-    let per_round: Vec<Vec<(String, f64)>> = rounds.iter().map(|rs| ratios(rs)).collect();
-    let mut out = Vec::new();
-    for (i, (name, _)) in per_round.first().map_or(&[][..], Vec::as_slice).iter().enumerate() {
-        let values: Vec<f64> = per_round.iter().filter_map(|r| r.get(i).map(|(_, v)| *v)).collect();
-        let each: Vec<String> = values.iter().map(|v| format!("{v:.1}%")).collect();
-        let m = median(values.clone());
-        println!("{name}: median {m:.1}% ({})", each.join(", "));
-        out.push(json!({"ratio": name, "per_round": values, "median": m}));
-    }
-    json!({"scenarios": scenarios, "ratios": out})
-}
-
-fn report(args: &BenchArgs, srv: &Srv, rounds: &[Vec<Row>], held: Option<(usize, f64, f64)>) {
-    let medians = (rounds.len() > 1).then(|| print_medians(rounds));
-    println!(
-        "server startup (spawn to ready, {} preloaded enrollments): {:.0} ms{}",
-        args.enrollments,
-        srv.startup.as_secs_f64() * 1000.0,
-        match (args.database.is_none(), srv.filter_built) {
-            (true, Some(t)) => format!("; its key filter built {:.0} ms after spawn", t.as_secs_f64() * 1000.0),
-            (true, None) => "; its key filter not built within 60 s".to_owned(),
-            (false, _) => String::new(),
-        }
-    );
-    if let Some((n, before, after)) = held {
-        println!("{n} idle MQTT connections held: server RSS {before:.0} MB -> {after:.0} MB");
-    }
-    if args.json {
-        let mut rows = Vec::new();
-        let mut ratios_json = Vec::new();
-        for (i, round) in rounds.iter().enumerate() {
-            for r in round {
-                rows.push(row_json(i, &mut r.clone()));
+            Ok(other) => bail!("expected CONNACK, got {other:?}"),
+            Err(MqttError::InsufficientBytes(_)) => {
+                if stream.read_buf(&mut buf).await? == 0 {
+                    bail!("the server closed the connection before its CONNACK");
+                }
             }
-            ratios_json.push(json!(
-                ratios(round).into_iter().map(|(n, v)| json!({"ratio": n, "percent": v})).collect::<Vec<_>>()
-            ));
+            Err(e) => bail!("bad CONNACK: {e}"),
         }
-        println!(
-            "{}",
-            json!({"rows": rows, "ratios": ratios_json, "medians": medians, "startup_ms": srv.startup.as_millis() as u64, "filter_built_ms": srv.filter_built.map(|t| t.as_millis() as u64), "enrollments": args.enrollments, "held_mqtt": held.map(|h| json!({"connections": h.0, "rss_before_mb": h.1, "rss_after_mb": h.2}))})
-        );
     }
 }
 
 /// Writes `n` individual symmetric-key enrollments straight into a fresh embedded store.
 async fn preload(dir: &std::path::Path, n: usize) -> Result<()> {
     use provisio_store::{Collection, Store};
-    let store = provisio_store::SqliteStore::open(&dir.join(provisio_server::DATABASE_FILE)).await?;
+    let store = provisio_store::SqliteStore::open(&dir.join(server::DATABASE_FILE)).await?;
     let key = provisio_core::keys::generate_key();
     let bar = indicatif::ProgressBar::new(n as u64);
     let mut batch = Vec::with_capacity(10_000);
@@ -970,4 +786,40 @@ async fn preload(dir: &std::path::Path, n: usize) -> Result<()> {
     bar.finish_and_clear();
     store.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drive_counts_only_the_jobs_that_returned_success() {
+        // Job 3 fails, job 5 panics: the other 8 of 10 succeed, on either of 2 workers.
+        let d = drive("test", 10, 2, |i, _| async move {
+            match i {
+                3 => Err("refused".to_owned()),
+                5 => panic!("job five"),
+                _ => Ok((1, 2)),
+            }
+        })
+        .await;
+        assert_eq!((d.ops, d.succeeded, d.first.len(), d.total.len()), (10, 8, 8, 8));
+        let e = d.first_error.unwrap_or_default();
+        assert!(e == "refused" || e == "job 5 panicked: job five", "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_connack_holds_only_with_return_code_zero() {
+        let accepted: &[u8] = &[0x20, 0x02, 0x00, 0x00];
+        assert_eq!(read_connack(&mut &accepted[..]).await.ok(), Some(Ok(())));
+        // 4: bad user name or password.
+        let refused: &[u8] = &[0x20, 0x02, 0x00, 0x04];
+        let why = read_connack(&mut &refused[..]).await.ok().and_then(Result::err).unwrap_or_default();
+        assert!(why.starts_with("CONNACK return code 4"), "{why}");
+        // Closed before the whole CONNACK, or another packet (PINGRESP) first: no CONNACK.
+        let short: &[u8] = &[0x20, 0x02, 0x00];
+        assert!(read_connack(&mut &short[..]).await.is_err());
+        let other: &[u8] = &[0xd0, 0x00];
+        assert!(read_connack(&mut &other[..]).await.is_err());
+    }
 }

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use provisio_core::model::LinkedHub;
+use provisio_core::{model::LinkedHub, text::shorten};
 use provisio_proto::error::codes;
-use provisio_store::{Collection, Precondition, Store, StoreError};
+use provisio_store::{Collection, Precondition, Store};
 
-use crate::ServerError;
+use crate::{Error, Resource, SetupError, StoreResult};
 
 /// Most linked hubs (DPS: 50).
 pub const MAX_HUBS: u32 = 50;
@@ -18,28 +18,25 @@ pub struct Hubs {
     cache: Arc<crate::cache::TtlCache<Vec<LinkedHub>>>,
 }
 
-fn not_found(name: &str) -> ServerError {
-    ServerError::NotFound { code: codes::NOT_FOUND, message: format!("Linked hub '{name}' was not found.") }
+fn resource(name: &str) -> Resource<'_> {
+    Resource { kind: "Linked hub", id: name, not_found_code: codes::NOT_FOUND }
 }
 
 /// Checks a hub definition.
 ///
 /// # Errors
 /// A bad host name, weight or registrar URL.
-pub fn validate(h: &LinkedHub) -> Result<(), ServerError> {
+pub fn validate(h: &LinkedHub) -> Result<(), Error> {
     if !provisio_pki::is_dns_name(&h.host_name) {
-        return Err(ServerError::invalid(format!(
-            "'{}' is not a valid hub host name.",
-            crate::engine::shorten(&h.host_name)
-        )));
+        return Err(Error::invalid(format!("'{}' is not a valid hub host name.", shorten(&h.host_name))));
     }
     if !(1..=1000).contains(&h.allocation_weight) {
-        return Err(ServerError::invalid("allocationWeight must be between 1 and 1000."));
+        return Err(Error::invalid("allocationWeight must be between 1 and 1000."));
     }
     if let Some(u) = &h.registrar_webhook_url
         && !(u.starts_with("https://") || u.starts_with("http://"))
     {
-        return Err(ServerError::invalid("registrarWebhookUrl must be an http(s) URL."));
+        return Err(Error::invalid("registrarWebhookUrl must be an http(s) URL."));
     }
     Ok(())
 }
@@ -63,7 +60,7 @@ impl Hubs {
     ///
     /// # Errors
     /// Store failures or an invalid configured host name.
-    pub async fn seed(&self, configured: &[String], default_name: &str) -> Result<(), ServerError> {
+    pub async fn seed(&self, configured: &[String], default_name: &str) -> Result<(), SetupError> {
         let seeded_before = self.store.get(Collection::Meta, "hubsSeeded").await?.is_some();
         let names: Vec<String> = match (configured.is_empty(), seeded_before) {
             (false, _) => configured.to_vec(),
@@ -78,8 +75,8 @@ impl Hubs {
                 region: None,
                 registrar_webhook_url: None,
             };
-            validate(&hub)?;
-            let body = serde_json::to_string(&hub).map_err(|e| ServerError::Internal(e.to_string()))?;
+            validate(&hub).map_err(|e| SetupError::Config(format!("linked hub: {e}")))?;
+            let body = serde_json::to_string(&hub).map_err(|e| SetupError::Config(e.to_string()))?;
             self.store.insert_if_absent(Collection::Hubs, &hub.host_name, &body).await?;
         }
         self.store.insert_if_absent(Collection::Meta, "hubsSeeded", "true").await?;
@@ -90,7 +87,7 @@ impl Hubs {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn linked_names(store: &dyn Store) -> Result<Vec<String>, ServerError> {
+    pub async fn linked_names(store: &dyn Store) -> Result<Vec<String>, SetupError> {
         let docs = store.list(Collection::Hubs, None, MAX_HUBS).await?;
         Ok(docs.iter().filter_map(|d| serde_json::from_str::<LinkedHub>(&d.body).ok()).map(|h| h.host_name).collect())
     }
@@ -99,20 +96,21 @@ impl Hubs {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn list(&self) -> Result<Vec<LinkedHub>, ServerError> {
+    pub async fn list(&self) -> Result<Vec<LinkedHub>, Error> {
         let store = self.store.clone();
         let hubs = self
             .cache
             .get_or_load(|| async move {
                 store
                     .list(Collection::Hubs, None, MAX_HUBS)
-                    .await?
+                    .await
+                    .or_internal()?
                     .iter()
                     .map(|d| {
                         serde_json::from_str(&d.body)
-                            .map_err(|e| ServerError::Internal(format!("stored hub is corrupt: {e}")))
+                            .map_err(|e| Error::Internal(format!("stored hub is corrupt: {e}")))
                     })
-                    .collect::<Result<Vec<LinkedHub>, ServerError>>()
+                    .collect::<Result<Vec<LinkedHub>, Error>>()
             })
             .await?;
         Ok(hubs.as_ref().clone())
@@ -122,27 +120,32 @@ impl Hubs {
     ///
     /// # Errors
     /// 404.
-    pub async fn get(&self, name: &str) -> Result<LinkedHub, ServerError> {
-        let d = self.store.get(Collection::Hubs, &name.to_ascii_lowercase()).await?.ok_or_else(|| not_found(name))?;
-        serde_json::from_str(&d.body).map_err(|e| ServerError::Internal(format!("stored hub is corrupt: {e}")))
+    pub async fn get(&self, name: &str) -> Result<LinkedHub, Error> {
+        let d = self
+            .store
+            .get(Collection::Hubs, &name.to_ascii_lowercase())
+            .await
+            .or_internal()?
+            .ok_or_else(|| resource(name).not_found())?;
+        serde_json::from_str(&d.body).map_err(|e| Error::Internal(format!("stored hub is corrupt: {e}")))
     }
 
     /// Links or updates a hub.
     ///
     /// # Errors
     /// Invalid definition; more than [`MAX_HUBS`].
-    pub async fn put(&self, name: &str, mut hub: LinkedHub) -> Result<LinkedHub, ServerError> {
+    pub async fn put(&self, name: &str, mut hub: LinkedHub) -> Result<LinkedHub, Error> {
         if !hub.host_name.is_empty() && !hub.host_name.eq_ignore_ascii_case(name) {
-            return Err(ServerError::invalid("The body's hostName does not match the name in the path."));
+            return Err(Error::invalid("The body's hostName does not match the name in the path."));
         }
         hub.host_name = name.to_ascii_lowercase();
         validate(&hub)?;
-        let exists = self.store.get(Collection::Hubs, &hub.host_name).await?.is_some();
+        let exists = self.store.get(Collection::Hubs, &hub.host_name).await.or_internal()?.is_some();
         if !exists && self.list().await?.len() >= MAX_HUBS as usize {
-            return Err(ServerError::invalid(format!("An instance links at most {MAX_HUBS} hubs.")));
+            return Err(Error::invalid(format!("An instance links at most {MAX_HUBS} hubs.")));
         }
-        let body = serde_json::to_string(&hub).map_err(|e| ServerError::Internal(e.to_string()))?;
-        self.store.put(Collection::Hubs, &hub.host_name, &body, Precondition::Any).await?;
+        let body = serde_json::to_string(&hub).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store.put(Collection::Hubs, &hub.host_name, &body, Precondition::Any).await.about(&resource(name))?;
         self.cache.invalidate();
         tracing::info!(hub = %hub.host_name, weight = hub.allocation_weight, "linked hub written");
         Ok(hub)
@@ -152,11 +155,8 @@ impl Hubs {
     ///
     /// # Errors
     /// 404.
-    pub async fn delete(&self, name: &str) -> Result<(), ServerError> {
-        self.store.delete(Collection::Hubs, &name.to_ascii_lowercase(), None).await.map_err(|e| match e {
-            StoreError::NotFound => not_found(name),
-            other => other.into(),
-        })?;
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.store.delete(Collection::Hubs, &name.to_ascii_lowercase(), None).await.about(&resource(name))?;
         self.cache.invalidate();
         Ok(())
     }

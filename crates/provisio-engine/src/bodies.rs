@@ -8,7 +8,7 @@ use provisio_proto::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::ServerError;
+use crate::Error;
 
 /// A `DeviceRegistration` (HTTPS body or MQTT payload). Empty and whitespace-only bodies
 /// (C#, Node, Python polls; C# over MQTT) mean "no fields".
@@ -26,12 +26,11 @@ pub fn device_registration(bytes: &[u8]) -> Result<DeviceRegistration, serde_jso
 ///
 /// # Errors
 /// 400 for an empty or malformed body.
-pub fn json_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ServerError> {
+pub fn json_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Error> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ServerError::malformed(format!("The request body must be a JSON {what}.")));
+        return Err(Error::malformed(format!("The request body must be a JSON {what}.")));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ServerError::malformed(format!("The request body is not a valid {what}: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::malformed(format!("The request body is not a valid {what}: {e}")))
 }
 
 /// The optional `QuerySpecification` of the query routes (Python and the az CLI send none
@@ -39,7 +38,7 @@ pub fn json_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Ser
 ///
 /// # Errors
 /// 400 for a malformed body.
-pub fn query_spec(bytes: &[u8]) -> Result<Option<QuerySpecification>, ServerError> {
+pub fn query_spec(bytes: &[u8]) -> Result<Option<QuerySpecification>, Error> {
     if bytes.iter().all(u8::is_ascii_whitespace) { Ok(None) } else { json_body(bytes, "QuerySpecification").map(Some) }
 }
 
@@ -59,7 +58,7 @@ pub fn certificate_body(body: CertificateBody) -> CertificateBody {
 ///
 /// # Errors
 /// 400 for a malformed body or a weight that is not a whole number.
-pub fn linked_hub(bytes: &[u8]) -> Result<LinkedHub, ServerError> {
+pub fn linked_hub(bytes: &[u8]) -> Result<LinkedHub, Error> {
     let v: serde_json::Value = json_body(bytes, "linked hub")?;
     Ok(LinkedHub {
         host_name: v.get("hostName").and_then(|x| x.as_str()).unwrap_or_default().to_owned(),
@@ -68,7 +67,7 @@ pub fn linked_hub(bytes: &[u8]) -> Result<LinkedHub, ServerError> {
             Some(w) => w
                 .as_u64()
                 .and_then(|w| u32::try_from(w).ok())
-                .ok_or_else(|| ServerError::invalid("allocationWeight must be a whole number from 1 to 1000."))?,
+                .ok_or_else(|| Error::invalid("allocationWeight must be a whole number from 1 to 1000."))?,
         },
         apply_allocation_policy: v.get("applyAllocationPolicy").and_then(serde_json::Value::as_bool).unwrap_or(true),
         region: v.get("region").and_then(|x| x.as_str()).map(str::to_owned),

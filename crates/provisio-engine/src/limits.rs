@@ -1,5 +1,6 @@
-//! Limits: a token bucket (a steady rate with a burst allowance) for requests, and the
-//! admission of new connections that every listener (HTTPS, MQTT, AMQP) shares.
+//! Limits: a token bucket (a steady rate with a burst allowance) for requests, a sliding
+//! window per key (a device's polls), and the admission counters of new connections that
+//! every listener (HTTPS, MQTT, AMQP) shares.
 
 use std::{
     sync::Mutex,
@@ -187,24 +188,6 @@ impl Admission {
             return None;
         };
         Some(Admitted { _total: total, _ip: ip })
-    }
-
-    /// The next connection on `listener`, with Nagle's algorithm off (answers are small and
-    /// wanted at once). An accept error (EMFILE and friends) is logged and retried after
-    /// 50 ms rather than in a spin. Cancel-safe.
-    pub async fn accept(&self, listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    return (tcp, peer);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = self.listener, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
     }
 }
 

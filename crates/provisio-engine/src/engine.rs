@@ -1,5 +1,5 @@
 //! The registration engine: the one implementation of DPS device semantics that every
-//! front-end (HTTPS today; MQTT and AMQP later) calls.
+//! front-end calls through [`Engine::device`](crate::device).
 //!
 //! `register` attests the device, finds its enrollment, allocates a hub and persists the
 //! registration record together with the operation in one transaction, then answers
@@ -13,60 +13,30 @@ use provisio_core::{
     attest::{self, Matched},
     ids::RegistrationId,
     model::{
-        Attestation, EnrollmentGroup, EnrollmentSource, Outcome, RegistrationRecord, TpmDetails, X509Attestation,
-        X509Details,
+        Attestation, EnrollmentGroup, EnrollmentSource, Outcome, RegistrationRecord, X509Attestation, X509Details,
     },
     sas::SasToken,
-    timefmt, tpm,
+    text::shorten,
+    timefmt,
 };
 use provisio_pki::attest::{Anchor, X509Match};
 use provisio_proto::{
-    device::{
-        DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
-        SymmetricKeyRegistrationResult, X509RegistrationResult,
-    },
+    device::{DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus},
     error::codes,
 };
 use provisio_store::{Collection, Precondition, Store};
 
-use crate::{ServerError, certificates::Certificates, service_model};
+use crate::{
+    Error, StoreResult,
+    certificates::Certificates,
+    device::{Credential, Origin, check_body_id},
+    wire,
+};
 
 /// What attestation established.
 struct Attested {
     matched: Matched,
     x509: Option<X509Details>,
-}
-
-/// The credentials a front-end extracted from the transport.
-#[derive(Debug, Clone)]
-pub enum Credential {
-    /// A SAS token (`Authorization` header, MQTT password, SASL PLAIN password).
-    Sas(String),
-    /// The client certificate chain from the TLS handshake, leaf first (DER).
-    X509(Vec<Vec<u8>>),
-    /// Nothing was presented.
-    None,
-}
-
-/// Where a request came from, for the audit log.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Origin {
-    /// `https`, `mqtt` or `amqp`.
-    pub transport: &'static str,
-    /// The client's IP address.
-    pub peer: Option<std::net::IpAddr>,
-}
-
-impl Credential {
-    /// The attestation kind, as the audit log names it.
-    #[must_use]
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Sas(_) => "symmetricKey",
-            Self::X509(_) => "x509",
-            Self::None => "none",
-        }
-    }
 }
 
 /// Engine settings.
@@ -88,6 +58,25 @@ pub struct EngineSettings {
     pub poll_auth_cache: std::time::Duration,
     /// Refusal records kept in the store (the most recent; 0: none are written).
     pub refusal_records_kept: u32,
+    /// Seconds a device is told to wait before polling an `assigning` operation.
+    pub retry_after_secs: u32,
+}
+
+impl Default for EngineSettings {
+    /// The defaults of `provisio serve`.
+    fn default() -> Self {
+        Self {
+            sas_clock_skew_secs: 30,
+            signing_certificates_need_verified_ca: false,
+            cache_ttl: std::time::Duration::from_secs(1),
+            registrations_per_second: 0,
+            device_polls_per_10s: 5,
+            max_concurrent_operations: 1024,
+            poll_auth_cache: std::time::Duration::from_secs(30),
+            refusal_records_kept: 10_000,
+            retry_after_secs: 2,
+        }
+    }
 }
 
 /// Keeps the store's refusal records ([`Collection::Audit`]) to
@@ -104,19 +93,19 @@ struct RefusalRecords {
 /// The registration engine.
 #[derive(Clone)]
 pub struct Engine {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     certificates: Certificates,
-    assigner: crate::assignment::Assigner,
+    assigner: crate::allocation::Assigner,
     group_cache: Arc<crate::cache::TtlCache<Vec<EnrollmentGroup>>>,
-    registrations: Arc<crate::http::limit::RateLimiter>,
-    polls: Arc<crate::http::limit::KeyedWindow>,
+    registrations: Arc<crate::limits::RateLimiter>,
+    polls: Arc<crate::limits::KeyedWindow>,
     scope: provisio_core::ids::IdScope,
     settings: Arc<EngineSettings>,
-    audit: crate::audit::AuditLog,
+    pub(crate) audit: crate::audit::AuditLog,
     /// Permits for operations in progress (`None`: unlimited).
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
     /// Credentials proven recently, for polls.
-    auth_cache: Arc<crate::cache::AuthCache>,
+    pub(crate) auth_cache: Arc<crate::cache::AuthCache>,
     /// Operations written moments ago, for polls.
     recent_operations: Arc<crate::cache::RecentOperations>,
     /// Chains validated before, for X.509 devices registering again.
@@ -131,6 +120,10 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+pub(crate) fn unix_now_i64() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
+}
+
 impl Engine {
     /// An engine for the instance with this scope.
     #[must_use]
@@ -138,13 +131,13 @@ impl Engine {
         store: Arc<dyn Store>,
         scope: provisio_core::ids::IdScope,
         settings: EngineSettings,
-        assigner: crate::assignment::Assigner,
+        assigner: crate::allocation::Assigner,
     ) -> Self {
         let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
         let settings_ops = settings.max_concurrent_operations;
         let poll_auth_cache = settings.poll_auth_cache;
-        let registrations = Arc::new(crate::http::limit::RateLimiter::new(settings.registrations_per_second));
-        let polls = Arc::new(crate::http::limit::KeyedWindow::new(
+        let registrations = Arc::new(crate::limits::RateLimiter::new(settings.registrations_per_second));
+        let polls = Arc::new(crate::limits::KeyedWindow::new(
             settings.device_polls_per_10s,
             std::time::Duration::from_secs(10),
         ));
@@ -203,10 +196,10 @@ impl Engine {
 
     /// A permit to work on one device operation, or 429 when the node is at its limit: a
     /// device told to come back beats a queue that grows until every request times out.
-    fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServerError> {
+    fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Error> {
         match &self.in_flight {
             None => Ok(None),
-            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ServerError::Throttled(1)),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| Error::Throttled(1)),
         }
     }
 
@@ -219,31 +212,25 @@ impl Engine {
 
     /// Every enrollment group, parsed; cached for a moment because every group device's
     /// registration and poll needs them.
-    async fn groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, ServerError> {
+    async fn groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, Error> {
         let store = self.store.clone();
         self.group_cache
             .get_or_load(|| async move {
                 store
                     .list(Collection::EnrollmentGroups, None, MAX_GROUPS)
-                    .await?
+                    .await
+                    .or_internal()?
                     .iter()
-                    .map(service_model::group_from_doc)
-                    .collect::<Result<Vec<_>, ServerError>>()
+                    .map(wire::group_from_doc)
+                    .collect::<Result<Vec<_>, Error>>()
             })
             .await
     }
 
-    /// The cache of proven credentials, shared with the service API so that enrollment
-    /// writes clear it.
-    #[must_use]
-    pub fn auth_cache(&self) -> Arc<crate::cache::AuthCache> {
-        self.auth_cache.clone()
-    }
-
     /// Attests a read-only request (poll, status query), unless this exact credential was
     /// proven for this device moments ago.
-    async fn attest_for_read(&self, id: &RegistrationId, credential: &Credential) -> Result<(), ServerError> {
-        if !self.auth_cache.recalls(id.key(), credential) {
+    async fn attest_for_read(&self, id: &RegistrationId, credential: &Credential) -> Result<(), Error> {
+        if !credential.fingerprint(id.key()).is_some_and(|f| self.auth_cache.recalls(&f)) {
             self.attest(id, credential, None).await?;
             self.remember(id, credential);
         }
@@ -258,13 +245,41 @@ impl Engine {
             }),
             _ => None,
         };
-        self.auth_cache.remember(id.key(), credential, expires);
+        if let Some(f) = credential.fingerprint(id.key()) {
+            self.auth_cache.remember(f, expires);
+        }
     }
 
-    /// The group cache, shared with the service API so that its writes invalidate it.
+    /// The service API of this instance, sharing the engine's caches so that its writes
+    /// take effect on the next registration: a group write drops the cached groups, any
+    /// enrollment write the credentials proven for polls.
     #[must_use]
-    pub fn group_cache(&self) -> Arc<crate::cache::TtlCache<Vec<EnrollmentGroup>>> {
-        self.group_cache.clone()
+    pub fn service_api(
+        &self,
+        hostnames: Vec<String>,
+        limits: crate::service::ServiceLimits,
+    ) -> crate::service::ServiceApi {
+        crate::service::ServiceApi::new(self.store.clone(), hostnames, self.settings.sas_clock_skew_secs)
+            .with_limits(limits)
+            .with_group_cache(self.group_cache.clone())
+            .with_auth_cache(self.auth_cache.clone())
+    }
+
+    /// The store this engine works on.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The audit log registration attempts go to.
+    #[must_use]
+    pub fn audit(&self) -> &crate::audit::AuditLog {
+        &self.audit
+    }
+
+    /// Seconds a device is told to wait before its next poll.
+    pub(crate) fn retry_after_secs(&self) -> u32 {
+        self.settings.retry_after_secs
     }
 
     /// The instance's ID scope.
@@ -273,11 +288,11 @@ impl Engine {
         self.scope.as_str()
     }
 
-    fn check_scope(&self, scope: &str) -> Result<(), ServerError> {
+    fn check_scope(&self, scope: &str) -> Result<(), Error> {
         if self.scope.matches(scope) {
             Ok(())
         } else {
-            Err(ServerError::NotFound {
+            Err(Error::NotFound {
                 code: codes::NOT_FOUND,
                 message: format!("No provisioning service has the ID scope '{}'.", shorten(scope)),
             })
@@ -292,23 +307,23 @@ impl Engine {
         id: &RegistrationId,
         credential: &Credential,
         enrollment: Option<Option<provisio_store::Document>>,
-    ) -> Result<Attested, ServerError> {
+    ) -> Result<Attested, Error> {
         match credential {
             Credential::X509(chain) => self.attest_x509(id, chain, enrollment).await,
             other => Ok(Attested { matched: self.attest_sas(id, other, enrollment).await?, x509: None }),
         }
     }
 
-    async fn individual(
+    pub(crate) async fn individual(
         &self,
         id: &RegistrationId,
         prefetched: Option<Option<provisio_store::Document>>,
-    ) -> Result<Option<provisio_core::model::Enrollment>, ServerError> {
+    ) -> Result<Option<provisio_core::model::Enrollment>, Error> {
         let doc = match prefetched {
             Some(d) => d,
-            None => self.store.get(Collection::Enrollments, id.key()).await?,
+            None => self.store.get(Collection::Enrollments, id.key()).await.or_internal()?,
         };
-        doc.as_ref().map(service_model::enrollment_from_doc).transpose()
+        doc.as_ref().map(wire::enrollment_from_doc).transpose()
     }
 
     /// X.509: the chain from TLS against the individual enrollment, then the groups.
@@ -317,7 +332,7 @@ impl Engine {
         id: &RegistrationId,
         chain: &[Vec<u8>],
         prefetched: Option<Option<provisio_store::Document>>,
-    ) -> Result<Attested, ServerError> {
+    ) -> Result<Attested, Error> {
         let individual = self.individual(id, prefetched).await?;
         let mut groups = Vec::new();
         let verified = if individual.is_none() && self.settings.signing_certificates_need_verified_ca {
@@ -336,8 +351,7 @@ impl Engine {
                             ("signingCertificates.secondary", &p.secondary),
                         ] {
                             if let Some(c) = c {
-                                let der =
-                                    B64.decode(&c.der_base64).map_err(|e| ServerError::Internal(e.to_string()))?;
+                                let der = B64.decode(&c.der_base64).map_err(|e| Error::Internal(e.to_string()))?;
                                 let usable = if !self.settings.signing_certificates_need_verified_ca
                                     || provisio_pki::x509::is_or_signed_by_any(&der, &verified)
                                 {
@@ -407,10 +421,10 @@ impl Engine {
                     "trackingId": tracking_id,
                     "attestation": "x509",
                     "reason": refusal.detail,
-                    "certificateInfo": refusal.certificate.as_ref().map(service_model::cert_info_to_wire),
+                    "certificateInfo": refusal.certificate.as_ref().map(wire::cert_info_to_wire),
                 });
                 self.record_refusal(id, &audit).await;
-                Err(ServerError::Unauthorized {
+                Err(Error::Unauthorized {
                     public: refusal.public,
                     detail: refusal.detail,
                     tracking_id: Some(tracking_id),
@@ -425,9 +439,9 @@ impl Engine {
         id: &RegistrationId,
         credential: &Credential,
         prefetched: Option<Option<provisio_store::Document>>,
-    ) -> Result<Matched, ServerError> {
+    ) -> Result<Matched, Error> {
         let Credential::Sas(raw) = credential else {
-            return Err(ServerError::Unauthorized {
+            return Err(Error::Unauthorized {
                 public: "Unauthorized: no SAS token (Authorization header) was presented.".into(),
                 detail: format!("registration '{id}' presented no credential"),
                 tracking_id: None,
@@ -459,38 +473,67 @@ impl Engine {
         Ok(attest::symmetric_key(&token, id.as_str(), individual, groups)?)
     }
 
-    fn parse_id(registration_id: &str) -> Result<RegistrationId, ServerError> {
+    fn parse_id(registration_id: &str) -> Result<RegistrationId, Error> {
         Ok(RegistrationId::parse(registration_id)?)
     }
 
-    /// `PUT {scope}/registrations/{id}/register`: returns the operation id.
-    ///
-    /// # Errors
-    /// Unknown scope, invalid id, refused credential, or a store failure.
-    pub async fn register(
+    /// The checks a registration (or a TPM challenge) passes first: the node's limit (the
+    /// permit is held until the caller is done), the scope, the instance's registration rate
+    /// (DPS-style throttling), a valid id.
+    pub(crate) fn admit_registration(
+        &self,
+        scope: &str,
+        registration_id: &str,
+    ) -> Result<(Option<tokio::sync::OwnedSemaphorePermit>, RegistrationId), Error> {
+        let permit = self.admit()?;
+        self.check_scope(scope)?;
+        self.registrations.acquire().map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
+        Ok((permit, Self::parse_id(registration_id)?))
+    }
+
+    /// `PUT {scope}/registrations/{id}/register` from inside the process: returns the
+    /// operation id.
+    #[cfg(test)]
+    pub(crate) async fn register(
         &self,
         scope: &str,
         registration_id: &str,
         request: DeviceRegistration,
         credential: &Credential,
-    ) -> Result<String, ServerError> {
-        self.register_from(&Origin::default(), scope, registration_id, Ok(request), credential).await
+    ) -> Result<String, Error> {
+        let origin = Origin::new(crate::device::Transport::Internal, None);
+        self.register_from(&origin, scope, registration_id, Ok(request), credential).await
+    }
+
+    /// Records a registration attempt refused before it reached the engine's checks, and
+    /// returns the error with the tracking id its audit line carries.
+    pub(crate) async fn refuse_registration(
+        &self,
+        origin: &Origin,
+        registration_id: &str,
+        credential: &Credential,
+        e: Error,
+    ) -> Error {
+        let mut entry = attempt(origin, registration_id, credential.kind());
+        let e = refused(&mut entry, e);
+        self.audit.record(&entry).await;
+        e
     }
 
     /// A registration attempt from `origin`, audited whatever its result. `request` is the
-    /// parsed body, or why the front-end could not parse it (still an attempt to record).
-    /// Errors come back with the tracking id the audit line carries.
+    /// parsed body, or why it could not be parsed (still an attempt to record). Errors come
+    /// back with the tracking id the audit line carries.
     ///
     /// # Errors
-    /// As [`Engine::register`], plus the front-end's own refusal.
-    pub async fn register_from(
+    /// Unknown scope, invalid id, refused credential, a store failure, or `request`'s error.
+    pub(crate) async fn register_from(
         &self,
         origin: &Origin,
         scope: &str,
         registration_id: &str,
-        request: Result<DeviceRegistration, ServerError>,
+        request: Result<DeviceRegistration, Error>,
         credential: &Credential,
-    ) -> Result<String, ServerError> {
+    ) -> Result<String, Error> {
         let result = match request {
             Ok(r) => self.register_inner(scope, registration_id, r, credential).await,
             Err(e) => Err(e),
@@ -533,15 +576,15 @@ impl Engine {
         registration_id: &str,
         request: DeviceRegistration,
         credential: &Credential,
-    ) -> Result<(String, RegistrationRecord), ServerError> {
+    ) -> Result<(String, RegistrationRecord), Error> {
         let (_permit, id) = self.admit_registration(scope, registration_id)?;
-        check_body_id(&id, &request)?;
+        check_body_id(id.as_str(), &request)?;
         // The enrollment and the previous record in one round trip.
         let (enrollment, previous) =
-            self.store.get_both(Collection::Enrollments, Collection::Registrations, id.key()).await?;
+            self.store.get_both(Collection::Enrollments, Collection::Registrations, id.key()).await.or_internal()?;
         let Attested { matched, x509 } = self.attest(&id, credential, Some(enrollment)).await?;
         self.remember(&id, credential);
-        let previous = previous.map(|doc| service_model::record_from_body(&doc.body)).transpose()?;
+        let previous = previous.map(|doc| wire::record_from_body(&doc.body)).transpose()?;
         let now = timefmt::now();
         let (settings, source, device_id) = match &matched {
             Matched::Individual(e) => (
@@ -566,7 +609,7 @@ impl Engine {
         };
         let assignment = if settings.enabled {
             self.assigner
-                .assign(crate::assignment::Request {
+                .assign(crate::allocation::Request {
                     id: &id,
                     matched: &matched,
                     x509: x509.as_ref(),
@@ -577,14 +620,14 @@ impl Engine {
                 })
                 .await?
         } else {
-            crate::assignment::Assignment {
+            crate::allocation::Assignment {
                 outcome: Outcome::Disabled,
                 twin: previous.as_ref().and_then(|p| p.initial_twin.clone()),
             }
         };
         let tpm = match (&matched, &assignment.outcome, &tpm_challenge) {
             (Matched::Individual(e), Outcome::Assigned { .. }, Some(c)) => match &e.attestation {
-                Attestation::Tpm { endorsement_key, .. } => Some(tpm_result(&id, endorsement_key, c)?),
+                Attestation::Tpm { endorsement_key, .. } => Some(crate::tpm::tpm_result(&id, endorsement_key, c)?),
                 _ => None,
             },
             _ => None,
@@ -604,218 +647,24 @@ impl Engine {
         let body = crate::to_json(&record)
             .map_err(|e| e.to_string())
             .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
-            .map_err(ServerError::Internal)?;
+            .map_err(Error::Internal)?;
         let tag = match &record.source {
             EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.to_ascii_lowercase()),
             EnrollmentSource::Individual => None,
         };
-        let stored = self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await?;
+        let stored =
+            self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await.or_internal()?;
         self.recent_operations.insert(
             operation_id.clone(),
             crate::cache::RecentOperation {
                 registration_key: id.key().to_owned(),
-                state: device_result(&record, &stored.etag),
+                state: wire::device_result(&record, &stored.etag),
             },
         );
         // Debug, not info: the audit log records every registration already (with more
         // detail); the operator's log keeps what needs attention.
-        tracing::debug!(registration_id = %id, operation_id, status = ?status_of(&record.outcome), "registered");
+        tracing::debug!(registration_id = %id, operation_id, status = ?wire::status_of(&record.outcome), "registered");
         Ok((operation_id, record))
-    }
-
-    /// A TPM device's first `register`: no credential, its EK and SRK in the body's `tpm`.
-    /// Checks the EK against the device's individual enrollment and answers with a fresh HMAC
-    /// key that only that TPM can take in (base64 of [`tpm::authentication_key`]'s blob). The
-    /// key is kept for [`TPM_CHALLENGE_SECS`] to check the SAS tokens the device signs with it;
-    /// a new challenge replaces the previous one. Audited like a registration.
-    ///
-    /// # Errors
-    /// Unknown scope (`404`); no enrollment, one that is not TPM or whose EK differs (`401`,
-    /// the same answer for all three); keys this service cannot use (`400`); a store failure.
-    pub async fn tpm_challenge(
-        &self,
-        origin: &Origin,
-        scope: &str,
-        registration_id: &str,
-        request: Result<DeviceRegistration, ServerError>,
-    ) -> Result<String, ServerError> {
-        let result = match request {
-            Ok(r) => self.tpm_challenge_inner(scope, registration_id, &r).await,
-            Err(e) => Err(e),
-        };
-        self.audit_challenge(origin, registration_id, result).await
-    }
-
-    async fn tpm_challenge_inner(
-        &self,
-        scope: &str,
-        registration_id: &str,
-        request: &DeviceRegistration,
-    ) -> Result<String, ServerError> {
-        let (_permit, id) = self.admit_registration(scope, registration_id)?;
-        check_body_id(&id, request)?;
-        let (ek_sent, srk_sent) = tpm_keys_of(request)?;
-        let srk = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
-        let (key, blob) = tpm::new_challenge(&ek_sent, &srk).map_err(tpm_invalid)?;
-        self.store_tpm_challenge(&id, &key, &srk).await?;
-        Ok(B64.encode(blob))
-    }
-
-    /// The AMQP form of [`Engine::tpm_challenge`] (SASL mechanism `TPM`): the front-end has
-    /// already sent the blob for `key`, made from the `ek` and `srk` the device sent, because
-    /// the SASL exchange cannot wait for the store; this checks the EK against the enrollment
-    /// and keeps `key` for the SAS tokens that follow. Audited like a registration.
-    ///
-    /// # Errors
-    /// As [`Engine::tpm_challenge`].
-    pub async fn tpm_sasl_challenge(
-        &self,
-        origin: &Origin,
-        scope: &str,
-        registration_id: &str,
-        ek: &[u8],
-        srk: &[u8],
-        key: &[u8],
-    ) -> Result<(), ServerError> {
-        let result = async {
-            let (_permit, id) = self.admit_registration(scope, registration_id)?;
-            self.tpm_enrolled(&id, ek, Some(srk.to_vec())).await?;
-            self.store_tpm_challenge(&id, key, srk).await
-        }
-        .await;
-        self.audit_challenge(origin, registration_id, result).await
-    }
-
-    /// The checks a registration (or a TPM challenge) passes first: the node's limit (the
-    /// permit is held until the caller is done), the scope, the instance's registration rate
-    /// (DPS-style throttling), a valid id.
-    fn admit_registration(
-        &self,
-        scope: &str,
-        registration_id: &str,
-    ) -> Result<(Option<tokio::sync::OwnedSemaphorePermit>, RegistrationId), ServerError> {
-        let permit = self.admit()?;
-        self.check_scope(scope)?;
-        self.registrations.acquire().map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
-        Ok((permit, Self::parse_id(registration_id)?))
-    }
-
-    /// Checks that the device has a TPM enrollment whose EK is `ek_sent`; returns the SRK to
-    /// wrap to (the one sent, else the enrolled one). Whether the keys are usable is
-    /// [`tpm::new_challenge`]'s to say (over AMQP it already has, during SASL).
-    async fn tpm_enrolled(
-        &self,
-        id: &RegistrationId,
-        ek_sent: &[u8],
-        srk_sent: Option<Vec<u8>>,
-    ) -> Result<Vec<u8>, ServerError> {
-        // One answer for an unknown device, another attestation and another EK: no oracle
-        // for which registration ids are enrolled (DPS answers 404201 to the first).
-        let refused = |detail: String| ServerError::Unauthorized {
-            public: "Unauthorized: no TPM enrollment of this registration id has this endorsement key.".into(),
-            detail,
-            tracking_id: None,
-        };
-        let enrollment = self
-            .individual(id, None)
-            .await?
-            .ok_or_else(|| refused(format!("registration '{id}' sent a TPM endorsement key and has no enrollment")))?;
-        let Attestation::Tpm { endorsement_key, storage_root_key } = &enrollment.attestation else {
-            return Err(refused(format!(
-                "registration '{id}' sent a TPM endorsement key; its enrollment uses {}",
-                enrollment.attestation.kind()
-            )));
-        };
-        let enrolled = B64.decode(endorsement_key.trim()).unwrap_or_default();
-        if aws_lc_rs::constant_time::verify_slices_are_equal(&enrolled, ek_sent).is_err() {
-            return Err(refused(format!("registration '{id}' sent an endorsement key other than its enrollment's")));
-        }
-        let srk = match (srk_sent, storage_root_key) {
-            (Some(s), _) => s,
-            (None, Some(s)) => B64.decode(s.trim()).map_err(|_| {
-                ServerError::Internal(format!("the stored storageRootKey of enrollment '{id}' is not base64"))
-            })?,
-            (None, None) => {
-                return Err(ServerError::invalid(
-                    "tpm.storageRootKey is required: the key is delivered wrapped to the device's storage root key.",
-                ));
-            }
-        };
-        Ok(srk)
-    }
-
-    /// Keeps `key` as the device's current challenge key (replacing an earlier one).
-    async fn store_tpm_challenge(&self, id: &RegistrationId, key: &[u8], srk: &[u8]) -> Result<(), ServerError> {
-        let challenge = TpmChallenge {
-            challenge_key: B64.encode(key),
-            storage_root_key: B64.encode(srk),
-            expires: unix_now_i64().saturating_add(TPM_CHALLENGE_SECS),
-        };
-        let body = serde_json::to_string(&challenge).map_err(|e| ServerError::Internal(e.to_string()))?;
-        self.store.put(Collection::TpmChallenges, id.key(), &body, Precondition::Any).await?;
-        // A token proven with an earlier challenge's key no longer counts.
-        self.auth_cache.clear();
-        Ok(())
-    }
-
-    /// Records a TPM challenge (or its refusal) in the audit log.
-    async fn audit_challenge<T>(
-        &self,
-        origin: &Origin,
-        registration_id: &str,
-        result: Result<T, ServerError>,
-    ) -> Result<T, ServerError> {
-        let mut entry = attempt(origin, registration_id, "tpm");
-        let result = match result {
-            Ok(v) => {
-                entry.status = 401;
-                entry.result = "challenged".into();
-                Ok(v)
-            }
-            Err(e) => Err(refused(&mut entry, e)),
-        };
-        self.audit.record(&entry).await;
-        result
-    }
-
-    /// The outstanding challenge of a TPM device whose SAS `token` it signed, or `401`.
-    async fn tpm_challenge_key(&self, id: &RegistrationId, token: &SasToken) -> Result<TpmChallenge, ServerError> {
-        let refused = |detail: String| ServerError::Unauthorized {
-            public: "Unauthorized: the SAS token is not signed with the key of this TPM device's current challenge. \
-                     Register without an Authorization header, with the tpm block, to get one."
-                .into(),
-            detail,
-            tracking_id: None,
-        };
-        let Some(c) = self.stored_tpm_challenge(id).await? else {
-            return Err(refused(format!("TPM registration '{id}' has no outstanding challenge")));
-        };
-        if c.expires < unix_now_i64() {
-            return Err(refused(format!("the TPM challenge of '{id}' expired at {}", c.expires)));
-        }
-        let key = B64
-            .decode(&c.challenge_key)
-            .map_err(|_| ServerError::Internal("a stored TPM challenge key is not base64".into()))?;
-        if !token.signed_with(&key) {
-            return Err(refused(format!("the SAS token of '{id}' is not signed with its TPM challenge key")));
-        }
-        Ok(c)
-    }
-
-    /// A TPM device's stored challenge (it attested with its key moments ago).
-    async fn tpm_challenge_of(&self, id: &RegistrationId) -> Result<TpmChallenge, ServerError> {
-        self.stored_tpm_challenge(id).await?.ok_or_else(|| ServerError::Unauthorized {
-            public:
-                "Unauthorized: this TPM device's challenge is gone; register again without an Authorization header."
-                    .into(),
-            detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
-            tracking_id: None,
-        })
-    }
-
-    async fn stored_tpm_challenge(&self, id: &RegistrationId) -> Result<Option<TpmChallenge>, ServerError> {
-        let Some(doc) = self.store.get(Collection::TpmChallenges, id.key()).await? else { return Ok(None) };
-        serde_json::from_str(&doc.body).map(Some).map_err(|e| ServerError::Internal(e.to_string()))
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.
@@ -823,20 +672,20 @@ impl Engine {
     /// # Errors
     /// Unknown scope, refused credential, or an operation that does not exist or belongs
     /// to another device (both `404`).
-    pub async fn operation_status(
+    pub(crate) async fn operation_status(
         &self,
         scope: &str,
         registration_id: &str,
         operation_id: &str,
         credential: &Credential,
-    ) -> Result<RegistrationOperationStatus, ServerError> {
+    ) -> Result<RegistrationOperationStatus, Error> {
         let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
         // A device may poll 5 times per 10 s (DPS's limit); faster gets 429 + Retry-After.
-        self.polls.hit(id.key()).map_err(|wait| ServerError::Throttled(wait.as_secs().max(1)))?;
+        self.polls.hit(id.key()).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
         self.attest_for_read(&id, credential).await?;
-        let not_found = || ServerError::NotFound {
+        let not_found = || Error::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
         };
@@ -846,48 +695,50 @@ impl Engine {
             }
             return Ok(RegistrationOperationStatus::with_state(operation_id, recent.state.clone()));
         }
-        let op = self.store.get_operation(operation_id).await?.ok_or_else(not_found)?;
+        let op = self.store.get_operation(operation_id).await.or_internal()?.ok_or_else(not_found)?;
         if op.registration_id != id.key() {
             return Err(not_found());
         }
-        let record = service_model::record_from_body(&op.registration_body)?;
-        Ok(RegistrationOperationStatus::with_state(op.id, device_result(&record, &op.registration_etag)))
+        let record = wire::record_from_body(&op.registration_body)?;
+        Ok(RegistrationOperationStatus::with_state(op.id, wire::device_result(&record, &op.registration_etag)))
     }
 
     /// `POST {scope}/registrations/{id}`: the device's current registration state.
     ///
     /// # Errors
     /// Unknown scope, refused credential, or no registration yet (`404`).
-    pub async fn registration_status(
+    pub(crate) async fn registration_status(
         &self,
         scope: &str,
         registration_id: &str,
         credential: &Credential,
-    ) -> Result<DeviceRegistrationResult, ServerError> {
+    ) -> Result<DeviceRegistrationResult, Error> {
         let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
         self.attest_for_read(&id, credential).await?;
-        let doc = self.store.get(Collection::Registrations, id.key()).await?.ok_or_else(|| ServerError::NotFound {
-            code: codes::REGISTRATION_NOT_FOUND,
-            message: format!("Registration '{id}' has no registration state yet."),
+        let doc = self.store.get(Collection::Registrations, id.key()).await.or_internal()?.ok_or_else(|| {
+            Error::NotFound {
+                code: codes::REGISTRATION_NOT_FOUND,
+                message: format!("Registration '{id}' has no registration state yet."),
+            }
         })?;
-        Ok(device_result(&service_model::record_from_body(&doc.body)?, &doc.etag))
+        Ok(wire::device_result(&wire::record_from_body(&doc.body)?, &doc.etag))
     }
 }
 
 /// The audit entry of a registration attempt by `registration_id` from `origin`.
-fn attempt(origin: &Origin, registration_id: &str, credential: &str) -> crate::audit::Entry {
+pub(crate) fn attempt(origin: &Origin, registration_id: &str, credential: &str) -> crate::audit::Entry {
     let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
     entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
-    entry.transport = (!origin.transport.is_empty()).then(|| origin.transport.to_owned());
+    entry.transport = Some(origin.transport.as_str().to_owned());
     entry.peer = origin.peer;
     entry.credential = Some(credential.to_owned());
     entry
 }
 
 /// Marks `entry` refused by `e`; returns `e` with the tracking id the entry carries.
-fn refused(entry: &mut crate::audit::Entry, e: ServerError) -> ServerError {
+pub(crate) fn refused(entry: &mut crate::audit::Entry, e: Error) -> Error {
     let (e, tracking_id) = e.tracked();
     entry.result = "refused".into();
     entry.status = e.status();
@@ -895,117 +746,6 @@ fn refused(entry: &mut crate::audit::Entry, e: ServerError) -> ServerError {
     entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
     entry.tracking_id = Some(tracking_id);
     e
-}
-
-/// How long a TPM device may sign with the key of its challenge (seconds).
-pub const TPM_CHALLENGE_SECS: i64 = 3600;
-
-/// A TPM device's outstanding challenge, as stored.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TpmChallenge {
-    /// The HMAC key sent to the TPM, base64 (sealed at rest when encryption is on).
-    challenge_key: String,
-    /// The SRK it was wrapped to (base64 `TPM2B_PUBLIC`), to wrap the result's key.
-    storage_root_key: String,
-    /// Unix seconds after which the key is refused.
-    expires: i64,
-}
-
-/// The body's `registrationId`, when given, must name the device of the path.
-fn check_body_id(id: &RegistrationId, request: &DeviceRegistration) -> Result<(), ServerError> {
-    match &request.registration_id {
-        Some(body_id) if !body_id.eq_ignore_ascii_case(id.as_str()) => Err(ServerError::invalid(format!(
-            "The body's registrationId '{}' does not match the registration id '{id}' of the request.",
-            shorten(body_id)
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// The EK (required) and SRK (optional) of a body's `tpm` block, decoded from base64.
-fn tpm_keys_of(request: &DeviceRegistration) -> Result<(Vec<u8>, Option<Vec<u8>>), ServerError> {
-    let tpm = request.tpm.as_ref().ok_or_else(|| ServerError::invalid("The body has no tpm block."))?;
-    let decode = |name: &str, v: &str| {
-        B64.decode(v.trim()).map_err(|_| ServerError::invalid(format!("tpm.{name} is not base64 of a TPM2B_PUBLIC.")))
-    };
-    let ek = decode("endorsementKey", &tpm.endorsement_key)?;
-    let srk = tpm.storage_root_key.as_deref().filter(|s| !s.trim().is_empty()).map(|s| decode("storageRootKey", s));
-    Ok((ek, srk.transpose()?))
-}
-
-/// The result's `tpm.authenticationKey`: the key the device proved, wrapped afresh for its
-/// TPM (the SDKs import it for the hub).
-fn tpm_result(id: &RegistrationId, endorsement_key: &str, c: &TpmChallenge) -> Result<TpmDetails, ServerError> {
-    let decode = |b: &str| {
-        B64.decode(b.trim()).map_err(|_| ServerError::Internal(format!("stored TPM key of '{id}' is not base64")))
-    };
-    let ek = tpm::StorageKey::parse(&decode(endorsement_key)?, "endorsementKey").map_err(tpm_invalid)?;
-    let srk = tpm::StorageKey::parse(&decode(&c.storage_root_key)?, "storageRootKey").map_err(tpm_invalid)?;
-    let blob = tpm::authentication_key(&ek, &srk, &decode(&c.challenge_key)?)
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
-    Ok(TpmDetails { authentication_key: B64.encode(blob) })
-}
-
-fn tpm_invalid(e: tpm::TpmError) -> ServerError {
-    ServerError::invalid(e.to_string())
-}
-
-fn unix_now_i64() -> i64 {
-    i64::try_from(unix_now()).unwrap_or(i64::MAX)
-}
-
-fn status_of(o: &Outcome) -> RegistrationStatus {
-    match o {
-        Outcome::Assigned { .. } => RegistrationStatus::Assigned,
-        Outcome::Failed { .. } => RegistrationStatus::Failed,
-        Outcome::Disabled => RegistrationStatus::Disabled,
-    }
-}
-
-/// The device's view of a registration record.
-#[must_use]
-pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrationResult {
-    let mut r = DeviceRegistrationResult::bare(&record.registration_id, status_of(&record.outcome));
-    r.created_date_time_utc = Some(record.created.clone());
-    r.last_updated_date_time_utc = Some(record.updated.clone());
-    r.etag = Some(etag.to_owned());
-    match &record.outcome {
-        Outcome::Assigned { assigned_hub, device_id, substatus, payload } => {
-            r.assigned_hub = Some(assigned_hub.clone());
-            r.device_id = Some(device_id.clone());
-            r.substatus = Some(service_model::substatus_to_wire(*substatus));
-            r.payload.clone_from(payload);
-        }
-        Outcome::Failed { error_code, error_message } => {
-            r.error_code = Some(*error_code);
-            r.error_message = Some(error_message.clone());
-        }
-        Outcome::Disabled => {
-            // Older Java SDKs hang on a terminal state without an error code.
-            r.error_code = Some(codes::ENROLLMENT_DISABLED);
-            r.error_message = Some("The enrollment or enrollment group is disabled.".into());
-        }
-    }
-    let group_id = match &record.source {
-        EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.clone()),
-        EnrollmentSource::Individual => None,
-    };
-    if let Some(t) = &record.tpm {
-        r.tpm = Some(serde_json::json!({ "authenticationKey": t.authentication_key }));
-    }
-    match &record.x509 {
-        Some(x) => {
-            r.x509 = Some(X509RegistrationResult {
-                enrollment_group_id: group_id,
-                certificate_info: Some(service_model::cert_info_to_wire(&x.certificate_info)),
-                signing_certificate_info: x.signing_certificate_info.as_ref().map(service_model::cert_info_to_wire),
-            });
-        }
-        None if record.tpm.is_some() => {}
-        None => r.symmetric_key = Some(SymmetricKeyRegistrationResult { enrollment_group_id: group_id }),
-    }
-    r
 }
 
 fn new_operation_id() -> String {
@@ -1020,14 +760,6 @@ fn new_operation_id() -> String {
     format!("4.{micros:016x}.{}", uuid::Uuid::new_v4())
 }
 
-pub(crate) fn shorten(s: &str) -> String {
-    let mut out: String = s.chars().take(80).filter(|c| !c.is_control()).collect();
-    if s.chars().count() > 80 {
-        out.push('…');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use provisio_core::{
@@ -1035,12 +767,15 @@ mod tests {
         keys,
         sas::{SrEncoding, build_token},
     };
-    use provisio_proto::service::{AttestationMechanism, IndividualEnrollment, SymmetricKeyAttestation};
+    use provisio_proto::{
+        device::RegistrationStatus,
+        service::{AttestationMechanism, IndividualEnrollment, SymmetricKeyAttestation},
+    };
     use provisio_store::SqliteStore;
     use serde_json::json;
 
     use super::*;
-    use crate::service_api::ServiceApi;
+    use crate::service::ServiceApi;
 
     const SCOPE: &str = "0ne0000ABCD";
 
@@ -1049,13 +784,8 @@ mod tests {
         let hub_list: Vec<String> = hubs.iter().map(|h| (*h).to_owned()).collect();
         let linked = crate::hubs::Hubs::new(store.clone());
         linked.seed(&hub_list, "unused.example").await.unwrap();
-        let assigner = crate::assignment::Assigner {
-            hubs: linked,
-            default_policy: provisio_core::allocation::Policy::Hashed,
-            region: None,
-            webhook: crate::assignment::WebhookClient::new(reqwest::Client::new(), 1),
-            registrar: Arc::new(crate::registrar::NoRegistrar),
-        };
+        let assigner =
+            crate::allocation::Assigner::new(linked, crate::allocation::AllocationSettings::default()).unwrap();
         let engine = Engine::new(
             store.clone(),
             IdScope::parse(SCOPE).unwrap(),
@@ -1068,6 +798,7 @@ mod tests {
                 max_concurrent_operations: 0,
                 poll_auth_cache: std::time::Duration::ZERO,
                 refusal_records_kept: 3,
+                retry_after_secs: 2,
             },
             assigner,
         );
@@ -1197,10 +928,8 @@ mod tests {
         let key = enroll(&api, "dev-p", None).await;
         let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
         engine.register(SCOPE, "DEV-P", req, &token("DEV-P", &key)).await.unwrap();
-        let rec = service_model::record_from_body(
-            &store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body,
-        )
-        .unwrap();
+        let rec = wire::record_from_body(&store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body)
+            .unwrap();
         assert_eq!(rec.device_payload, Some(json!({"model": "x1"})));
         // The device's spelling of its id is echoed.
         assert_eq!(rec.registration_id, "DEV-P");
@@ -1210,10 +939,8 @@ mod tests {
             payload: Some(serde_json::Value::Null),
         };
         engine.register(SCOPE, "dev-p", req, &token("dev-p", &key)).await.unwrap();
-        let rec = service_model::record_from_body(
-            &store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body,
-        )
-        .unwrap();
+        let rec = wire::record_from_body(&store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body)
+            .unwrap();
         assert_eq!(rec.device_payload, None);
     }
 

@@ -1,86 +1,74 @@
-//! Assignment: which hub a device goes to, with which twin and payload, and what happens
+//! Allocation: which hub a device goes to, with which twin and payload, and what happens
 //! at the hub. Policy resolution (`spec/service-api.md` §4.2), the built-in policies, the
-//! custom allocation webhook (§4.4), re-provisioning (§4.6) and the hub registrar.
+//! custom allocation webhook (§4.4), re-provisioning (§4.6) and the hub registrar. The
+//! rules themselves are `provisio_core::allocation`'s pure functions; this module reads the
+//! hubs and makes the calls.
 
 use std::{sync::Arc, time::Duration};
 
 use provisio_core::{
-    allocation::{self, Candidate, Policy, Reprovision},
+    allocation::{self, Candidate, HubCredential, Policy, PreviousAssignment, Reprovision},
     attest::Matched,
     ids::RegistrationId,
-    keys,
-    model::{Attestation, EnrollmentSettings, LinkedHub, Outcome, RegistrationRecord, Substatus, X509Details},
+    model::{EnrollmentSettings, LinkedHub, Outcome, RegistrationRecord, X509Details},
+    text::shorten,
 };
 use provisio_proto::error::codes;
 use serde_json::{Value, json};
 
 use crate::{
-    ServerError,
+    Error, SetupError,
     hubs::Hubs,
-    registrar::{HubAuthentication, HubDevice, HubRegistrar},
-    service_model,
+    registrar::{HubAuthentication, HubDevice, HubRegistrar, NoRegistrar, WebhookRegistrar},
+    webhook::{WebhookClient, WebhookSettings},
+    wire,
 };
 
-/// How custom allocation webhooks are called.
-#[derive(Clone)]
-pub struct WebhookClient {
-    http: reqwest::Client,
-    attempts: u32,
+/// What happens at the hub once a device is assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegistrarKind {
+    /// Nothing (hubs are managed elsewhere).
+    #[default]
+    None,
+    /// POST the identity to the hub's `registrarWebhookUrl`.
+    Webhook,
 }
 
-impl WebhookClient {
-    /// Calls with `http` (which carries the per-attempt timeout), `attempts` times at most.
-    #[must_use]
-    pub fn new(http: reqwest::Client, attempts: u32) -> Self {
-        Self { http, attempts: attempts.max(1) }
-    }
-
-    /// POSTs the allocation request; returns the parsed response or the cause of failure.
-    async fn call(&self, url: &str, body: &Value) -> Result<Value, String> {
-        let mut last = String::new();
-        for attempt in 0..self.attempts {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
-            }
-            match self.http.post(url).json(body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    let text = r.text().await.map_err(|e| format!("reading the webhook's response failed: {e}"))?;
-                    return serde_json::from_str::<Value>(&text).map_err(|e| {
-                        format!("the webhook's response is not valid JSON ({e}): {}", crate::engine::shorten(&text))
-                    });
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text = r.text().await.unwrap_or_default();
-                    last = format!("Custom allocation failed with status code: {}", status.as_u16());
-                    if !text.trim().is_empty() {
-                        last.push_str(&format!(" (response: {})", crate::engine::shorten(text.trim())));
-                    }
-                    // Only server errors and throttling are worth another attempt.
-                    if !(status.is_server_error() || status.as_u16() == 429) {
-                        return Err(last);
-                    }
-                }
-                Err(e) => last = format!("the webhook could not be called: {}", crate::registrar::redact(&e)),
-            }
+impl RegistrarKind {
+    /// Parses `none` or `webhook`.
+    ///
+    /// # Errors
+    /// Any other value.
+    pub fn parse(s: &str) -> Result<Self, SetupError> {
+        match s {
+            "none" => Ok(Self::None),
+            "webhook" => Ok(Self::Webhook),
+            other => Err(SetupError::Config(format!("hub_registrar '{}' must be none or webhook", shorten(other)))),
         }
-        Err(format!("{last} (after {} attempts)", self.attempts))
     }
+}
+
+/// How devices are allocated.
+#[derive(Debug, Clone, Default)]
+pub struct AllocationSettings {
+    /// The service-level default policy (hashed, geoLatency or static).
+    pub default_policy: Policy,
+    /// The serving node's region, for `geoLatency`.
+    pub region: Option<String>,
+    /// How custom allocation webhooks and registrar endpoints are called.
+    pub webhooks: WebhookSettings,
+    /// What happens at the hub.
+    pub registrar: RegistrarKind,
 }
 
 /// Decides and carries out assignments.
 #[derive(Clone)]
 pub struct Assigner {
-    /// Linked hubs.
-    pub hubs: Hubs,
-    /// The service-level default policy.
-    pub default_policy: Policy,
-    /// The serving node's region, for `geoLatency`.
-    pub region: Option<String>,
-    /// Custom allocation webhooks.
-    pub webhook: WebhookClient,
-    /// What happens at the hub.
-    pub registrar: Arc<dyn HubRegistrar>,
+    hubs: Hubs,
+    default_policy: Policy,
+    region: Option<String>,
+    webhook: WebhookClient,
+    registrar: Arc<dyn HubRegistrar>,
 }
 
 /// What assignment decided.
@@ -116,11 +104,38 @@ pub struct Request<'a> {
 }
 
 impl Assigner {
+    /// An assigner over the linked `hubs`.
+    ///
+    /// # Errors
+    /// A default policy of `custom` (it is set per enrollment), or unusable webhook
+    /// settings.
+    pub fn new(hubs: Hubs, settings: AllocationSettings) -> Result<Self, SetupError> {
+        if settings.default_policy == Policy::Custom {
+            return Err(SetupError::Config(
+                "allocation_policy 'custom' must be hashed, geoLatency or static (custom is set per enrollment)."
+                    .into(),
+            ));
+        }
+        let webhook = WebhookClient::new(&settings.webhooks)?;
+        let registrar: Arc<dyn HubRegistrar> = match settings.registrar {
+            RegistrarKind::None => Arc::new(NoRegistrar),
+            RegistrarKind::Webhook => Arc::new(WebhookRegistrar::new(webhook.clone())),
+        };
+        Ok(Self { hubs, default_policy: settings.default_policy, region: settings.region, webhook, registrar })
+    }
+
+    /// The same assigner with another hub registrar (tests).
+    #[must_use]
+    pub fn with_registrar(mut self, registrar: Arc<dyn HubRegistrar>) -> Self {
+        self.registrar = registrar;
+        self
+    }
+
     /// Assigns a device whose enrollment is enabled.
     ///
     /// # Errors
     /// Only store failures; every allocation problem is a `failed` outcome.
-    pub async fn assign(&self, r: Request<'_>) -> Result<Assignment, ServerError> {
+    pub async fn assign(&self, r: Request<'_>) -> Result<Assignment, Error> {
         let settings = match r.matched {
             Matched::Individual(e) => &e.settings,
             Matched::Group(g) => &g.settings,
@@ -131,28 +146,30 @@ impl Assigner {
             Err(msg) => return Ok(failed(codes::HUB_NOT_SPECIFIED, msg)),
         };
         let previous = r.previous.and_then(|p| match &p.outcome {
-            Outcome::Assigned { assigned_hub, substatus, .. } => {
-                Some((assigned_hub.clone(), *substatus, p.initial_twin.clone()))
-            }
+            Outcome::Assigned { assigned_hub, substatus, .. } => Some(PreviousAssignment {
+                hub: assigned_hub.as_str(),
+                substatus: *substatus,
+                twin: p.initial_twin.as_ref(),
+            }),
             _ => None,
         });
         let rp = settings.reprovision_policy;
         let decision = allocation::reprovision(
-            previous.as_ref().map(|p| p.0.as_str()),
+            previous.as_ref().map(|p| p.hub),
             rp.is_none_or(|p| p.update_hub_assignment),
             rp.is_none_or(|p| p.migrate_device_data),
         );
 
         // Choose the hub (and, for custom allocation, the webhook's twin and payload).
         let (hub, webhook_twin, payload) = match (&decision, &previous) {
-            (Reprovision::Stay, Some((prev_hub, _, _))) if policy != Policy::Custom => (prev_hub.clone(), None, None),
+            (Reprovision::Stay, Some(prev)) if policy != Policy::Custom => (prev.hub.to_owned(), None, None),
             _ if policy == Policy::Custom => {
                 // "Never re-provision": the webhook may only confirm the current hub.
                 let linked: Vec<String> = match (&decision, &previous) {
-                    (Reprovision::Stay, Some((h, _, _))) => vec![h.clone()],
+                    (Reprovision::Stay, Some(prev)) => vec![prev.hub.to_owned()],
                     _ => candidates.iter().map(|c| c.host_name.clone()).collect(),
                 };
-                match self.custom(&r, settings, &linked, previous.as_ref().map(|p| p.0.as_str())).await {
+                match self.custom(&r, settings, &linked, previous.as_ref().map(|p| p.hub)).await {
                     Ok(x) => x,
                     Err(msg) => return Ok(failed(codes::CUSTOM_ALLOCATION_FAILED, msg)),
                 }
@@ -184,51 +201,29 @@ impl Assigner {
         };
 
         let fresh_twin = allocation::merge_json(settings.initial_twin.as_ref(), webhook_twin.as_ref());
-        let moved = previous.as_ref().is_some_and(|p| !p.0.eq_ignore_ascii_case(&hub));
-        let (mut substatus, twin, apply_twin, migrate) = match (&decision, &previous) {
-            (Reprovision::Initial, _) | (_, None) => (Substatus::InitialAssignment, fresh_twin, true, false),
-            (Reprovision::Stay, Some((_, sub, t))) => (*sub, t.clone(), false, true),
-            (Reprovision::Reallocate { migrate: true }, Some((_, sub, t))) => {
-                if moved {
-                    (Substatus::DeviceDataMigrated, t.clone().or(fresh_twin), true, true)
-                } else {
-                    (*sub, t.clone(), false, true)
-                }
-            }
-            // Reset to the initial configuration, also on the same hub (a factory reset).
-            (Reprovision::Reallocate { migrate: false }, Some(_)) => {
-                (Substatus::DeviceDataReset, fresh_twin, true, false)
-            }
-        };
-
+        let plan = allocation::plan_twin(&decision, previous.as_ref(), &hub, fresh_twin);
+        let moved = previous.as_ref().is_some_and(|p| !p.hub.eq_ignore_ascii_case(&hub));
         let device = HubDevice {
             iot_hub_host_name: hub.clone(),
             device_id: r.device_id.clone(),
             registration_id: r.id.as_str().to_owned(),
             authentication: hub_authentication(&r),
             iot_edge: settings.iot_edge.unwrap_or(false),
-            initial_twin: if apply_twin { twin.clone() } else { None },
-            previous_iot_hub_host_name: if moved { previous.as_ref().map(|p| p.0.clone()) } else { None },
-            migrate_device_data: migrate,
+            initial_twin: if plan.apply_twin { plan.twin.clone() } else { None },
+            previous_iot_hub_host_name: if moved { previous.as_ref().map(|p| p.hub.to_owned()) } else { None },
+            migrate_device_data: plan.migrate,
         };
         let url =
             hubs.iter().find(|h| h.host_name.eq_ignore_ascii_case(&hub)).and_then(|h| h.registrar_webhook_url.clone());
-        match self.registrar.register(url.as_deref(), &device).await {
-            Ok(o) => {
-                if o.already_existed && previous.is_none() {
-                    substatus = Substatus::ReprovisionedToInitialAssignment;
-                }
+        let substatus = match self.registrar.register(url.as_deref(), &device).await {
+            Ok(o) => allocation::substatus_after_registrar(plan.substatus, o.already_existed, previous.is_some()),
+            Err(e) => {
+                return Ok(failed(codes::HUB_REGISTRATION_FAILED, format!("Creating the device at {hub} failed: {e}")));
             }
-            Err(msg) => {
-                return Ok(failed(
-                    codes::HUB_REGISTRATION_FAILED,
-                    format!("Creating the device at {hub} failed: {msg}"),
-                ));
-            }
-        }
+        };
         Ok(Assignment {
             outcome: Outcome::Assigned { assigned_hub: hub, device_id: r.device_id, substatus, payload },
-            twin,
+            twin: plan.twin,
         })
     }
 
@@ -287,8 +282,8 @@ impl Assigner {
         match (r.x509, r.matched) {
             (Some(x), _) => {
                 ctx["x509"] = json!({
-                    "certificateInfo": service_model::cert_info_to_wire(&x.certificate_info),
-                    "signingCertificateInfo": x.signing_certificate_info.as_ref().map(service_model::cert_info_to_wire),
+                    "certificateInfo": wire::cert_info_to_wire(&x.certificate_info),
+                    "signingCertificateInfo": x.signing_certificate_info.as_ref().map(wire::cert_info_to_wire),
                 });
             }
             // DPS sends an empty object for symmetric-key devices.
@@ -300,22 +295,20 @@ impl Assigner {
         let mut body = json!({ "deviceRuntimeContext": ctx, "linkedHubs": linked });
         match r.matched {
             Matched::Individual(e) => {
-                let mut w =
-                    serde_json::to_value(service_model::enrollment_to_wire(e, "", false, None)).unwrap_or(Value::Null);
+                let mut w = serde_json::to_value(wire::enrollment_to_wire(e, "", false, None)).unwrap_or(Value::Null);
                 strip_etag(&mut w);
                 body["individualEnrollment"] = w;
             }
             Matched::Group(g) => {
-                let mut w = serde_json::to_value(service_model::group_to_wire(g, "", false)).unwrap_or(Value::Null);
+                let mut w = serde_json::to_value(wire::group_to_wire(g, "", false)).unwrap_or(Value::Null);
                 strip_etag(&mut w);
                 body["enrollmentGroup"] = w;
             }
         }
-        let resp = self.webhook.call(&def.webhook_url, &body).await.map_err(|cause| {
-            if cause.starts_with("Custom allocation failed") {
-                cause
-            } else {
-                format!("Custom allocation failed: {cause}")
+        let resp = self.webhook.post_json(&def.webhook_url, &body, Duration::from_millis(300)).await.map_err(|e| {
+            match e.last {
+                crate::webhook::CallError::Status { .. } => format!("Custom allocation failed with {e}"),
+                _ => format!("Custom allocation failed: the webhook {e}"),
             }
         })?;
         let hub = resp
@@ -326,7 +319,7 @@ impl Assigner {
         let Some(hub) = linked.iter().find(|l| l.eq_ignore_ascii_case(hub)) else {
             return Err(format!(
                 "Custom allocation failed: the webhook chose '{}', which is not one of the linked hubs offered ({}).",
-                crate::engine::shorten(hub),
+                shorten(hub),
                 linked.join(", ")
             ));
         };
@@ -342,28 +335,16 @@ fn strip_etag(v: &mut Value) {
     }
 }
 
-/// The device's credentials at the hub: the key it used at DPS (derived for groups), or
-/// its certificate's thumbprint.
+/// The device's credentials at the hub ([`allocation::hub_credential`]), as the registrar
+/// webhook carries them.
 fn hub_authentication(r: &Request<'_>) -> HubAuthentication {
-    if let Some(x) = r.x509 {
-        return HubAuthentication::SelfSigned { primary_thumbprint: x.certificate_info.sha256_thumbprint.clone() };
-    }
-    if let Some(key) = r.tpm_key {
-        // A TPM holds one key: both slots name it.
-        return HubAuthentication::Sas { primary_key: key.to_owned(), secondary_key: key.to_owned() };
-    }
     let (attestation, group) = match r.matched {
         Matched::Individual(e) => (&e.attestation, false),
         Matched::Group(g) => (&g.attestation, true),
     };
-    match attestation {
-        Attestation::SymmetricKey { primary_key, secondary_key } if group => HubAuthentication::Sas {
-            primary_key: keys::derive_device_key(primary_key, r.id.as_str()).unwrap_or_default(),
-            secondary_key: keys::derive_device_key(secondary_key, r.id.as_str()).unwrap_or_default(),
-        },
-        Attestation::SymmetricKey { primary_key, secondary_key } => {
-            HubAuthentication::Sas { primary_key: primary_key.clone(), secondary_key: secondary_key.clone() }
-        }
-        _ => HubAuthentication::Sas { primary_key: String::new(), secondary_key: String::new() },
+    let thumbprint = r.x509.map(|x| x.certificate_info.sha256_thumbprint.as_str());
+    match allocation::hub_credential(attestation, group, r.id.as_str(), thumbprint, r.tpm_key) {
+        HubCredential::Sas { primary_key, secondary_key } => HubAuthentication::Sas { primary_key, secondary_key },
+        HubCredential::Thumbprint { sha256 } => HubAuthentication::SelfSigned { primary_thumbprint: sha256 },
     }
 }
