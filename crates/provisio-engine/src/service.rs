@@ -896,3 +896,210 @@ fn policy_to_wire(p: &Policy) -> SharedAccessPolicy {
 fn policy(name: &str) -> Resource<'_> {
     Resource { kind: "Shared access policy", id: name, not_found_code: codes::NOT_FOUND }
 }
+
+#[cfg(test)]
+mod tests {
+    use provisio_core::sas::{SrEncoding, build_token};
+    use provisio_store::SqliteStore;
+    use serde_json::json;
+
+    use super::*;
+
+    const V: Option<&str> = Some("2021-10-01");
+
+    async fn api() -> ServiceApi {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        ServiceApi::new(store, vec!["dps.example.com".into()], 0)
+    }
+
+    /// Creates policy `name` with `rights`; returns its primary and secondary keys.
+    async fn policy(api: &ServiceApi, name: &str, rights: &str) -> (String, String) {
+        let p = api
+            .put_policy(
+                name,
+                SharedAccessPolicy {
+                    key_name: name.into(),
+                    primary_key: None,
+                    secondary_key: None,
+                    rights: rights.into(),
+                },
+            )
+            .await
+            .unwrap();
+        (p.primary_key.unwrap(), p.secondary_key.unwrap())
+    }
+
+    fn token(host: &str, key: &str, name: Option<&str>, expiry: u64) -> String {
+        build_token(host, key, expiry, name, SrEncoding::Upper).unwrap()
+    }
+
+    fn soon() -> u64 {
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 600
+    }
+
+    async fn check(api: &ServiceApi, authorization: Option<&str>, right: Right) -> Result<(), Error> {
+        api.authorize(&ServiceCall { authorization, api_version: V }, Api::Service, right).await
+    }
+
+    #[tokio::test]
+    async fn each_right_grants_exactly_the_operations_dps_grants_it() {
+        let api = api().await;
+        // The owner keeps ServiceConfig, so that every other policy may lack it.
+        policy(&api, "owner", "ServiceConfig").await;
+        use Right::*;
+        let operations =
+            [EnrollmentRead, EnrollmentWrite, RegistrationStatusRead, RegistrationStatusWrite, ServiceConfig];
+        // (policy right, the operations it allows), `spec/service-api.md` §2.1.
+        let table: [(&str, &[Right]); 6] = [
+            ("EnrollmentRead", &[EnrollmentRead]),
+            ("EnrollmentWrite", &[EnrollmentRead, EnrollmentWrite, RegistrationStatusRead, RegistrationStatusWrite]),
+            ("RegistrationStatusRead", &[RegistrationStatusRead]),
+            ("RegistrationStatusWrite", &[RegistrationStatusRead, RegistrationStatusWrite]),
+            ("ServiceConfig", &operations),
+            ("DeviceConnect", &[]),
+        ];
+        for (right, allowed) in table {
+            let name = format!("p-{}", right.to_ascii_lowercase());
+            let (key, _) = policy(&api, &name, right).await;
+            let t = token("dps.example.com", &key, Some(&name), soon());
+            for op in operations {
+                let got = check(&api, Some(&t), op).await;
+                if allowed.contains(&op) {
+                    assert!(got.is_ok(), "{right} must allow {op:?}: {got:?}");
+                } else {
+                    let e = got.unwrap_err();
+                    assert_eq!((e.status(), e.code()), (403, 403_001), "{right} must not allow {op:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_current_token_of_a_policy_for_this_host_is_accepted() {
+        let api = api().await;
+        let (primary, secondary) = policy(&api, "owner", "ServiceConfig").await;
+        let r = Right::EnrollmentRead;
+        // Either key, any case of the host, a port in the resource.
+        for t in [
+            token("dps.example.com", &primary, Some("owner"), soon()),
+            token("DPS.example.com:443", &secondary, Some("OWNER"), soon()),
+        ] {
+            check(&api, Some(&t), r).await.unwrap();
+        }
+        let other_key = provisio_core::keys::generate_key();
+        for (case, auth) in [
+            ("no token", None),
+            ("a bearer token", Some("Bearer abc".to_owned())),
+            ("not a SAS token", Some("SharedAccessSignature nothing".to_owned())),
+            ("another host", Some(token("evil.example.com", &primary, Some("owner"), soon()))),
+            ("expired", Some(token("dps.example.com", &primary, Some("owner"), 1))),
+            ("no key name", Some(token("dps.example.com", &primary, None, soon()))),
+            ("an unknown policy", Some(token("dps.example.com", &primary, Some("nobody"), soon()))),
+            ("another key", Some(token("dps.example.com", &other_key, Some("owner"), soon()))),
+        ] {
+            let e = check(&api, auth.as_deref(), r).await.unwrap_err();
+            assert_eq!((e.status(), e.code()), (401, 401_002), "{case}");
+        }
+        // The api-version is checked before the token, and the certificates API has its own.
+        let t = token("dps.example.com", &primary, Some("owner"), soon());
+        let call = |v| ServiceCall { authorization: Some(&t), api_version: v };
+        assert_eq!(api.authorize(&call(None), Api::Service, r).await.unwrap_err().code(), 400_004);
+        assert!(api.authorize(&call(Some("2022-12-12")), Api::Service, r).await.is_err());
+        api.authorize(&call(Some("2022-12-12")), Api::Certificates, Right::ServiceConfig).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_service_rate_answers_429_with_the_wait() {
+        let api = api().await.with_limits(ServiceLimits { requests_per_second: 1, ..ServiceLimits::default() });
+        let (key, _) = policy(&api, "owner", "ServiceConfig").await;
+        let t = token("dps.example.com", &key, Some("owner"), soon());
+        // A burst of twice the rate, then 429.
+        check(&api, Some(&t), Right::EnrollmentRead).await.unwrap();
+        check(&api, Some(&t), Right::EnrollmentRead).await.unwrap();
+        let e = check(&api, Some(&t), Right::EnrollmentRead).await.unwrap_err();
+        assert_eq!((e.status(), e.retry_after()), (429, Some(1)));
+    }
+
+    fn enrollment(id: &str) -> IndividualEnrollment {
+        serde_json::from_value(json!({"registrationId": id, "attestation": {"type": "symmetricKey"}})).unwrap()
+    }
+
+    #[tokio::test]
+    async fn etags_decide_creates_updates_and_deletes() {
+        let api = api().await;
+        let created = api.put_enrollment("dev-1", enrollment("dev-1"), None).await.unwrap();
+        let etag = created.etag.clone().unwrap();
+        // A create of an existing id is a conflict; a stale etag a failed precondition.
+        assert_eq!(api.put_enrollment("dev-1", enrollment("dev-1"), None).await.unwrap_err().code(), 409_201);
+        assert_eq!(
+            api.put_enrollment("DEV-1", enrollment("dev-1"), Some("\"stale\"")).await.unwrap_err().code(),
+            412_001
+        );
+        // The current etag, quoted or not, updates and changes the etag; `*` always does.
+        let updated = api.put_enrollment("dev-1", enrollment("dev-1"), Some(&format!("\"{etag}\""))).await.unwrap();
+        let etag2 = updated.etag.clone().unwrap();
+        assert_ne!(etag2, etag);
+        assert_eq!(api.put_enrollment("dev-1", enrollment("dev-1"), Some(&etag)).await.unwrap_err().code(), 412_001);
+        api.put_enrollment("dev-1", enrollment("dev-1"), Some("*")).await.unwrap();
+        // Deletes: a stale etag is refused, none or `*` deletes, a second delete finds nothing.
+        assert_eq!(api.delete(false, "dev-1", Some(&etag2)).await.unwrap_err().code(), 412_001);
+        api.delete(false, "dev-1", Some("*")).await.unwrap();
+        assert_eq!(api.delete(false, "dev-1", None).await.unwrap_err().code(), 404_201);
+        assert_eq!(api.get_enrollment("dev-1").await.unwrap_err().code(), 404_201);
+        // The body's id must be the path's.
+        assert_eq!(api.put_enrollment("dev-2", enrollment("dev-3"), None).await.unwrap_err().code(), 400_004);
+    }
+
+    #[tokio::test]
+    async fn bulk_operations_check_the_request_then_report_each_item() {
+        let api = api().await.with_limits(ServiceLimits { max_bulk_items: 3, ..ServiceLimits::default() });
+        let items = |ids: &[&str]| ids.iter().map(|id| json!(enrollment(id))).collect::<Vec<_>>();
+        // The request itself: too many items, an unknown mode, no array.
+        for (body, why) in [
+            (json!({"mode": "create", "enrollments": items(&["a", "b", "c", "d"])}), "at most 3"),
+            (json!({"mode": "upsert", "enrollments": items(&["a"])}), "Unknown bulk mode"),
+            (json!({"mode": "create"}), "'enrollments': an array"),
+            (json!({"enrollments": items(&["a"])}), "needs 'mode'"),
+        ] {
+            let e = api.bulk(false, &body).await.unwrap_err();
+            assert_eq!(e.code(), 400_004, "{body}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        // Items: each succeeds or fails on its own, the result lists the failures.
+        let r = api.bulk(false, &json!({"mode": "create", "enrollments": items(&["a", "b"])})).await.unwrap();
+        assert!(r.is_successful && r.errors.is_empty(), "{r:?}");
+        let r = api.bulk(false, &json!({"mode": "create", "enrollments": items(&["b", "c"])})).await.unwrap();
+        assert!(!r.is_successful);
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert_eq!((r.errors[0].registration_id.as_deref(), r.errors[0].error_code), (Some("b"), 409_201));
+        assert!(api.get_enrollment("c").await.is_ok(), "the other item was created");
+        // updateIfMatchETag needs each item's etag. update without one acts as a PUT without
+        // If-Match does (DPS's recorded behaviour): it creates, and conflicts with an existing
+        // item; with the item's etag it updates.
+        let r = api.bulk(false, &json!({"mode": "updateIfMatchETag", "enrollments": items(&["a"])})).await.unwrap();
+        assert_eq!(r.errors[0].error_code, 412_001, "{r:?}");
+        let r = api.bulk(false, &json!({"mode": "update", "enrollments": items(&["a", "new"])})).await.unwrap();
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert_eq!((r.errors[0].registration_id.as_deref(), r.errors[0].error_code), (Some("a"), 409_201));
+        assert!(api.get_enrollment("new").await.is_ok());
+        let etag = api.get_enrollment("a").await.unwrap().etag.unwrap();
+        let mut item = json!(enrollment("a"));
+        item["etag"] = json!(etag);
+        let r = api.bulk(false, &json!({"mode": "updateIfMatchETag", "enrollments": [item]})).await.unwrap();
+        assert!(r.is_successful, "{r:?}");
+        let r = api.bulk(false, &json!({"mode": "delete", "enrollments": items(&["a", "missing"])})).await.unwrap();
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!((r.errors[0].registration_id.as_deref(), r.errors[0].error_code), (Some("missing"), 404_201));
+        assert_eq!(api.get_enrollment("a").await.unwrap_err().code(), 404_201);
+    }
+
+    #[test]
+    fn queries_are_select_star_only() {
+        for ok in ["", "SELECT *", "select * from enrollments", "SELECT * FROM c"] {
+            check_query(ok).unwrap();
+        }
+        for bad in ["SELECT * FROM c WHERE x = 1", "DELETE FROM c", "SELECT id", "SELECT * FROM c; DROP"] {
+            assert_eq!(check_query(bad).unwrap_err().code(), 400_004, "{bad}");
+        }
+    }
+}

@@ -52,6 +52,9 @@ async fn stock_node_amqp_client_symmetric_key_and_x509() {
     let dk = provisio_core::keys::derive_device_key(&gk, "aq-gdev-1").unwrap();
     let r = node::amqp(&s, "aq-gdev-1", &[("SYMMETRIC_KEY", &dk)]);
     assert_eq!(r["ok"], true, "{r}\n{}", s.log_text());
+    assert_eq!(r["result"]["status"], "assigned", "{r}");
+    assert_eq!(r["result"]["assignedHub"], "amqp-hub.example.net", "{r}");
+    assert_eq!(r["result"]["deviceId"], "aq-gdev-1", "{r}");
     assert_eq!(r["result"]["symmetricKey"]["enrollmentGroupId"], "aq-group", "{r}");
     // X.509 group on an uploaded root: no SASL layer, the certificate from TLS.
     let root = std::fs::read_to_string(dir.join("aq-root_cert.pem")).unwrap();
@@ -65,6 +68,8 @@ async fn stock_node_amqp_client_symmetric_key_and_x509() {
     assert_eq!(r["ok"], true, "{r}\n{}", s.log_text());
     assert_eq!(r["result"]["x509"]["enrollmentGroupId"], "aq-x509", "{r}");
     assert_eq!(r["result"]["status"], "assigned", "{r}");
+    assert_eq!(r["result"]["assignedHub"], "amqp-hub.example.net", "{r}");
+    assert_eq!(r["result"]["deviceId"], "aq-x509-dev", "{r}");
     // A wrong key fails in the SDK (the request is rejected with 401), and nothing is stored.
     let e2 = put_enrollment(
         &s,

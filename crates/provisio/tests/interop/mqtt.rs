@@ -40,6 +40,10 @@ async fn stock_node_mqtt_client_symmetric_key_and_x509() {
     put_enrollment(&s, true, "mq-group", json!({"enrollmentGroupId": "mq-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
     let dk = provisio_core::keys::derive_device_key(&gk, "mq-gdev-1").unwrap();
     let r = node::mqtt(&s, "mq-gdev-1", &[("SYMMETRIC_KEY", &dk)]);
+    assert_eq!(r["ok"], true, "{r}\n{}", s.log_text());
+    assert_eq!(r["result"]["status"], "assigned", "{r}");
+    assert_eq!(r["result"]["assignedHub"], "mqtt-hub.example.net", "{r}");
+    assert_eq!(r["result"]["deviceId"], "mq-gdev-1", "{r}");
     assert_eq!(r["result"]["symmetricKey"]["enrollmentGroupId"], "mq-group", "{r}");
     // X.509 group on an uploaded root.
     let root = std::fs::read_to_string(dir.join("mq-root_cert.pem")).unwrap();
@@ -50,6 +54,10 @@ async fn stock_node_mqtt_client_symmetric_key_and_x509() {
         "mq-x509-dev",
         &[("ATTESTATION", "x509"), ("CERT_FILE", cert.to_str().unwrap()), ("KEY_FILE", k.to_str().unwrap())],
     );
+    assert_eq!(r["ok"], true, "{r}\n{}", s.log_text());
+    assert_eq!(r["result"]["status"], "assigned", "{r}");
+    assert_eq!(r["result"]["assignedHub"], "mqtt-hub.example.net", "{r}");
+    assert_eq!(r["result"]["deviceId"], "mq-x509-dev", "{r}");
     assert_eq!(r["result"]["x509"]["enrollmentGroupId"], "mq-x509", "{r}");
     // A wrong key fails in the SDK (401 on the response topic).
     let r = node::mqtt(&s, "mq-ind-1", &[("SYMMETRIC_KEY", &provisio_core::keys::generate_key())]);

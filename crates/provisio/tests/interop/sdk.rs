@@ -69,6 +69,7 @@ async fn stock_node_http_client_registers_individual_and_group_devices() {
     put_enrollment(&s, true, "node-group", json!({"enrollmentGroupId": "node-group", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": gk}}})).await;
     let dk = provisio_core::keys::derive_device_key(&gk, "node-group-dev-7").unwrap();
     let r = node_register(&s, "node-group-dev-7", &dk);
+    assert_eq!(r["status"], "assigned", "{r}");
     assert_eq!(r["assignedHub"], "node-hub.example.net", "{r}");
     assert_eq!(r["deviceId"], "node-group-dev-7", "{r}");
     assert_eq!(r["symmetricKey"]["enrollmentGroupId"], "node-group", "{r}");
@@ -188,6 +189,7 @@ async fn stock_node_websocket_clients_register_over_mqtt_and_amqp() {
             ],
         );
         assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(r["assignedHub"], "ws-hub.example.net", "{transport}: {r}");
         assert_eq!(r["deviceId"], id, "{transport}: {r}");
         assert_eq!(r["x509"]["enrollmentGroupId"], "ws-x509-group", "{transport}: {r}");
 
@@ -279,6 +281,7 @@ async fn stock_python_client_registers_over_mqtt_and_websockets() {
         );
         assert_eq!(v["ok"], true, "{port}: {v}\n{}", s.log_text());
         assert_eq!(v["result"]["status"], "assigned", "{port}: {v}");
+        assert_eq!(v["result"]["assignedHub"], "py-hub.example.net", "{port}: {v}");
         assert_eq!(v["result"]["deviceId"], id, "{port}: {v}");
 
         let v = python_run(

@@ -402,21 +402,26 @@ async fn throttling_and_connection_limits() {
     assert!((1..=10).contains(&retry), "{retry}");
     assert_dps_error(429, &r.json::<Value>().await.unwrap(), 429, 429_001);
 
-    // Too many headers (HTTP/1.1): refused before any handler runs.
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(s.ca_file()).unwrap()).unwrap();
-    let h1 = reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .resolve("localhost", ([127, 0, 0, 1], s.port).into())
-        .http1_only()
-        .build()
-        .unwrap();
-    assert_eq!(h1.get(s.url("/health")).send().await.unwrap().status(), 200);
-    let mut rb = h1.get(s.url("/health"));
-    for i in 0..60 {
-        rb = rb.header(format!("x-h-{i}"), "v");
+    // Too many headers (HTTP/1.1): refused before any handler runs, with 431 (written by
+    // hand: a client library may give up on such an answer in its own way).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let head = |n: usize| {
+            let mut r = String::from("GET /health HTTP/1.1\r\nHost: localhost\r\n");
+            for i in 0..n {
+                r.push_str(&format!("x-h-{i}: v\r\n"));
+            }
+            r + "Connection: close\r\n\r\n"
+        };
+        for (headers, status) in [(10, "200"), (60, "431")] {
+            let mut tls = crate::common::tls_connect(&s, s.port, None).await;
+            tls.write_all(head(headers).as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{headers} headers: {answer}");
+        }
     }
-    assert_eq!(rb.send().await.map(|r| r.status().as_u16()).unwrap_or(431), 431);
-    drop(h1);
 
     // Per-IP connections: the fourth simultaneous connection from 127.0.0.1 is closed at once.
     let port = s.port;
