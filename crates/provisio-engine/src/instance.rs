@@ -88,6 +88,37 @@ pub struct InstanceInfo {
     pub amqp_endpoint: Option<String>,
 }
 
+impl InstanceInfo {
+    /// The owner policy's key, from the service connection string.
+    #[must_use]
+    pub fn owner_key(&self) -> Option<&str> {
+        self.service_connection_string.split(';').find_map(|p| p.strip_prefix("SharedAccessKey="))
+    }
+
+    /// The MQTT listener's port, when it runs.
+    #[must_use]
+    pub fn mqtt_port(&self) -> Option<u16> {
+        port_of(self.mqtt_endpoint.as_deref())
+    }
+
+    /// The AMQP listener's port, when it runs.
+    #[must_use]
+    pub fn amqp_port(&self) -> Option<u16> {
+        port_of(self.amqp_endpoint.as_deref())
+    }
+
+    /// The HTTPS port of the device endpoint (443 when it names none).
+    #[must_use]
+    pub fn https_port(&self) -> u16 {
+        port_of(Some(&self.device_endpoint)).unwrap_or(443)
+    }
+}
+
+/// The port of a `host:port` endpoint.
+fn port_of(endpoint: Option<&str>) -> Option<u16> {
+    endpoint.and_then(|e| e.rsplit_once(':')).and_then(|(_, p)| p.parse().ok())
+}
+
 /// A loaded instance.
 #[derive(Debug, Clone)]
 pub struct Instance {

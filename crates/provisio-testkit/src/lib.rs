@@ -31,62 +31,8 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the repository root")
 }
 
-/// The facts `provisio serve --json` prints.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Info {
-    /// ID scope.
-    pub id_scope: String,
-    /// `host:port` of the device API.
-    pub device_endpoint: String,
-    /// `https://host:port`.
-    pub https_endpoint: String,
-    /// The owner policy's connection string.
-    pub service_connection_string: String,
-    /// The CA to trust.
-    pub ca_cert_file: Option<PathBuf>,
-    /// Linked hubs.
-    pub linked_hubs: Vec<String>,
-    /// `host:port` of MQTT, when it runs.
-    #[serde(default)]
-    pub mqtt_endpoint: Option<String>,
-    /// `host:port` of AMQP, when it runs.
-    #[serde(default)]
-    pub amqp_endpoint: Option<String>,
-}
-
-impl Info {
-    /// The owner policy key from the connection string.
-    ///
-    /// # Panics
-    /// If the connection string has no key.
-    #[must_use]
-    pub fn owner_key(&self) -> String {
-        #[allow(clippy::expect_used)]
-        self.service_connection_string
-            .split(';')
-            .find_map(|p| p.strip_prefix("SharedAccessKey="))
-            .expect("a SharedAccessKey")
-            .to_owned()
-    }
-
-    /// The port of a `host:port` endpoint.
-    fn port_of(endpoint: Option<&str>) -> Option<u16> {
-        endpoint.and_then(|e| e.rsplit_once(':')).and_then(|(_, p)| p.parse().ok())
-    }
-
-    /// The MQTT listener's port.
-    #[must_use]
-    pub fn mqtt_port(&self) -> Option<u16> {
-        Self::port_of(self.mqtt_endpoint.as_deref())
-    }
-
-    /// The AMQP listener's port.
-    #[must_use]
-    pub fn amqp_port(&self) -> Option<u16> {
-        Self::port_of(self.amqp_endpoint.as_deref())
-    }
-}
+/// The facts `provisio serve --json` prints (and `provisio info --json`).
+pub use provisio_server::InstanceInfo as Info;
 
 /// A running server the helpers can talk to: in-process ([`Server`]) or the binary.
 pub trait Instance {
@@ -135,7 +81,7 @@ pub trait Instance {
     fn service_token(&self) -> String {
         provisio_core::sas::build_token(
             "localhost",
-            &self.info().owner_key(),
+            self.info().owner_key().expect("the owner key in the connection string"),
             now() + 3600,
             Some("provisioningserviceowner"),
             provisio_core::sas::SrEncoding::Upper,

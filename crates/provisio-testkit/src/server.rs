@@ -92,9 +92,7 @@ impl Server {
                     let started = async {
                         let server = Provisio::open(config).await.map_err(|e| e.to_string())?;
                         let listeners = server.bind().await.map_err(|e| e.to_string())?;
-                        let info = serde_json::to_value(server.info(&listeners))
-                            .and_then(serde_json::from_value::<Info>)
-                            .map_err(|e| e.to_string())?;
+                        let info = server.info(&listeners);
                         Ok::<_, String>((server, listeners, info))
                     };
                     match started.await {
@@ -123,7 +121,7 @@ impl Server {
             Ok(Err(e)) => panic!("the server did not start: {e}"),
             Err(e) => panic!("the server did not start in 60 s: {e}"),
         };
-        let port = info.device_endpoint.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(443);
+        let port = info.https_port();
         Self { info, port, data_dir, log, thread_name, stop: Some(stop_tx), thread: Some(thread) }
     }
 

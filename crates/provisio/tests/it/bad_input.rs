@@ -203,7 +203,7 @@ async fn service_api_bad_input() {
     use reqwest::Method;
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
-    let owner = s.info.owner_key();
+    let owner = s.info.owner_key().unwrap().to_owned();
     let tok =
         |sr: &str, key: &str, exp: u64, skn: Option<&str>| build_token(sr, key, exp, skn, SrEncoding::Upper).unwrap();
     let path = "/enrollments/dev-x?api-version=2021-10-01";
