@@ -652,8 +652,16 @@ impl Engine {
             EnrollmentSource::Group { enrollment_group_id } => Some(enrollment_group_id.to_ascii_lowercase()),
             EnrollmentSource::Individual => None,
         };
-        let stored =
-            self.store.record_registration(id.key(), &body, tag.as_deref(), &operation_id).await.or_internal()?;
+        // The outcome as the store's state label, for the counts by status.
+        let state = serde_json::to_value(wire::status_of(&record.outcome)).ok();
+        let write = provisio_store::RegistrationWrite {
+            registration_id: id.key(),
+            body: &body,
+            tag: tag.as_deref(),
+            state: state.as_ref().and_then(serde_json::Value::as_str),
+            operation_id: &operation_id,
+        };
+        let stored = self.store.record_registration(&write).await.or_internal()?;
         self.recent_operations.insert(
             operation_id.clone(),
             crate::cache::RecentOperation {

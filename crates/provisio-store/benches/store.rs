@@ -53,7 +53,15 @@ async fn run(name: &str, store: Arc<dyn Store>) -> Result<(), Box<dyn std::error
                 let id = format!("dev-{run_id}-{i}");
                 store.get_both(Collection::Enrollments, Collection::Registrations, &id).await?;
                 let op = format!("4.{i:016x}.{run_id}");
-                store.record_registration(&id, &body, Some("bench-group"), &op).await?;
+                store
+                    .record_registration(&provisio_store::RegistrationWrite {
+                        registration_id: &id,
+                        body: &body,
+                        tag: Some("bench-group"),
+                        state: None,
+                        operation_id: &op,
+                    })
+                    .await?;
             }
             Ok::<_, provisio_store::StoreError>(())
         }));

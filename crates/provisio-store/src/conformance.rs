@@ -118,26 +118,86 @@ async fn list_pages_in_id_order() {
 #[tokio::test]
 async fn registrations_and_operations() {
     for (_d, s) in stores().await {
-        let r1 = s.record_registration("dev1", "{\"n\":1}", Some("g1"), "op1").await.unwrap();
-        let r2 = s.record_registration("dev1", "{\"n\":2}", Some("g1"), "op2").await.unwrap();
+        let r1 = s
+            .record_registration(&crate::RegistrationWrite {
+                registration_id: "dev1",
+                body: "{\"n\":1}",
+                tag: Some("g1"),
+                state: None,
+                operation_id: "op1",
+            })
+            .await
+            .unwrap();
+        let r2 = s
+            .record_registration(&crate::RegistrationWrite {
+                registration_id: "dev1",
+                body: "{\"n\":2}",
+                tag: Some("g1"),
+                state: None,
+                operation_id: "op2",
+            })
+            .await
+            .unwrap();
         assert_ne!(r1.etag, r2.etag);
         let op1 = s.get_operation("op1").await.unwrap().unwrap();
         assert_eq!((op1.registration_body.as_str(), op1.registration_etag.as_str()), ("{\"n\":1}", r1.etag.as_str()));
         assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
         // Operation ids are unique: a replayed id fails and changes nothing.
-        assert!(s.record_registration("dev1", "{\"n\":3}", None, "op1").await.is_err());
+        assert!(
+            s.record_registration(&crate::RegistrationWrite {
+                registration_id: "dev1",
+                body: "{\"n\":3}",
+                tag: None,
+                state: None,
+                operation_id: "op1"
+            })
+            .await
+            .is_err()
+        );
         assert_eq!(s.get(C::Registrations, "dev1").await.unwrap().unwrap(), r2);
         assert!(s.get_operation("nope").await.unwrap().is_none());
         // Tags: registrations of a group, paged.
-        s.record_registration("dev2", "{}", Some("g1"), "op3").await.unwrap();
-        s.record_registration("dev3", "{}", Some("g2"), "op4").await.unwrap();
-        s.record_registration("dev4", "{}", None, "op5").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev2",
+            body: "{}",
+            tag: Some("g1"),
+            state: None,
+            operation_id: "op3",
+        })
+        .await
+        .unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev3",
+            body: "{}",
+            tag: Some("g2"),
+            state: None,
+            operation_id: "op4",
+        })
+        .await
+        .unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev4",
+            body: "{}",
+            tag: None,
+            state: None,
+            operation_id: "op5",
+        })
+        .await
+        .unwrap();
         let ids = |v: Vec<crate::Document>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
         assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 10).await.unwrap()), ["dev1", "dev2"]);
         assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", Some("dev1"), 10).await.unwrap()), ["dev2"]);
         assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 1).await.unwrap()), ["dev1"]);
         // Re-registering through no group clears the tag.
-        s.record_registration("dev2", "{}", None, "op6").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev2",
+            body: "{}",
+            tag: None,
+            state: None,
+            operation_id: "op6",
+        })
+        .await
+        .unwrap();
         assert_eq!(ids(s.list_by_tag(C::Registrations, "g1", None, 10).await.unwrap()), ["dev1"]);
         assert_eq!(s.purge_operations(crate::unix_now() + 10).await.unwrap(), 6);
         assert!(s.get_operation("op2").await.unwrap().is_none());
@@ -183,7 +243,15 @@ async fn file_store_survives_reopen() {
     let path = dir.path().join("db.sqlite");
     {
         let s = SqliteStore::open(&path).await.unwrap();
-        s.record_registration("dev1", "{}", None, "op1").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev1",
+            body: "{}",
+            tag: None,
+            state: None,
+            operation_id: "op1",
+        })
+        .await
+        .unwrap();
         // No close(): dropping without a clean shutdown, as after a crash.
     }
     let s = SqliteStore::open(&path).await.unwrap();
@@ -210,8 +278,22 @@ async fn concurrent_writers_agree() {
     assert!(ua.is_ok() ^ ub.is_ok(), "exactly one update with the same etag wins");
     let winner = if ua.is_ok() { "a2" } else { "b2" };
     assert_eq!(b.get(C::Enrollments, "race").await.unwrap().unwrap().body, winner);
-    let (x, y) =
-        tokio::join!(a.record_registration("dev", "1", None, "op-a"), b.record_registration("dev", "2", None, "op-b"));
+    let (x, y) = tokio::join!(
+        a.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev",
+            body: "1",
+            tag: None,
+            state: None,
+            operation_id: "op-a"
+        }),
+        b.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev",
+            body: "2",
+            tag: None,
+            state: None,
+            operation_id: "op-b"
+        })
+    );
     let (x, y) = (x.unwrap(), y.unwrap());
     let now = a.get(C::Registrations, "dev").await.unwrap().unwrap();
     assert!(now == x || now == y, "the record is one of the two writes, whole");
@@ -230,10 +312,62 @@ async fn get_both_reads_two_collections_at_once() {
         s.put(C::Enrollments, "other", "{}", P::Any).await.unwrap();
         s.put(C::Hubs, "d", "{}", P::Any).await.unwrap();
         assert_eq!(s.get_both(C::Enrollments, C::Registrations, "d").await.unwrap(), (Some(e.clone()), None));
-        let r = s.record_registration("d", "{\"r\":1}", None, "op-1").await.unwrap();
+        let r = s
+            .record_registration(&crate::RegistrationWrite {
+                registration_id: "d",
+                body: "{\"r\":1}",
+                tag: None,
+                state: None,
+                operation_id: "op-1",
+            })
+            .await
+            .unwrap();
         let (x, y) = s.get_both(C::Enrollments, C::Registrations, "d").await.unwrap();
         assert_eq!(x, Some(e));
         assert_eq!(y.map(|d| (d.etag, d.body)), Some((r.etag, "{\"r\":1}".to_owned())));
         assert_eq!(s.get_both(C::Enrollments, C::Registrations, "D").await.unwrap(), (None, None), "ids are exact");
+    }
+}
+
+#[tokio::test]
+async fn counts_states_and_prefix_search() {
+    for (_d, s) in stores().await {
+        assert_eq!(s.count(C::Enrollments).await.unwrap(), 0);
+        for id in ["dev-a1", "dev-a2", "dev-b1", "deva", "other", "dev-a3"] {
+            s.put(C::Enrollments, id, "{}", P::Any).await.unwrap();
+        }
+        s.put(C::EnrollmentGroups, "dev-a9", "{}", P::Any).await.unwrap();
+        assert_eq!(s.count(C::Enrollments).await.unwrap(), 6);
+        assert_eq!(s.count(C::EnrollmentGroups).await.unwrap(), 1);
+        // A prefix search pages in id order, in its own collection only.
+        let ids = |docs: Vec<crate::Document>| docs.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.list_prefix(C::Enrollments, "dev-a", None, 2).await.unwrap()), ["dev-a1", "dev-a2"]);
+        assert_eq!(ids(s.list_prefix(C::Enrollments, "dev-a", Some("dev-a2"), 2).await.unwrap()), ["dev-a3"]);
+        assert_eq!(ids(s.list_prefix(C::Enrollments, "dev", None, 10).await.unwrap()).len(), 5);
+        assert!(s.list_prefix(C::Enrollments, "zzz", None, 10).await.unwrap().is_empty());
+        assert_eq!(
+            ids(s.list_prefix(C::Enrollments, "", None, 10).await.unwrap()).len(),
+            6,
+            "an empty prefix lists all"
+        );
+        // States: registration records by outcome; a record's state follows its last write.
+        let write = |id: &'static str, state: Option<&'static str>, op: &'static str| crate::RegistrationWrite {
+            registration_id: id,
+            body: "{}",
+            tag: None,
+            state,
+            operation_id: op,
+        };
+        s.record_registration(&write("r1", Some("assigned"), "op-s1")).await.unwrap();
+        s.record_registration(&write("r2", Some("assigned"), "op-s2")).await.unwrap();
+        s.record_registration(&write("r3", Some("failed"), "op-s3")).await.unwrap();
+        s.record_registration(&write("r4", None, "op-s4")).await.unwrap();
+        s.record_registration(&write("r2", Some("disabled"), "op-s5")).await.unwrap();
+        assert_eq!(
+            s.count_by_state(C::Registrations).await.unwrap(),
+            [("assigned".to_owned(), 1), ("disabled".to_owned(), 1), ("failed".to_owned(), 1)]
+        );
+        assert_eq!(s.count(C::Registrations).await.unwrap(), 4);
+        assert!(s.count_by_state(C::Enrollments).await.unwrap().is_empty());
     }
 }

@@ -99,6 +99,28 @@ pub struct Operation {
     pub created_at: i64,
 }
 
+/// A registration record as [`Store::record_registration`] writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrationWrite<'a> {
+    /// The record's id (the case-folded registration id).
+    pub registration_id: &'a str,
+    /// The record.
+    pub body: &'a str,
+    /// Its secondary key (its enrollment group), for [`Store::list_by_tag`].
+    pub tag: Option<&'a str>,
+    /// An opaque label (its outcome), for [`Store::count_by_state`].
+    pub state: Option<&'a str>,
+    /// The operation that produced it.
+    pub operation_id: &'a str,
+}
+
+/// The largest id that starts with `prefix`'s upper bound: `prefix` followed by the greatest
+/// code point, which every id starting with `prefix` sorts below (bytewise).
+#[must_use]
+pub fn prefix_end(prefix: &str) -> String {
+    format!("{prefix}\u{10FFFF}")
+}
+
 /// Storage failures.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -158,15 +180,19 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, c: Collection, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;
 
     /// Writes a registration record and records the operation that produced it, in one
-    /// transaction. `tag` is the record's secondary key (its enrollment group). Returns the
-    /// record with its new etag.
-    async fn record_registration(
-        &self,
-        registration_id: &str,
-        body: &str,
-        tag: Option<&str>,
-        operation_id: &str,
-    ) -> Result<Document>;
+    /// transaction. Returns the record with its new etag.
+    async fn record_registration(&self, w: &RegistrationWrite<'_>) -> Result<Document>;
+
+    /// How many documents `c` holds.
+    async fn count(&self, c: Collection) -> Result<u64>;
+
+    /// How many documents of `c` carry each state label (documents without one are not
+    /// counted), in label order.
+    async fn count_by_state(&self, c: Collection) -> Result<Vec<(String, u64)>>;
+
+    /// Lists the documents of `c` whose id starts with `prefix` (bytewise), in id order,
+    /// after `after`, at most `limit`: a search by id that pages in the store.
+    async fn list_prefix(&self, c: Collection, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;
 
     /// Lists documents whose tag is `tag`, in id order, after `after`, at most `limit`.
     async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>>;

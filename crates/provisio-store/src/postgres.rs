@@ -21,7 +21,9 @@ use sqlx::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreError, new_etag, unix_now};
+use crate::{
+    Collection, Document, Operation, Precondition, RegistrationWrite, Result, Store, StoreError, new_etag, unix_now,
+};
 
 /// How long a caller waits for a connection when all are in use.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -273,34 +275,30 @@ impl Store for PostgresStore {
         rows.iter().map(doc).collect()
     }
 
-    async fn record_registration(
-        &self,
-        registration_id: &str,
-        body: &str,
-        tag: Option<&str>,
-        operation_id: &str,
-    ) -> Result<Document> {
+    async fn record_registration(&self, w: &RegistrationWrite<'_>) -> Result<Document> {
         let etag = new_etag();
         let now = unix_now();
         // One statement, so one round trip and its own transaction: the record and its
         // operation are written together or not at all.
         let q = sqlx::query(
             "WITH record AS (
-                 INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
-                 VALUES ($1, $2, $3, $4, $5, $5, $6)
+                 INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag, state)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6, $8)
                  ON CONFLICT (collection, id) DO UPDATE
-                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag
+                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at,
+                     tag = excluded.tag, state = excluded.state
              )
              INSERT INTO operations (id, registration_id, registration_etag, registration_body, created_at)
              VALUES ($7, $2, $3, $4, $5)",
         )
         .bind(Collection::Registrations.as_str())
-        .bind(registration_id)
+        .bind(w.registration_id)
         .bind(&etag)
-        .bind(body)
+        .bind(w.body)
         .bind(now)
-        .bind(tag)
-        .bind(operation_id);
+        .bind(w.tag)
+        .bind(w.operation_id)
+        .bind(w.state);
         let mut conn = self.pool.acquire().await?;
         match q.execute(conn.conn()).await {
             Ok(_) => conn.release(),
@@ -310,7 +308,47 @@ impl Store for PostgresStore {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Document { id: registration_id.to_owned(), etag, body: body.to_owned() })
+        Ok(Document { id: w.registration_id.to_owned(), etag, body: w.body.to_owned() })
+    }
+
+    async fn count(&self, c: Collection) -> Result<u64> {
+        let mut conn = self.pool.acquire().await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM documents WHERE collection = $1")
+            .bind(c.as_str())
+            .fetch_one(conn.conn())
+            .await?;
+        conn.release();
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn count_by_state(&self, c: Collection) -> Result<Vec<(String, u64)>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, count(*) FROM documents WHERE collection = $1 AND state IS NOT NULL
+             GROUP BY state ORDER BY state",
+        )
+        .bind(c.as_str())
+        .fetch_all(conn.conn())
+        .await?;
+        conn.release();
+        Ok(rows.into_iter().map(|(s, n)| (s, u64::try_from(n).unwrap_or(0))).collect())
+    }
+
+    async fn list_prefix(&self, c: Collection, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT id, etag, body FROM documents
+             WHERE collection = $1 AND id >= $2 AND id < $3 AND id > $4 ORDER BY id LIMIT $5",
+        )
+        .bind(c.as_str())
+        .bind(prefix)
+        .bind(crate::prefix_end(prefix))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(conn.conn())
+        .await?;
+        conn.release();
+        rows.iter().map(doc).collect()
     }
 
     async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
@@ -472,9 +510,27 @@ mod tests {
         // Idle longer than CHECK_AFTER_IDLE: checked before use, found dead, replaced.
         tokio::time::sleep(CHECK_AFTER_IDLE + Duration::from_millis(200)).await;
         assert_eq!(s.get(Collection::Enrollments, "a").await.unwrap().unwrap().body, "1");
-        s.record_registration("d", "{}", None, "op-1").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "d",
+            body: "{}",
+            tag: None,
+            state: None,
+            operation_id: "op-1",
+        })
+        .await
+        .unwrap();
         assert!(
-            matches!(s.record_registration("d", "{}", None, "op-1").await, Err(StoreError::Conflict)),
+            matches!(
+                s.record_registration(&crate::RegistrationWrite {
+                    registration_id: "d",
+                    body: "{}",
+                    tag: None,
+                    state: None,
+                    operation_id: "op-1"
+                })
+                .await,
+                Err(StoreError::Conflict)
+            ),
             "a repeated operation id is a conflict, as on SQLite"
         );
         assert_eq!(s.get(Collection::Registrations, "d").await.unwrap().unwrap().body, "{}");

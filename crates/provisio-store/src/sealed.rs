@@ -23,7 +23,7 @@ use aws_lc_rs::{
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use serde_json::{Map, Value};
 
-use crate::{Collection, Document, Operation, Precondition, Result, Store, StoreError};
+use crate::{Collection, Document, Operation, Precondition, RegistrationWrite, Result, Store, StoreError};
 
 const PREFIX: &str = "$sealed:v1:";
 
@@ -324,15 +324,21 @@ impl Store for SealedStore {
         self.inner.list(c, after, limit).await?.into_iter().map(|d| self.open_doc(c, d)).collect()
     }
 
-    async fn record_registration(
-        &self,
-        registration_id: &str,
-        body: &str,
-        tag: Option<&str>,
-        operation_id: &str,
-    ) -> Result<Document> {
+    async fn record_registration(&self, w: &RegistrationWrite<'_>) -> Result<Document> {
         // Registration records hold no keys.
-        self.inner.record_registration(registration_id, body, tag, operation_id).await
+        self.inner.record_registration(w).await
+    }
+
+    async fn count(&self, c: Collection) -> Result<u64> {
+        self.inner.count(c).await
+    }
+
+    async fn count_by_state(&self, c: Collection) -> Result<Vec<(String, u64)>> {
+        self.inner.count_by_state(c).await
+    }
+
+    async fn list_prefix(&self, c: Collection, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        self.inner.list_prefix(c, prefix, after, limit).await?.into_iter().map(|d| self.open_doc(c, d)).collect()
     }
 
     async fn list_by_tag(&self, c: Collection, tag: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {

@@ -31,7 +31,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Collection, Document, Operation, Precondition, Result, Store, StoreError, keyfilter::KeyFilter, new_etag, unix_now,
+    Collection, Document, Operation, Precondition, RegistrationWrite, Result, Store, StoreError, keyfilter::KeyFilter,
+    new_etag, unix_now,
 };
 
 /// Most writes committed in one transaction.
@@ -47,6 +48,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_initial.sql")),
     (2, include_str!("../migrations/sqlite/0002_tags.sql")),
+    (3, include_str!("../migrations/sqlite/0003_state.sql")),
 ];
 
 /// Runs after its batch commits (or fails to): `None` on success, else why the commit failed.
@@ -757,15 +759,10 @@ impl Store for SqliteStore {
         self.read_many(move |conn| list(conn, c, None, after.as_deref(), limit)).await
     }
 
-    async fn record_registration(
-        &self,
-        registration_id: &str,
-        body: &str,
-        tag: Option<&str>,
-        operation_id: &str,
-    ) -> Result<Document> {
-        let (registration_id, body) = (registration_id.to_owned(), body.to_owned());
-        let (tag, operation_id, this) = (tag.map(str::to_owned), operation_id.to_owned(), self.clone());
+    async fn record_registration(&self, w: &RegistrationWrite<'_>) -> Result<Document> {
+        let (registration_id, body) = (w.registration_id.to_owned(), w.body.to_owned());
+        let (tag, state) = (w.tag.map(str::to_owned), w.state.map(str::to_owned));
+        let (operation_id, this) = (w.operation_id.to_owned(), self.clone());
         // No savepoint: the one refusal (a taken operation id) comes before any change.
         self.write_with(Undo::Batch, move |conn| {
             this.will_write(Collection::Registrations, &registration_id);
@@ -781,10 +778,11 @@ impl Store for SqliteStore {
                 return Err(StoreError::Conflict);
             }
             conn.prepare_cached(
-                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
+                "INSERT INTO documents (collection, id, etag, body, created_at, updated_at, tag, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
                  ON CONFLICT (collection, id) DO UPDATE
-                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at, tag = excluded.tag",
+                 SET etag = excluded.etag, body = excluded.body, updated_at = excluded.updated_at,
+                     tag = excluded.tag, state = excluded.state",
             )?
             .execute(params![
                 Collection::Registrations.as_str(),
@@ -792,9 +790,47 @@ impl Store for SqliteStore {
                 etag,
                 body,
                 now,
-                tag
+                tag,
+                state
             ])?;
             Ok(Document { id: registration_id, etag, body })
+        })
+        .await
+    }
+
+    async fn count(&self, c: Collection) -> Result<u64> {
+        self.read_many(move |conn| {
+            conn.prepare_cached("SELECT count(*) FROM documents WHERE collection = ?1")?
+                .query_row(params![c.as_str()], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn count_by_state(&self, c: Collection) -> Result<Vec<(String, u64)>> {
+        self.read_many(move |conn| {
+            conn.prepare_cached(
+                "SELECT state, count(*) FROM documents WHERE collection = ?1 AND state IS NOT NULL
+                 GROUP BY state ORDER BY state",
+            )?
+            .query_map(params![c.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn list_prefix(&self, c: Collection, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
+        let (start, end) = (prefix.to_owned(), crate::prefix_end(prefix));
+        let after = after.map(str::to_owned);
+        self.read_many(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, etag, body FROM documents WHERE collection = ?1 AND id >= ?2 AND id < ?3 AND id > ?4
+                 ORDER BY id LIMIT ?5",
+            )?
+            .query_map(params![c.as_str(), start, end, after.as_deref().unwrap_or(""), limit], doc)?
+            .collect()
         })
         .await
     }
@@ -908,10 +944,19 @@ mod tests {
         let s = SqliteStore::open(&path).await.unwrap();
         let d = s.get(Collection::Enrollments, "dev1").await.unwrap().unwrap();
         assert_eq!((d.etag.as_str(), d.body.as_str()), ("e1", "{\"v\":1}"));
-        s.record_registration("dev1", "{}", Some("g"), "op1").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev1",
+            body: "{}",
+            tag: Some("g"),
+            state: None,
+            operation_id: "op1",
+        })
+        .await
+        .unwrap();
         s.close().await;
         let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        // It went on from the sqlx-recorded version 2 to the latest.
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
         // And a fresh database is created at the latest version.
         let fresh = dir.path().join("fresh.sqlite");
         SqliteStore::open(&fresh).await.unwrap().close().await;
@@ -1012,17 +1057,43 @@ mod tests {
     async fn a_unit_without_savepoint_that_refuses_first_harms_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        s.record_registration("dev", "{}", None, "op-1").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "dev",
+            body: "{}",
+            tag: None,
+            state: None,
+            operation_id: "op-1",
+        })
+        .await
+        .unwrap();
         let (hold, held) = hold_writer(&s).await;
         let before = creates(&s, 0..10);
         // The operation id is taken: refused before any change, so nothing else is undone.
         let taken = tokio::spawn({
             let s = s.clone();
-            async move { s.record_registration("dev", "{\"second\":1}", None, "op-1").await }
+            async move {
+                s.record_registration(&crate::RegistrationWrite {
+                    registration_id: "dev",
+                    body: "{\"second\":1}",
+                    tag: None,
+                    state: None,
+                    operation_id: "op-1",
+                })
+                .await
+            }
         });
         let fresh = tokio::spawn({
             let s = s.clone();
-            async move { s.record_registration("dev2", "{}", Some("g"), "op-2").await }
+            async move {
+                s.record_registration(&crate::RegistrationWrite {
+                    registration_id: "dev2",
+                    body: "{}",
+                    tag: Some("g"),
+                    state: None,
+                    operation_id: "op-2",
+                })
+                .await
+            }
         });
         let after = creates(&s, 10..20);
         queued(&s, 22).await;
@@ -1119,7 +1190,15 @@ mod tests {
         s.put(e, "put", "{}", Precondition::CreateOnly).await.unwrap();
         s.insert_if_absent(e, "inserted", "{}").await.unwrap();
         s.import(e, &[("imported".into(), "{}".into())]).await.unwrap();
-        s.record_registration("registered", "{}", Some("g"), "op1").await.unwrap();
+        s.record_registration(&crate::RegistrationWrite {
+            registration_id: "registered",
+            body: "{}",
+            tag: Some("g"),
+            state: None,
+            operation_id: "op1",
+        })
+        .await
+        .unwrap();
         for id in ["put", "inserted", "imported"] {
             assert!(s.get(e, id).await.unwrap().is_some(), "{id}");
             assert!(s.get_both(e, r, id).await.unwrap().0.is_some(), "{id}");
@@ -1154,7 +1233,15 @@ mod tests {
             let s = s.clone();
             writers.push(tokio::spawn(async move {
                 for i in 0..50 {
-                    s.record_registration(&format!("new-{w}-{i}"), "{}", None, &format!("op-{w}-{i}")).await.unwrap();
+                    s.record_registration(&crate::RegistrationWrite {
+                        registration_id: &format!("new-{w}-{i}"),
+                        body: "{}",
+                        tag: None,
+                        state: None,
+                        operation_id: &format!("op-{w}-{i}"),
+                    })
+                    .await
+                    .unwrap();
                 }
             }));
         }
