@@ -111,6 +111,8 @@ pub struct Engine {
     /// Chains validated before, for X.509 devices registering again.
     x509_cache: Arc<provisio_pki::cache::X509Cache>,
     refusals: Arc<RefusalRecords>,
+    /// Registrations per minute, for the console's chart.
+    stats: Arc<crate::stats::Stats>,
 }
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
@@ -162,6 +164,7 @@ impl Engine {
             // 10,000 devices' chains and certificate descriptions: a few MB.
             x509_cache: Arc::new(provisio_pki::cache::X509Cache::new(10_000)),
             refusals: Arc::default(),
+            stats: crate::stats::Stats::new(),
         }
     }
 
@@ -275,6 +278,24 @@ impl Engine {
     #[must_use]
     pub fn audit(&self) -> &crate::audit::AuditLog {
         &self.audit
+    }
+
+    /// Registrations per minute over the last `minutes` minutes (oldest first, the current
+    /// one last), by result, over every node sharing the store.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn registrations_per_minute(&self, minutes: i64) -> Result<Vec<(i64, crate::stats::MinuteCounts)>, Error> {
+        self.stats.last(self.store.as_ref(), minutes).await
+    }
+
+    /// Writes this node's registration counts to the store (about once a minute), and removes
+    /// counts older than two hours.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn flush_stats(&self) -> Result<(), Error> {
+        self.stats.flush(self.store.as_ref()).await
     }
 
     /// Seconds a device is told to wait before its next poll.
@@ -515,6 +536,7 @@ impl Engine {
         e: Error,
     ) -> Error {
         let mut entry = attempt(origin, registration_id, credential.kind());
+        self.stats.record(crate::stats::Result::Refused);
         let e = refused(&mut entry, e);
         self.audit.record(&entry).await;
         e
@@ -539,6 +561,11 @@ impl Engine {
             Err(e) => Err(e),
         };
         let mut entry = attempt(origin, registration_id, credential.kind());
+        self.stats.record(match &result {
+            Ok((_, r)) if matches!(r.outcome, Outcome::Assigned { .. }) => crate::stats::Result::Assigned,
+            Ok(_) => crate::stats::Result::Failed,
+            Err(_) => crate::stats::Result::Refused,
+        });
         let result = match result {
             Ok((operation_id, record)) => {
                 entry.status = 202;

@@ -252,6 +252,30 @@ async fn write_ca(dir: &Path, pem: &str) -> Result<(), SetupError> {
     })
 }
 
+/// The key that signs the web console's session cookies: made once per instance, kept in
+/// the store (sealed at rest like every key), so that every node accepts every session.
+///
+/// # Errors
+/// Store failures, or a stored key that is not 32 bytes of base64.
+pub async fn console_session_key(store: &dyn Store) -> Result<[u8; 32], SetupError> {
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct SessionKey {
+        session_key: String,
+    }
+    let fresh: [u8; 32] = rand::random();
+    let body = json(
+        "console session key",
+        &SessionKey { session_key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, fresh) },
+    )?;
+    let doc = store.insert_if_absent(Collection::Meta, "consoleSessionKey", &body).await?;
+    let stored: SessionKey = parse("console session key", &doc.body)?;
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, stored.session_key.trim())
+        .ok()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or(SetupError::Corrupt { what: "console session key", detail: "not 32 bytes of base64".into() })
+}
+
 /// Records where this instance is served, for `provisio info`.
 ///
 /// # Errors

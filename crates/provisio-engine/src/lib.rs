@@ -28,6 +28,7 @@ pub mod instance;
 pub mod limits;
 pub mod registrar;
 pub mod service;
+pub mod stats;
 mod tpm;
 pub mod webhook;
 pub mod wire;

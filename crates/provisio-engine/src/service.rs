@@ -812,6 +812,119 @@ impl ServiceApi {
         serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored audit record is corrupt: {e}")))
     }
 
+    /// Signs in as policy `name` with one of its keys (compared in constant time).
+    ///
+    /// # Errors
+    /// `401` for an unknown policy or a wrong key (the same answer for both).
+    pub async fn sign_in(&self, name: &str, key: &str) -> Result<Caller, Error> {
+        let refused = |detail: String| Error::Unauthorized {
+            public: "Unauthorized: the policy name or key is not right.".into(),
+            detail,
+            tracking_id: None,
+        };
+        let policy = match self.store.get(Collection::Policies, &name.to_ascii_lowercase()).await.or_internal()? {
+            Some(d) => parse_policy(&d.body)?,
+            None => return Err(refused(format!("sign-in as unknown policy '{}'", shorten(name)))),
+        };
+        let given = provisio_core::keys::decode_key(key).unwrap_or_default();
+        let matches = [&policy.primary_key, &policy.secondary_key].into_iter().any(|k| {
+            provisio_core::keys::decode_key(k)
+                .is_ok_and(|k| aws_lc_rs::constant_time::verify_slices_are_equal(&k, &given).is_ok())
+        });
+        if given.is_empty() || !matches {
+            return Err(refused(format!("sign-in as policy '{}' with a key that is not its", policy.key_name)));
+        }
+        Ok(Caller { key_fingerprint: key_fingerprint(&policy), policy: policy.key_name, rights: policy.rights })
+    }
+
+    /// The caller of a session signed in as policy `name` when its keys had `fingerprint`.
+    ///
+    /// # Errors
+    /// `401` when the policy is gone or a key was regenerated since (the session ends).
+    pub async fn caller(&self, name: &str, fingerprint: &str) -> Result<Caller, Error> {
+        let ended = |detail: String| Error::Unauthorized {
+            public: "Unauthorized: the session has ended; sign in again.".into(),
+            detail,
+            tracking_id: None,
+        };
+        let policy = match self.store.get(Collection::Policies, &name.to_ascii_lowercase()).await.or_internal()? {
+            Some(d) => parse_policy(&d.body)?,
+            None => return Err(ended(format!("the session's policy '{}' was removed", shorten(name)))),
+        };
+        let current = key_fingerprint(&policy);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(current.as_bytes(), fingerprint.as_bytes()).is_err() {
+            return Err(ended(format!("a key of the session's policy '{}' was regenerated", policy.key_name)));
+        }
+        Ok(Caller { key_fingerprint: current, policy: policy.key_name, rights: policy.rights })
+    }
+
+    /// The numbers of the console's overview, counted in the store.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn counts(&self) -> Result<Counts, Error> {
+        Ok(Counts {
+            enrollments: self.store.count(Collection::Enrollments).await.or_internal()?,
+            groups: self.store.count(Collection::EnrollmentGroups).await.or_internal()?,
+            registrations: self.store.count(Collection::Registrations).await.or_internal()?,
+            registrations_by_status: self.store.count_by_state(Collection::Registrations).await.or_internal()?,
+        })
+    }
+
+    /// Individual enrollments whose registration id starts with `prefix` (any case), after
+    /// `after` (a key from the previous page), at most `limit`, keys stripped: paged in
+    /// the store, however many there are.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn search_enrollments(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<IndividualEnrollment>, Error> {
+        let docs = self.search(Collection::Enrollments, prefix, after, limit).await?;
+        docs.iter().map(|d| Ok(model::enrollment_to_wire(&model::enrollment_from_doc(d)?, &d.etag, false, None))).collect()
+    }
+
+    /// Enrollment groups whose id starts with `prefix`, as [`ServiceApi::search_enrollments`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn search_groups(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<EnrollmentGroup>, Error> {
+        let docs = self.search(Collection::EnrollmentGroups, prefix, after, limit).await?;
+        docs.iter().map(|d| Ok(model::group_to_wire(&model::group_from_doc(d)?, &d.etag, false))).collect()
+    }
+
+    /// Registration records whose registration id starts with `prefix`, as
+    /// [`ServiceApi::search_enrollments`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn search_registrations(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRegistrationState>, Error> {
+        let docs = self.search(Collection::Registrations, prefix, after, limit).await?;
+        docs.iter().map(|d| Ok(model::registration_state_to_wire(&model::record_from_body(&d.body)?, &d.etag))).collect()
+    }
+
+    async fn search(
+        &self,
+        c: Collection,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<provisio_store::Document>, Error> {
+        // Stored keys are case-folded ids.
+        let prefix = prefix.trim().to_ascii_lowercase();
+        let after = after.map(str::to_ascii_lowercase);
+        let limit = limit.clamp(1, self.limits.max_page_size);
+        self.store.list_prefix(c, &prefix, after.as_deref(), limit).await.or_internal()
+    }
+
     /// `GET /enrollmentGroups/{id}`: keys stripped.
     ///
     /// # Errors
@@ -826,6 +939,90 @@ impl ServiceApi {
             .ok_or_else(|| Self::not_found(true, id.as_str()))?;
         Ok(model::group_to_wire(&model::group_from_doc(&doc)?, &doc.etag, false))
     }
+}
+
+/// Who acts through a signed-in session (the web console): a policy whose key was proven
+/// at sign-in. It holds the policy's rights and a fingerprint of its keys, so that the
+/// session ends when a key is regenerated or the policy removed ([`ServiceApi::caller`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The policy's name.
+    pub policy: String,
+    /// Its rights, canonical (`ServiceConfig, EnrollmentWrite`).
+    pub rights: String,
+    /// A fingerprint of its current keys (hex of a SHA-256 prefix).
+    pub key_fingerprint: String,
+}
+
+impl Caller {
+    /// Whether the caller's policy grants `right` (as the service API decides it).
+    #[must_use]
+    pub fn may(&self, right: Right) -> bool {
+        self.rights.split(',').map(str::trim).any(|r| right.granted_by().iter().any(|g| g.eq_ignore_ascii_case(r)))
+    }
+
+    /// `403` unless the caller's policy grants `right`.
+    ///
+    /// # Errors
+    /// `403` / `403001` naming the policy and the right.
+    pub fn require(&self, right: Right) -> Result<(), Error> {
+        if self.may(right) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "The shared access policy '{}' lacks the {right:?} right this operation needs.",
+                self.policy
+            )))
+        }
+    }
+}
+
+/// A fingerprint of a policy's two keys: it changes when either is regenerated.
+fn key_fingerprint(p: &Policy) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(p.primary_key.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(p.secondary_key.as_bytes());
+    ctx.finish().as_ref().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The policy name and key of a service connection string
+/// (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`, in any order).
+///
+/// # Errors
+/// `400` when either part is missing.
+pub fn parse_connection_string(s: &str) -> Result<(String, String), Error> {
+    let mut name = None;
+    let mut key = None;
+    for part in s.trim().split(';') {
+        if let Some((k, v)) = part.split_once('=') {
+            match k.trim() {
+                k if k.eq_ignore_ascii_case("SharedAccessKeyName") => name = Some(v.trim().to_owned()),
+                // A key is base64 and may end in '=': take everything after the first '='.
+                k if k.eq_ignore_ascii_case("SharedAccessKey") => key = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    match (name, key) {
+        (Some(n), Some(k)) if !n.is_empty() && !k.is_empty() => Ok((n, k)),
+        _ => Err(Error::invalid(
+            "A service connection string has SharedAccessKeyName=… and SharedAccessKey=… (HostName=…;SharedAccessKeyName=…;SharedAccessKey=…).",
+        )),
+    }
+}
+
+/// Counts shown on the console's overview.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Individual enrollments.
+    pub enrollments: u64,
+    /// Enrollment groups.
+    pub groups: u64,
+    /// Registration records in all.
+    pub registrations: u64,
+    /// Registration records by status (`assigned`, `failed`, `disabled`).
+    pub registrations_by_status: Vec<(String, u64)>,
 }
 
 /// Every right a policy can hold, in DPS's spelling.

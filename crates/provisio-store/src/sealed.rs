@@ -2,7 +2,7 @@
 //!
 //! [`SealedStore`] wraps any [`Store`]. On the way in it replaces the secret string fields
 //! of a document (symmetric keys of enrollments and groups, policy keys, the CA's and the
-//! server's private keys) with `$sealed:v1:{kid}:{base64(nonce ‖ ciphertext ‖ tag)}`,
+//! server's private keys, the console's session key) with `$sealed:v1:{kid}:{base64(nonce ‖ ciphertext ‖ tag)}`,
 //! AES-256-GCM under the current key with the collection, document id and field name as
 //! associated data, so a sealed value cannot be moved to another document or field. On
 //! the way out it opens them with whichever configured key has that `kid`.
@@ -28,7 +28,7 @@ use crate::{Collection, Document, Operation, Precondition, RegistrationWrite, Re
 const PREFIX: &str = "$sealed:v1:";
 
 /// Fields holding secrets, at the top level of a document or inside its `attestation`.
-const SECRET_FIELDS: &[&str] = &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey"];
+const SECRET_FIELDS: &[&str] = &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey", "sessionKey"];
 
 /// Collections whose documents carry secrets.
 const SEALED_COLLECTIONS: &[Collection] = &[
