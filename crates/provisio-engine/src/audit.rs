@@ -283,6 +283,75 @@ pub fn read(path: &Path, keep: u32, filter: &Filter) -> std::io::Result<(Vec<Ent
     Ok((out, bad))
 }
 
+/// The newest selected entries, newest first, as the console shows them.
+#[derive(Debug, Clone, Default)]
+pub struct Recent {
+    /// At most the limit asked for, newest first.
+    pub entries: Vec<Entry>,
+    /// Whether the whole log was searched (`false`: the scan budget ran out first, and
+    /// older matching lines may exist; `provisio audit` reads everything).
+    pub complete: bool,
+}
+
+/// Reads the log backwards from its newest line (current file, then `.1`, `.2`, …) and
+/// returns up to `limit` selected entries, newest first, reading at most `max_scan` bytes:
+/// a page of recent lines costs the same however large the log has grown.
+///
+/// # Errors
+/// If a file cannot be read.
+pub fn recent(path: &Path, keep: u32, filter: &Filter, limit: usize, max_scan: u64) -> std::io::Result<Recent> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    const BLOCK: u64 = 64 * 1024;
+    let mut out = Recent { entries: Vec::new(), complete: true };
+    let mut budget = max_scan;
+    let files = std::iter::once(path.to_path_buf()).chain((1..=keep).map(|n| rotated(path, n)));
+    for f in files {
+        let mut file = match std::fs::File::open(&f) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut end = file.metadata()?.len();
+        // Bytes of a line cut by the block boundary, kept until its start is read.
+        let mut carry: Vec<u8> = Vec::new();
+        while end > 0 || !carry.is_empty() {
+            if budget == 0 {
+                out.complete = false;
+                return Ok(out);
+            }
+            let start = end.saturating_sub(BLOCK.min(budget));
+            let mut block = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+            file.seek(SeekFrom::Start(start))?;
+            file.read_exact(&mut block)?;
+            budget = budget.saturating_sub(end - start);
+            block.extend_from_slice(&carry);
+            // The first piece may be the tail of a line that starts in an earlier block.
+            let (head, lines) = match (start, block.iter().position(|&b| b == b'\n')) {
+                (0, _) => (Vec::new(), &block[..]),
+                (_, Some(i)) => (block[..i].to_vec(), &block[i + 1..]),
+                (_, None) => (block.clone(), &block[..0]),
+            };
+            for line in lines.rsplit(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+                if let Ok(e) = serde_json::from_slice::<Entry>(line)
+                    && filter.matches(&e)
+                {
+                    out.entries.push(e);
+                    if out.entries.len() >= limit {
+                        out.complete = false;
+                        return Ok(out);
+                    }
+                }
+            }
+            carry = head;
+            end = start;
+            if end == 0 {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -369,6 +438,38 @@ mod tests {
             .unwrap();
         let (got, bad) = read(&path, 1, &Filter::default()).unwrap();
         assert_eq!((got.len(), bad), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn recent_reads_backwards_across_rotated_files_within_a_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditConfig { path: path.clone(), max_bytes: 150_000, keep: 3 }).await.unwrap();
+        for i in 0..2_000 {
+            let mut e = entry(&format!("dev-{}", i % 7), "assigned");
+            e.operation_id = Some(format!("op-{i}"));
+            log.record(&e).await;
+        }
+        log.flush().await;
+        assert!(rotated(&path, 1).exists());
+        let (all, _) = read(&path, 3, &Filter::default()).unwrap();
+        let op = |e: &Entry| e.operation_id.clone().unwrap();
+        // Newest first, the same lines as a full read, across block and file boundaries.
+        let r = recent(&path, 3, &Filter::default(), usize::MAX, u64::MAX).unwrap();
+        assert!(r.complete);
+        assert_eq!(r.entries.iter().map(op).collect::<Vec<_>>(), all.iter().rev().map(op).collect::<Vec<_>>());
+        let f = Filter { registration_id: Some("dev-3".into()), ..Filter::default() };
+        let r = recent(&path, 3, &f, 5, u64::MAX).unwrap();
+        let want: Vec<_> = all.iter().rev().filter(|e| f.matches(e)).take(5).map(op).collect();
+        assert_eq!(r.entries.iter().map(op).collect::<Vec<_>>(), want);
+        assert!(!r.complete, "stopped at the limit");
+        // A small budget reads only the newest lines, and says so.
+        let r = recent(&path, 3, &Filter::default(), usize::MAX, 10_000).unwrap();
+        assert!(!r.complete && !r.entries.is_empty() && r.entries.len() < 100, "{}", r.entries.len());
+        assert_eq!(op(&r.entries[0]), "op-1999");
+        // No log yet: nothing, complete.
+        let r = recent(&dir.path().join("none.jsonl"), 3, &Filter::default(), 10, u64::MAX).unwrap();
+        assert!(r.complete && r.entries.is_empty());
     }
 
     #[test]

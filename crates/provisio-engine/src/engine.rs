@@ -285,7 +285,10 @@ impl Engine {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn registrations_per_minute(&self, minutes: i64) -> Result<Vec<(i64, crate::stats::MinuteCounts)>, Error> {
+    pub async fn registrations_per_minute(
+        &self,
+        minutes: i64,
+    ) -> Result<Vec<(i64, crate::stats::MinuteCounts)>, Error> {
         self.stats.last(self.store.as_ref(), minutes).await
     }
 

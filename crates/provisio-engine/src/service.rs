@@ -884,14 +884,21 @@ impl ServiceApi {
         limit: u32,
     ) -> Result<Vec<IndividualEnrollment>, Error> {
         let docs = self.search(Collection::Enrollments, prefix, after, limit).await?;
-        docs.iter().map(|d| Ok(model::enrollment_to_wire(&model::enrollment_from_doc(d)?, &d.etag, false, None))).collect()
+        docs.iter()
+            .map(|d| Ok(model::enrollment_to_wire(&model::enrollment_from_doc(d)?, &d.etag, false, None)))
+            .collect()
     }
 
     /// Enrollment groups whose id starts with `prefix`, as [`ServiceApi::search_enrollments`].
     ///
     /// # Errors
     /// Store failures.
-    pub async fn search_groups(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<EnrollmentGroup>, Error> {
+    pub async fn search_groups(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EnrollmentGroup>, Error> {
         let docs = self.search(Collection::EnrollmentGroups, prefix, after, limit).await?;
         docs.iter().map(|d| Ok(model::group_to_wire(&model::group_from_doc(d)?, &d.etag, false))).collect()
     }
@@ -908,7 +915,9 @@ impl ServiceApi {
         limit: u32,
     ) -> Result<Vec<DeviceRegistrationState>, Error> {
         let docs = self.search(Collection::Registrations, prefix, after, limit).await?;
-        docs.iter().map(|d| Ok(model::registration_state_to_wire(&model::record_from_body(&d.body)?, &d.etag))).collect()
+        docs.iter()
+            .map(|d| Ok(model::registration_state_to_wire(&model::record_from_body(&d.body)?, &d.etag)))
+            .collect()
     }
 
     async fn search(

@@ -131,7 +131,11 @@ impl Stats {
     /// The last `minutes` minutes (oldest first, the current one last), summed over every
     /// node: what the store holds, with this node's unwritten counts in place of its own
     /// documents for the minutes it still holds.
-    pub(crate) async fn last(&self, store: &dyn Store, minutes: i64) -> std::result::Result<Vec<(i64, MinuteCounts)>, Error> {
+    pub(crate) async fn last(
+        &self,
+        store: &dyn Store,
+        minutes: i64,
+    ) -> std::result::Result<Vec<(i64, MinuteCounts)>, Error> {
         let now = minute_now();
         let first = now - minutes + 1;
         let mine = self.lock().clone();
