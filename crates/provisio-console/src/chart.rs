@@ -56,9 +56,11 @@ pub(crate) fn svg(minutes: &[(i64, MinuteCounts)]) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" aria-labelledby="t d"><title id="t">Registrations per minute, last hour</title><desc id="d">{total} registrations in the last hour, by result: assigned, failed, refused.</desc><style>text{{font:11px sans-serif;fill:#444}}</style>"##
     );
     // Axis and grid.
-    for i in 0..=4u32 {
-        let y = TOP + plot_h - plot_h * i / 4;
-        let v = max * u64::from(i) / 4;
+    // Grid steps that divide the maximum, so that every label is exact and whole.
+    let steps = [4u32, 5, 2].into_iter().find(|d| max.is_multiple_of(u64::from(*d))).unwrap_or(1);
+    for i in 0..=steps {
+        let y = TOP + plot_h - plot_h * i / steps;
+        let v = max * u64::from(i) / u64::from(steps);
         let _ = write!(
             s,
             r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v}</text>"##,
@@ -128,6 +130,10 @@ mod tests {
         assert_eq!(svg.matches("<rect").count(), 3 + 3, "three bars and three legend keys");
         assert!(svg.contains(": 3 assigned</title>") && svg.contains(": 2 refused</title>"));
         assert!(!svg.contains("NaN"));
+        // Grid labels are exact: a bar of 6 rounds the axis up to 10, in steps of 2.
+        for v in [0, 2, 4, 6, 8, 10] {
+            assert!(svg.contains(&format!(r#"text-anchor="end">{v}</text>"#)), "label {v}");
+        }
         let empty = super::svg(&[]);
         assert!(empty.contains("0 registrations"));
     }

@@ -135,7 +135,11 @@ pub(crate) fn to_sign_in() -> Response {
 impl Console {
     /// The session of a request, or the sign-in page (a session that ended is cleared).
     pub(crate) async fn context(&self, headers: &HeaderMap, ip: Option<ClientIp>) -> Result<Ctx, Response> {
-        let cookies = headers.get(header::COOKIE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        // Over HTTP/2 a browser sends each cookie in a `cookie` header of its own (RFC 9113
+        // §8.2.3): all of them are read, not just the first.
+        let cookies: Vec<&str> = headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        let cookies = cookies.join("; ");
+        let cookies = cookies.as_str();
         let Some(value) = session::cookie(cookies, session::COOKIE) else { return Err(to_sign_in()) };
         let now = unix_now();
         let Ok(mut claims) = self.signer.open(value, now) else {
@@ -277,6 +281,7 @@ pub(crate) async fn asset(State(_): State<Arc<Console>>, Path(name): Path<String
     let (body, kind) = match name.as_str() {
         "console.css" => (include_str!("../assets/console.css"), "text/css; charset=utf-8"),
         "console.js" => (include_str!("../assets/console.js"), "text/javascript; charset=utf-8"),
+        "favicon.svg" => (include_str!("../assets/favicon.svg"), "image/svg+xml"),
         _ => return not_found().await,
     };
     let mut r = (StatusCode::OK, body).into_response();

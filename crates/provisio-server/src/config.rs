@@ -114,6 +114,8 @@ pub struct ServerConfig {
     pub audit_log_max_mb: u64,
     /// Rotated audit log files kept (`audit.jsonl.1` is the newest).
     pub audit_log_keep: u32,
+    /// Serve the web console at `/console` on the HTTPS listener.
+    pub console: bool,
 }
 
 /// A configured secret: kept out of `Debug` output so it never reaches a log.
@@ -175,6 +177,7 @@ impl Default for ServerConfig {
             audit_log: String::new(),
             audit_log_max_mb: 100,
             audit_log_keep: 5,
+            console: true,
         }
     }
 }

@@ -308,12 +308,29 @@ impl Provisio {
             connect_timeout: Duration::from_secs(c.handshake_timeout_secs),
             idle_timeout: Duration::from_secs(c.amqp_idle_timeout_secs.max(1)),
         };
+        let console = if c.console {
+            let listeners_info = self.info(&listeners);
+            Some(provisio_console::router(provisio_console::ConsoleParts {
+                engine: engine.clone(),
+                service: service.clone(),
+                certificates: Certificates::new(store.clone()),
+                hubs: hubs.clone(),
+                audit: audit.clone(),
+                audit_file: c.audit_log_path().map(|p| (p, c.audit_log_keep)),
+                info: listeners_info,
+                session_key: instance::console_session_key(store.as_ref()).await?,
+                max_body_bytes: c.max_body_bytes,
+            }))
+        } else {
+            None
+        };
         let state = Arc::new(http::AppState {
             engine: engine.clone(),
             service,
             per_ip: per_ip.clone(),
             certificates: Certificates::new(store.clone()),
             hubs,
+            console,
             max_body_bytes: c.max_body_bytes,
             request_timeout: Duration::from_secs(c.request_timeout_secs),
             audit: audit.clone(),
@@ -327,6 +344,7 @@ impl Provisio {
             max_headers: c.max_headers,
         };
         let purge = tokio::spawn(housekeeping(store.clone(), c.operation_retention_hours, c.refusal_records_kept));
+        let stats = tokio::spawn(flush_stats(engine.clone()));
         // One shutdown signal for every listener.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -365,6 +383,10 @@ impl Provisio {
             let _ = a.await;
         }
         purge.abort();
+        stats.abort();
+        if let Err(e) = engine.flush_stats().await {
+            tracing::warn!(error = %e, "cannot write the last minute's registration counts");
+        }
         audit.flush().await;
         self.store.close().await;
         Ok(())
@@ -477,6 +499,18 @@ async fn housekeeping(store: Arc<dyn Store>, retention_hours: u64, refusals_kept
             Ok(0) => {}
             Ok(n) => tracing::info!(trimmed = n, kept = refusals_kept, "older refusal records removed"),
             Err(e) => tracing::warn!(error = %e, "trimming the refusal records failed"),
+        }
+    }
+}
+
+/// Writes this node's registration counts to the store once a minute, for the console's
+/// chart on every node.
+async fn flush_stats(engine: Engine) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(e) = engine.flush_stats().await {
+            tracing::warn!(error = %e, "cannot write the registration counts");
         }
     }
 }

@@ -54,6 +54,7 @@ const ENV_KEYS: &[&str] = &[
     "audit_log",
     "audit_log_max_mb",
     "audit_log_keep",
+    "console",
     "amqp_max_frame_bytes",
     "amqp_max_sessions",
     "amqp_max_links",

@@ -711,14 +711,26 @@ async fn detail(
         Vec::new()
     } else {
         let s = &v["registrationState"];
-        ["status", "substatus", "assignedHub", "deviceId", "errorCode", "errorMessage", "lastUpdatedDateTimeUtc"]
+        if s["status"].is_null() || (s["status"] == "unassigned" && s["assignedHub"].is_null()) {
+            Vec::new()
+        } else {
+            [
+                ("Status", "status"),
+                ("Substatus", "substatus"),
+                ("Assigned hub", "assignedHub"),
+                ("Device ID", "deviceId"),
+                ("Error code", "errorCode"),
+                ("Error message", "errorMessage"),
+                ("Last updated", "lastUpdatedDateTimeUtc"),
+            ]
             .iter()
-            .filter_map(|k| match &s[*k] {
+            .filter_map(|(label, k)| match &s[*k] {
                 Value::Null => None,
-                Value::String(x) => Some(((*k).to_owned(), x.clone())),
-                other => Some(((*k).to_owned(), other.to_string())),
+                Value::String(x) => Some(((*label).to_owned(), x.clone())),
+                other => Some(((*label).to_owned(), other.to_string())),
             })
             .collect()
+        }
     };
     let can_read_records = ctx.may(Right::RegistrationStatusRead);
     let records = if group && can_read_records {

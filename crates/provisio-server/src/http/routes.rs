@@ -48,6 +48,8 @@ pub(crate) struct AppState {
     pub mqtt_limits: crate::mqtt::MqttLimits,
     /// Limits of AMQP sessions, also over WebSockets.
     pub amqp_limits: crate::amqp::AmqpLimits,
+    /// The web console's routes (`/console`), when it is on.
+    pub console: Option<Router>,
 }
 
 /// The router: everything goes through [`dispatch`].
@@ -115,6 +117,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     if super::websocket::is_endpoint(request.uri().path(), request.headers()) {
         return super::websocket::upgrade(&state, request).await;
     }
+    if let Some(console) = &state.console
+        && is_console(request.uri().path())
+    {
+        return console_request(&state, console.clone(), request).await;
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(decode).collect();
@@ -175,6 +182,32 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         state.audit.record(&e).await;
     }
     resp
+}
+
+/// Whether a path is the web console's (`/console` and below). No DPS path starts so: the
+/// device API's first segment is an ID scope (`0ne…`), the service API's a collection.
+fn is_console(path: &str) -> bool {
+    path == "/console" || path.starts_with("/console/")
+}
+
+/// Hands a request to the console, with the client's address, under the request deadline.
+async fn console_request(state: &AppState, console: Router, mut request: Request) -> Response {
+    use tower::ServiceExt as _;
+    if let Some(ip) = request.extensions().get::<super::PeerAddr>().map(|a| a.0) {
+        request.extensions_mut().insert(provisio_console::ClientIp(ip));
+    }
+    // HTTP/2 carries the host as `:authority` (in the URI), not as a Host header: the
+    // console compares Origin with Host, so it gets one.
+    if !request.headers().contains_key(header::HOST)
+        && let Some(v) = request.uri().authority().and_then(|a| axum::http::HeaderValue::from_str(a.as_str()).ok())
+    {
+        request.headers_mut().insert(header::HOST, v);
+    }
+    match tokio::time::timeout(state.request_timeout, console.oneshot(request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(never)) => match never {},
+        Err(_) => response::error(&Error::Timeout),
+    }
 }
 
 /// Whether a request would change state through the service API (those are audited).
