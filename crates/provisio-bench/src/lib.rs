@@ -7,6 +7,7 @@
 //! [`run`] prints what it measures (a Markdown table per round, the ratios, their medians,
 //! with `--json` one JSON object) and returns it as a [`Report`].
 
+pub mod console;
 mod report;
 mod server;
 
@@ -58,6 +59,14 @@ pub struct BenchArgs {
     /// Print the results as JSON too.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the registration scenarios, measure the web console's pages on stores
+    /// preloaded with these numbers of enrollments, the first being the baseline
+    /// (e.g. `100,100000`).
+    #[arg(long, value_delimiter = ',', value_name = "N,N")]
+    pub console_pages: Vec<usize>,
+    /// Requests per page with `--console-pages`.
+    #[arg(long, default_value_t = 200)]
+    pub console_requests: usize,
 }
 
 /// The CPU counters at the start of a scenario; [`Probe::row`] turns a run into its [`Row`].
@@ -466,6 +475,15 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
         }
     }
     Ok(rows)
+}
+
+/// The `provisio` executable to start: `--server`, else the one beside this executable,
+/// else one on `PATH`.
+///
+/// # Errors
+/// If there is none.
+pub fn server_exe(chosen: Option<&std::path::Path>) -> Result<PathBuf> {
+    server::server_exe(chosen)
 }
 
 /// Runs the benchmark: starts the server, runs `args.rounds` rounds of the selected

@@ -12,6 +12,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if !args.console_pages.is_empty() {
+        let console = async {
+            let exe = provisio_bench::server_exe(args.server.as_deref())?;
+            provisio_bench::console::run(&exe, &args.console_pages, args.console_requests.max(1)).await
+        };
+        return match rt.block_on(console) {
+            Ok(rows) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(provisio_bench::run(args)) {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {

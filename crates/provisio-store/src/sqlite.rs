@@ -823,14 +823,24 @@ impl Store for SqliteStore {
 
     async fn list_prefix(&self, c: Collection, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Document>> {
         let (start, end) = (prefix.to_owned(), crate::prefix_end(prefix));
-        let after = after.map(str::to_owned);
-        self.read_many(move |conn| {
-            conn.prepare_cached(
-                "SELECT id, etag, body FROM documents WHERE collection = ?1 AND id >= ?2 AND id < ?3 AND id > ?4
-                 ORDER BY id LIMIT ?5",
-            )?
-            .query_map(params![c.as_str(), start, end, after.as_deref().unwrap_or(""), limit], doc)?
-            .collect()
+        // One lower bound, not two: SQLite seeks the index on one of them and filters by
+        // the other, which made a page deep in a large collection scan every row before it.
+        let after = after.filter(|a| *a >= prefix).map(str::to_owned);
+        self.read_many(move |conn| match after {
+            Some(after) => conn
+                .prepare_cached(
+                    "SELECT id, etag, body FROM documents WHERE collection = ?1 AND id > ?2 AND id < ?3
+                     ORDER BY id LIMIT ?4",
+                )?
+                .query_map(params![c.as_str(), after, end, limit], doc)?
+                .collect(),
+            None => conn
+                .prepare_cached(
+                    "SELECT id, etag, body FROM documents WHERE collection = ?1 AND id >= ?2 AND id < ?3
+                     ORDER BY id LIMIT ?4",
+                )?
+                .query_map(params![c.as_str(), start, end, limit], doc)?
+                .collect(),
         })
         .await
     }
