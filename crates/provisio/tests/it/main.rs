@@ -11,6 +11,7 @@ mod bad_input;
 mod bench;
 mod cli;
 mod common;
+mod console;
 mod device;
 mod durability;
 mod hardening;

@@ -1,0 +1,346 @@
+//! The web console over HTTPS without a browser: sessions, CSRF and Origin checks, rights,
+//! the sign-in limit, escaping, etags, paging in the store, and `console = false`. (The
+//! walkthrough in a real browser is the interop target's `console` test.)
+
+use reqwest::{Method, StatusCode, redirect};
+use serde_json::{Value, json};
+
+use crate::common::{Instance, Server, service};
+
+/// A browser stand-in: one session cookie, no redirects followed.
+struct Browser {
+    client: reqwest::Client,
+    base: String,
+    cookie: String,
+}
+
+/// An answer: status, `Location`, body.
+struct Page {
+    status: StatusCode,
+    location: String,
+    body: String,
+    set_cookies: Vec<String>,
+}
+
+impl Page {
+    /// The CSRF token the page's forms carry.
+    fn csrf(&self) -> String {
+        let at = self.body.find(r#"name="_csrf" value=""#).expect("a form with a CSRF token") + 20;
+        self.body[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+impl Browser {
+    fn new(s: &Server) -> Self {
+        let pem = std::fs::read(s.ca_file()).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+            .resolve("localhost", ([127, 0, 0, 1], s.port()).into())
+            .redirect(redirect::Policy::none())
+            .build()
+            .unwrap();
+        Self { client, base: s.url(""), cookie: String::new() }
+    }
+
+    async fn send(&mut self, rb: reqwest::RequestBuilder) -> Page {
+        let rb = if self.cookie.is_empty() { rb } else { rb.header("Cookie", &self.cookie) };
+        let r = rb.send().await.unwrap();
+        let set_cookies: Vec<String> =
+            r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+        for c in &set_cookies {
+            if let Some(v) = c.strip_prefix("provisio_session=") {
+                let v = v.split(';').next().unwrap();
+                self.cookie = if v.is_empty() { String::new() } else { format!("provisio_session={v}") };
+            }
+        }
+        let status = r.status();
+        let location = r.headers().get("location").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        Page { status, location, body: r.text().await.unwrap(), set_cookies }
+    }
+
+    async fn get(&mut self, path: &str) -> Page {
+        let rb = self.client.get(format!("{}{path}", self.base));
+        self.send(rb).await
+    }
+
+    /// A form POST from the console's own pages (Origin set), fields URL-encoded.
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+        let origin = self.base.clone();
+        self.post_from(path, fields, Some(&origin)).await
+    }
+
+    async fn post_from(&mut self, path: &str, fields: &[(&str, &str)], origin: Option<&str>) -> Page {
+        let body: String = form_urlencoded(fields);
+        let mut rb = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(o) = origin {
+            rb = rb.header("Origin", o);
+        }
+        self.send(rb).await
+    }
+
+    async fn sign_in(&mut self, connection_string: &str) -> Page {
+        self.post("/console/sign-in", &[("connection_string", connection_string)]).await
+    }
+}
+
+fn form_urlencoded(fields: &[(&str, &str)]) -> String {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    fields.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+}
+
+async fn policy(s: &Server, name: &str, rights: &str) -> String {
+    let (st, p) = service(
+        s,
+        Method::PUT,
+        &format!("/policies/{name}?api-version=2021-10-01"),
+        None,
+        Some(json!({ "rights": rights })),
+    )
+    .await;
+    assert_eq!(st, 200, "{p}");
+    format!("HostName=localhost;SharedAccessKeyName={name};SharedAccessKey={}", p["primaryKey"].as_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_forms_rights_and_paging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &[]);
+    let owner = s.info.service_connection_string.clone();
+
+    // Signed out: every page sends to the sign-in page; the sign-in page carries the
+    // security headers.
+    let mut b = Browser::new(&s);
+    let p = b.get("/console/enrollments").await;
+    assert_eq!((p.status, p.location.as_str()), (StatusCode::SEE_OTHER, "/console/sign-in"));
+    let r = b.client.get(s.url("/console/sign-in")).send().await.unwrap();
+    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+
+    // Sign-in: wrong key refused (401, in the page), right one sets a strict cookie.
+    let wrong = owner.replace(s.info.owner_key().unwrap(), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+    let p = b.sign_in(&wrong).await;
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    assert!(p.body.contains("401002") && b.cookie.is_empty(), "{}", p.body);
+    let p = b.sign_in("HostName=localhost").await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST, "a connection string without a key");
+    let p = b.sign_in(&owner).await;
+    assert_eq!((p.status, p.location.as_str()), (StatusCode::SEE_OTHER, "/console/overview"));
+    let set = p.set_cookies.iter().find(|c| c.starts_with("provisio_session=")).unwrap();
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/console"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    // A sign-in form from another site is refused before the key is even looked at.
+    let mut other = Browser::new(&s);
+    let p = other.post_from("/console/sign-in", &[("connection_string", &owner)], Some("https://evil.example")).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+    assert!(other.cookie.is_empty());
+
+    // A forged or tampered cookie is no session.
+    let mut forged = Browser::new(&s);
+    forged.cookie = format!("{}x", b.cookie);
+    assert_eq!(forged.get("/console/overview").await.location, "/console/sign-in");
+
+    // Add an enrollment whose twin carries a script: saved, shown escaped.
+    let form = b.get("/console/enrollments/new").await;
+    assert_eq!(form.status, StatusCode::OK);
+    let csrf = form.csrf();
+    let twin = r#"{"tags": {"x": "<script>alert(1)</script>"}}"#;
+    let p = b
+        .post(
+            "/console/enrollments/new",
+            &[
+                ("_csrf", &csrf),
+                ("mechanism", "symmetricKey"),
+                ("id", "con-1"),
+                ("auto_keys", "1"),
+                ("initial_twin", twin),
+            ],
+        )
+        .await;
+    assert_eq!((p.status, p.location.as_str()), (StatusCode::SEE_OTHER, "/console/enrollments/con-1"), "{}", p.body);
+    let page = b.get("/console/enrollments/con-1").await;
+    assert!(!page.body.contains("<script>alert(1)"), "escaped");
+    assert!(
+        page.body.contains("&#60;script&#62;alert(1)&#60;/script&#62;") || page.body.contains("&lt;script&gt;"),
+        "shown as text"
+    );
+    assert!(!page.body.contains("primaryKey") && !page.body.contains(r#"id="primary-key""#), "keys hidden until asked");
+    let (_, stored) = service(&s, Method::GET, "/enrollments/con-1?api-version=2021-10-01", None, None).await;
+    assert_eq!(stored["initialTwin"]["tags"]["x"], "<script>alert(1)</script>");
+
+    // CSRF: no token, another session's token, no Origin and no Referer, a foreign Origin.
+    for (fields, origin) in [
+        (vec![("id", "con-x"), ("mechanism", "symmetricKey")], Some(b.base.clone())),
+        (vec![("_csrf", "AAAA"), ("id", "con-x"), ("mechanism", "symmetricKey")], Some(b.base.clone())),
+        (vec![("_csrf", csrf.as_str()), ("id", "con-x"), ("mechanism", "symmetricKey")], None),
+        (
+            vec![("_csrf", csrf.as_str()), ("id", "con-x"), ("mechanism", "symmetricKey")],
+            Some("https://evil.example".into()),
+        ),
+    ] {
+        let p = b.post_from("/console/enrollments/new", &fields, origin.as_deref()).await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{fields:?} {origin:?}");
+    }
+    let (st, _) = service(&s, Method::GET, "/enrollments/con-x?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 404, "no refused form made anything");
+
+    // A twin that is not JSON: 400 on the form, with what was typed kept.
+    let p = b
+        .post(
+            "/console/enrollments/new",
+            &[
+                ("_csrf", &csrf),
+                ("mechanism", "symmetricKey"),
+                ("id", "con-2"),
+                ("auto_keys", "1"),
+                ("initial_twin", "{nope"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("not valid JSON") && p.body.contains(r#"value="con-2""#) && p.body.contains("{nope"));
+
+    // Edit with a stale etag: the concurrent change is reported (412), not overwritten.
+    let edit = b.get("/console/enrollments/con-1/edit").await;
+    let etag_at = edit.body.find(r#"name="etag" value=""#).unwrap() + 19;
+    let etag = edit.body[etag_at..].split('"').next().unwrap().to_owned();
+    let (st, _) = service(&s, Method::PUT, "/enrollments/con-1?api-version=2021-10-01", Some("*"), Some(json!({"registrationId": "con-1", "attestation": {"type": "symmetricKey"}, "deviceId": "changed-elsewhere"}))).await;
+    assert_eq!(st, 200);
+    let p = b
+        .post(
+            "/console/enrollments/con-1",
+            &[("_csrf", &csrf), ("mechanism", "symmetricKey"), ("id", "con-1"), ("device_id", "mine"), ("etag", &etag)],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::PRECONDITION_FAILED, "{}", p.body);
+    assert!(p.body.contains("412") && p.body.contains(r#"value="mine""#));
+    let (_, e) = service(&s, Method::GET, "/enrollments/con-1?api-version=2021-10-01", None, None).await;
+    assert_eq!(e["deviceId"], "changed-elsewhere");
+
+    // Paging in the store: 120 enrollments in pages of 50, and a search by prefix.
+    for i in 0..120 {
+        let (st, _) = service(
+            &s,
+            Method::PUT,
+            &format!("/enrollments/page-{i:03}?api-version=2021-10-01"),
+            None,
+            Some(json!({"registrationId": format!("page-{i:03}"), "attestation": {"type": "symmetricKey"}})),
+        )
+        .await;
+        assert_eq!(st, 200);
+    }
+    let p1 = b.get("/console/enrollments?q=page-").await;
+    assert_eq!(p1.body.matches(r#"<a href="/console/enrollments/page-"#).count(), 50);
+    assert!(p1.body.contains("after=page-049\" rel=\"next\""), "next page link");
+    let p3 = b.get("/console/enrollments?tab=individual&q=page-&after=page-099").await;
+    assert_eq!(p3.body.matches(r#"<a href="/console/enrollments/page-"#).count(), 20);
+    assert!(!p3.body.contains("rel=\"next\""));
+    let found = b.get("/console/enrollments?q=PAGE-11").await;
+    assert_eq!(found.body.matches(r#"<a href="/console/enrollments/page-11"#).count(), 10, "case-insensitive prefix");
+
+    // A read-only policy: no Add, and a hand-made POST with its own cookie and token: 403.
+    let reader = policy(&s, "reader", "EnrollmentRead").await;
+    let mut r = Browser::new(&s);
+    assert_eq!(r.sign_in(&reader).await.status, StatusCode::SEE_OTHER);
+    let list = r.get("/console/enrollments").await;
+    assert!(!list.body.contains("Add individual enrollment"));
+    assert!(!list.body.contains(">Certificates<"), "no section it may not open");
+    assert_eq!(r.get("/console/enrollments/new").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.get("/console/certificates").await.status, StatusCode::FORBIDDEN);
+    let token = list.csrf();
+    let p = r
+        .post(
+            "/console/enrollments/con-1/action",
+            &[("_csrf", &token), ("action", "delete"), ("confirm", "yes"), ("etag", "*")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+    assert!(p.body.contains("403") && p.body.contains("EnrollmentWrite"));
+    let (st, _) = service(&s, Method::GET, "/enrollments/con-1?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 200, "not deleted");
+
+    // Delete asks first, then deletes; the change is audited under the policy.
+    let detail = b.get("/console/enrollments/con-1").await;
+    let p = b
+        .post("/console/enrollments/con-1/action", &[("_csrf", &detail.csrf()), ("action", "delete"), ("etag", "*")])
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert!(p.body.contains("Delete enrollment con-1?") && p.body.contains(r#"name="confirm" value="yes""#));
+    let p = b
+        .post(
+            "/console/enrollments/con-1/action",
+            &[("_csrf", &detail.csrf()), ("action", "delete"), ("etag", "*"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let (st, _) = service(&s, Method::GET, "/enrollments/con-1?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 404);
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let deleted: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"] == "DELETE /enrollments/con-1")
+        .collect();
+    assert_eq!(deleted.len(), 1, "{audit}");
+    assert_eq!(
+        (&deleted[0]["transport"], &deleted[0]["credential"]),
+        (&json!("console"), &json!("provisioningserviceowner"))
+    );
+
+    // The session ends when its policy's key is regenerated, or the policy removed.
+    let (st, _) = service(
+        &s,
+        Method::POST,
+        "/policies/reader/regenerateKey?api-version=2021-10-01",
+        None,
+        Some(json!({"keyType": "secondary"})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(r.get("/console/enrollments").await.location, "/console/sign-in");
+    let reader = policy(&s, "reader", "EnrollmentRead").await;
+    assert_eq!(r.sign_in(&reader).await.status, StatusCode::SEE_OTHER);
+    let (st, _) = service(&s, Method::DELETE, "/policies/reader?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 204);
+    assert_eq!(r.get("/console/overview").await.location, "/console/sign-in");
+
+    // Sign-out ends the session in this browser.
+    let o = b.get("/console/overview").await;
+    let p = b.post("/console/sign-out", &[("_csrf", &o.csrf())]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    assert!(b.cookie.is_empty());
+    assert_eq!(b.get("/console/overview").await.location, "/console/sign-in");
+
+    // Sign-in attempts are limited per address: after 10 in a minute, 429.
+    let mut statuses = Vec::new();
+    let mut t = Browser::new(&s);
+    for _ in 0..12 {
+        statuses.push(t.sign_in(&wrong).await.status.as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_can_be_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("p.toml");
+    std::fs::write(&cfg, "console = false\n").unwrap();
+    let s = Server::start(&tmp.path().join("d"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let r = s.client().get(s.url("/console/sign-in")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
