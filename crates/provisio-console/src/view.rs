@@ -162,6 +162,18 @@ impl Console {
         Ok(Ctx { caller, claims, csrf, flash, cookies: set, ip: ip.map(|i| i.0) })
     }
 
+    /// The session of a request whose policy must have `right` (else the `403` page).
+    pub(crate) async fn context_with(
+        &self,
+        headers: &HeaderMap,
+        ip: Option<ClientIp>,
+        right: Right,
+    ) -> Result<Ctx, Response> {
+        let ctx = self.context(headers, ip).await?;
+        ctx.caller.require(right).map_err(|e| error_page(&e))?;
+        Ok(ctx)
+    }
+
     /// The session of a form submission: a session, the form's CSRF token, and an `Origin`
     /// (or, without one, a `Referer`) of this very host.
     pub(crate) async fn form_context(

@@ -18,7 +18,7 @@ use provisio_engine::{
 use provisio_proto::service::SharedAccessPolicy;
 use serde::Deserialize;
 
-use super::enrollments::{Confirm, submitted};
+use super::enrollments::{Confirm, submitted_with};
 use crate::{
     ClientIp, Console,
     form::Form,
@@ -26,9 +26,7 @@ use crate::{
 };
 
 async fn admin(c: &Console, headers: &HeaderMap, ip: Option<ClientIp>) -> Result<Ctx, Response> {
-    let ctx = c.context(headers, ip).await?;
-    ctx.caller.require(Right::ServiceConfig).map_err(|e| view::error_page(&e))?;
-    Ok(ctx)
+    c.context_with(headers, ip, Right::ServiceConfig).await
 }
 
 /// A page's `?edit=` or `?show=`.
@@ -140,13 +138,10 @@ pub(crate) async fn hubs(
 
 /// Save (add or change) or Remove (after a confirmation) a linked hub.
 pub(crate) async fn hub_action(State(c): State<Arc<Console>>, request: Request) -> Response {
-    let (ctx, form) = match submitted(&c, request).await {
+    let (ctx, form) = match submitted_with(&c, request, Right::ServiceConfig).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::ServiceConfig) {
-        return view::error_page(&e);
-    }
     let v = HubValues::from_form(&form);
     let short = provisio_core::text::shorten(&v.name);
     match form.get("action") {
@@ -260,13 +255,10 @@ pub(crate) async fn policies(
 
 /// Add or change a policy's rights, Regenerate a key, Remove (after a confirmation).
 pub(crate) async fn policy_action(State(c): State<Arc<Console>>, request: Request) -> Response {
-    let (ctx, form) = match submitted(&c, request).await {
+    let (ctx, form) = match submitted_with(&c, request, Right::ServiceConfig).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::ServiceConfig) {
-        return view::error_page(&e);
-    }
     let name = form.get("name").unwrap_or_default().to_owned();
     let short = provisio_core::text::shorten(&name);
     let rights: Vec<String> = form.all("rights").into_iter().map(str::to_owned).collect();

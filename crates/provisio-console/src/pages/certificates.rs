@@ -13,7 +13,7 @@ use axum::{
 use provisio_engine::{Error, service::Right};
 use provisio_proto::service::{CertificateBody, CertificateResponse};
 
-use super::enrollments::{Confirm, enc, submitted};
+use super::enrollments::{Confirm, enc, submitted_with};
 use crate::{
     ClientIp, Console,
     view::{self, Ctx, ErrorView},
@@ -69,9 +69,7 @@ struct Show {
 }
 
 async fn admin(c: &Console, headers: &HeaderMap, ip: Option<ClientIp>) -> Result<Ctx, Response> {
-    let ctx = c.context(headers, ip).await?;
-    ctx.caller.require(Right::ServiceConfig).map_err(|e| view::error_page(&e))?;
-    Ok(ctx)
+    c.context_with(headers, ip, Right::ServiceConfig).await
 }
 
 async fn list_page(c: &Console, ctx: &Ctx, name: String, error: Option<ErrorView>) -> Response {
@@ -100,13 +98,10 @@ pub(crate) async fn list(State(c): State<Arc<Console>>, headers: HeaderMap, requ
 
 /// Add: a name and a `.pem` or `.cer` file.
 pub(crate) async fn add(State(c): State<Arc<Console>>, request: Request) -> Response {
-    let (ctx, form) = match submitted(&c, request).await {
+    let (ctx, form) = match submitted_with(&c, request, Right::ServiceConfig).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::ServiceConfig) {
-        return view::error_page(&e);
-    }
     let name = form.get("name").unwrap_or_default().to_owned();
     let result = match form.file_text("certificate") {
         None => Err(Error::invalid("Choose the certificate's file (.pem or .cer).")),
@@ -156,13 +151,10 @@ pub(crate) async fn show(
 /// Generate verification code, Verify (with the uploaded verification certificate), or
 /// Delete (after a confirmation).
 pub(crate) async fn action(State(c): State<Arc<Console>>, Path(name): Path<String>, request: Request) -> Response {
-    let (ctx, form) = match submitted(&c, request).await {
+    let (ctx, form) = match submitted_with(&c, request, Right::ServiceConfig).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::ServiceConfig) {
-        return view::error_page(&e);
-    }
     let etag = form.get("etag").map(str::to_owned);
     let short = provisio_core::text::shorten(&name);
     let base = format!("/console/certificates/{}", enc(&name));

@@ -83,13 +83,11 @@ pub(crate) async fn list(
     Query(q): Query<ListQuery>,
     request: Request,
 ) -> Response {
-    let ctx = match c.context(&headers, request.extensions().get::<ClientIp>().copied()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    if let Err(e) = ctx.caller.require(Right::EnrollmentRead) {
-        return view::error_page(&e);
-    }
+    let ctx =
+        match c.context_with(&headers, request.extensions().get::<ClientIp>().copied(), Right::EnrollmentRead).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let groups = q.tab.as_deref() == Some("groups");
     let prefix = q.q.clone().unwrap_or_default();
     let after = q.after.as_deref().filter(|a| !a.is_empty());
@@ -416,9 +414,7 @@ async fn verified_cas(c: &Console) -> Vec<String> {
 }
 
 async fn writer(c: &Console, headers: &HeaderMap, ip: Option<ClientIp>) -> Result<Ctx, Response> {
-    let ctx = c.context(headers, ip).await?;
-    ctx.caller.require(Right::EnrollmentWrite).map_err(|e| view::error_page(&e))?;
-    Ok(ctx)
+    c.context_with(headers, ip, Right::EnrollmentWrite).await
 }
 
 /// Add individual enrollment: the form.
@@ -444,6 +440,22 @@ pub(crate) async fn submitted(c: &Console, request: Request) -> Result<(Ctx, For
     let form = Form::read(request).await.map_err(|e| view::error_page(&e))?;
     let ctx = c.form_context(&headers, ip, form.get("_csrf")).await?;
     Ok((ctx, form))
+}
+
+/// A form submission whose policy must have `right` (else the `403` page), however it was
+/// sent.
+pub(crate) async fn submitted_with(c: &Console, request: Request, right: Right) -> Result<(Ctx, Form), Response> {
+    let (ctx, form) = submitted(c, request).await?;
+    ctx.caller.require(right).map_err(|e| view::error_page(&e))?;
+    Ok((ctx, form))
+}
+
+/// Save of an enrollment form: add (`editing` false) or edit.
+async fn save_submitted(c: &Console, request: Request, group: bool, editing: bool) -> Response {
+    match submitted_with(c, request, Right::EnrollmentWrite).await {
+        Ok((ctx, form)) => save(c, &ctx, group, &form, editing).await,
+        Err(r) => r,
+    }
 }
 
 /// Saves an enrollment or group: create (no etag) or update (with the etag the form read).
@@ -484,24 +496,12 @@ async fn save(c: &Console, ctx: &Ctx, group: bool, form: &Form, editing: bool) -
 
 /// Add individual enrollment: Save.
 pub(crate) async fn create_individual(State(c): State<Arc<Console>>, request: Request) -> Response {
-    match submitted(&c, request).await {
-        Ok((ctx, form)) => match ctx.caller.require(Right::EnrollmentWrite) {
-            Ok(()) => save(&c, &ctx, false, &form, false).await,
-            Err(e) => view::error_page(&e),
-        },
-        Err(r) => r,
-    }
+    save_submitted(&c, request, false, false).await
 }
 
 /// Add enrollment group: Save.
 pub(crate) async fn create_group(State(c): State<Arc<Console>>, request: Request) -> Response {
-    match submitted(&c, request).await {
-        Ok((ctx, form)) => match ctx.caller.require(Right::EnrollmentWrite) {
-            Ok(()) => save(&c, &ctx, true, &form, false).await,
-            Err(e) => view::error_page(&e),
-        },
-        Err(r) => r,
-    }
+    save_submitted(&c, request, true, false).await
 }
 
 /// An enrollment's or group's JSON as stored (keys stripped), with its etag.
@@ -554,24 +554,12 @@ pub(crate) async fn edit_group(
 
 /// Save an edited individual enrollment.
 pub(crate) async fn update_individual(State(c): State<Arc<Console>>, request: Request) -> Response {
-    match submitted(&c, request).await {
-        Ok((ctx, form)) => match ctx.caller.require(Right::EnrollmentWrite) {
-            Ok(()) => save(&c, &ctx, false, &form, true).await,
-            Err(e) => view::error_page(&e),
-        },
-        Err(r) => r,
-    }
+    save_submitted(&c, request, false, true).await
 }
 
 /// Save an edited group.
 pub(crate) async fn update_group(State(c): State<Arc<Console>>, request: Request) -> Response {
-    match submitted(&c, request).await {
-        Ok((ctx, form)) => match ctx.caller.require(Right::EnrollmentWrite) {
-            Ok(()) => save(&c, &ctx, true, &form, true).await,
-            Err(e) => view::error_page(&e),
-        },
-        Err(r) => r,
-    }
+    save_submitted(&c, request, true, true).await
 }
 
 /// The details of an enrollment or group, as label/value rows.
@@ -818,13 +806,10 @@ pub(crate) struct Confirm {
 
 /// Enable, Disable, Delete (after a confirmation), or derive a device key.
 async fn action(c: &Console, group: bool, id: &str, request: Request) -> Response {
-    let (ctx, form) = match submitted(c, request).await {
+    let (ctx, form) = match submitted_with(c, request, Right::EnrollmentWrite).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::EnrollmentWrite) {
-        return view::error_page(&e);
-    }
     let path = if group { "enrollmentGroups" } else { "enrollments" };
     let base = if group { format!("/console/groups/{}", enc(id)) } else { format!("/console/enrollments/{}", enc(id)) };
     let etag = form.get("etag").map(str::to_owned);

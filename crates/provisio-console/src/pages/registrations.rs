@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::{
     PAGE,
-    enrollments::{Confirm, RecordRow, enc, submitted},
+    enrollments::{Confirm, RecordRow, enc, submitted_with},
 };
 use crate::{
     ClientIp, Console,
@@ -58,13 +58,13 @@ pub(crate) async fn list(
     Query(q): Query<ListQuery>,
     request: Request,
 ) -> Response {
-    let ctx = match c.context(&headers, request.extensions().get::<ClientIp>().copied()).await {
+    let ctx = match c
+        .context_with(&headers, request.extensions().get::<ClientIp>().copied(), Right::RegistrationStatusRead)
+        .await
+    {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::RegistrationStatusRead) {
-        return view::error_page(&e);
-    }
     let prefix = q.q.clone().unwrap_or_default();
     let group = q.group.clone().unwrap_or_default().trim().to_owned();
     let after = q.after.as_deref().filter(|a| !a.is_empty());
@@ -226,13 +226,10 @@ pub(crate) async fn show(
 
 /// Delete (after a confirmation): the device provisions afresh at its next registration.
 pub(crate) async fn delete(State(c): State<Arc<Console>>, Path(id): Path<String>, request: Request) -> Response {
-    let (ctx, form) = match submitted(&c, request).await {
+    let (ctx, form) = match submitted_with(&c, request, Right::RegistrationStatusWrite).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = ctx.caller.require(Right::RegistrationStatusWrite) {
-        return view::error_page(&e);
-    }
     let base = format!("/console/registrations/{}", enc(&id));
     let etag = form.get("etag").map(str::to_owned);
     if form.get("confirm") != Some("yes") {
