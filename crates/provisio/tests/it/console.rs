@@ -344,3 +344,194 @@ async fn console_can_be_turned_off() {
     let r = s.client().get(s.url("/console/sign-in")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Registers `id` over HTTPS with `key` and polls once: the answer's status.
+async fn register(s: &Server, id: &str, key: &str) -> u16 {
+    let scope = &s.info.id_scope;
+    let token = provisio_core::sas::build_token(
+        &format!("{scope}/registrations/{id}"),
+        key,
+        crate::common::now() + 600,
+        Some("registration"),
+        provisio_core::sas::SrEncoding::Upper,
+    )
+    .unwrap();
+    let r = s
+        .client()
+        .put(s.url(&format!("/{scope}/registrations/{id}/register?api-version=2021-06-01")))
+        .header("Authorization", token)
+        .json(&json!({ "registrationId": id }))
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_groups_records_hubs_policies_and_the_audit_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), "127.0.0.1:0", &["--linked-hub", "hub-a.example.net"]);
+    let mut b = Browser::new(&s);
+    assert_eq!(b.sign_in(&s.info.service_connection_string.clone()).await.status, StatusCode::SEE_OTHER);
+
+    // A symmetric-key group; the page derives a device's key as the device does.
+    let csrf = b.get("/console/groups/new").await.csrf();
+    let p = b
+        .post(
+            "/console/groups/new",
+            &[
+                ("_csrf", &csrf),
+                ("id", "grp"),
+                ("attestation_type", "symmetricKey"),
+                ("auto_keys", "1"),
+                ("provisioning_status", "enabled"),
+            ],
+        )
+        .await;
+    assert_eq!((p.status, p.location.as_str()), (StatusCode::SEE_OTHER, "/console/groups/grp"), "{}", p.body);
+    let (_, keys) =
+        service(&s, Method::POST, "/enrollmentGroups/grp/attestationmechanism?api-version=2021-10-01", None, None)
+            .await;
+    let group_key = keys["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let want = provisio_core::keys::derive_device_key(&group_key, "grp-dev-1").unwrap();
+    let p = b
+        .post("/console/groups/grp/action", &[("_csrf", &csrf), ("action", "derive"), ("registration_id", "grp-dev-1")])
+        .await;
+    assert!(p.body.contains(&format!(r#"id="derived-key" class="secret" value="{want}""#)), "{}", p.body);
+    let p = b
+        .post("/console/groups/grp/action", &[("_csrf", &csrf), ("action", "derive"), ("registration_id", "bad id!")])
+        .await;
+    assert!(p.body.contains("role=\"alert\""), "an invalid registration id is the page's error");
+
+    // The device registers; the group's page and the records list by group show it.
+    assert_eq!(register(&s, "grp-dev-1", &want).await, 202);
+    let page = b.get("/console/groups/grp").await;
+    assert!(page.body.contains(r#"<a href="/console/registrations/grp-dev-1">grp-dev-1</a>"#));
+    let by_group = b.get("/console/registrations?group=grp").await;
+    assert!(by_group.body.contains("grp-dev-1") && by_group.body.contains("hub-a.example.net"));
+
+    // Disable: a device of the group is recorded `disabled`; a refused device's page shows
+    // the attempt and its reason; Enable lets devices in again.
+    let etag_of = |body: &str| {
+        let at = body.find(r#"name="etag" value=""#).unwrap() + 19;
+        body[at..].split('"').next().unwrap().to_owned()
+    };
+    let p = b
+        .post("/console/groups/grp/action", &[("_csrf", &csrf), ("action", "disable"), ("etag", &etag_of(&page.body))])
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let (_, g) = service(&s, Method::GET, "/enrollmentGroups/grp?api-version=2021-10-01", None, None).await;
+    assert_eq!(g["provisioningStatus"], "disabled");
+    assert_eq!(g["attestation"]["symmetricKey"]["primaryKey"], Value::Null, "keys kept, not shown");
+    let (_, keys_after) =
+        service(&s, Method::POST, "/enrollmentGroups/grp/attestationmechanism?api-version=2021-10-01", None, None)
+            .await;
+    assert_eq!(keys_after["symmetricKey"]["primaryKey"], keys["symmetricKey"]["primaryKey"], "disabling kept the keys");
+    assert_eq!(
+        register(&s, "grp-dev-2", &provisio_core::keys::derive_device_key(&group_key, "grp-dev-2").unwrap()).await,
+        202
+    );
+    let disabled = b.get("/console/registrations/grp-dev-2").await;
+    assert!(disabled.body.contains(r#"class="status-disabled">disabled<"#), "{}", disabled.body);
+    assert_eq!(register(&s, "nobody-1", &group_key).await, 401);
+    let record = b.get("/console/registrations/nobody-1").await;
+    assert!(record.body.contains("has no registration record"), "{}", record.body);
+    assert!(record.body.contains("refused") && record.body.contains("401"), "the refused attempt is listed");
+    let page = b.get("/console/groups/grp").await;
+    let p = b
+        .post("/console/groups/grp/action", &[("_csrf", &csrf), ("action", "enable"), ("etag", &etag_of(&page.body))])
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    // A stale etag is reported.
+    let p = b
+        .post("/console/groups/grp/action", &[("_csrf", &csrf), ("action", "disable"), ("etag", &etag_of(&page.body))])
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert!(p.body.contains("412"), "{}", p.body);
+
+    // Delete a registration record (after the confirmation): the device provisions afresh.
+    let rec = b.get("/console/registrations/grp-dev-1").await;
+    let p = b.post("/console/registrations/grp-dev-1", &[("_csrf", &csrf), ("etag", &etag_of(&rec.body))]).await;
+    assert!(p.body.contains("Delete the registration record of grp-dev-1?"));
+    let p = b
+        .post(
+            "/console/registrations/grp-dev-1",
+            &[("_csrf", &csrf), ("etag", &etag_of(&rec.body)), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let (st, _) = service(&s, Method::GET, "/registrations/grp-dev-1?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 404);
+
+    // Linked hubs: add with a weight and region, a bad weight is the form's error, remove.
+    let p = b
+        .post(
+            "/console/hubs",
+            &[
+                ("_csrf", &csrf),
+                ("action", "save"),
+                ("name", "hub-b.example.net"),
+                ("weight", "5"),
+                ("apply", "1"),
+                ("region", "westeurope"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let (_, h) = service(&s, Method::GET, "/linkedHubs/hub-b.example.net?api-version=2021-10-01", None, None).await;
+    assert_eq!((h["allocationWeight"].as_u64(), h["region"].as_str()), (Some(5), Some("westeurope")), "{h}");
+    let p = b
+        .post("/console/hubs", &[("_csrf", &csrf), ("action", "save"), ("name", "hub-c.example.net"), ("weight", "0")])
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains(r#"value="hub-c.example.net""#), "the form keeps what was typed");
+    let p = b
+        .post(
+            "/console/hubs",
+            &[("_csrf", &csrf), ("action", "remove"), ("name", "hub-b.example.net"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let (st, _) = service(&s, Method::GET, "/linkedHubs/hub-b.example.net?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 404);
+
+    // Policies: add with rights; its connection strings only on request; the last
+    // ServiceConfig policy cannot lose the right.
+    let p = b
+        .post(
+            "/console/policies",
+            &[
+                ("_csrf", &csrf),
+                ("action", "save"),
+                ("name", "ops"),
+                ("rights", "EnrollmentRead"),
+                ("rights", "RegistrationStatusRead"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let list = b.get("/console/policies").await;
+    assert!(
+        list.body.contains("EnrollmentRead, RegistrationStatusRead") && !list.body.contains("SharedAccessKeyName=ops")
+    );
+    let shown = b.get("/console/policies?show=ops").await;
+    assert!(shown.body.contains("SharedAccessKeyName=ops;SharedAccessKey="));
+    let p = b
+        .post(
+            "/console/policies",
+            &[("_csrf", &csrf), ("action", "save"), ("name", "provisioningserviceowner"), ("rights", "EnrollmentRead")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("last one with ServiceConfig"));
+
+    // The audit log, filtered: service changes made here name the policy and the console.
+    let audit = b.get("/console/audit?kind=service&registration_id=").await;
+    assert!(
+        audit.body.contains("PUT /linkedHubs/hub-b.example.net")
+            && audit.body.contains("DELETE /registrations/grp-dev-1")
+    );
+    let regs = b.get("/console/audit?registration_id=nobody-1").await;
+    assert!(regs.body.contains("nobody-1") && !regs.body.contains("PUT /linkedHubs"));
+    assert_eq!(b.get("/console/audit?since=yesterday").await.status, StatusCode::BAD_REQUEST);
+}
