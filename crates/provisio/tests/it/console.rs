@@ -87,7 +87,7 @@ impl Browser {
     }
 }
 
-fn form_urlencoded(fields: &[(&str, &str)]) -> String {
+pub(crate) fn form_urlencoded(fields: &[(&str, &str)]) -> String {
     let enc = |s: &str| -> String {
         s.bytes()
             .map(|b| match b {

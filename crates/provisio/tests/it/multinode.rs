@@ -74,6 +74,34 @@ async fn two_nodes_share_one_postgres_instance() {
     let hub = v["registrationState"]["assignedHub"].as_str().unwrap().to_owned();
     assert!(hub == "pg-hub-1.example.net" || hub == "pg-hub-2.example.net", "{v}");
 
+    // The web console: a session signed in on A is a session on B (the instance's console
+    // key is in the shared store), and B's pages show what A recorded.
+    let console = |inst: &dyn Instance| {
+        let pem = std::fs::read(inst.ca_file()).unwrap();
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+            .resolve("localhost", ([127, 0, 0, 1], inst.port()).into())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    };
+    let cs = a.info.service_connection_string.clone();
+    let form = crate::console::form_urlencoded(&[("connection_string", &cs)]);
+    let r = console(&a)
+        .post(a.url("/console/sign-in"))
+        .header("Origin", a.url(""))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let r = console(&b).get(b.url("/console/registrations/pg-dev-1")).header("Cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 200, "A's session is accepted by B");
+    let page = r.text().await.unwrap();
+    assert!(page.contains(&hub) && page.contains("assigned"), "{page}");
+
     // The same id on both nodes at once: both answer, and both operations and the record agree.
     let (ta, tb) = (t.clone(), t.clone());
     let (sa, sb) = std::thread::scope(|sc| {
