@@ -144,7 +144,8 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
+/// Prints an instance's facts; `console` says whether the web console is served.
+fn print_info(info: &InstanceInfo, json: bool, console: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(info)?);
         return Ok(());
@@ -164,19 +165,23 @@ fn print_info(info: &InstanceInfo, json: bool) -> Result<()> {
         println!("AMQP endpoint:             {a}");
     }
     println!("Linked IoT hubs:           {}", info.linked_hubs.join(", "));
+    if console {
+        println!("Web console:               {}/console", info.https_endpoint);
+    }
     Ok(())
 }
 
 async fn serve(args: config::ServeArgs) -> Result<()> {
     let (config, log): (ServerConfig, config::LogSettings) = config::load_serve(&args)?;
     config::init_logging(&log)?;
+    let console = config.console;
     let server = Provisio::open(config).await.context("cannot start Provisio")?;
     let listeners = server.bind().await?;
     let info = server.info(&listeners);
     if !args.json {
         println!("Provisio {} is ready.", env!("CARGO_PKG_VERSION"));
     }
-    print_info(&info, args.json)?;
+    print_info(&info, args.json, console)?;
     if !args.json {
         println!("Devices use the device endpoint as their global endpoint, with the ID scope above.");
         println!("Stock Azure SDK HTTP clients only connect to port 443: use --https-listen 0.0.0.0:443 for them.");
@@ -234,5 +239,5 @@ async fn info(args: InfoArgs) -> Result<()> {
     let Some(info) = provisio_server::read_info(&config).await? else {
         bail!("the instance is not initialised yet (run `provisio serve` once)");
     };
-    print_info(&info, args.json)
+    print_info(&info, args.json, config.console)
 }
