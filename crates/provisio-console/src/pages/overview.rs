@@ -43,7 +43,7 @@ pub(crate) async fn sign_in_page() -> Response {
 }
 
 /// Checks a sign-in: a connection string, or a policy name and key, as the service API
-/// checks a policy. Limited per client address; refusals are audited.
+/// checks a policy. Limited per client address; refusals within the limit are audited.
 pub(crate) async fn sign_in(State(c): State<Arc<Console>>, request: Request) -> Response {
     let ip = request.extensions().get::<ClientIp>().map(|i| i.0);
     let headers = request.headers().clone();
@@ -54,7 +54,14 @@ pub(crate) async fn sign_in(State(c): State<Arc<Console>>, request: Request) -> 
         Ok(f) => f,
         Err(e) => return view::error_page(&e),
     };
-    let limited = c.sign_ins.hit(&ip.map_or_else(|| "-".to_owned(), |i| i.to_string()));
+    // The limit comes first: past it, an attempt costs neither a store read nor an audit
+    // line (a flood of refusals would otherwise rotate the audit log's history away).
+    if let Err(wait) = c.sign_ins.hit(&ip.map_or_else(|| "-".to_owned(), |i| i.to_string())) {
+        let (e, _) = Error::Throttled(wait.as_secs().max(1)).tracked();
+        tracing::debug!(peer = ?ip, "console sign-in over the per-address limit");
+        let page = SignIn { error: Some(ErrorView::from(&e)), name: form.raw("name").to_owned() };
+        return view::render(StatusCode::TOO_MANY_REQUESTS, &page, &[]);
+    }
     let (name, key) = match (form.get("connection_string"), form.get("name"), form.get("key")) {
         (Some(cs), _, _) => match parse_connection_string(cs) {
             Ok(nk) => nk,
@@ -66,10 +73,6 @@ pub(crate) async fn sign_in(State(c): State<Arc<Console>>, request: Request) -> 
             return refused(&c, ip, "", e, form.raw("name").to_owned()).await;
         }
     };
-    if let Err(wait) = limited {
-        let e = Error::Throttled(wait.as_secs().max(1));
-        return refused(&c, ip, &name, e, name.clone()).await;
-    }
     match c.parts.service.sign_in(&name, &key).await {
         Ok(caller) => {
             let claims = c.signer.issue(&caller.policy, &caller.key_fingerprint, view::unix_now());

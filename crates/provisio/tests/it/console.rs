@@ -333,6 +333,15 @@ async fn console_sessions_forms_rights_and_paging() {
         statuses.push(t.sign_in(&wrong).await.status.as_u16());
     }
     assert!(statuses.contains(&429), "{statuses:?}");
+    // Attempts past the limit cost no audit line (a flood cannot rotate the log away).
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let sign_ins: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"] == "console sign-in")
+        .collect();
+    assert!(sign_ins.iter().any(|l| l["status"] == 401), "refusals within the limit are audited");
+    assert!(!sign_ins.iter().any(|l| l["status"] == 429), "throttled attempts are not");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
