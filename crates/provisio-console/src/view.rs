@@ -174,22 +174,24 @@ impl Console {
         Ok(ctx)
     }
 
-    /// The session of a form submission: a session, the form's CSRF token, and an `Origin`
-    /// (or, without one, a `Referer`) of this very host.
-    pub(crate) async fn form_context(
+    /// A form submission and its session: an `Origin` (or, without one, a `Referer`) of this
+    /// very host, a session, and the form's CSRF token. The body is read only once the
+    /// origin and the session are known: a request without a session costs no body read.
+    pub(crate) async fn submitted(
         &self,
-        headers: &HeaderMap,
-        ip: Option<ClientIp>,
-        csrf: Option<&str>,
-    ) -> Result<Ctx, Response> {
-        if !same_origin(headers) {
+        request: axum::extract::Request,
+    ) -> Result<(Ctx, crate::form::Form), Response> {
+        let ip = request.extensions().get::<ClientIp>().copied();
+        let headers = request.headers().clone();
+        if !same_origin(&headers) {
             return Err(forbidden("This form was sent from another site (its Origin is not this console's)."));
         }
-        let ctx = self.context(headers, ip).await?;
-        if !csrf.is_some_and(|t| self.signer.csrf_ok(&ctx.claims, t)) {
+        let ctx = self.context(&headers, ip).await?;
+        let form = crate::form::Form::read(request).await.map_err(|e| error_page(&e))?;
+        if !form.get("_csrf").is_some_and(|t| self.signer.csrf_ok(&ctx.claims, t)) {
             return Err(forbidden("This form's CSRF token is missing or belongs to another session; reload the page."));
         }
-        Ok(ctx)
+        Ok((ctx, form))
     }
 
     /// A redirect after a change, with a message for the next page.

@@ -433,19 +433,10 @@ pub(crate) async fn new_group(State(c): State<Arc<Console>>, headers: HeaderMap,
     }
 }
 
-/// A form submission's context: a session with the form's CSRF token, and the form.
-pub(crate) async fn submitted(c: &Console, request: Request) -> Result<(Ctx, Form), Response> {
-    let ip = request.extensions().get::<ClientIp>().copied();
-    let headers = request.headers().clone();
-    let form = Form::read(request).await.map_err(|e| view::error_page(&e))?;
-    let ctx = c.form_context(&headers, ip, form.get("_csrf")).await?;
-    Ok((ctx, form))
-}
-
 /// A form submission whose policy must have `right` (else the `403` page), however it was
 /// sent.
 pub(crate) async fn submitted_with(c: &Console, request: Request, right: Right) -> Result<(Ctx, Form), Response> {
-    let (ctx, form) = submitted(c, request).await?;
+    let (ctx, form) = c.submitted(request).await?;
     ctx.caller.require(right).map_err(|e| view::error_page(&e))?;
     Ok((ctx, form))
 }

@@ -109,13 +109,7 @@ async fn refused(c: &Console, ip: Option<std::net::IpAddr>, name: &str, e: Error
 
 /// Ends the session.
 pub(crate) async fn sign_out(State(c): State<Arc<Console>>, request: Request) -> Response {
-    let ip = request.extensions().get::<ClientIp>().copied();
-    let headers = request.headers().clone();
-    let form = match Form::read(request).await {
-        Ok(f) => f,
-        Err(e) => return view::error_page(&e),
-    };
-    match c.form_context(&headers, ip, form.get("_csrf")).await {
+    match c.submitted(request).await {
         Ok(_) => view::redirect("/console/sign-in", vec![session::set_cookie(session::COOKIE, "", 0)]),
         Err(r) => r,
     }
