@@ -75,7 +75,11 @@ pub async fn run(exe: &Path, sizes: &[usize], requests: usize) -> Result<Vec<Pag
             .post(format!("{base}/console/sign-in"))
             .header("Origin", &base)
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(format!("connection_string={}", urlencode(&srv.s("serviceConnectionString"))))
+            .body(
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("connection_string", &srv.s("serviceConnectionString"))
+                    .finish(),
+            )
             .send()
             .await?;
         let cookie = r
@@ -126,16 +130,6 @@ pub async fn run(exe: &Path, sizes: &[usize], requests: usize) -> Result<Vec<Pag
     }
     print_table(&rows, sizes[0]);
     Ok(rows)
-}
-
-/// Percent-encodes a form value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn print_table(rows: &[PageRow], base: usize) {
