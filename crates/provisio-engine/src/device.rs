@@ -141,6 +141,33 @@ impl Credential {
     }
 }
 
+/// Refused X.509 attempts one connection may make. Its chain is fixed by the TLS handshake,
+/// so repeating a refused one on the same connection cannot help; a device that is fixed
+/// (or a group that is added) connects again.
+pub const MAX_X509_REFUSALS_PER_CONNECTION: u32 = 3;
+
+/// What the engine keeps about one connection, across its requests: the front-end holds one
+/// per connection and passes it with every request.
+#[derive(Debug, Default)]
+pub struct Connection {
+    refused_x509: std::sync::atomic::AtomicU32,
+}
+
+impl Connection {
+    fn x509_exhausted(&self, credential: &Credential) -> bool {
+        matches!(credential, Credential::X509(_))
+            && self.refused_x509.load(std::sync::atomic::Ordering::Relaxed) >= MAX_X509_REFUSALS_PER_CONNECTION
+    }
+
+    /// Counts a refused X.509 answer; true when the connection has used up its attempts.
+    fn note(&self, credential: &Credential, answer: &Answer) -> bool {
+        if !matches!(credential, Credential::X509(_)) || answer.status != 401 {
+            return false;
+        }
+        self.refused_x509.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= MAX_X509_REFUSALS_PER_CONNECTION
+    }
+}
+
 /// What a device asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceOperation<'a> {
@@ -179,6 +206,8 @@ pub struct DeviceRequest<'a> {
     pub operation: DeviceOperation<'a>,
     /// The credential.
     pub credential: &'a Credential,
+    /// The connection the request came on.
+    pub connection: &'a Connection,
 }
 
 /// The DPS error code and tracking id of an error answer.
@@ -201,6 +230,9 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// Set for error answers.
     pub error: Option<AnswerError>,
+    /// The connection should be closed once this answer is sent (it has used up its
+    /// refused X.509 attempts, [`MAX_X509_REFUSALS_PER_CONNECTION`]).
+    pub close_connection: bool,
 }
 
 impl Answer {
@@ -208,7 +240,7 @@ impl Answer {
     #[must_use]
     pub fn json<T: Serialize + ?Sized>(status: u16, retry_after: Option<u32>, body: &T) -> Self {
         match crate::to_json(body) {
-            Ok(body) => Self { status, retry_after, body, error: None },
+            Ok(body) => Self { status, retry_after, body, error: None, close_connection: false },
             Err(e) => Self::error(&Error::Internal(format!("serialising an answer: {e}"))),
         }
     }
@@ -224,6 +256,7 @@ impl Answer {
             retry_after: e.retry_after().map(|s| u32::try_from(s).unwrap_or(u32::MAX)),
             body: serde_json::to_vec(&body).unwrap_or_default(),
             error: Some(error),
+            close_connection: false,
         }
     }
 
@@ -295,13 +328,31 @@ struct TpmChallengeBody<'a> {
 impl Engine {
     /// Serves one device request, over any transport.
     pub async fn device(&self, request: DeviceRequest<'_>) -> Answer {
+        if request.connection.x509_exhausted(request.credential) {
+            let mut answer = Error::Unauthorized {
+                public: "Unauthorized: this connection's client certificate was refused; connect again.".into(),
+                detail: format!(
+                    "the connection has had {MAX_X509_REFUSALS_PER_CONNECTION} refused X.509 attempts; not validated"
+                ),
+                tracking_id: None,
+            }
+            .answer();
+            answer.close_connection = true;
+            return answer;
+        }
+        let mut answer = self.device_answer(&request).await;
+        answer.close_connection = request.connection.note(request.credential, &answer);
+        answer
+    }
+
+    async fn device_answer(&self, request: &DeviceRequest<'_>) -> Answer {
         match request.operation {
-            DeviceOperation::Register { body } => self.device_register(&request, body).await,
+            DeviceOperation::Register { body } => self.device_register(request, body).await,
             DeviceOperation::OperationStatus { operation_id } => {
-                self.device_operation_status(&request, operation_id).await.unwrap_or_else(|e| e.answer())
+                self.device_operation_status(request, operation_id).await.unwrap_or_else(|e| e.answer())
             }
             DeviceOperation::RegistrationStatus { body } => {
-                self.device_registration_status(&request, body).await.unwrap_or_else(|e| e.answer())
+                self.device_registration_status(request, body).await.unwrap_or_else(|e| e.answer())
             }
         }
     }
@@ -358,7 +409,8 @@ impl Engine {
                  &operationId= in the MQTT topic, the iotdps-operation-id property over AMQP).",
             ));
         }
-        let status = self.operation_status(r.scope, r.registration_id, operation_id, r.credential).await?;
+        let status =
+            self.operation_status(r.scope, r.registration_id, operation_id, r.credential, r.origin.peer).await?;
         Ok(if status.status == RegistrationStatus::Assigning {
             Answer::json(202, Some(self.retry_after_secs()), &status)
         } else {
@@ -369,7 +421,7 @@ impl Engine {
     async fn device_registration_status(&self, r: &DeviceRequest<'_>, body: &[u8]) -> Result<Answer, Error> {
         check_api_version(DEVICE_API_VERSIONS, r.api_version)?;
         check_body_id(r.registration_id, &registration_body(body)?)?;
-        let result = self.registration_status(r.scope, r.registration_id, r.credential).await?;
+        let result = self.registration_status(r.scope, r.registration_id, r.credential, r.origin.peer).await?;
         Ok(Answer::json(200, None, &result))
     }
 }

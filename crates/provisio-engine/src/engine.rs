@@ -6,7 +6,7 @@
 //! `assigning` with the operation id. Polls (`operation_status`) read that operation
 //! back, so any node sharing the store can answer them.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use provisio_core::{
@@ -60,6 +60,9 @@ pub struct EngineSettings {
     pub refusal_records_kept: u32,
     /// Seconds a device is told to wait before polling an `assigning` operation.
     pub retry_after_secs: u32,
+    /// Refused X.509 attempts per client address (IPv6: per /64) per minute before its
+    /// next ones are told to wait (`429`) without a validation (0: no limit).
+    pub x509_refusals_per_ip_per_minute: usize,
 }
 
 impl Default for EngineSettings {
@@ -75,6 +78,7 @@ impl Default for EngineSettings {
             poll_auth_cache: std::time::Duration::from_secs(30),
             refusal_records_kept: 10_000,
             retry_after_secs: 2,
+            x509_refusals_per_ip_per_minute: 30,
         }
     }
 }
@@ -110,10 +114,18 @@ pub struct Engine {
     recent_operations: Arc<crate::cache::RecentOperations>,
     /// Chains validated before, for X.509 devices registering again.
     x509_cache: Arc<provisio_pki::cache::X509Cache>,
+    /// Chain validations running at once (one per core).
+    x509_verifications: Arc<tokio::sync::Semaphore>,
+    /// Refused X.509 attempts per client address (IPv6: per /64).
+    x509_refusals: Arc<crate::limits::KeyedWindow>,
     refusals: Arc<RefusalRecords>,
     /// Registrations per minute, for the console's chart.
     stats: Arc<crate::stats::Stats>,
 }
+
+/// How long a device waits for a turn to have its chain validated before it is told to come
+/// back: validations are CPU-bound and capped at one per core.
+const VERIFICATION_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
 const MAX_GROUPS: u32 = 1000;
@@ -138,6 +150,7 @@ impl Engine {
         let group_cache = Arc::new(crate::cache::TtlCache::new(settings.cache_ttl));
         let settings_ops = settings.max_concurrent_operations;
         let poll_auth_cache = settings.poll_auth_cache;
+        let x509_refusals_per_minute = settings.x509_refusals_per_ip_per_minute;
         let registrations = Arc::new(crate::limits::RateLimiter::new(settings.registrations_per_second));
         let polls = Arc::new(crate::limits::KeyedWindow::new(
             settings.device_polls_per_10s,
@@ -163,6 +176,13 @@ impl Engine {
             )),
             // 10,000 devices' chains and certificate descriptions: a few MB.
             x509_cache: Arc::new(provisio_pki::cache::X509Cache::new(10_000)),
+            x509_verifications: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            )),
+            x509_refusals: Arc::new(crate::limits::KeyedWindow::new(
+                x509_refusals_per_minute,
+                std::time::Duration::from_secs(60),
+            )),
             refusals: Arc::default(),
             stats: crate::stats::Stats::new(),
         }
@@ -232,9 +252,14 @@ impl Engine {
 
     /// Attests a read-only request (poll, status query), unless this exact credential was
     /// proven for this device moments ago.
-    async fn attest_for_read(&self, id: &RegistrationId, credential: &Credential) -> Result<(), Error> {
+    async fn attest_for_read(
+        &self,
+        id: &RegistrationId,
+        credential: &Credential,
+        peer: Option<IpAddr>,
+    ) -> Result<(), Error> {
         if !credential.fingerprint(id.key()).is_some_and(|f| self.auth_cache.recalls(&f)) {
-            self.attest(id, credential, None).await?;
+            self.attest(id, credential, None, peer).await?;
             self.remember(id, credential);
         }
         Ok(())
@@ -331,9 +356,10 @@ impl Engine {
         id: &RegistrationId,
         credential: &Credential,
         enrollment: Option<Option<provisio_store::Document>>,
+        peer: Option<IpAddr>,
     ) -> Result<Attested, Error> {
         match credential {
-            Credential::X509(chain) => self.attest_x509(id, chain, enrollment).await,
+            Credential::X509(chain) => self.attest_x509(id, chain, enrollment, peer).await,
             other => Ok(Attested { matched: self.attest_sas(id, other, enrollment).await?, x509: None }),
         }
     }
@@ -351,12 +377,23 @@ impl Engine {
     }
 
     /// X.509: the chain from TLS against the individual enrollment, then the groups.
+    ///
+    /// Path building costs CPU a client chooses (issue #24, finding 1), so: an address with
+    /// too many refused chains lately is told to wait before anything is validated; the
+    /// validation runs on the blocking pool, at most one per core at a time, never on the
+    /// async workers that serve every other connection; and refused chains are remembered
+    /// ([`provisio_pki::cache::REFUSAL_MEMORY`]).
     async fn attest_x509(
         &self,
         id: &RegistrationId,
         chain: &[Vec<u8>],
         prefetched: Option<Option<provisio_store::Document>>,
+        peer: Option<IpAddr>,
     ) -> Result<Attested, Error> {
+        let address = peer.map(crate::limits::address_key);
+        if let Some(a) = &address {
+            self.x509_refusals.check(a).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
+        }
         let individual = self.individual(id, prefetched).await?;
         let mut groups = Vec::new();
         let verified = if individual.is_none() && self.settings.signing_certificates_need_verified_ca {
@@ -418,14 +455,14 @@ impl Engine {
                 groups.push((g, anchors));
             }
         }
-        match provisio_pki::attest::attest(
-            id.as_str(),
-            chain,
-            individual,
-            groups,
-            time::OffsetDateTime::now_utc(),
-            &self.x509_cache,
-        ) {
+        let verdict = self.verify_off_the_workers(id, chain, individual, groups).await?;
+        if verdict.is_err()
+            && let Some(a) = &address
+        {
+            // Over the limit already counts as refused; the next attempt waits.
+            let _ = self.x509_refusals.hit(a);
+        }
+        match verdict {
             Ok(X509Match::Individual { enrollment, certificate }) => Ok(Attested {
                 matched: Matched::Individual(*enrollment),
                 x509: Some(X509Details { certificate_info: certificate, signing_certificate_info: None }),
@@ -455,6 +492,29 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Runs [`provisio_pki::attest::attest`] on the blocking pool, at most
+    /// `x509_verifications` at a time; a device that cannot get a turn within
+    /// [`VERIFICATION_QUEUE_WAIT`] is told to come back (`429`).
+    async fn verify_off_the_workers(
+        &self,
+        id: &RegistrationId,
+        chain: &[Vec<u8>],
+        individual: Option<provisio_core::model::Enrollment>,
+        groups: Vec<(EnrollmentGroup, Vec<Anchor>)>,
+    ) -> Result<Result<X509Match, Box<provisio_pki::attest::Refusal>>, Error> {
+        let turn = tokio::time::timeout(VERIFICATION_QUEUE_WAIT, self.x509_verifications.clone().acquire_owned())
+            .await
+            .map_err(|_| Error::Throttled(1))?
+            .map_err(|e| Error::Internal(format!("verification slots closed: {e}")))?;
+        let (id, chain, cache) = (id.as_str().to_owned(), chain.to_vec(), self.x509_cache.clone());
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            provisio_pki::attest::attest(&id, &chain, individual, groups, time::OffsetDateTime::now_utc(), &cache)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("chain validation did not finish: {e}")))
     }
 
     /// Symmetric key: the SAS token against the individual enrollment, then the groups.
@@ -560,7 +620,7 @@ impl Engine {
         credential: &Credential,
     ) -> Result<String, Error> {
         let result = match request {
-            Ok(r) => self.register_inner(scope, registration_id, r, credential).await,
+            Ok(r) => self.register_inner(scope, registration_id, r, credential, origin.peer).await,
             Err(e) => Err(e),
         };
         let mut entry = attempt(origin, registration_id, credential.kind());
@@ -606,13 +666,14 @@ impl Engine {
         registration_id: &str,
         request: DeviceRegistration,
         credential: &Credential,
+        peer: Option<IpAddr>,
     ) -> Result<(String, RegistrationRecord), Error> {
         let (_permit, id) = self.admit_registration(scope, registration_id)?;
         check_body_id(id.as_str(), &request)?;
         // The enrollment and the previous record in one round trip.
         let (enrollment, previous) =
             self.store.get_both(Collection::Enrollments, Collection::Registrations, id.key()).await.or_internal()?;
-        let Attested { matched, x509 } = self.attest(&id, credential, Some(enrollment)).await?;
+        let Attested { matched, x509 } = self.attest(&id, credential, Some(enrollment), peer).await?;
         self.remember(&id, credential);
         let previous = previous.map(|doc| wire::record_from_body(&doc.body)).transpose()?;
         let now = timefmt::now();
@@ -716,13 +777,16 @@ impl Engine {
         registration_id: &str,
         operation_id: &str,
         credential: &Credential,
+        peer: Option<IpAddr>,
     ) -> Result<RegistrationOperationStatus, Error> {
         let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
+        self.attest_for_read(&id, credential, peer).await?;
         // A device may poll 5 times per 10 s (DPS's limit); faster gets 429 + Retry-After.
+        // Charged after attestation: registration ids and scopes are not secrets, and polls
+        // charged before it let anyone keep a chosen device at 429 (issue #24, finding 4).
         self.polls.hit(id.key()).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
-        self.attest_for_read(&id, credential).await?;
         let not_found = || Error::NotFound {
             code: codes::REGISTRATION_NOT_FOUND,
             message: format!("Operation '{}' was not found for registration '{id}'.", shorten(operation_id)),
@@ -750,11 +814,12 @@ impl Engine {
         scope: &str,
         registration_id: &str,
         credential: &Credential,
+        peer: Option<IpAddr>,
     ) -> Result<DeviceRegistrationResult, Error> {
         let _permit = self.admit()?;
         self.check_scope(scope)?;
         let id = Self::parse_id(registration_id)?;
-        self.attest_for_read(&id, credential).await?;
+        self.attest_for_read(&id, credential, peer).await?;
         let doc = self.store.get(Collection::Registrations, id.key()).await.or_internal()?.ok_or_else(|| {
             Error::NotFound {
                 code: codes::REGISTRATION_NOT_FOUND,
@@ -837,6 +902,7 @@ mod tests {
                 poll_auth_cache: std::time::Duration::ZERO,
                 refusal_records_kept: 3,
                 retry_after_secs: 2,
+                x509_refusals_per_ip_per_minute: 0,
             },
             assigner,
         );
@@ -921,7 +987,7 @@ mod tests {
         assert!(e.detail().unwrap_or_default().contains("not signed with its TPM challenge key"), "{e:?}");
         // The right key: assigned, with the key for the TPM in the result and no symmetric key.
         let op = register(&token("tpm-1", &key)).await.unwrap();
-        let status = engine.operation_status(SCOPE, "tpm-1", &op, &token("tpm-1", &key)).await.unwrap();
+        let status = engine.operation_status(SCOPE, "tpm-1", &op, &token("tpm-1", &key), None).await.unwrap();
         let state = status.registration_state.unwrap();
         assert_eq!(state.status, RegistrationStatus::Assigned);
         assert!(state.symmetric_key.is_none() && state.x509.is_none());
@@ -988,15 +1054,15 @@ mod tests {
         let key = enroll(&api, "dev-c", None).await;
         let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
         let op = engine.register(SCOPE, "Dev-C", req, &token("Dev-C", &key)).await.unwrap();
-        let cached = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key)).await.unwrap();
+        let cached = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key), None).await.unwrap();
         // Another device's poll of this operation is refused from the cache as from the store.
         let other = enroll(&api, "dev-o", None).await;
-        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other)).await.unwrap_err();
+        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other), None).await.unwrap_err();
         assert_eq!(refused.status(), 404);
         engine.recent_operations = Arc::new(crate::cache::RecentOperations::new(std::time::Duration::ZERO, 0));
-        let stored = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key)).await.unwrap();
+        let stored = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key), None).await.unwrap();
         assert_eq!(serde_json::to_value(&cached).unwrap(), serde_json::to_value(&stored).unwrap());
-        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other)).await.unwrap_err();
+        let refused = engine.operation_status(SCOPE, "dev-o", &op, &token("dev-o", &other), None).await.unwrap_err();
         assert_eq!(refused.status(), 404);
     }
 
@@ -1005,13 +1071,13 @@ mod tests {
         let (engine, api, _) = setup(&["h1", "h2"]).await;
         let key = enroll(&api, "dev-r", Some(vec!["H2".into()])).await;
         let op = engine.register(SCOPE, "dev-r", DeviceRegistration::default(), &token("dev-r", &key)).await.unwrap();
-        let st = engine.operation_status(SCOPE, "dev-r", &op, &token("dev-r", &key)).await.unwrap();
+        let st = engine.operation_status(SCOPE, "dev-r", &op, &token("dev-r", &key), None).await.unwrap();
         assert_eq!(st.registration_state.unwrap().assigned_hub.as_deref(), Some("h2"));
 
         let key = enroll(&api, "dev-none", Some(vec!["elsewhere".into()])).await;
         let op =
             engine.register(SCOPE, "dev-none", DeviceRegistration::default(), &token("dev-none", &key)).await.unwrap();
-        let st = engine.operation_status(SCOPE, "dev-none", &op, &token("dev-none", &key)).await.unwrap();
+        let st = engine.operation_status(SCOPE, "dev-none", &op, &token("dev-none", &key), None).await.unwrap();
         assert_eq!(st.status, RegistrationStatus::Failed);
         let rs = st.registration_state.unwrap();
         assert_eq!(rs.error_code, Some(codes::HUB_NOT_SPECIFIED));
@@ -1038,12 +1104,14 @@ mod tests {
         let cred = token("dev-s", &key);
         let op1 = engine.register(SCOPE, "dev-s", DeviceRegistration::default(), &cred).await.unwrap();
         let op2 = engine.register(SCOPE, "dev-s", DeviceRegistration::default(), &cred).await.unwrap();
-        let s1 = engine.operation_status(SCOPE, "dev-s", &op1, &cred).await.unwrap();
-        let s2 = engine.operation_status(SCOPE, "dev-s", &op2, &cred).await.unwrap();
+        let s1 = engine.operation_status(SCOPE, "dev-s", &op1, &cred, None).await.unwrap();
+        let s2 = engine.operation_status(SCOPE, "dev-s", &op2, &cred, None).await.unwrap();
         assert_ne!(s1.registration_state.as_ref().unwrap().etag, s2.registration_state.as_ref().unwrap().etag);
-        let now = engine.registration_status(SCOPE, "dev-s", &cred).await.unwrap();
+        let now = engine.registration_status(SCOPE, "dev-s", &cred, None).await.unwrap();
         assert_eq!(now.etag, s2.registration_state.unwrap().etag);
         // Group keys never authenticate the POST status lookup of another id.
-        assert!(engine.registration_status(SCOPE, "dev-s", &token("dev-s", &keys::generate_key())).await.is_err());
+        assert!(
+            engine.registration_status(SCOPE, "dev-s", &token("dev-s", &keys::generate_key()), None).await.is_err()
+        );
     }
 }

@@ -95,6 +95,20 @@ impl InstanceInfo {
         self.service_connection_string.split(';').find_map(|p| p.strip_prefix("SharedAccessKey="))
     }
 
+    /// The same facts with the owner's key left out of the connection string: what `serve`
+    /// prints after the first start, since its output ends up in journald and container logs.
+    #[must_use]
+    pub fn without_key(&self) -> Self {
+        let mut info = self.clone();
+        info.service_connection_string = self
+            .service_connection_string
+            .split(';')
+            .filter(|p| !p.starts_with("SharedAccessKey="))
+            .collect::<Vec<_>>()
+            .join(";");
+        info
+    }
+
     /// The MQTT listener's port, when it runs.
     #[must_use]
     pub fn mqtt_port(&self) -> Option<u16> {
@@ -132,6 +146,9 @@ pub struct Instance {
     pub tls: CertAndKey,
     /// Whether `tls` was issued by the local CA (so `ca.pem` is the one to trust).
     pub local_ca: bool,
+    /// Whether this start created the owner policy (the first start of the instance): only
+    /// then is its key printed.
+    pub created: bool,
 }
 
 /// What the instance is started with.
@@ -195,8 +212,10 @@ pub async fn load_or_init(store: &dyn Store, config: &InstanceSettings) -> Resul
             rights: "ServiceConfig, DeviceConnect, EnrollmentWrite".into(),
         },
     )?;
-    let owner: Policy =
-        parse("policy", &store.insert_if_absent(Collection::Policies, OWNER_POLICY, &owner).await?.body)?;
+    let stored = store.insert_if_absent(Collection::Policies, OWNER_POLICY, &owner).await?;
+    // The offered body holds fresh random keys: the same body back means this call wrote it.
+    let created = stored.body == owner;
+    let owner: Policy = parse("policy", &stored.body)?;
 
     let ca = CertAndKey { cert_pem: identity.ca_cert_pem.clone(), key_pem: identity.ca_key_pem.clone() };
     let (tls, local_ca) = match &config.tls_files {
@@ -206,7 +225,7 @@ pub async fn load_or_init(store: &dyn Store, config: &InstanceSettings) -> Resul
     if local_ca {
         write_ca(&config.data_dir, &identity.ca_cert_pem).await?;
     }
-    Ok(Instance { identity, scope, owner, tls, local_ca })
+    Ok(Instance { identity, scope, owner, tls, local_ca, created })
 }
 
 async fn read(path: &Path) -> Result<String, SetupError> {

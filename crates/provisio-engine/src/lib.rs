@@ -33,7 +33,7 @@ mod tpm;
 pub mod webhook;
 pub mod wire;
 
-pub use device::{Answer, Credential, DeviceOperation, DeviceRequest, Origin, Transport};
+pub use device::{Answer, Connection, Credential, DeviceOperation, DeviceRequest, Origin, Transport};
 pub use engine::{Engine, EngineSettings};
 pub use error::{Error, Resource, SetupError, StoreResult};
 pub use tpm::{TPM_CHALLENGE_SECS, TpmChallenge};

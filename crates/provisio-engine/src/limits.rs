@@ -108,19 +108,49 @@ impl Drop for IpPermit {
     }
 }
 
-/// Counts events per key in a sliding window: a device's polls (DPS allows 5 per 10 s).
+/// Counts events per key in a sliding window: a device's polls (DPS allows 5 per 10 s),
+/// refusals per client address.
+///
+/// Keys live in two generations, swapped every window (or sooner when the current one holds
+/// `max_keys`): a key seen within the last window is in one of them, older ones are dropped
+/// with the generation that holds them. No call scans the map, and it holds at most twice
+/// `max_keys` keys, whoever chooses them.
 #[derive(Debug)]
 pub struct KeyedWindow {
     max: usize,
     window: Duration,
-    seen: Mutex<std::collections::HashMap<String, std::collections::VecDeque<Instant>>>,
+    max_keys: usize,
+    state: Mutex<Generations>,
 }
+
+#[derive(Debug)]
+struct Generations {
+    current: std::collections::HashMap<String, std::collections::VecDeque<Instant>>,
+    previous: std::collections::HashMap<String, std::collections::VecDeque<Instant>>,
+    since: Instant,
+}
+
+/// Keys a [`KeyedWindow`] tracks per generation unless told otherwise.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 impl KeyedWindow {
     /// At most `max` events per `window` per key (0: no limit).
     #[must_use]
     pub fn new(max: usize, window: Duration) -> Self {
-        Self { max, window, seen: Mutex::new(std::collections::HashMap::new()) }
+        Self::with_max_keys(max, window, DEFAULT_MAX_KEYS)
+    }
+
+    /// [`KeyedWindow::new`], tracking at most `max_keys` keys per generation. When more are
+    /// seen within one window, the older generation is forgotten early: its keys start
+    /// afresh, which errs towards letting events through.
+    #[must_use]
+    pub fn with_max_keys(max: usize, window: Duration, max_keys: usize) -> Self {
+        let state = Generations {
+            current: std::collections::HashMap::new(),
+            previous: std::collections::HashMap::new(),
+            since: Instant::now(),
+        };
+        Self { max, window, max_keys: max_keys.max(1), state: Mutex::new(state) }
     }
 
     /// Records an event for `key`, or says how long until the next one is allowed.
@@ -128,26 +158,82 @@ impl KeyedWindow {
     /// # Errors
     /// The wait, when `key` is over its limit.
     pub fn hit(&self, key: &str) -> Result<(), Duration> {
+        self.with_events(key, true)
+    }
+
+    /// Whether an event for `key` would be allowed now, without recording one.
+    ///
+    /// # Errors
+    /// The wait, when `key` is at its limit.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        self.with_events(key, false)
+    }
+
+    fn with_events(&self, key: &str, record: bool) -> Result<(), Duration> {
         if self.max == 0 {
             return Ok(());
         }
         let now = Instant::now();
-        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Keep the map small: forget keys whose window has passed.
-        if seen.len() > 100_000 {
-            let w = self.window;
-            seen.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < w));
-        }
-        let q = seen.entry(key.to_owned()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
-            q.pop_front();
-        }
-        if q.len() >= self.max {
-            let oldest = q.front().copied().unwrap_or(now);
-            return Err(self.window.saturating_sub(now.duration_since(oldest)));
-        }
-        q.push_back(now);
-        Ok(())
+        let mut dropped = None;
+        let result = {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now.duration_since(st.since) >= self.window
+                || (st.current.len() >= self.max_keys && !st.current.contains_key(key))
+            {
+                let old = std::mem::take(&mut st.current);
+                dropped = Some(std::mem::replace(&mut st.previous, old));
+                st.since = now;
+            }
+            let q = match st.current.get_mut(key) {
+                Some(q) => q,
+                None => {
+                    let moved = st.previous.remove(key).unwrap_or_default();
+                    if moved.is_empty() && !record {
+                        return Ok(());
+                    }
+                    st.current.entry(key.to_owned()).or_insert(moved)
+                }
+            };
+            while q.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+                q.pop_front();
+            }
+            if q.len() >= self.max {
+                let oldest = q.front().copied().unwrap_or(now);
+                Err(self.window.saturating_sub(now.duration_since(oldest)))
+            } else {
+                if record {
+                    q.push_back(now);
+                }
+                Ok(())
+            }
+        };
+        // A generation's map is freed outside the lock.
+        drop(dropped);
+        result
+    }
+
+    /// Keys tracked now (both generations).
+    #[must_use]
+    pub fn tracked(&self) -> usize {
+        let st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.current.len() + st.previous.len()
+    }
+}
+
+/// The key a client address is limited under: an IPv4 address, or the /64 network of an IPv6
+/// one (one subscriber usually holds a whole /64, and could otherwise pick a fresh address for
+/// every attempt).
+#[must_use]
+pub fn address_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
     }
 }
 
@@ -217,6 +303,49 @@ mod more_tests {
         assert!(wait > Duration::from_secs(9));
         assert!(w.hit("other").is_ok());
         assert!(KeyedWindow::new(0, Duration::from_secs(1)).hit("x").is_ok());
+        // A check records nothing.
+        for _ in 0..10 {
+            assert!(w.check("fresh").is_ok());
+        }
+        assert!(w.check("dev").is_err());
+        assert!(w.hit("fresh").is_ok());
+    }
+
+    /// Finding 4 of issue #24: the map grew with every key and was scanned under its lock
+    /// once it held 100,000; now it holds at most two generations of `max_keys`.
+    #[test]
+    fn a_keyed_window_holds_a_bounded_number_of_keys() {
+        let w = KeyedWindow::with_max_keys(1, Duration::from_secs(3600), 1000);
+        for i in 0..50_000 {
+            assert!(w.hit(&format!("key-{i}")).is_ok());
+            assert!(w.tracked() <= 2000, "{} keys after {i}", w.tracked());
+        }
+        // A key still within the last generations keeps its count.
+        assert!(w.hit("key-49999").is_err());
+    }
+
+    #[test]
+    fn keys_move_between_generations_and_expire_with_them() {
+        let w = KeyedWindow::new(2, Duration::from_millis(200));
+        assert!(w.hit("a").is_ok());
+        assert!(w.hit("a").is_ok());
+        assert!(w.hit("a").is_err());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(w.hit("a").is_ok(), "the window has passed");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(w.hit("b").is_ok());
+        assert!(w.tracked() <= 2);
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_by_their_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        assert_eq!(address_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(address_key("10.0.0.1".parse().unwrap()), "10.0.0.1");
     }
 
     #[tokio::test]

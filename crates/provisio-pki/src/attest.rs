@@ -78,6 +78,10 @@ pub fn attest(
             None,
         ));
     };
+    if intermediates.len() > x509::MAX_PRESENTED_INTERMEDIATES {
+        let e = ChainError::TooMany(intermediates.len());
+        return Err(refuse(&public_of(&e), format!("registration '{registration_id}': {e}"), None));
+    }
     let (info, cn) = cache.describe(leaf).map_err(|e| refuse("Invalid certificate.", e.to_string(), None))?;
     let cn = cn.unwrap_or_default();
     if !cn.eq_ignore_ascii_case(registration_id) {
@@ -119,6 +123,12 @@ pub fn attest(
             Some(info),
         ));
     }
+    // What the device certificate must be whatever the anchor, said precisely (an anchor that
+    // no name leads to would otherwise only be "not the issuer").
+    x509::check_leaf(leaf, now)
+        .map_err(|e| refuse(&public_of(&e), format!("the device certificate of CN '{cn}': {e}"), Some(info.clone())))?;
+    let presented = x509::Presented::reduce(leaf, intermediates)
+        .map_err(|e| refuse(&public_of(&e), e.to_string(), Some(info.clone())))?;
     let mut best: Option<(usize, EnrollmentGroup, CertInfo)> = None;
     let mut reasons = Vec::new();
     let mut publics = Vec::new();
@@ -133,7 +143,14 @@ pub fn attest(
                 ));
                 continue;
             };
-            match cache.verify_chain(leaf, intermediates, der, now) {
+            // An anchor whose name ends no path is not tried: with many groups, a chain
+            // built to exhaust path building costs one validation per plausible anchor only.
+            let verified = if presented.may_end_at(der) {
+                cache.verify_chain(leaf, &presented.intermediates, der, now)
+            } else {
+                Err(ChainError::UnknownIssuer { anchor: a.label.clone() })
+            };
+            match verified {
                 Ok(m) => {
                     if let Err(why) = &a.usable {
                         reasons.push(format!(
@@ -185,8 +202,95 @@ fn public_of(e: &ChainError) -> String {
         ChainError::LeafIsCa(_) | ChainError::IssuerNotCa | ChainError::KeyUsage(_) | ChainError::BadSignature => {
             format!("Invalid certificate: {e}.")
         }
+        ChainError::TooMany(_) => format!("Invalid certificate: {e}."),
         ChainError::UnknownIssuer { .. } | ChainError::Malformed(_) | ChainError::Other(_) => {
             "Invalid certificate.".into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cache::X509Cache,
+        testcerts::{KeyKind, Role, issue},
+    };
+    use provisio_core::model::{EnrollmentSettings, PrimarySecondary};
+
+    fn der(pem: &str) -> Vec<u8> {
+        x509::decode_cert_text(pem).unwrap()
+    }
+
+    fn group(id: &str) -> EnrollmentGroup {
+        EnrollmentGroup {
+            enrollment_group_id: id.into(),
+            attestation: Attestation::X509(X509Attestation::CaReferences(PrimarySecondary {
+                primary: Some("ca".into()),
+                secondary: None,
+            })),
+            settings: EnrollmentSettings { enabled: true, ..Default::default() },
+            created: String::new(),
+            updated: String::new(),
+        }
+    }
+
+    fn anchor(der: Vec<u8>) -> Anchor {
+        Anchor { label: "CA certificate 'ca'".into(), der: Some(der), usable: Ok(()) }
+    }
+
+    /// Finding 1 of issue #24: a device sent 150 self-made CAs, each named like its
+    /// certificate's issuer, and every request searched paths through them to every anchor.
+    #[test]
+    fn a_chain_longer_than_the_cap_is_refused_before_any_path_is_searched() {
+        let root = issue(Role::Root, "Fleet Root", None, KeyKind::EcdsaP256, 2).unwrap();
+        let fake = issue(Role::Root, "Fleet Root", None, KeyKind::EcdsaP256, 2).unwrap();
+        let dev = issue(Role::Device, "dev-1", Some(&fake), KeyKind::EcdsaP256, 2).unwrap();
+        let leaf = der(&dev.cert_pem);
+        let junk = der(&fake.cert_pem);
+        let now = OffsetDateTime::now_utc();
+        let cache = X509Cache::new(16);
+        let mut chain = vec![leaf.clone()];
+        chain.extend(std::iter::repeat_n(junk.clone(), x509::MAX_PRESENTED_INTERMEDIATES + 1));
+        let groups = || vec![(group("g"), vec![anchor(der(&root.cert_pem))])];
+        let refusal = attest("dev-1", &chain, None, groups(), now, &cache).unwrap_err();
+        assert!(refusal.public.contains("at most 5"), "{}", refusal.public);
+        assert!(refusal.detail.contains("6 certificates"), "{}", refusal.detail);
+        // Within the cap, the same certificates are tried (and refused: another key).
+        chain.truncate(1 + x509::MAX_PRESENTED_INTERMEDIATES);
+        let refusal = attest("dev-1", &chain, None, groups(), now, &cache).unwrap_err();
+        assert!(!refusal.detail.contains("certificates besides"), "{}", refusal.detail);
+    }
+
+    #[test]
+    fn only_certificates_that_can_be_on_a_path_are_kept_and_only_anchors_that_can_end_one_are_tried() {
+        let root = issue(Role::Root, "Path Root", None, KeyKind::EcdsaP256, 2).unwrap();
+        let inter = issue(Role::Intermediate, "Path Inter", Some(&root), KeyKind::EcdsaP256, 2).unwrap();
+        let dev = issue(Role::Device, "dev-2", Some(&inter), KeyKind::EcdsaP256, 2).unwrap();
+        let stray = issue(Role::Root, "Unrelated CA", None, KeyKind::EcdsaP256, 2).unwrap();
+        let other_root = issue(Role::Root, "Other Root", None, KeyKind::EcdsaP256, 2).unwrap();
+        let (leaf, i, r, s) = (der(&dev.cert_pem), der(&inter.cert_pem), der(&root.cert_pem), der(&stray.cert_pem));
+        // Sent: a stray CA, the intermediate twice, the root; kept: the intermediate once and
+        // the root (named as the intermediate's issuer), in the order sent.
+        let p = x509::Presented::reduce(&leaf, &[s.clone(), i.clone(), i.clone(), r.clone()]).unwrap();
+        assert_eq!(p.intermediates, vec![i.clone(), r.clone()]);
+        assert!(p.may_end_at(&r));
+        assert!(p.may_end_at(&i), "a group on the intermediate");
+        assert!(!p.may_end_at(&s));
+        assert!(!p.may_end_at(&der(&other_root.cert_pem)));
+        assert!(!p.may_end_at(b"not a certificate"));
+        // The stray certificate does not stop the device registering.
+        let cache = X509Cache::new(16);
+        let now = OffsetDateTime::now_utc();
+        let groups =
+            vec![(group("other"), vec![anchor(der(&other_root.cert_pem))]), (group("fleet"), vec![anchor(r.clone())])];
+        match attest("dev-2", &[leaf.clone(), s, i], None, groups, now, &cache).unwrap() {
+            X509Match::Group { group, .. } => assert_eq!(group.enrollment_group_id, "fleet"),
+            X509Match::Individual { .. } => panic!("matched an individual enrollment"),
+        }
+        // A group whose anchor no name leads to is refused as an unknown issuer, untried.
+        let groups = vec![(group("other"), vec![anchor(der(&other_root.cert_pem))])];
+        let refusal = attest("dev-2", &[leaf], None, groups, now, &cache).unwrap_err();
+        assert!(refusal.detail.contains("does not lead to"), "{}", refusal.detail);
     }
 }

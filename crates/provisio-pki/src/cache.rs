@@ -5,12 +5,15 @@
 //!
 //! A validation is remembered under a SHA-256 of the exact chain and anchor, with the
 //! window in which every certificate involved is valid; outside that window, or for any
-//! other bytes, the chain is validated in full. Only successes are remembered. Whether the
+//! other bytes, the chain is validated in full. A refusal is remembered too, for
+//! [`REFUSAL_MEMORY`]: a client that sends the same refused chain again (every request of a
+//! connection carries the handshake's chain) costs a lookup, not another search of every path
+//! (a chain built for it can cost tens of milliseconds of CPU each time). Whether the
 //! anchor may be used (a verified CA, the group enabled, the CN the registration id) is
 //! decided outside, at every registration. The TLS handshake proves possession of the
 //! device's key on every connection; nothing here replaces it.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use aws_lc_rs::digest::{Context, SHA256};
 use provisio_core::model::CertInfo;
@@ -18,11 +21,19 @@ use time::OffsetDateTime;
 
 use crate::x509::{self, ChainError, ChainMatch};
 
-/// Remembered chain validations and certificate descriptions, each map bounded.
+/// How long a refused chain stays refused without a new validation. Long enough that a
+/// client repeating it gains nothing; short enough that a chain refused for a reason that
+/// passes (a certificate not valid yet) is soon tried again. A change of anchor is other
+/// bytes, so a group fixed by its operator takes effect at once.
+pub const REFUSAL_MEMORY: Duration = Duration::from_secs(120);
+
+/// Remembered chain validations, refusals and certificate descriptions, each map bounded.
 #[derive(Debug)]
 pub struct X509Cache {
     max_entries: usize,
     chains: Mutex<HashMap<[u8; 32], Validated>>,
+    /// Refusals, with the time they were decided at.
+    refused: Mutex<HashMap<[u8; 32], (ChainError, OffsetDateTime)>>,
     described: Mutex<HashMap<[u8; 32], Described>>,
 }
 
@@ -63,7 +74,12 @@ impl X509Cache {
     /// zero turns it off.
     #[must_use]
     pub fn new(max_entries: usize) -> Self {
-        Self { max_entries, chains: Mutex::new(HashMap::new()), described: Mutex::new(HashMap::new()) }
+        Self {
+            max_entries,
+            chains: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            described: Mutex::new(HashMap::new()),
+        }
     }
 
     /// [`x509::verify_chain`], answered from memory when these exact bytes were validated
@@ -89,7 +105,19 @@ impl X509Cache {
         {
             return Ok(v.matched.clone());
         }
-        let (matched, window) = x509::verify_chain_within(leaf, intermediates, anchor, now)?;
+        if let Some((e, at)) = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
+            && *at <= now
+            && now < *at + REFUSAL_MEMORY
+        {
+            return Err(e.clone());
+        }
+        let (matched, window) = match x509::verify_chain_within(leaf, intermediates, anchor, now) {
+            Ok(v) => v,
+            Err(e) => {
+                bounded_insert(&self.refused, self.max_entries, key, (e.clone(), now));
+                return Err(e);
+            }
+        };
         // The window of every certificate given, used in the path or not: narrower than
         // the path's at worst, which only costs a re-validation.
         if let Some((valid_from, valid_until)) = window {
@@ -131,12 +159,18 @@ impl X509Cache {
     /// Forgets everything.
     pub fn clear(&self) {
         self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         self.described.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     #[cfg(test)]
     fn validations(&self) -> usize {
         self.chains.lock().map_or(0, |m| m.len())
+    }
+
+    #[cfg(test)]
+    fn refusals(&self) -> usize {
+        self.refused.lock().map_or(0, |m| m.len())
     }
 }
 
@@ -167,7 +201,9 @@ mod tests {
             c.verify_chain(&leaf, &[], &other, now),
             Err(ChainError::BadSignature | ChainError::UnknownIssuer { .. })
         ));
-        assert_eq!(c.validations(), 1, "failures are not remembered");
+        assert_eq!(c.validations(), 1, "a refusal is not a validation");
+        assert_eq!(c.refusals(), 1, "but it is remembered");
+        assert_eq!(c.verify_chain(&leaf, &[], &other, now), x509::verify_chain(&leaf, &[], &other, now));
         // A remembered chain is still refused outside its validity.
         let later = now + time::Duration::days(365 * 3);
         assert!(matches!(c.verify_chain(&leaf, &[], &anchor, later), Err(ChainError::Expired { .. })));

@@ -51,6 +51,11 @@ pub enum ChainError {
     /// A signature does not verify.
     #[error("a signature in the chain does not verify")]
     BadSignature,
+    /// The device presented more certificates than a path may use.
+    #[error(
+        "the device presented {0} certificates besides its own; at most {MAX_PRESENTED_INTERMEDIATES} are accepted"
+    )]
+    TooMany(usize),
     /// Anything else webpki refused.
     #[error("chain refused: {0}")]
     Other(String),
@@ -232,6 +237,28 @@ fn map_webpki(e: &webpki::Error, anchor: &X509Certificate<'_>) -> ChainError {
     }
 }
 
+/// What a device certificate must be whatever the anchor: valid at `now`, not a CA, and
+/// with `digitalSignature` when it has a key usage.
+///
+/// # Errors
+/// The first that fails.
+pub fn check_leaf(leaf: &[u8], now: OffsetDateTime) -> Result<(), ChainError> {
+    leaf_checks(&parse(leaf)?, now)
+}
+
+fn leaf_checks(leaf_cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), ChainError> {
+    validity_of(leaf_cert, now)?;
+    if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
+        return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
+    }
+    if let Ok(Some(ku)) = leaf_cert.key_usage()
+        && !ku.value.digital_signature()
+    {
+        return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
+    }
+    Ok(())
+}
+
 /// A chain validated against one anchor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainMatch {
@@ -282,15 +309,7 @@ pub(crate) fn verify_chain_within(
     narrow(window_of(&anchor_cert));
     // An unparsable intermediate leaves the window unknown (webpki may still build a path).
     let mut known = true;
-    validity_of(&leaf_cert, now)?;
-    if leaf_cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
-        return Err(ChainError::LeafIsCa(leaf_cert.subject().to_string()));
-    }
-    if let Ok(Some(ku)) = leaf_cert.key_usage()
-        && !ku.value.digital_signature()
-    {
-        return Err(ChainError::KeyUsage("the device certificate's key usage lacks digitalSignature".into()));
-    }
+    leaf_checks(&leaf_cert, now)?;
     validity_of(&anchor_cert, now)?;
     issuer_key_usage_of(&anchor_cert)?;
     for i in intermediates {
@@ -338,6 +357,74 @@ pub(crate) fn verify_chain_within(
             }
         })?;
     Ok((ChainMatch { intermediates: path.intermediate_certificates().count() }, window))
+}
+
+/// The most certificates a device may present besides its own. Chains in the field carry one
+/// to three intermediates (and sometimes the root); each extra certificate multiplies the
+/// paths a validation may try, so a longer chain is refused before anything is parsed.
+pub const MAX_PRESENTED_INTERMEDIATES: usize = 5;
+
+/// What a device presented, reduced to what can matter: the certificates that can be on a
+/// path from the device certificate by name (each one's subject is the issuer of the device
+/// certificate or of another kept one, exact DER names as path building compares them), once
+/// each, in the order sent; and the issuer names along those paths, the only names an anchor
+/// can have to end one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    /// Certificates that can be on a path, in the order sent.
+    pub intermediates: Vec<Vec<u8>>,
+    issuer_names: Vec<Vec<u8>>,
+}
+
+impl Presented {
+    /// Reduces `intermediates` for `leaf` (see [`Presented`]); unparsable certificates are
+    /// dropped (path building would skip them too).
+    ///
+    /// # Errors
+    /// If `leaf` is not a certificate, or more than [`MAX_PRESENTED_INTERMEDIATES`] were sent.
+    pub fn reduce(leaf: &[u8], intermediates: &[Vec<u8>]) -> Result<Self, ChainError> {
+        if intermediates.len() > MAX_PRESENTED_INTERMEDIATES {
+            return Err(ChainError::TooMany(intermediates.len()));
+        }
+        let leaf = parse(leaf)?;
+        let mut issuer_names = vec![leaf.issuer().as_raw().to_vec()];
+        let mut candidates: Vec<(&Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
+        for der in intermediates {
+            if candidates.iter().any(|(d, _, _)| *d == der) {
+                continue;
+            }
+            if let Ok(c) = parse(der) {
+                candidates.push((der, c.subject().as_raw().to_vec(), c.issuer().as_raw().to_vec()));
+            }
+        }
+        let mut kept = vec![false; candidates.len()];
+        // At most one pass per certificate: each pass keeps at least one more or stops.
+        loop {
+            let mut grew = false;
+            for (i, (_, subject, issuer)) in candidates.iter().enumerate() {
+                if !kept[i] && issuer_names.contains(subject) {
+                    kept[i] = true;
+                    grew = true;
+                    if !issuer_names.contains(issuer) {
+                        issuer_names.push(issuer.clone());
+                    }
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        let intermediates =
+            candidates.into_iter().zip(kept).filter(|(_, k)| *k).map(|((der, _, _), _)| der.clone()).collect();
+        Ok(Self { intermediates, issuer_names })
+    }
+
+    /// Whether `anchor` can end a path: its subject is one of the issuer names. When not,
+    /// no validation is needed to know the chain does not lead to it.
+    #[must_use]
+    pub fn may_end_at(&self, anchor: &[u8]) -> bool {
+        parse(anchor).is_ok_and(|a| self.issuer_names.iter().any(|n| n.as_slice() == a.subject().as_raw()))
+    }
 }
 
 /// Whether `cert` is one of `cas` (same DER) or carries a valid signature by one of them.

@@ -78,6 +78,9 @@ pub struct ServerConfig {
     /// (the most recent ones; 0 keeps none). Their ids are whatever a client wrote in its
     /// certificate, so the number is bounded; the audit log records every refusal anyway.
     pub refusal_records_kept: u32,
+    /// Refused X.509 attempts one client address (an IPv6 /64) may make per minute; beyond,
+    /// its X.509 requests get `429` without a chain validation (0: no limit).
+    pub x509_refusals_per_ip_per_minute: usize,
     /// Azure's stricter rule for X.509 groups: a group's uploaded signing certificate
     /// anchors chains only if it is, or is signed by, a verified CA certificate of the
     /// certificates API. Off by default: an uploaded intermediate is trusted as is.
@@ -152,7 +155,7 @@ impl Default for ServerConfig {
             sas_clock_skew_secs: 30,
             max_body_bytes: 96 * 1024,
             max_connections: 10_000,
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: 100,
             max_headers: 100,
             registrations_per_second: 0,
             device_polls_per_10s: 5,
@@ -162,6 +165,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             operation_retention_hours: 24,
             refusal_records_kept: 10_000,
+            x509_refusals_per_ip_per_minute: 30,
             x509_signing_certificates_need_verified_ca: false,
             service_requests_per_second: 200,
             max_bulk_items: 10,

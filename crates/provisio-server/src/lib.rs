@@ -215,6 +215,12 @@ impl Provisio {
         Ok(Listeners { https, mqtt, amqp })
     }
 
+    /// Whether this start created the instance's owner policy (its first start).
+    #[must_use]
+    pub fn created(&self) -> bool {
+        self.instance.created
+    }
+
     /// The instance's ID scope.
     #[must_use]
     pub fn id_scope(&self) -> &str {
@@ -405,6 +411,7 @@ fn engine_settings(c: &ServerConfig) -> EngineSettings {
         poll_auth_cache: Duration::from_secs(c.poll_auth_cache_secs),
         refusal_records_kept: c.refusal_records_kept,
         retry_after_secs: c.retry_after_secs,
+        x509_refusals_per_ip_per_minute: c.x509_refusals_per_ip_per_minute,
     }
 }
 

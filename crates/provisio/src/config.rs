@@ -43,6 +43,7 @@ const ENV_KEYS: &[&str] = &[
     "request_timeout_secs",
     "operation_retention_hours",
     "refusal_records_kept",
+    "x509_refusals_per_ip_per_minute",
     "x509_signing_certificates_need_verified_ca",
     "service_requests_per_second",
     "max_bulk_items",

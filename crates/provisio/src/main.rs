@@ -177,12 +177,19 @@ async fn serve(args: config::ServeArgs) -> Result<()> {
     let console = config.console;
     let server = Provisio::open(config).await.context("cannot start Provisio")?;
     let listeners = server.bind().await?;
-    let info = server.info(&listeners);
+    // The owner's key only on the first start: this output ends up in journald and container
+    // logs, start after start.
+    let info = if server.created() { server.info(&listeners) } else { server.info(&listeners).without_key() };
     if !args.json {
         println!("Provisio {} is ready.", env!("CARGO_PKG_VERSION"));
     }
     print_info(&info, args.json, console)?;
     if !args.json {
+        if server.created() {
+            println!("The connection string above holds the owner's key and is printed on this first start only.");
+        } else {
+            println!("The owner's key is not printed here: `provisio info` prints the service connection string.");
+        }
         println!("Devices use the device endpoint as their global endpoint, with the ID scope above.");
         println!("Stock Azure SDK HTTP clients only connect to port 443: use --https-listen 0.0.0.0:443 for them.");
     }

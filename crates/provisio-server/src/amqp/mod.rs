@@ -298,6 +298,9 @@ struct Shared {
     engine: Engine,
     links: Mutex<Links>,
     credential: Credential,
+    /// What the engine keeps about the connection (its refused X.509 attempts: past the
+    /// limit, requests are refused without a validation).
+    connection: provisio_engine::Connection,
     /// The device's receiver links, where replies go.
     replies: tokio::sync::Mutex<Vec<Sender>>,
     limits: AmqpLimits,
@@ -406,6 +409,7 @@ where
         engine,
         links: Mutex::new(Links::new(auth, limits.max_links)),
         credential,
+        connection: provisio_engine::Connection::default(),
         replies: tokio::sync::Mutex::new(Vec::new()),
         limits,
         origin,
@@ -583,6 +587,7 @@ async fn serve_request(shared: &Shared, operation: &Operation) -> Answer {
             api_version: api_version.as_deref(),
             operation,
             credential: &shared.credential,
+            connection: &shared.connection,
         })
         .await
 }

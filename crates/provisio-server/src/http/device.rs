@@ -30,6 +30,7 @@ pub(crate) async fn serve(
     operation: DeviceOperation<'_>,
 ) -> Response {
     let credential = credential(req);
+    let connection = req.connection.clone();
     let answer = state
         .engine
         .device(DeviceRequest {
@@ -39,8 +40,10 @@ pub(crate) async fn serve(
             api_version: req.query("api-version"),
             operation,
             credential: &credential,
+            connection: &connection,
         })
         .await;
+    let close = answer.close_connection;
     let accepted_register = answer.status == 202 && matches!(operation, DeviceOperation::Register { .. });
     let mut r = response::answer(answer);
     // DPS points `Location` at the register URL (no client uses it).
@@ -49,6 +52,11 @@ pub(crate) async fn serve(
         && let Ok(v) = HeaderValue::from_str(&format!("https://{host}/{scope}/registrations/{id}/register"))
     {
         r.headers_mut().insert(header::LOCATION, v);
+    }
+    // HTTP/1.1 closes after this answer; HTTP/2 has no such header, and its next X.509
+    // requests on the connection are refused without a validation.
+    if close && req.http1 {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

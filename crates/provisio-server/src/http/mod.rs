@@ -43,6 +43,8 @@ pub struct PeerAddr(pub std::net::IpAddr);
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionSlot {
     _admitted: Arc<Admitted>,
+    /// What the engine keeps about the connection.
+    pub(crate) engine: Arc<provisio_engine::Connection>,
 }
 
 /// Limits applied to every connection.
@@ -88,7 +90,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let slot = ConnectionSlot { _admitted: Arc::new(admitted) };
+            let slot = ConnectionSlot { _admitted: Arc::new(admitted), engine: Arc::default() };
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -106,14 +108,31 @@ pub async fn serve(
                     .peer_certificates()
                     .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
             );
+            // A connection that sends no request within the head deadline is closed: hyper's
+            // `header_read_timeout` starts only once it knows the HTTP version, and sniffing
+            // that has no deadline of its own (issue #24, finding 3).
+            let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = first_request.clone();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
                 req.extensions_mut().insert(peer_certs.clone());
                 req.extensions_mut().insert(PeerAddr(peer.ip()));
                 req.extensions_mut().insert(slot.clone());
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned());
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = &mut conn => ended,
+                () = tokio::time::sleep(limits.header_timeout) => {
+                    if !first_request.load(std::sync::atomic::Ordering::Relaxed) {
+                        tracing::debug!(%peer, "no request within the head deadline; closing the connection");
+                        return;
+                    }
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -77,6 +77,10 @@ pub(crate) struct Req {
     pub peer: super::PeerCertificates,
     /// The client's IP address.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// What the engine keeps about the connection.
+    pub connection: Arc<provisio_engine::Connection>,
+    /// Whether the request came over HTTP/1.x (which can be told to close the connection).
+    pub http1: bool,
 }
 
 impl Req {
@@ -138,17 +142,35 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         .collect();
     let peer = parts.extensions.get::<super::PeerCertificates>().cloned().unwrap_or_default();
     let peer_ip = parts.extensions.get::<super::PeerAddr>().map(|a| a.0);
-    let body = match read_body(&parts.headers, body, state.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return response::error(&e),
+    let connection = parts.extensions.get::<super::ConnectionSlot>().map(|s| s.engine.clone()).unwrap_or_default();
+    let http1 = parts.version < axum::http::Version::HTTP_2;
+    // The body arrives under the request deadline too: a `Content-Length` whose bytes never
+    // come would otherwise hold the connection forever (issue #24, finding 3).
+    let body = match tokio::time::timeout(state.request_timeout, read_body(&parts.headers, body, state.max_body_bytes))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return response::error(&e),
+        Err(_) => return response::error(&Error::Timeout),
     };
     let authority = parts
         .uri
         .authority()
         .map(ToString::to_string)
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let req =
-        Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer, peer_ip };
+    let req = Req {
+        method: parts.method,
+        segments,
+        query,
+        headers: parts.headers,
+        path,
+        body,
+        authority,
+        peer,
+        peer_ip,
+        connection,
+        http1,
+    };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
     let change = is_service_change(&req);

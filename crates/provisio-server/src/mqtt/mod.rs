@@ -36,6 +36,16 @@ pub(crate) struct MqttLimits {
     pub idle_timeout: Duration,
 }
 
+/// The longest keep-alive granted, in seconds (IoT Hub's limit): a device that asks for more
+/// is held to this, so that a connection that went quiet is closed within about half an hour.
+pub(crate) const MAX_KEEP_ALIVE_SECS: u16 = 1177;
+
+/// How long a connected device may stay silent: one and a half times its keep-alive (MQTT
+/// 3.1.1 §3.1.2.10), the keep-alive held to [`MAX_KEEP_ALIVE_SECS`]; without one, `idle`.
+fn idle_limit(keep_alive: u16, idle: Duration) -> Duration {
+    if keep_alive == 0 { idle } else { Duration::from_millis(u64::from(keep_alive.min(MAX_KEEP_ALIVE_SECS)) * 1500) }
+}
+
 /// Serves MQTT on `listener` until `shutdown` resolves.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -85,6 +95,11 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut session = Session::new();
+    let state = provisio_engine::Connection::default();
+    // CONNECT is accepted before any credential is checked (the credential is checked with
+    // the first request), so the first request must follow within the connect deadline's
+    // length, whatever keep-alive was asked for (issue #24, finding 3).
+    let mut first_request_by: Option<tokio::time::Instant> = None;
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(4096);
     loop {
@@ -95,13 +110,11 @@ where
                 Err(MqttError::InsufficientBytes(_)) => {}
                 Err(e) => return Err(Dropped::Malformed(format!("packet: {e}"))),
             }
-            let deadline = match session.identity() {
+            let idle = match session.identity() {
                 None => connect_deadline,
-                Some(id) if id.keep_alive > 0 => {
-                    tokio::time::Instant::now() + Duration::from_millis(u64::from(id.keep_alive) * 1500)
-                }
-                Some(_) => tokio::time::Instant::now() + limits.idle_timeout,
+                Some(id) => tokio::time::Instant::now() + idle_limit(id.keep_alive, limits.idle_timeout),
             };
+            let deadline = first_request_by.map_or(idle, |by| by.min(idle));
             match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
                 Ok(Ok(0)) => return Ok("peer closed the connection".into()),
                 Ok(Ok(_)) => {}
@@ -109,13 +122,19 @@ where
                 Err(_) => {
                     return Err(Dropped::Timeout(if session.identity().is_none() {
                         "CONNECT"
+                    } else if first_request_by.is_some() {
+                        "a first request after CONNECT"
                     } else {
                         "packet within the keep-alive"
                     }));
                 }
             }
         };
+        let connecting = session.identity().is_none();
         let mut events = session.handle(packet);
+        if connecting && session.identity().is_some() {
+            first_request_by = Some(tokio::time::Instant::now() + limits.connect_timeout);
+        }
         while !events.is_empty() {
             let mut next = Vec::new();
             for ev in events {
@@ -125,14 +144,19 @@ where
                             .map_err(|e| Dropped::Malformed(format!("an answer does not encode: {e}")))?;
                     }
                     Event::Request(req) => {
+                        first_request_by = None;
                         // What came before (the PUBACK) goes out before the answer.
                         flush(&mut io, &mut out).await?;
                         let Some(identity) = session.identity().cloned() else {
                             return Err(Dropped::Refused("request before CONNECT".into()));
                         };
                         let credential = Credential::from_parts(identity.password.clone(), chain.clone());
-                        let answer = serve_request(engine, &identity, &credential, &req, origin).await;
+                        let answer = serve_request(engine, &identity, &credential, &req, origin, &state).await;
+                        let close = answer.close_connection;
                         next.extend(session.respond(&req.rid, answer.status, answer.retry_after, answer.body));
+                        if close {
+                            next.push(Event::Close("too many refused X.509 attempts on one connection".into()));
+                        }
                     }
                     Event::Close(reason) => {
                         flush(&mut io, &mut out).await?;
@@ -163,6 +187,7 @@ async fn serve_request(
     credential: &Credential,
     req: &Request,
     origin: Origin,
+    connection: &provisio_engine::Connection,
 ) -> Answer {
     let operation = match &req.kind {
         RequestKind::Register(body) => DeviceOperation::Register { body },
@@ -186,6 +211,22 @@ async fn serve_request(
             api_version: id.api_version.as_deref(),
             operation,
             credential,
+            connection,
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 3 of issue #24: a device could ask for 65,535 s and hold its slot for 27 hours.
+    #[test]
+    fn keep_alives_are_held_to_iot_hubs_limit() {
+        let idle = Duration::from_secs(600);
+        assert_eq!(idle_limit(60, idle), Duration::from_secs(90));
+        assert_eq!(idle_limit(MAX_KEEP_ALIVE_SECS, idle), Duration::from_millis(1177 * 1500));
+        assert_eq!(idle_limit(u16::MAX, idle), Duration::from_millis(1177 * 1500));
+        assert_eq!(idle_limit(0, idle), idle);
+    }
 }

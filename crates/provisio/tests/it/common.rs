@@ -59,7 +59,20 @@ impl Process {
                 panic!("server did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             }
         };
-        let info: Info = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad info line {line:?}: {e}"));
+        let mut info: Info = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad info line {line:?}: {e}"));
+        if info.owner_key().is_none() {
+            // After the first start, `serve` leaves the owner's key out; `info` has it.
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_provisio"));
+            cmd.args(["info", "--json", "--data-dir"]).arg(data_dir).env_remove("PROVISIO_CONFIG");
+            for flag in ["--config", "--database"] {
+                if let Some(i) = extra.iter().position(|a| *a == flag) {
+                    cmd.args([flag, extra[i + 1]]);
+                }
+            }
+            let full: Info = serde_json::from_str(run(&mut cmd).trim()).unwrap();
+            let key = full.owner_key().expect("info prints the owner's key");
+            info.service_connection_string = format!("{};SharedAccessKey={key}", info.service_connection_string);
+        }
         let port = info.device_endpoint.rsplit_once(':').map_or(443, |(_, p)| p.parse().unwrap());
         let s = Self { child: Some(child), info, port, log };
         s.wait_healthy();
@@ -79,6 +92,11 @@ impl Process {
         .join()
         .unwrap();
         assert!(ok, "server never became healthy; log:\n{}", self.log_text());
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// `kill -9`: no shutdown of any kind.

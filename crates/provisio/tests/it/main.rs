@@ -7,6 +7,7 @@
 
 mod allocation;
 mod amqp;
+mod attacks;
 mod bad_input;
 mod bench;
 mod cli;
