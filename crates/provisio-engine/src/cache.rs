@@ -62,13 +62,20 @@ pub struct AuthCache {
     ttl: Duration,
     max_entries: usize,
     entries: Mutex<std::collections::HashMap<[u8; 32], Instant>>,
+    /// The fingerprints remembered for each registration id, to forget one device's.
+    by_id: Mutex<std::collections::HashMap<String, Vec<[u8; 32]>>>,
 }
 
 impl AuthCache {
     /// An empty cache; `ttl` of zero disables it.
     #[must_use]
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
-        Self { ttl, max_entries, entries: Mutex::new(std::collections::HashMap::new()) }
+        Self {
+            ttl,
+            max_entries,
+            entries: Mutex::new(std::collections::HashMap::new()),
+            by_id: Mutex::new(std::collections::HashMap::new()),
+        }
     }
 
     /// Remembers that the credential with this fingerprint (of the registration id and
@@ -102,9 +109,41 @@ impl AuthCache {
         m.get(fingerprint).is_some_and(|until| *until > Instant::now())
     }
 
+    /// Notes that `fingerprint` was remembered for `registration_key`, so that
+    /// [`AuthCache::forget`] can drop it.
+    pub fn index(&self, registration_key: &str, fingerprint: [u8; 32]) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut ids = self.by_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ids.len() >= self.max_entries {
+            ids.clear();
+        }
+        let fps = ids.entry(registration_key.to_owned()).or_default();
+        if !fps.contains(&fingerprint) {
+            // A device proves a handful of credentials at most; an unbounded list would be
+            // a client's choice.
+            if fps.len() >= 16 {
+                fps.remove(0);
+            }
+            fps.push(fingerprint);
+        }
+    }
+
+    /// Forgets the credentials proven for one registration id (its TPM challenge key was
+    /// dropped), and no other device's.
+    pub fn forget(&self, registration_key: &str) {
+        let fps = self.by_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(registration_key);
+        let mut m = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for fp in fps.unwrap_or_default() {
+            m.remove(&fp);
+        }
+    }
+
     /// Forgets everything (after a local enrollment, group or key change).
     pub fn clear(&self) {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.by_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 }
 

@@ -118,6 +118,8 @@ pub struct Engine {
     x509_verifications: Arc<tokio::sync::Semaphore>,
     /// Refused X.509 attempts per client address (IPv6: per /64).
     x509_refusals: Arc<crate::limits::KeyedWindow>,
+    /// TPM challenges issued per registration id.
+    pub(crate) tpm_challenges: Arc<crate::limits::KeyedWindow>,
     refusals: Arc<RefusalRecords>,
     /// Registrations per minute, for the console's chart.
     stats: Arc<crate::stats::Stats>,
@@ -181,6 +183,10 @@ impl Engine {
             )),
             x509_refusals: Arc::new(crate::limits::KeyedWindow::new(
                 x509_refusals_per_minute,
+                std::time::Duration::from_secs(60),
+            )),
+            tpm_challenges: Arc::new(crate::limits::KeyedWindow::new(
+                crate::tpm::CHALLENGES_PER_MINUTE,
                 std::time::Duration::from_secs(60),
             )),
             refusals: Arc::default(),
@@ -275,6 +281,7 @@ impl Engine {
         };
         if let Some(f) = credential.fingerprint(id.key()) {
             self.auth_cache.remember(f, expires);
+            self.auth_cache.index(id.key(), f);
         }
     }
 
@@ -694,7 +701,7 @@ impl Engine {
         // into the result.
         let tpm_challenge = match &matched {
             Matched::Individual(e) if matches!(e.attestation, Attestation::Tpm { .. }) => {
-                Some(self.tpm_challenge_of(&id).await?)
+                Some(self.tpm_challenge_of(&id, credential).await?)
             }
             _ => None,
         };
@@ -985,6 +992,19 @@ mod tests {
         let e = register(&token("tpm-1", &provisio_core::keys::generate_key())).await.unwrap_err();
         assert_eq!(e.status(), 401);
         assert!(e.detail().unwrap_or_default().contains("not signed with its TPM challenge key"), "{e:?}");
+        // Finding 7 of issue #24: a SAS probe learns nothing about the id being TPM-enrolled;
+        // the answer is an unknown id's.
+        let unknown = engine
+            .register(
+                SCOPE,
+                "nobody",
+                DeviceRegistration::default(),
+                &token("nobody", &provisio_core::keys::generate_key()),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!((e.status(), e.code(), e.to_string()), (unknown.status(), unknown.code(), unknown.to_string()));
+        assert_eq!(e.to_string(), "Unauthorized");
         // The right key: assigned, with the key for the TPM in the result and no symmetric key.
         let op = register(&token("tpm-1", &key)).await.unwrap();
         let status = engine.operation_status(SCOPE, "tpm-1", &op, &token("tpm-1", &key), None).await.unwrap();
@@ -993,6 +1013,50 @@ mod tests {
         assert!(state.symmetric_key.is_none() && state.x509.is_none());
         let blob = B64.decode(state.tpm.unwrap()["authenticationKey"].as_str().unwrap()).unwrap();
         assert!(blob.len() > 600, "{}", blob.len());
+    }
+
+    /// Finding 8 of issue #24: anyone who knows a device's EK (a public key) could ask for a
+    /// challenge right after the device did and void the device's.
+    #[tokio::test]
+    async fn a_strangers_challenges_do_not_void_the_devices() {
+        let (engine, api, _store) = setup(&["hub1.example.net"]).await;
+        let ek = &include_bytes!("../../../fuzz/corpus/tpm/ek")[1..];
+        let srk = &include_bytes!("../../../fuzz/corpus/tpm/srk")[1..];
+        let e: IndividualEnrollment = serde_json::from_value(serde_json::json!({
+            "registrationId": "tpm-2",
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(ek)}},
+        }))
+        .unwrap();
+        api.put_enrollment("tpm-2", e, None).await.unwrap();
+        let id = RegistrationId::parse("tpm-2").unwrap();
+        // The device's challenge, then a stranger's, as many as it is allowed.
+        let device = crate::TpmChallenge::new(ek, srk).unwrap();
+        engine.store_tpm_challenge(&id, &device).await.unwrap();
+        let origin = Origin::new(crate::device::Transport::Internal, None);
+        let body = || {
+            Ok(DeviceRegistration {
+                tpm: Some(provisio_proto::device::TpmAttestation {
+                    endorsement_key: B64.encode(ek),
+                    storage_root_key: Some(B64.encode(srk)),
+                }),
+                ..DeviceRegistration::default()
+            })
+        };
+        for _ in 0..crate::tpm::CHALLENGES_PER_MINUTE {
+            engine.tpm_challenge(&origin, SCOPE, "tpm-2", body()).await.unwrap();
+        }
+        let e = engine.tpm_challenge(&origin, SCOPE, "tpm-2", body()).await.unwrap_err();
+        assert_eq!(e.status(), 429, "{e:?}");
+        // The device's key still works.
+        let device_key = B64.encode(&device.key);
+        let op = engine.register(SCOPE, "tpm-2", DeviceRegistration::default(), &token("tpm-2", &device_key)).await;
+        let op = op.unwrap();
+        let status = engine.operation_status(SCOPE, "tpm-2", &op, &token("tpm-2", &device_key), None).await.unwrap();
+        assert_eq!(status.registration_state.unwrap().status, RegistrationStatus::Assigned);
+        // Keys beyond the kept ones are dropped, the oldest first.
+        let stored = engine.stored_tpm_challenges(&id).await.unwrap();
+        assert_eq!(stored.len(), crate::tpm::CHALLENGES_KEPT);
+        assert_eq!(stored[crate::tpm::CHALLENGES_KEPT - 1].challenge_key, device_key);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

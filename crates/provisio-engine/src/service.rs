@@ -59,8 +59,10 @@ pub struct ServiceApi {
     hostnames: Arc<Vec<String>>,
     skew: u64,
     limits: ServiceLimits,
-    /// Requests per second over the whole service API.
+    /// Authenticated requests per second over the whole service API.
     rate: Arc<crate::limits::RateLimiter>,
+    /// Refused tokens per client address.
+    refusals: Arc<crate::limits::KeyedWindow>,
     group_cache: Option<Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>>,
     auth_cache: Option<Arc<crate::cache::AuthCache>>,
 }
@@ -92,7 +94,14 @@ pub struct ServiceCall<'a> {
     pub authorization: Option<&'a str>,
     /// The `api-version` query parameter.
     pub api_version: Option<&'a str>,
+    /// The client's address (its refused tokens are counted per address).
+    pub peer: Option<std::net::IpAddr>,
 }
+
+/// Refused service tokens one address (an IPv6 /64) may present per minute; beyond, its
+/// requests get `429` before their token is looked at. Operators with a valid token are not
+/// counted, so a stranger's noise cannot lock them out (issue #24, finding 6).
+pub const REFUSALS_PER_ADDRESS_PER_MINUTE: usize = 60;
 
 /// Size limits of the service API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +245,10 @@ impl ServiceApi {
             skew,
             limits: ServiceLimits::default(),
             rate: Arc::new(crate::limits::RateLimiter::new(0)),
+            refusals: Arc::new(crate::limits::KeyedWindow::new(
+                REFUSALS_PER_ADDRESS_PER_MINUTE,
+                std::time::Duration::from_secs(60),
+            )),
             group_cache: None,
             auth_cache: None,
         }
@@ -279,16 +292,30 @@ impl ServiceApi {
         self
     }
 
-    /// Whether a request may run: the service API's rate, then its `api-version` (as
-    /// [`crate::device::check_api_version`] checks every version), then its token
-    /// ([`ServiceApi::authorize_token`]).
+    /// Whether a request may run: its address's refused tokens, its `api-version` (as
+    /// [`crate::device::check_api_version`] checks every version), its token
+    /// ([`ServiceApi::authorize_token`]), then the service API's rate. The rate is charged
+    /// only once the token is proven: requests without one used to drain it and lock the
+    /// operators out.
     ///
     /// # Errors
-    /// `429` when over the rate, `400` for the version, `401` / `403` for the token.
+    /// `429` over the address's refusals or the rate, `400` for the version, `401` / `403`
+    /// for the token.
     pub async fn authorize(&self, call: &ServiceCall<'_>, api: Api, right: Right) -> Result<(), Error> {
-        self.rate.acquire().map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
+        let address = call.peer.map(crate::limits::address_key);
+        if let Some(a) = &address {
+            self.refusals.check(a).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
+        }
         crate::device::check_api_version(api.versions(), call.api_version)?;
-        self.authorize_token(call.authorization, right).await
+        if let Err(e) = self.authorize_token(call.authorization, right).await {
+            if e.status() == 401
+                && let Some(a) = &address
+            {
+                let _ = self.refusals.hit(a);
+            }
+            return Err(e);
+        }
+        self.rate.acquire().map_err(|wait| Error::Throttled(wait.as_secs().max(1)))
     }
 
     /// Checks a service SAS token: the policy named by `skn` signed it (primary or
@@ -1144,7 +1171,7 @@ mod tests {
     }
 
     async fn check(api: &ServiceApi, authorization: Option<&str>, right: Right) -> Result<(), Error> {
-        api.authorize(&ServiceCall { authorization, api_version: V }, Api::Service, right).await
+        api.authorize(&ServiceCall { authorization, api_version: V, peer: None }, Api::Service, right).await
     }
 
     #[tokio::test]
@@ -1208,7 +1235,7 @@ mod tests {
         }
         // The api-version is checked before the token, and the certificates API has its own.
         let t = token("dps.example.com", &primary, Some("owner"), soon());
-        let call = |v| ServiceCall { authorization: Some(&t), api_version: v };
+        let call = |v| ServiceCall { authorization: Some(&t), api_version: v, peer: None };
         assert_eq!(api.authorize(&call(None), Api::Service, r).await.unwrap_err().code(), 400_004);
         assert!(api.authorize(&call(Some("2022-12-12")), Api::Service, r).await.is_err());
         api.authorize(&call(Some("2022-12-12")), Api::Certificates, Right::ServiceConfig).await.unwrap();
@@ -1224,6 +1251,29 @@ mod tests {
         check(&api, Some(&t), Right::EnrollmentRead).await.unwrap();
         let e = check(&api, Some(&t), Right::EnrollmentRead).await.unwrap_err();
         assert_eq!((e.status(), e.retry_after()), (429, Some(1)));
+    }
+
+    /// Finding 6 of issue #24: requests without a valid token drained the rate limit and
+    /// locked the operators out.
+    #[tokio::test]
+    async fn refused_tokens_do_not_drain_the_rate_and_are_limited_per_address() {
+        let api = api().await.with_limits(ServiceLimits { requests_per_second: 1, ..ServiceLimits::default() });
+        let (key, _) = policy(&api, "owner", "ServiceConfig").await;
+        let good = token("dps.example.com", &key, Some("owner"), soon());
+        let forged = token("dps.example.com", &provisio_core::keys::generate_key(), Some("owner"), soon());
+        let stranger: std::net::IpAddr = [203, 0, 113, 9].into();
+        let operator: std::net::IpAddr = [198, 51, 100, 1].into();
+        let call = |t, peer| ServiceCall { authorization: Some(t), api_version: V, peer: Some(peer) };
+        for _ in 0..REFUSALS_PER_ADDRESS_PER_MINUTE {
+            let e = api.authorize(&call(&forged, stranger), Api::Service, Right::EnrollmentRead).await.unwrap_err();
+            assert_eq!(e.status(), 401);
+        }
+        // The stranger is now told to wait, without its token being checked.
+        let e = api.authorize(&call(&forged, stranger), Api::Service, Right::EnrollmentRead).await.unwrap_err();
+        assert_eq!(e.status(), 429);
+        // The operator's burst (twice the rate) is intact.
+        api.authorize(&call(&good, operator), Api::Service, Right::EnrollmentRead).await.unwrap();
+        api.authorize(&call(&good, operator), Api::Service, Right::EnrollmentRead).await.unwrap();
     }
 
     fn enrollment(id: &str) -> IndividualEnrollment {

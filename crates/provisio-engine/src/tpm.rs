@@ -33,7 +33,7 @@ pub const TPM_CHALLENGE_SECS: i64 = 3600;
 pub struct TpmChallenge {
     ek: Vec<u8>,
     srk: Vec<u8>,
-    key: Vec<u8>,
+    pub(crate) key: Vec<u8>,
     blob: Vec<u8>,
 }
 
@@ -69,8 +69,18 @@ impl TpmChallenge {
     }
 }
 
+/// Unexpired challenges kept per device. Anyone who knows a device's EK (a public key) may
+/// ask for a challenge; if each replaced the last, asking right after the device did would
+/// void the device's (issue #24, finding 8). With this many kept and at most
+/// [`CHALLENGES_PER_MINUTE`] issued per device, voiding one takes longer than a device takes
+/// to use it.
+pub(crate) const CHALLENGES_KEPT: usize = 4;
+
+/// Challenges issued per registration id per minute; more get `429`.
+pub(crate) const CHALLENGES_PER_MINUTE: usize = 3;
+
 /// A TPM device's outstanding challenge, as stored.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StoredChallenge {
     /// The HMAC key sent to the TPM, base64 (sealed at rest when encryption is on).
@@ -81,12 +91,38 @@ pub(crate) struct StoredChallenge {
     pub(crate) expires: i64,
 }
 
+/// A device's challenges as stored: the newest at the top level (the form of one challenge,
+/// so that records written before keep working), the earlier unexpired ones as one string
+/// (JSON of a list), a field the store seals like the key.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredChallenges {
+    #[serde(flatten)]
+    newest: StoredChallenge,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    earlier_challenges: String,
+}
+
+impl StoredChallenges {
+    /// Every challenge, newest first.
+    fn all(self) -> Result<Vec<StoredChallenge>, Error> {
+        let mut out = vec![self.newest];
+        if !self.earlier_challenges.is_empty() {
+            let earlier: Vec<StoredChallenge> = serde_json::from_str(&self.earlier_challenges)
+                .map_err(|e| Error::Internal(format!("stored TPM challenges are corrupt: {e}")))?;
+            out.extend(earlier);
+        }
+        Ok(out)
+    }
+}
+
 impl Engine {
     /// A TPM device's first `register`: no credential, its EK and SRK in the body's `tpm`.
     /// Checks the EK against the device's individual enrollment and answers with a fresh HMAC
     /// key that only that TPM can take in (base64 of [`tpm::authentication_key`]'s blob). The
     /// key is kept for [`TPM_CHALLENGE_SECS`] to check the SAS tokens the device signs with it;
-    /// a new challenge replaces the previous one. Audited like a registration.
+    /// a new challenge joins the unexpired ones ([`CHALLENGES_KEPT`]), at most
+    /// [`CHALLENGES_PER_MINUTE`] per device. Audited like a registration.
     ///
     /// # Errors
     /// Unknown scope (`404`); no enrollment, one that is not TPM or whose EK differs (`401`,
@@ -115,6 +151,7 @@ impl Engine {
         check_body_id(id.as_str(), request)?;
         let (ek_sent, srk_sent) = tpm_keys_of(request)?;
         let srk = self.tpm_enrolled(&id, &ek_sent, srk_sent).await?;
+        self.tpm_challenges.hit(id.key()).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
         let challenge = TpmChallenge::new(&ek_sent, &srk)?;
         self.store_tpm_challenge(&id, &challenge).await?;
         Ok(B64.encode(&challenge.blob))
@@ -137,6 +174,7 @@ impl Engine {
         let result = async {
             let (_permit, id) = self.admit_registration(scope, registration_id)?;
             self.tpm_enrolled(&id, &challenge.ek, Some(challenge.srk.clone())).await?;
+            self.tpm_challenges.hit(id.key()).map_err(|wait| Error::Throttled(wait.as_secs().max(1)))?;
             self.store_tpm_challenge(&id, challenge).await
         }
         .await;
@@ -187,17 +225,33 @@ impl Engine {
         Ok(srk)
     }
 
-    /// Keeps the challenge's key as the device's current one (replacing an earlier one).
-    async fn store_tpm_challenge(&self, id: &RegistrationId, challenge: &TpmChallenge) -> Result<(), Error> {
-        let stored = StoredChallenge {
+    /// Keeps the challenge's key as the device's newest, with the unexpired earlier ones (at
+    /// most [`CHALLENGES_KEPT`] in all). Two challenges of one device at the same moment on
+    /// two nodes may keep only one of them: the device whose key was dropped is refused and
+    /// asks again.
+    pub(crate) async fn store_tpm_challenge(&self, id: &RegistrationId, challenge: &TpmChallenge) -> Result<(), Error> {
+        let now = unix_now_i64();
+        let newest = StoredChallenge {
             challenge_key: B64.encode(&challenge.key),
             storage_root_key: B64.encode(&challenge.srk),
-            expires: unix_now_i64().saturating_add(TPM_CHALLENGE_SECS),
+            expires: now.saturating_add(TPM_CHALLENGE_SECS),
         };
-        let body = serde_json::to_string(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut earlier: Vec<StoredChallenge> =
+            self.stored_tpm_challenges(id).await?.into_iter().filter(|c| c.expires >= now).collect();
+        let dropped = earlier.len() >= CHALLENGES_KEPT;
+        earlier.truncate(CHALLENGES_KEPT - 1);
+        let earlier_challenges = if earlier.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&earlier).map_err(|e| Error::Internal(e.to_string()))?
+        };
+        let body = serde_json::to_string(&StoredChallenges { newest, earlier_challenges })
+            .map_err(|e| Error::Internal(e.to_string()))?;
         self.store.put(Collection::TpmChallenges, id.key(), &body, Precondition::Any).await.or_internal()?;
-        // A token proven with an earlier challenge's key no longer counts.
-        self.auth_cache.clear();
+        if dropped {
+            // A token proven with the dropped key no longer counts; other devices' do.
+            self.auth_cache.forget(id.key());
+        }
         Ok(())
     }
 
@@ -221,52 +275,61 @@ impl Engine {
         result
     }
 
-    /// The outstanding challenge of a TPM device whose SAS `token` it signed, or `401`.
+    /// The unexpired challenge of a TPM device whose key signed its SAS `token`, or `401`.
     pub(crate) async fn tpm_challenge_key(
         &self,
         id: &RegistrationId,
         token: &SasToken,
     ) -> Result<StoredChallenge, Error> {
-        let refused = |detail: String| Error::Unauthorized {
-            public: "Unauthorized: the SAS token is not signed with the key of this TPM device's current challenge. \
-                     Register without an Authorization header, with the tpm block, to get one."
-                .into(),
-            detail,
-            tracking_id: None,
-        };
-        let Some(c) = self.stored_tpm_challenge(id).await? else {
+        // The public answer is the one an unknown id or a wrong key gets: a SAS probe must not
+        // learn that an id is TPM-enrolled (issue #24, finding 7). The detail is logged.
+        let refused = |detail: String| Error::unauthorized(detail);
+        let all = self.stored_tpm_challenges(id).await?;
+        if all.is_empty() {
             return Err(refused(format!("TPM registration '{id}' has no outstanding challenge")));
+        }
+        let now = unix_now_i64();
+        let mut expired = 0;
+        for c in all {
+            if c.expires < now {
+                expired += 1;
+                continue;
+            }
+            let key = B64
+                .decode(&c.challenge_key)
+                .map_err(|_| Error::Internal("a stored TPM challenge key is not base64".into()))?;
+            if token.signed_with(&key) {
+                return Ok(c);
+            }
+        }
+        Err(refused(if expired > 0 {
+            format!("the SAS token of '{id}' is not signed with an unexpired TPM challenge key ({expired} expired)")
+        } else {
+            format!("the SAS token of '{id}' is not signed with its TPM challenge key")
+        }))
+    }
+
+    /// The challenge whose key signed the SAS token of a TPM device that attested with it
+    /// moments ago (its key goes into the result).
+    pub(crate) async fn tpm_challenge_of(
+        &self,
+        id: &RegistrationId,
+        credential: &crate::Credential,
+    ) -> Result<StoredChallenge, Error> {
+        let crate::Credential::Sas(raw) = credential else {
+            return Err(Error::unauthorized(format!("TPM registration '{id}' presented no SAS token")));
         };
-        if c.expires < unix_now_i64() {
-            return Err(refused(format!("the TPM challenge of '{id}' expired at {}", c.expires)));
-        }
-        let key = B64
-            .decode(&c.challenge_key)
-            .map_err(|_| Error::Internal("a stored TPM challenge key is not base64".into()))?;
-        if !token.signed_with(&key) {
-            return Err(refused(format!("the SAS token of '{id}' is not signed with its TPM challenge key")));
-        }
-        Ok(c)
+        self.tpm_challenge_key(id, &SasToken::parse(raw)?).await
     }
 
-    /// A TPM device's stored challenge (it attested with its key moments ago).
-    pub(crate) async fn tpm_challenge_of(&self, id: &RegistrationId) -> Result<StoredChallenge, Error> {
-        self.stored_tpm_challenge(id).await?.ok_or_else(|| Error::Unauthorized {
-            public:
-                "Unauthorized: this TPM device's challenge is gone; register again without an Authorization header."
-                    .into(),
-            detail: format!("the TPM challenge of '{id}' disappeared during its registration"),
-            tracking_id: None,
-        })
-    }
-
-    async fn stored_tpm_challenge(&self, id: &RegistrationId) -> Result<Option<StoredChallenge>, Error> {
+    /// A device's stored challenges, newest first (none: empty).
+    pub(crate) async fn stored_tpm_challenges(&self, id: &RegistrationId) -> Result<Vec<StoredChallenge>, Error> {
         let Some(doc) = self.store.get(Collection::TpmChallenges, id.key()).await.or_internal()? else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        serde_json::from_str(&doc.body)
-            .map(Some)
-            .map_err(|e| Error::Internal(format!("stored TPM challenge is corrupt: {e}")))
+        serde_json::from_str::<StoredChallenges>(&doc.body)
+            .map_err(|e| Error::Internal(format!("stored TPM challenge is corrupt: {e}")))?
+            .all()
     }
 }
 

@@ -202,7 +202,7 @@ fn public_of(e: &ChainError) -> String {
         ChainError::LeafIsCa(_) | ChainError::IssuerNotCa | ChainError::KeyUsage(_) | ChainError::BadSignature => {
             format!("Invalid certificate: {e}.")
         }
-        ChainError::TooMany(_) => format!("Invalid certificate: {e}."),
+        ChainError::TooMany(_) | ChainError::PathTooLong => format!("Invalid certificate: {e}."),
         ChainError::UnknownIssuer { .. } | ChainError::Malformed(_) | ChainError::Other(_) => {
             "Invalid certificate.".into()
         }

@@ -113,6 +113,28 @@ mod tests {
         decode_pem_chain(&c.cert_pem).unwrap().remove(0)
     }
 
+    /// Finding 9 of issue #24: a group root with `pathLen:0` accepted a device under an
+    /// intermediate (webpki keeps only an anchor's name and key).
+    #[test]
+    fn an_anchors_path_length_constraint_is_kept() {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "strict root");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = key(KeyKind::EcdsaP256).unwrap();
+        let root = CertAndKey { cert_pem: params.self_signed(&key).unwrap().pem(), key_pem: key.serialize_pem() };
+        let inter = issue(Role::Intermediate, "inter", Some(&root), KeyKind::EcdsaP256, 30).unwrap();
+        let under_inter = issue(Role::Device, "device-02", Some(&inter), KeyKind::EcdsaP256, 30).unwrap();
+        let direct = issue(Role::Device, "device-03", Some(&root), KeyKind::EcdsaP256, 30).unwrap();
+        assert_eq!(verify_chain(&der(&under_inter), &[der(&inter)], &der(&root), now), Err(ChainError::PathTooLong));
+        // The intermediate as the anchor, and a device straight under the root, are fine.
+        assert_eq!(verify_chain(&der(&under_inter), &[], &der(&inter), now).unwrap().intermediates, 0);
+        assert_eq!(verify_chain(&der(&direct), &[], &der(&root), now).unwrap().intermediates, 0);
+    }
+
     #[test]
     fn chains_validate_and_fail_for_the_right_reasons() {
         let now = OffsetDateTime::now_utc();

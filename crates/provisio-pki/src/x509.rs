@@ -51,6 +51,9 @@ pub enum ChainError {
     /// A signature does not verify.
     #[error("a signature in the chain does not verify")]
     BadSignature,
+    /// A CA's `pathLenConstraint` allows fewer intermediates below it than the path has.
+    #[error("the chain has more intermediate CAs below a CA than its pathLenConstraint allows")]
+    PathTooLong,
     /// The device presented more certificates than a path may use.
     #[error(
         "the device presented {0} certificates besides its own; at most {MAX_PRESENTED_INTERMEDIATES} are accepted"
@@ -230,6 +233,7 @@ fn map_webpki(e: &webpki::Error, anchor: &X509Certificate<'_>) -> ChainError {
         W::CertExpired { .. } => ChainError::Other("a certificate in the chain has expired".into()),
         W::CertNotValidYet { .. } => ChainError::Other("a certificate in the chain is not valid yet".into()),
         W::InvalidSignatureForPublicKey => ChainError::BadSignature,
+        W::PathLenConstraintViolated => ChainError::PathTooLong,
         W::RequiredEkuNotFoundContext(_) => {
             ChainError::KeyUsage("the extended key usage does not allow TLS client authentication".into())
         }
@@ -331,7 +335,15 @@ pub(crate) fn verify_chain_within(
     let inter: Vec<CertificateDer<'_>> = intermediates.iter().map(|d| CertificateDer::from(d.as_slice())).collect();
     let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+    // webpki keeps only a trust anchor's name and key: its own pathLenConstraint (a root
+    // that allows no intermediate under it) is checked here (issue #24, finding 9).
+    let anchor_path_len = anchor_cert.basic_constraints().ok().flatten().and_then(|b| b.value.path_len_constraint);
     let key_usage_ok = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+        if let Some(max) = anchor_path_len
+            && path.intermediate_certificates().count() > max as usize
+        {
+            return Err(webpki::Error::PathLenConstraintViolated);
+        }
         for c in path.intermediate_certificates() {
             if check_issuer_key_usage(c.der().as_ref()).is_err() {
                 return Err(webpki::Error::UnsupportedCertVersion); // marker, mapped below

@@ -28,7 +28,8 @@ use crate::{Collection, Document, Operation, Precondition, RegistrationWrite, Re
 const PREFIX: &str = "$sealed:v1:";
 
 /// Fields holding secrets, at the top level of a document or inside its `attestation`.
-const SECRET_FIELDS: &[&str] = &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey", "sessionKey"];
+const SECRET_FIELDS: &[&str] =
+    &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey", "earlierChallenges", "sessionKey"];
 
 /// Collections whose documents carry secrets.
 const SEALED_COLLECTIONS: &[Collection] = &[

@@ -22,7 +22,11 @@ fn json_body<T: DeserializeOwned>(req: &Req, what: &str) -> Result<T, Error> {
 }
 
 fn call(req: &Req) -> ServiceCall<'_> {
-    ServiceCall { authorization: req.header(header::AUTHORIZATION.as_str()), api_version: req.query("api-version") }
+    ServiceCall {
+        authorization: req.header(header::AUTHORIZATION.as_str()),
+        api_version: req.query("api-version"),
+        peer: req.peer_ip,
+    }
 }
 
 async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), Error> {
