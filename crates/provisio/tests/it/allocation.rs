@@ -567,3 +567,59 @@ async fn webhooks_on_loopback_are_refused_without_the_allow_list_and_devices_can
     );
     assert!(seen.lock().unwrap().is_empty(), "a request reached the registrar");
 }
+
+/// Issue #24, finding 11: webhook and registrar URLs (they hold function keys) are sealed
+/// at rest when `encryption_key` is set, and still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_urls_are_sealed_at_rest_and_still_called() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+    let cfg =
+        hubs_cfg(tmp.path(), &format!("hub_registrar = \"webhook\"\nencryption_key = \"{key}\"\n{LOOPBACK_ALLOWED}"));
+    let data = tmp.path().join("server");
+    let mut s = Server::start(&data, "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+    let (st, h) = service(
+        &s,
+        Method::PUT,
+        &format!("/linkedHubs/hub-b.example.net?{v}"),
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": format!("{base}/registrar?code=registrar-function-key")})),
+    )
+    .await;
+    assert_eq!(st, 200, "{h}");
+    let (mut dev_key, mut group_key) = (String::new(), String::new());
+    for (group, id) in [(false, "sealed-wh"), (true, "sealed-wh-group")] {
+        let (path, id_field) =
+            if group { ("enrollmentGroups", "enrollmentGroupId") } else { ("enrollments", "registrationId") };
+        let (st, e) = service(&s, Method::PUT, &format!("/{path}/{id}?{v}"), None, Some(json!({
+            id_field: id, "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": format!("{base}/alloc?code=allocation-function-key"), "apiVersion": "2021-10-01"},
+        }))).await;
+        assert_eq!(st, 200, "{e}");
+        // The service API shows them as written: sealing is at rest only.
+        assert!(e["customAllocationDefinition"]["webhookUrl"].as_str().unwrap().ends_with("allocation-function-key"));
+        e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().clone_into(if group {
+            &mut group_key
+        } else {
+            &mut dev_key
+        });
+    }
+    let group_dev_key = provisio_core::keys::derive_device_key(&group_key, "sealed-wh-dev").unwrap();
+    for (id, key) in [("sealed-wh", dev_key.as_str()), ("sealed-wh-dev", group_dev_key.as_str())] {
+        let r = register(&s, id, key, "{}");
+        assert_eq!(r["status"], "assigned", "{id}: {r}");
+        assert_eq!(r["registrationState"]["assignedHub"], "hub-b.example.net");
+        let calls = seen.lock().unwrap().clone();
+        assert!(calls.iter().any(|c| c["deviceRuntimeContext"]["registrationId"] == id), "{id}: webhook not called");
+        assert!(calls.iter().any(|c| c["registrationId"] == id), "{id}: registrar not called");
+    }
+    s.stop();
+    let db = crate::hardening::data_dir_bytes(&data);
+    assert!(crate::hardening::contains(&db, "$sealed:v1:"), "nothing was sealed");
+    for secret in ["allocation-function-key", "registrar-function-key"] {
+        assert!(!crate::hardening::contains(&db, secret), "{secret} is stored in plain");
+    }
+}
