@@ -20,7 +20,7 @@ use crate::{
     Error, SetupError,
     hubs::Hubs,
     registrar::{HubAuthentication, HubDevice, HubRegistrar, NoRegistrar, WebhookRegistrar},
-    webhook::{WebhookClient, WebhookSettings},
+    webhook::{Shown, WebhookClient, WebhookSettings},
     wire,
 };
 
@@ -78,10 +78,31 @@ pub struct Assignment {
     pub outcome: Outcome,
     /// The twin the device has at its hub.
     pub twin: Option<Value>,
+    /// For a failure of a webhook or a registrar: the precise reason (the answer's start, a
+    /// refused address, a connection error), for the audit log only. The outcome's message,
+    /// which the device reads, carries at most a status code.
+    pub detail: Option<String>,
 }
 
 fn failed(code: u32, message: impl Into<String>) -> Assignment {
-    Assignment { outcome: Outcome::Failed { error_code: code, error_message: message.into() }, twin: None }
+    failed_because(code, Failure { shown: message.into(), detail: None })
+}
+
+fn failed_because(code: u32, f: Failure) -> Assignment {
+    Assignment { outcome: Outcome::Failed { error_code: code, error_message: f.shown }, twin: None, detail: f.detail }
+}
+
+/// Why a call to the operator's endpoint failed: what the device is told, and what the
+/// audit log is told.
+struct Failure {
+    shown: String,
+    detail: Option<String>,
+}
+
+impl From<String> for Failure {
+    fn from(shown: String) -> Self {
+        Self { shown, detail: None }
+    }
 }
 
 /// Everything assignment needs about one registration.
@@ -122,6 +143,12 @@ impl Assigner {
             RegistrarKind::Webhook => Arc::new(WebhookRegistrar::new(webhook.clone())),
         };
         Ok(Self { hubs, default_policy: settings.default_policy, region: settings.region, webhook, registrar })
+    }
+
+    /// The address rules its calls follow (the service API checks stored URLs with them).
+    #[must_use]
+    pub fn addresses(&self) -> &crate::addresses::AddressPolicy {
+        self.webhook.addresses()
     }
 
     /// The same assigner with another hub registrar (tests).
@@ -171,7 +198,7 @@ impl Assigner {
                 };
                 match self.custom(&r, settings, &linked, previous.as_ref().map(|p| p.hub)).await {
                     Ok(x) => x,
-                    Err(msg) => return Ok(failed(codes::CUSTOM_ALLOCATION_FAILED, msg)),
+                    Err(f) => return Ok(failed_because(codes::CUSTOM_ALLOCATION_FAILED, f)),
                 }
             }
             _ => {
@@ -218,12 +245,16 @@ impl Assigner {
         let substatus = match self.registrar.register(url.as_deref(), &device).await {
             Ok(o) => allocation::substatus_after_registrar(plan.substatus, o.already_existed, previous.is_some()),
             Err(e) => {
-                return Ok(failed(codes::HUB_REGISTRATION_FAILED, format!("Creating the device at {hub} failed: {e}")));
+                let detail = e.detail();
+                tracing::warn!(hub = %hub, reason = %detail, "the hub registrar failed");
+                let shown = format!("Creating the device at {hub} failed: {e}");
+                return Ok(failed_because(codes::HUB_REGISTRATION_FAILED, Failure { shown, detail: Some(detail) }));
             }
         };
         Ok(Assignment {
             outcome: Outcome::Assigned { assigned_hub: hub, device_id: r.device_id, substatus, payload },
             twin: plan.twin,
+            detail: None,
         })
     }
 
@@ -270,9 +301,11 @@ impl Assigner {
         settings: &EnrollmentSettings,
         linked: &[String],
         current_hub: Option<&str>,
-    ) -> Result<(String, Option<Value>, Option<Value>), String> {
+    ) -> Result<(String, Option<Value>, Option<Value>), Failure> {
         let Some(def) = &settings.custom_allocation else {
-            return Err("Custom allocation failed: the enrollment has no customAllocationDefinition.".into());
+            return Err("Custom allocation failed: the enrollment has no customAllocationDefinition."
+                .to_owned()
+                .into());
         };
         let mut ctx = json!({ "registrationId": r.id.as_str() });
         if let Some(h) = current_hub {
@@ -306,10 +339,17 @@ impl Assigner {
             }
         }
         let resp = self.webhook.post_json(&def.webhook_url, &body, Duration::from_millis(300)).await.map_err(|e| {
-            match e.last {
-                crate::webhook::CallError::Status { .. } => format!("Custom allocation failed with {e}"),
-                _ => format!("Custom allocation failed: the webhook {e}"),
-            }
+            // The device learns the status code at most (DPS's own wording); the body, the
+            // address and the connection error go to the audit log.
+            let shown = match e.last.shown() {
+                Shown::Status(status) => format!("Custom allocation failed with status code: {status}"),
+                Shown::NotJson => "Custom allocation failed: the webhook's answer is not valid JSON.".into(),
+                Shown::TooLarge => "Custom allocation failed: the webhook's answer is too large.".into(),
+                Shown::Unreachable => "Custom allocation failed: the webhook could not be reached.".into(),
+            };
+            let detail = format!("webhook at {}: {e}", crate::webhook::host_of(&def.webhook_url));
+            tracing::warn!(registration_id = %r.id, reason = %detail, "the custom allocation webhook failed");
+            Failure { shown, detail: Some(detail) }
         })?;
         let hub = resp
             .get("iotHubHostName")
@@ -317,11 +357,14 @@ impl Assigner {
             .filter(|h| !h.is_empty())
             .ok_or_else(|| "Custom allocation failed: the webhook's response has no iotHubHostName.".to_owned())?;
         let Some(hub) = linked.iter().find(|l| l.eq_ignore_ascii_case(hub)) else {
-            return Err(format!(
-                "Custom allocation failed: the webhook chose '{}', which is not one of the linked hubs offered ({}).",
-                shorten(hub),
-                linked.join(", ")
-            ));
+            // Not quoted to the device: it is text from the answer.
+            return Err(Failure {
+                shown: format!(
+                    "Custom allocation failed: the webhook chose a hub that is not one of the linked hubs offered ({}).",
+                    linked.join(", ")
+                ),
+                detail: Some(format!("the webhook chose '{}'", shorten(hub))),
+            });
         };
         let twin = resp.get("initialTwin").filter(|t| !t.is_null()).cloned();
         let payload = resp.get("payload").filter(|p| !p.is_null()).cloned();

@@ -296,6 +296,7 @@ impl Engine {
     ) -> crate::service::ServiceApi {
         crate::service::ServiceApi::new(self.store.clone(), hostnames, self.settings.sas_clock_skew_secs)
             .with_limits(limits)
+            .with_webhook_addresses(self.assigner.addresses().clone())
             .with_group_cache(self.group_cache.clone())
             .with_auth_cache(self.auth_cache.clone())
     }
@@ -632,12 +633,12 @@ impl Engine {
         };
         let mut entry = attempt(origin, registration_id, credential.kind());
         self.stats.record(match &result {
-            Ok((_, r)) if matches!(r.outcome, Outcome::Assigned { .. }) => crate::stats::Result::Assigned,
+            Ok((_, r, _)) if matches!(r.outcome, Outcome::Assigned { .. }) => crate::stats::Result::Assigned,
             Ok(_) => crate::stats::Result::Failed,
             Err(_) => crate::stats::Result::Refused,
         });
         let result = match result {
-            Ok((operation_id, record)) => {
+            Ok((operation_id, record, detail)) => {
                 entry.status = 202;
                 entry.operation_id = Some(operation_id.clone());
                 if let EnrollmentSource::Group { enrollment_group_id } = &record.source {
@@ -652,7 +653,11 @@ impl Engine {
                     Outcome::Failed { error_code, error_message } => {
                         entry.result = "failed".into();
                         entry.error_code = Some(error_code);
-                        entry.reason = Some(error_message);
+                        // What the device read, and what it was not told.
+                        entry.reason = Some(match detail {
+                            Some(d) => format!("{error_message} ({d})"),
+                            None => error_message,
+                        });
                     }
                     Outcome::Disabled => {
                         entry.result = "disabled".into();
@@ -674,7 +679,7 @@ impl Engine {
         request: DeviceRegistration,
         credential: &Credential,
         peer: Option<IpAddr>,
-    ) -> Result<(String, RegistrationRecord), Error> {
+    ) -> Result<(String, RegistrationRecord, Option<String>), Error> {
         let (_permit, id) = self.admit_registration(scope, registration_id)?;
         check_body_id(id.as_str(), &request)?;
         // The enrollment and the previous record in one round trip.
@@ -721,6 +726,7 @@ impl Engine {
             crate::allocation::Assignment {
                 outcome: Outcome::Disabled,
                 twin: previous.as_ref().and_then(|p| p.initial_twin.clone()),
+                detail: None,
             }
         };
         let tpm = match (&matched, &assignment.outcome, &tpm_challenge) {
@@ -770,7 +776,7 @@ impl Engine {
         // Debug, not info: the audit log records every registration already (with more
         // detail); the operator's log keeps what needs attention.
         tracing::debug!(registration_id = %id, operation_id, status = ?wire::status_of(&record.outcome), "registered");
-        Ok((operation_id, record))
+        Ok((operation_id, record, assignment.detail))
     }
 
     /// `GET {scope}/registrations/{id}/operations/{operationId}`.

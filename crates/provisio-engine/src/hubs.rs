@@ -16,6 +16,8 @@ pub const MAX_HUBS: u32 = 50;
 pub struct Hubs {
     store: Arc<dyn Store>,
     cache: Arc<crate::cache::TtlCache<Vec<LinkedHub>>>,
+    /// What registrar URLs may point at.
+    webhooks: crate::addresses::AddressPolicy,
 }
 
 fn resource(name: &str) -> Resource<'_> {
@@ -51,7 +53,15 @@ impl Hubs {
     /// The hubs kept in `store`, cached for `ttl` (every registration reads them).
     #[must_use]
     pub fn with_ttl(store: Arc<dyn Store>, ttl: std::time::Duration) -> Self {
-        Self { store, cache: Arc::new(crate::cache::TtlCache::new(ttl)) }
+        Self { store, cache: Arc::new(crate::cache::TtlCache::new(ttl)), webhooks: Default::default() }
+    }
+
+    /// Refuses registrar URLs that these rules would never call (the call itself checks
+    /// again, after resolving the host).
+    #[must_use]
+    pub fn with_webhook_addresses(mut self, a: crate::addresses::AddressPolicy) -> Self {
+        self.webhooks = a;
+        self
     }
 
     /// Adds the configured hubs that are not linked yet; on the very first start with no
@@ -140,6 +150,9 @@ impl Hubs {
         }
         hub.host_name = name.to_ascii_lowercase();
         validate(&hub)?;
+        if let Some(u) = &hub.registrar_webhook_url {
+            self.webhooks.check_stored(u).map_err(|why| Error::invalid(format!("registrarWebhookUrl {why}.")))?;
+        }
         let exists = self.store.get(Collection::Hubs, &hub.host_name).await.or_internal()?.is_some();
         if !exists && self.list().await?.len() >= MAX_HUBS as usize {
             return Err(Error::invalid(format!("An instance links at most {MAX_HUBS} hubs.")));

@@ -15,6 +15,7 @@
 //!     └────────────Answer────────────┘
 //! ```
 
+pub mod addresses;
 pub mod allocation;
 pub mod audit;
 pub mod bodies;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use provisio_proto::registrar::{HubAuthentication, HubDevice, RegistrarAnswer};
 
-use crate::webhook::{CallError, Failed, WebhookClient};
+use crate::webhook::{Failed, Shown, WebhookClient};
 
 /// What the registrar found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -19,7 +19,9 @@ pub struct RegistrarOutcome {
     pub already_existed: bool,
 }
 
-/// Why the identity could not be created at the hub.
+/// Why the identity could not be created at the hub. Its `Display` is what the device may
+/// read (a status code, or that no usable answer came); [`RegistrarError::detail`] is the
+/// precise reason, for the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrarError {
     /// The hub.
@@ -28,18 +30,23 @@ pub struct RegistrarError {
     pub failure: Failed,
 }
 
+impl RegistrarError {
+    /// The precise reason: the answer's start, the refused address or the connection error.
+    #[must_use]
+    pub fn detail(&self) -> String {
+        format!("hub registrar for {}: {}", self.hub, self.failure)
+    }
+}
+
 impl std::fmt::Display for RegistrarError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hub = &self.hub;
-        match &self.failure.last {
-            CallError::Status { status, .. } => write!(f, "the hub registrar for {hub} answered HTTP {status}")?,
-            CallError::Unreachable(e) => write!(f, "the hub registrar for {hub} could not be reached: {e}")?,
-            other => write!(f, "the hub registrar for {hub} failed: {other}")?,
+        match self.failure.last.shown() {
+            Shown::Status(status) => write!(f, "the hub registrar for {hub} answered HTTP {status}"),
+            Shown::NotJson => write!(f, "the hub registrar for {hub} gave an answer that is not JSON"),
+            Shown::TooLarge => write!(f, "the hub registrar for {hub} gave too large an answer"),
+            Shown::Unreachable => write!(f, "the hub registrar for {hub} could not be reached"),
         }
-        if self.failure.attempts > 1 {
-            write!(f, " (after {} attempts)", self.failure.attempts)?;
-        }
-        Ok(())
     }
 }
 
@@ -84,13 +91,13 @@ impl WebhookRegistrar {
 impl HubRegistrar for WebhookRegistrar {
     async fn register(&self, url: Option<&str>, device: &HubDevice) -> Result<RegistrarOutcome, RegistrarError> {
         let Some(url) = url else { return Ok(RegistrarOutcome::default()) };
-        let (text, _) = self
+        let (answer, _) = self
             .client
             .post(url, device, Duration::from_millis(250))
             .await
             .map_err(|failure| RegistrarError { hub: device.iot_hub_host_name.clone(), failure })?;
         // Any 2xx creates the device; a body that says nothing we know is "did not exist".
-        let answer: RegistrarAnswer = serde_json::from_str(&text).unwrap_or_default();
+        let answer: RegistrarAnswer = serde_json::from_slice(&answer).unwrap_or_default();
         Ok(RegistrarOutcome { already_existed: answer.already_existed })
     }
 }

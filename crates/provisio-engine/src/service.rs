@@ -65,6 +65,8 @@ pub struct ServiceApi {
     refusals: Arc<crate::limits::KeyedWindow>,
     group_cache: Option<Arc<crate::cache::TtlCache<Vec<provisio_core::model::EnrollmentGroup>>>>,
     auth_cache: Option<Arc<crate::cache::AuthCache>>,
+    /// What stored webhook URLs may point at.
+    webhooks: crate::addresses::AddressPolicy,
 }
 
 /// Which API a request is for: each has its own api-versions.
@@ -251,6 +253,26 @@ impl ServiceApi {
             )),
             group_cache: None,
             auth_cache: None,
+            webhooks: crate::addresses::AddressPolicy::default(),
+        }
+    }
+
+    /// Refuses custom allocation webhook URLs that these rules would never call (the call
+    /// itself checks again, after resolving the host).
+    #[must_use]
+    pub fn with_webhook_addresses(mut self, a: crate::addresses::AddressPolicy) -> Self {
+        self.webhooks = a;
+        self
+    }
+
+    /// A clear 400 for a webhook URL that can never be called.
+    fn check_webhook(&self, settings: &provisio_core::model::EnrollmentSettings) -> Result<(), Error> {
+        match &settings.custom_allocation {
+            Some(c) => self
+                .webhooks
+                .check_stored(&c.webhook_url)
+                .map_err(|why| Error::invalid(format!("customAllocationDefinition.webhookUrl {why}."))),
+            None => Ok(()),
         }
     }
 
@@ -411,6 +433,7 @@ impl ServiceApi {
         let existing = existing.as_ref().map(model::enrollment_from_doc).transpose()?;
         let now = timefmt::now();
         let enrollment = model::enrollment_from_wire(&id, body, existing.as_ref(), &now)?;
+        self.check_webhook(&enrollment.settings)?;
         let doc = self
             .store
             .put(Collection::Enrollments, id.key(), &model::to_body(&enrollment)?, precondition(if_match))
@@ -490,6 +513,7 @@ impl ServiceApi {
         let existing = existing.as_ref().map(model::group_from_doc).transpose()?;
         let now = timefmt::now();
         let group = model::group_from_wire(&id, body, existing.as_ref(), &now)?;
+        self.check_webhook(&group.settings)?;
         if let Attestation::X509(X509Attestation::CaReferences(refs)) = &group.attestation {
             for name in refs.iter() {
                 if self.store.get(Collection::Certificates, &name.to_ascii_lowercase()).await.or_internal()?.is_none() {

@@ -43,6 +43,11 @@ pub struct ServerConfig {
     pub webhook_attempts: u32,
     /// Extra CA certificates (PEM) to trust for https webhooks.
     pub webhook_ca_file: Option<PathBuf>,
+    /// Networks (CIDRs such as `10.0.0.0/8`, or single addresses) that custom allocation
+    /// webhooks and hub registrars may reach besides public addresses, over `http` too.
+    /// Loopback, private, link-local and other non-public addresses outside them are never
+    /// called, and public ones only over `https`. Empty by default.
+    pub webhook_allowed_networks: Vec<String>,
     /// What happens at the hub once a device is assigned: `none`, or `webhook` (POST the
     /// identity to the hub's `registrarWebhookUrl`).
     pub hub_registrar: String,
@@ -150,6 +155,7 @@ impl Default for ServerConfig {
             webhook_timeout_secs: 5,
             webhook_attempts: 2,
             webhook_ca_file: None,
+            webhook_allowed_networks: Vec::new(),
             hub_registrar: "none".into(),
             retry_after_secs: 2,
             sas_clock_skew_secs: 30,

@@ -26,6 +26,7 @@ pub use error::ServerError;
 pub use provisio_engine::instance::InstanceInfo;
 use provisio_engine::{
     Engine, EngineSettings,
+    addresses::AddressPolicy,
     allocation::{AllocationSettings, Assigner, RegistrarKind},
     audit::{AuditConfig, AuditLog},
     certificates::Certificates,
@@ -284,7 +285,8 @@ impl Provisio {
             .map_err(|e| ServerError::Config(format!("cannot open the audit log {}: {e}", path.display())))?,
             None => AuditLog::disabled(),
         };
-        let hubs = Hubs::with_ttl(store.clone(), Duration::from_millis(c.cache_ttl_ms));
+        let hubs = Hubs::with_ttl(store.clone(), Duration::from_millis(c.cache_ttl_ms))
+            .with_webhook_addresses(self.allocation.webhooks.addresses.clone());
         let assigner = Assigner::new(hubs.clone(), self.allocation.clone())?;
         let engine = Engine::new(store.clone(), self.instance.scope.clone(), engine_settings(c), assigner)
             .with_audit(audit.clone());
@@ -439,6 +441,7 @@ fn allocation_settings(c: &ServerConfig) -> Result<AllocationSettings, ServerErr
             timeout: Duration::from_secs(c.webhook_timeout_secs.max(1)),
             attempts: c.webhook_attempts,
             extra_ca_pem,
+            addresses: AddressPolicy::parse(&c.webhook_allowed_networks)?,
         },
         registrar: RegistrarKind::parse(&c.hub_registrar)?,
     })

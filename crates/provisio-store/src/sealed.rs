@@ -2,7 +2,8 @@
 //!
 //! [`SealedStore`] wraps any [`Store`]. On the way in it replaces the secret string fields
 //! of a document (symmetric keys of enrollments and groups, policy keys, the CA's and the
-//! server's private keys, the console's session key) with `$sealed:v1:{kid}:{base64(nonce ‖ ciphertext ‖ tag)}`,
+//! server's private keys, the console's session key, and the webhook URLs of enrollments,
+//! groups and hubs, whose query strings hold function keys) with `$sealed:v1:{kid}:{base64(nonce ‖ ciphertext ‖ tag)}`,
 //! AES-256-GCM under the current key with the collection, document id and field name as
 //! associated data, so a sealed value cannot be moved to another document or field. On
 //! the way out it opens them with whichever configured key has that `kid`.
@@ -27,9 +28,22 @@ use crate::{Collection, Document, Operation, Precondition, RegistrationWrite, Re
 
 const PREFIX: &str = "$sealed:v1:";
 
-/// Fields holding secrets, at the top level of a document or inside its `attestation`.
-const SECRET_FIELDS: &[&str] =
-    &["primaryKey", "secondaryKey", "caKeyPem", "keyPem", "challengeKey", "earlierChallenges", "sessionKey"];
+/// Fields holding secrets, at the top level of a document or inside its `attestation`
+/// (a hub's `registrarWebhookUrl` is at its top level).
+const SECRET_FIELDS: &[&str] = &[
+    "primaryKey",
+    "secondaryKey",
+    "caKeyPem",
+    "keyPem",
+    "challengeKey",
+    "earlierChallenges",
+    "sessionKey",
+    "registrarWebhookUrl",
+];
+
+/// The custom allocation webhook of an enrollment or a group: `settings.customAllocation`.
+const WEBHOOK_PATH: [&str; 2] = ["settings", "customAllocation"];
+const WEBHOOK_FIELDS: &[&str] = &["webhookUrl"];
 
 /// Collections whose documents carry secrets.
 const SEALED_COLLECTIONS: &[Collection] = &[
@@ -38,6 +52,7 @@ const SEALED_COLLECTIONS: &[Collection] = &[
     Collection::Policies,
     Collection::Meta,
     Collection::TpmChallenges,
+    Collection::Hubs,
 ];
 
 /// Key problems, reported at start-up before anything is served.
@@ -181,8 +196,8 @@ fn transform(
     // Bodies that are not JSON objects hold no secrets of ours.
     let Ok(Value::Object(mut doc)) = serde_json::from_str::<Value>(body) else { return Ok(None) };
     let mut changed = false;
-    let mut visit = |obj: &mut Map<String, Value>, path: &str| -> Result<()> {
-        for field in SECRET_FIELDS {
+    let mut visit = |obj: &mut Map<String, Value>, path: &str, fields: &[&str]| -> Result<()> {
+        for field in fields {
             if let Some(Value::String(v)) = obj.get_mut(*field) {
                 let aad = format!("{}/{id}/{path}{field}", c.as_str());
                 if let Some(new) = f(v, &aad)? {
@@ -193,9 +208,12 @@ fn transform(
         }
         Ok(())
     };
-    visit(&mut doc, "")?;
+    visit(&mut doc, "", SECRET_FIELDS)?;
     if let Some(Value::Object(att)) = doc.get_mut("attestation") {
-        visit(att, "attestation.")?;
+        visit(att, "attestation.", SECRET_FIELDS)?;
+    }
+    if let Some(Value::Object(def)) = doc.get_mut(WEBHOOK_PATH[0]).and_then(|s| s.get_mut(WEBHOOK_PATH[1])) {
+        visit(def, "settings.customAllocation.", WEBHOOK_FIELDS)?;
     }
     if !changed {
         return Ok(None);
@@ -432,8 +450,38 @@ mod tests {
     async fn collections_without_secrets_pass_through() {
         let (_dir, raw) = raw_store().await;
         let s = sealed(&raw, Some(K1), &[]);
-        s.put(Collection::Hubs, "h", DOC, Precondition::Any).await.unwrap();
-        assert_eq!(raw.get(Collection::Hubs, "h").await.unwrap().unwrap().body, DOC);
+        s.put(Collection::Certificates, "c", DOC, Precondition::Any).await.unwrap();
+        assert_eq!(raw.get(Collection::Certificates, "c").await.unwrap().unwrap().body, DOC);
+    }
+
+    #[tokio::test]
+    async fn webhook_urls_are_sealed_and_plain_ones_still_read() {
+        let (_dir, raw) = raw_store().await;
+        let s = sealed(&raw, Some(K1), &[]);
+        let enrollment = r#"{"registrationId":"d","attestation":{"type":"symmetricKey"},"settings":{"enabled":true,"customAllocation":{"webhookUrl":"https://f.example.net/api/alloc?code=function-key-1","apiVersion":"2021-10-01"}}}"#;
+        let hub = r#"{"hostName":"h.example.net","allocationWeight":1,"applyAllocationPolicy":true,"registrarWebhookUrl":"https://f.example.net/api/reg?code=function-key-2"}"#;
+        for (c, id, doc, secret) in [
+            (Collection::Enrollments, "d", enrollment, "function-key-1"),
+            (Collection::EnrollmentGroups, "g", enrollment, "function-key-1"),
+            (Collection::Hubs, "h.example.net", hub, "function-key-2"),
+        ] {
+            s.put(c, id, doc, Precondition::Any).await.unwrap();
+            let stored = raw.get(c, id).await.unwrap().unwrap().body;
+            assert!(!stored.contains(secret) && !stored.contains("f.example.net"), "{stored}");
+            assert!(stored.contains("h.example.net") || c != Collection::Hubs, "only the URL is sealed: {stored}");
+            for got in [s.get(c, id).await.unwrap().unwrap().body, s.list(c, None, 10).await.unwrap()[0].body.clone()] {
+                assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), serde_json::from_str::<Value>(doc).unwrap());
+            }
+            // Stored in plain before encryption was switched on: still read, sealed by a reseal.
+            raw.put(c, id, doc, Precondition::Any).await.unwrap();
+            assert!(s.get(c, id).await.unwrap().unwrap().body.contains(secret));
+        }
+        assert_eq!(s.reseal_all().await.unwrap(), 3);
+        for (c, id) in
+            [(Collection::Enrollments, "d"), (Collection::EnrollmentGroups, "g"), (Collection::Hubs, "h.example.net")]
+        {
+            assert!(!raw.get(c, id).await.unwrap().unwrap().body.contains("function-key"), "{id} resealed");
+        }
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ const ENV_KEYS: &[&str] = &[
     "webhook_timeout_secs",
     "webhook_attempts",
     "webhook_ca_file",
+    "webhook_allowed_networks",
     "hub_registrar",
     "retry_after_secs",
     "sas_clock_skew_secs",
@@ -247,6 +248,23 @@ mod tests {
             args.amqp_listen = Some("127.0.0.1:5673".into());
             let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
             assert_eq!(c.amqp_listen, "127.0.0.1:5673");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn webhook_allowed_networks_from_file_and_env() {
+        figment::Jail::expect_with(|jail| {
+            let (c, _) = load_serve(&ServeArgs::default()).map_err(|e| e.to_string())?;
+            assert!(c.webhook_allowed_networks.is_empty(), "nothing is allowed by default");
+            jail.create_file("p.toml", "webhook_allowed_networks = [\"127.0.0.0/8\"]")?;
+            let mut args = ServeArgs::default();
+            args.common.config = Some("p.toml".into());
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.webhook_allowed_networks, ["127.0.0.0/8"]);
+            jail.set_env("PROVISIO_WEBHOOK_ALLOWED_NETWORKS", "[\"10.0.0.0/8\", \"fd00::/8\"]");
+            let (c, _) = load_serve(&args).map_err(|e| e.to_string())?;
+            assert_eq!(c.webhook_allowed_networks, ["10.0.0.0/8", "fd00::/8"]);
             Ok(())
         });
     }

@@ -262,7 +262,8 @@ async fn a_tpm_device_registers_with_curl_and_its_tpm() {
     let (ek, srk) = tpm.keys();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("provisio.toml");
-    std::fs::write(&cfg, "hub_registrar = \"webhook\"\n").unwrap();
+    // The registrar endpoint runs on loopback, which the server calls only when allowed.
+    std::fs::write(&cfg, "hub_registrar = \"webhook\"\nwebhook_allowed_networks = [\"127.0.0.0/8\"]\n").unwrap();
     let s = Server::start(
         tmp.path(),
         "127.0.0.1:0",

@@ -56,6 +56,16 @@ async fn start_http(seen: Seen) -> String {
     format!("http://{addr}")
 }
 
+/// The last audit line of `id`'s registration attempts.
+fn audit_line(s: &Server, id: &str) -> Value {
+    let log = std::fs::read_to_string(s.data_dir.join("audit.jsonl")).unwrap();
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["registrationId"] == id)
+        .unwrap_or_else(|| panic!("no audit line for {id}"))
+}
+
 fn register(s: &Server, id: &str, key: &str, body: &str) -> Value {
     let scope = &s.info.id_scope;
     let token = provisio_core::sas::build_token(
@@ -86,6 +96,9 @@ fn register(s: &Server, id: &str, key: &str, body: &str) -> Value {
     v
 }
 
+/// The webhooks of these tests run on loopback, which the server calls only when allowed.
+const LOOPBACK_ALLOWED: &str = "webhook_allowed_networks = [\"127.0.0.0/8\"]\n";
+
 fn hubs_cfg(dir: &std::path::Path, extra: &str) -> String {
     let p = dir.join("provisio.toml");
     std::fs::write(&p, format!("linked_hubs = [\"hub-a.example.net\", \"hub-b.example.net\"]\n{extra}")).unwrap();
@@ -97,7 +110,7 @@ async fn custom_allocation_webhook() {
     let seen: Seen = Arc::default();
     let base = start_http(seen.clone()).await;
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = hubs_cfg(tmp.path(), "webhook_timeout_secs = 1\nwebhook_attempts = 2\n");
+    let cfg = hubs_cfg(tmp.path(), &format!("webhook_timeout_secs = 1\nwebhook_attempts = 2\n{LOOPBACK_ALLOWED}"));
     let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
     let v = "api-version=2021-10-01";
 
@@ -153,7 +166,8 @@ async fn custom_allocation_webhook() {
     assert_eq!(req["deviceRuntimeContext"]["currentDeviceId"], "wh-dev-1");
     assert!(req["deviceRuntimeContext"].get("payload").is_none());
 
-    // Failures, through a group: each is `failed` / 400207 with a message naming the cause.
+    // Failures, through a group: each is `failed` / 400207; the device reads the status
+    // code at most, the audit log the precise cause.
     let (st, g) = service(
         &s,
         Method::PUT,
@@ -167,20 +181,25 @@ async fn custom_allocation_webhook() {
     .await;
     assert_eq!(st, 200);
     let gk = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
-    for (id, cause) in [
-        ("wh-slow", "timed out"),
-        ("wh-500", "Custom allocation failed with status code: 500"),
-        ("wh-badjson", "not valid JSON"),
-        ("wh-unknown", "not one of the linked hubs"),
-        ("wh-nohub", "no iotHubHostName"),
+    for (id, shown, audited) in [
+        ("wh-slow", "Custom allocation failed: the webhook could not be reached.", "timed out"),
+        ("wh-500", "Custom allocation failed with status code: 500", "database on fire"),
+        ("wh-badjson", "Custom allocation failed: the webhook's answer is not valid JSON.", "{not json"),
+        ("wh-unknown", "not one of the linked hubs", "evil.example.net"),
+        ("wh-nohub", "no iotHubHostName", "no iotHubHostName"),
     ] {
         let dk = provisio_core::keys::derive_device_key(&gk, id).unwrap();
         let r = register(&s, id, &dk, "{}");
         assert_eq!(r["status"], "failed", "{id}: {r}");
         assert_eq!(r["registrationState"]["errorCode"], 400_207, "{id}: {r}");
         let msg = r["registrationState"]["errorMessage"].as_str().unwrap();
-        assert!(msg.contains(cause), "{id}: '{msg}' lacks '{cause}'");
-        assert!(!msg.contains("secret-function-key"));
+        assert!(msg.contains(shown), "{id}: '{msg}' lacks '{shown}'");
+        if shown != audited {
+            assert!(!msg.contains(audited), "{id}: the device reads '{msg}'");
+        }
+        let line = audit_line(&s, id);
+        assert!(line["reason"].as_str().unwrap().contains(audited), "{id}: {line}");
+        assert!(!line.to_string().contains("secret-function-key"));
     }
     // A 500 is retried (2 attempts), a timeout too; the group device saw enrollmentGroup.
     let n500 = seen.lock().unwrap().iter().filter(|r| r["deviceRuntimeContext"]["registrationId"] == "wh-500").count();
@@ -195,7 +214,7 @@ async fn reprovision_policies_across_a_hub_change_and_the_hub_registrar() {
     let seen: Seen = Arc::default();
     let base = start_http(seen.clone()).await;
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = hubs_cfg(tmp.path(), "hub_registrar = \"webhook\"\nwebhook_attempts = 2\n");
+    let cfg = hubs_cfg(tmp.path(), &format!("hub_registrar = \"webhook\"\nwebhook_attempts = 2\n{LOOPBACK_ALLOWED}"));
     let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
     let v = "api-version=2021-10-01";
     // Hub B's identities go to the registrar endpoint.
@@ -303,7 +322,9 @@ async fn reprovision_policies_across_a_hub_change_and_the_hub_registrar() {
     let r = register(&s, "rp-broken", e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
     assert_eq!(r["status"], "failed");
     assert_eq!(r["registrationState"]["errorCode"], 400_209);
-    assert!(r["registrationState"]["errorMessage"].as_str().unwrap().contains("HTTP 503"), "{r}");
+    let msg = r["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("HTTP 503") && !msg.contains("hub down"), "{r}");
+    assert!(audit_line(&s, "rp-broken")["reason"].as_str().unwrap().contains("hub down"));
     // Disabling works as in DPS: `disabled`, hub untouched.
     let mut off = put("rp-reset", "hub-b.example.net", None);
     off["provisioningStatus"] = json!("disabled");
@@ -383,7 +404,8 @@ async fn concurrent_operation_limit_answers_429() {
     let seen: Seen = Arc::default();
     let base = start_http(seen.clone()).await;
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = hubs_cfg(tmp.path(), "webhook_timeout_secs = 10\nmax_concurrent_operations = 1\n");
+    let cfg =
+        hubs_cfg(tmp.path(), &format!("webhook_timeout_secs = 10\nmax_concurrent_operations = 1\n{LOOPBACK_ALLOWED}"));
     let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
     let v = "api-version=2021-10-01";
     let (st, g) = service(
@@ -436,4 +458,168 @@ async fn concurrent_operation_limit_answers_429() {
     assert_eq!(st, 202, "{body}");
     let (st, _, body) = put("busy-dev").await;
     assert_eq!(st, 202, "after the slow one finished: {body}");
+}
+
+/// A listener on loopback that nothing accepts from: once a call has returned, its queue
+/// shows whether anyone connected (the kernel completes a connection before any accept).
+fn quiet_listener() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+fn nobody_connected(l: &std::net::TcpListener) -> bool {
+    matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Issue #24, finding 2: without `webhook_allowed_networks` a webhook or registrar URL on
+/// loopback is refused when stored (literal addresses) and when called (names, after they
+/// resolve); nothing reaches the endpoint, and the device reads one message whatever was
+/// there: a closed port, a webhook answering 500 with a body, a port that never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_loopback_are_refused_without_the_allow_list_and_devices_cannot_tell_ports_apart() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (quiet, quiet_port) = quiet_listener();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = hubs_cfg(tmp.path(), "hub_registrar = \"webhook\"\nwebhook_timeout_secs = 1\nwebhook_attempts = 1\n");
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+    let custom = |id: &str, url: &str| {
+        json!({
+            "registrationId": id, "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"},
+        })
+    };
+
+    // Literal addresses are refused when stored, in any spelling.
+    for url in [
+        format!("{base}/alloc"),
+        format!("http://[::ffff:127.0.0.1]:{port}/alloc"),
+        "https://169.254.169.254/metadata/instance".to_owned(),
+        "https://10.0.0.1/alloc".to_owned(),
+    ] {
+        let (st, b) = service(&s, Method::PUT, &format!("/enrollments/lit?{v}"), None, Some(custom("lit", &url))).await;
+        crate::common::assert_dps_error(st, &b, 400, 400_004);
+        assert!(b["message"].as_str().unwrap().contains("webhook_allowed_networks"), "{url}: {b}");
+    }
+    let (st, b) = service(
+        &s,
+        Method::PUT,
+        &format!("/linkedHubs/hub-b.example.net?{v}"),
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": format!("{base}/registrar")})),
+    )
+    .await;
+    crate::common::assert_dps_error(st, &b, 400, 400_004);
+
+    // Names are resolved when called, and loopback refused: a closed port, the webhook that
+    // answers 500 with a body, and a port that would never answer.
+    let mut messages = std::collections::BTreeSet::new();
+    for (id, url) in [
+        ("lo-closed", format!("http://localhost:{closed}/alloc")),
+        ("wh-500", format!("http://localhost:{port}/alloc")),
+        ("lo-quiet", format!("https://localhost:{quiet_port}/alloc")),
+    ] {
+        let (st, e) = service(&s, Method::PUT, &format!("/enrollments/{id}?{v}"), None, Some(custom(id, &url))).await;
+        assert_eq!(st, 200, "{e}");
+        let r = register(&s, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
+        assert_eq!(r["status"], "failed", "{id}: {r}");
+        assert_eq!(r["registrationState"]["errorCode"], 400_207, "{id}: {r}");
+        messages.insert(r["registrationState"]["errorMessage"].as_str().unwrap().to_owned());
+        let line = audit_line(&s, id);
+        assert!(line["reason"].as_str().unwrap().contains("localhost resolves to"), "{id}: {line}");
+    }
+    assert_eq!(
+        messages.into_iter().collect::<Vec<_>>(),
+        ["Custom allocation failed: the webhook could not be reached."]
+    );
+    assert!(seen.lock().unwrap().is_empty(), "a request reached the webhook");
+    assert!(nobody_connected(&quiet), "the server connected to a refused address");
+
+    // The hub registrar: the same rules.
+    let (st, h) = service(
+        &s,
+        Method::PUT,
+        &format!("/linkedHubs/hub-b.example.net?{v}"),
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": format!("http://localhost:{port}/registrar")})),
+    )
+    .await;
+    assert_eq!(st, 200, "{h}");
+    let (_, e) = service(
+        &s,
+        Method::PUT,
+        &format!("/enrollments/lo-reg?{v}"),
+        None,
+        Some(json!({"registrationId": "lo-reg", "attestation": {"type": "symmetricKey"},
+                    "allocationPolicy": "static", "iotHubs": ["hub-b.example.net"]})),
+    )
+    .await;
+    let r = register(&s, "lo-reg", e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap(), "{}");
+    assert_eq!(r["registrationState"]["errorCode"], 400_209, "{r}");
+    assert_eq!(
+        r["registrationState"]["errorMessage"],
+        "Creating the device at hub-b.example.net failed: the hub registrar for hub-b.example.net could not be reached"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "a request reached the registrar");
+}
+
+/// Issue #24, finding 11: webhook and registrar URLs (they hold function keys) are sealed
+/// at rest when `encryption_key` is set, and still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_urls_are_sealed_at_rest_and_still_called() {
+    let seen: Seen = Arc::default();
+    let base = start_http(seen.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+    let cfg =
+        hubs_cfg(tmp.path(), &format!("hub_registrar = \"webhook\"\nencryption_key = \"{key}\"\n{LOOPBACK_ALLOWED}"));
+    let data = tmp.path().join("server");
+    let mut s = Server::start(&data, "127.0.0.1:0", &["--config", &cfg]);
+    let v = "api-version=2021-10-01";
+    let (st, h) = service(
+        &s,
+        Method::PUT,
+        &format!("/linkedHubs/hub-b.example.net?{v}"),
+        None,
+        Some(json!({"allocationWeight": 1, "registrarWebhookUrl": format!("{base}/registrar?code=registrar-function-key")})),
+    )
+    .await;
+    assert_eq!(st, 200, "{h}");
+    let (mut dev_key, mut group_key) = (String::new(), String::new());
+    for (group, id) in [(false, "sealed-wh"), (true, "sealed-wh-group")] {
+        let (path, id_field) =
+            if group { ("enrollmentGroups", "enrollmentGroupId") } else { ("enrollments", "registrationId") };
+        let (st, e) = service(&s, Method::PUT, &format!("/{path}/{id}?{v}"), None, Some(json!({
+            id_field: id, "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": format!("{base}/alloc?code=allocation-function-key"), "apiVersion": "2021-10-01"},
+        }))).await;
+        assert_eq!(st, 200, "{e}");
+        // The service API shows them as written: sealing is at rest only.
+        assert!(e["customAllocationDefinition"]["webhookUrl"].as_str().unwrap().ends_with("allocation-function-key"));
+        e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().clone_into(if group {
+            &mut group_key
+        } else {
+            &mut dev_key
+        });
+    }
+    let group_dev_key = provisio_core::keys::derive_device_key(&group_key, "sealed-wh-dev").unwrap();
+    for (id, key) in [("sealed-wh", dev_key.as_str()), ("sealed-wh-dev", group_dev_key.as_str())] {
+        let r = register(&s, id, key, "{}");
+        assert_eq!(r["status"], "assigned", "{id}: {r}");
+        assert_eq!(r["registrationState"]["assignedHub"], "hub-b.example.net");
+        let calls = seen.lock().unwrap().clone();
+        assert!(calls.iter().any(|c| c["deviceRuntimeContext"]["registrationId"] == id), "{id}: webhook not called");
+        assert!(calls.iter().any(|c| c["registrationId"] == id), "{id}: registrar not called");
+    }
+    s.stop();
+    let db = crate::hardening::data_dir_bytes(&data);
+    assert!(crate::hardening::contains(&db, "$sealed:v1:"), "nothing was sealed");
+    for secret in ["allocation-function-key", "registrar-function-key"] {
+        assert!(!crate::hardening::contains(&db, secret), "{secret} is stored in plain");
+    }
 }

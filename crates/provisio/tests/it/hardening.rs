@@ -36,7 +36,7 @@ async fn register(s: &impl Instance, scope: &str, id: &str, token: &str) -> (u16
 }
 
 /// Every file of the data directory, as bytes (database, WAL, everything).
-fn data_dir_bytes(dir: &Path) -> Vec<u8> {
+pub(crate) fn data_dir_bytes(dir: &Path) -> Vec<u8> {
     let mut all = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -47,7 +47,7 @@ fn data_dir_bytes(dir: &Path) -> Vec<u8> {
     all
 }
 
-fn contains(hay: &[u8], needle: &str) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
