@@ -136,8 +136,7 @@ pub async fn reseal(config: &ServerConfig) -> Result<u64, ServerError> {
 }
 
 async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>, ServerError> {
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
+    create_private_dir(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
     match config.database.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -149,6 +148,10 @@ async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
         ))),
         None => {
             let db = config.data_dir.join(DATABASE_FILE);
+            // Created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
+            // database's mode): no moment in which the keys are readable by others.
+            create_private_file(&db)
+                .map_err(|e| ServerError::Config(format!("cannot create the database {}: {e}", db.display())))?;
             let store = SqliteStore::open(&db).await?;
             if by == Use::Serve && store.is_locked_elsewhere() {
                 store.close().await;
@@ -164,6 +167,25 @@ async fn open_raw_store(config: &ServerConfig, by: Use) -> Result<Arc<dyn Store>
             Ok(Arc::new(store))
         }
     }
+}
+
+/// Creates `dir` (and its parents) if needed; a directory created here is 0700 from the
+/// start.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Creates `path` empty with mode 0600 unless it exists (an existing file is left as it is).
+fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path).map(drop)
 }
 
 /// The database holds keys: only the service's user may read it (0600, directory 0700).
@@ -194,6 +216,13 @@ impl Provisio {
         let allocation = allocation_settings(&config)?;
         let instance_settings = instance_settings(&config)?;
         let store = open_store_for(&config, Use::Serve).await?;
+        if config.encryption_key.is_none() {
+            tracing::warn!(
+                "no encryption_key is set: keys, policy keys and webhook URLs are stored in plain in the database \
+                 (set encryption_key to a base64 of 32 random bytes, e.g. `openssl rand -base64 32`, then run \
+                 `provisio rekey`)"
+            );
+        }
         let instance = instance::load_or_init(store.as_ref(), &instance_settings).await?;
         let hubs = Hubs::new(store.clone());
         hubs.seed(&config.linked_hubs, &instance::default_hub_name(instance.scope.as_str())).await?;
@@ -531,4 +560,28 @@ async fn flush_stats(engine: Engine) {
 pub mod fuzzing {
     pub use crate::amqp::link::{tpm_sasl_init, tpm_sasl_segments};
     pub use crate::mqtt::session::drive_with_bytes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 11 of issue #24: the database was created with the umask's mode and restricted
+    /// afterwards; now it is private from the moment it exists.
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_and_database_are_private_from_their_creation() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        create_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let db = dir.join("provisio.db");
+        create_private_file(&db).unwrap();
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+        // An existing file keeps its content.
+        std::fs::write(&db, b"data").unwrap();
+        create_private_file(&db).unwrap();
+        assert_eq!(std::fs::read(&db).unwrap(), b"data");
+    }
 }

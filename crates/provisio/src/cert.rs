@@ -134,13 +134,23 @@ fn load_issuer(a: &IssuerArgs, out_dir: &Path) -> Result<Issuer> {
 
 /// Writes one file; `emit` has already refused to overwrite without --force.
 fn write(path: &Path, content: &str, secret: bool) -> Result<()> {
-    std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
+    use std::io::Write as _;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    // A key file is 0600 from its creation, not restricted after its key is in it.
     #[cfg(unix)]
     if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        // A file that existed (overwritten with --force) keeps its mode unless told.
+        if path.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
     }
     let _ = secret;
+    o.open(path)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }

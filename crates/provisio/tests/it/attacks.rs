@@ -349,3 +349,15 @@ fn the_owners_key_is_printed_only_when_the_instance_is_created() {
     let info = run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["info", "--data-dir"]).arg(&data));
     assert!(info.contains(&key), "{info}");
 }
+
+/// Finding 11: a server without `encryption_key` stored every key in plain without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_an_encryption_key_says_so_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = Server::start(&tmp.path().join("plain"), "127.0.0.1:0", &[]);
+    crate::common::logged(&plain, "no encryption_key is set").await;
+    let cfg = config(tmp.path(), "encryption_key = \"q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\"\n");
+    let sealed = Server::start(&tmp.path().join("sealed"), "127.0.0.1:0", &["--config", &cfg]);
+    assert_eq!(sealed.client().get(sealed.url("/health")).send().await.unwrap().status(), 200);
+    assert!(!sealed.log_text().contains("no encryption_key is set"), "{}", sealed.log_text());
+}
