@@ -53,6 +53,20 @@ fn register_with_cert(s: &impl Instance, id: &str, cert: &Path, key: &Path, n: u
         .collect()
 }
 
+/// Enrolls `id` with a symmetric key and returns a SAS token of the device.
+async fn enrolled_token(s: &impl Instance, id: &str) -> String {
+    let e = put_enrollment(s, false, id, json!({"registrationId": id, "attestation": {"type": "symmetricKey"}})).await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
+    provisio_core::sas::build_token(
+        &format!("{}/registrations/{id}", s.info().id_scope),
+        key,
+        crate::common::now() + 600,
+        Some("registration"),
+        provisio_core::sas::SrEncoding::Raw,
+    )
+    .unwrap()
+}
+
 /// Writes a device certificate followed by `extra` CA certificates, and its key.
 fn write_chain(dir: &Path, name: &str, leaf: &provisio_pki::CertAndKey, extra: &[String]) -> (String, String) {
     let cert = dir.join(format!("{name}_chain.pem"));
@@ -149,22 +163,7 @@ async fn refused_chains_are_limited_per_connection_and_per_address() {
         ]
     );
     // Another client's SAS registration is not affected.
-    let e = put_enrollment(
-        &s,
-        false,
-        "sas-dev",
-        json!({"registrationId": "sas-dev", "attestation": {"type": "symmetricKey"}}),
-    )
-    .await;
-    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
-    let token = provisio_core::sas::build_token(
-        &format!("{}/registrations/sas-dev", s.info().id_scope),
-        key,
-        crate::common::now() + 600,
-        Some("registration"),
-        provisio_core::sas::SrEncoding::Raw,
-    )
-    .unwrap();
+    let token = enrolled_token(&s, "sas-dev").await;
     let r = s
         .client()
         .put(s.url(&format!("/{}/registrations/sas-dev/register?api-version=2021-06-01", s.info().id_scope)))
@@ -253,22 +252,7 @@ async fn polls_without_the_devices_credential_do_not_use_up_its_polls() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &[]);
     let scope = s.info().id_scope.clone();
-    let e = put_enrollment(
-        &s,
-        false,
-        "polled-dev",
-        json!({"registrationId": "polled-dev", "attestation": {"type": "symmetricKey"}}),
-    )
-    .await;
-    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
-    let token = provisio_core::sas::build_token(
-        &format!("{scope}/registrations/polled-dev"),
-        key,
-        crate::common::now() + 600,
-        Some("registration"),
-        provisio_core::sas::SrEncoding::Raw,
-    )
-    .unwrap();
+    let token = enrolled_token(&s, "polled-dev").await;
     let base = format!("/{scope}/registrations/polled-dev");
     let r = s
         .client()
