@@ -27,7 +27,7 @@ pub use provisio_engine::instance::InstanceInfo;
 use provisio_engine::{
     Engine, EngineSettings,
     allocation::{AllocationSettings, Assigner, RegistrarKind},
-    audit::{AuditConfig, AuditLog},
+    audit::{AuditConfig, AuditLog, RefusalLimits},
     certificates::Certificates,
     hubs::Hubs,
     instance::{self, InstanceSettings},
@@ -273,6 +273,7 @@ impl Provisio {
                 path: path.clone(),
                 max_bytes: c.audit_log_max_mb.saturating_mul(1024 * 1024).max(4096),
                 keep: c.audit_log_keep,
+                refusals: RefusalLimits::default(),
             })
             .await
             .map_err(|e| ServerError::Config(format!("cannot open the audit log {}: {e}", path.display())))?,
