@@ -260,6 +260,66 @@ async fn audit_log_records_every_attempt_and_change() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_passes_on_an_intact_log_and_names_the_first_edited_or_removed_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let e = put_enrollment(
+        &s,
+        false,
+        "chained",
+        json!({"registrationId": "chained", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for token in [device_token(&scope, "chained", &key), device_token(&scope, "chained", K1)] {
+        register(&s, &scope, "chained", &token).await;
+    }
+    let (st, _) = service(&s, reqwest::Method::DELETE, "/enrollments/chained?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 204);
+    assert!(s.terminate().success());
+    let verify = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify"]).args(args).output().unwrap()
+    };
+    // The configured log, found from the data directory.
+    let data_dir = tmp.path().to_str().unwrap();
+    let ok = verify(&["--data-dir", data_dir]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.starts_with("ok: 4 line(s) in 1 file(s) chained from the log's first line; head "), "{out}");
+    let log = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l.starts_with("{\"prev\":\"")), "{log}");
+    // The refused attempt made to look like a success.
+    assert!(lines[2].contains("\"refused\""), "{}", lines[2]);
+    let edited = tmp.path().join("edited.jsonl");
+    let mut copy: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    copy[2] = copy[2].replace("\"refused\"", "\"assigned\"");
+    std::fs::write(&edited, copy.join("\n") + "\n").unwrap();
+    let broken = verify(&[edited.to_str().unwrap()]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(err.contains(&format!("{}:4:", edited.display())), "{err}");
+    // The refused attempt removed.
+    let removed = tmp.path().join("removed.jsonl");
+    let mut copy: Vec<&str> = lines.clone();
+    copy.remove(2);
+    std::fs::write(&removed, copy.join("\n") + "\n").unwrap();
+    let broken = verify(&[removed.to_str().unwrap()]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(err.contains(&format!("{}:3:", removed.display())), "{err}");
+    // A restart carries the chain on.
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
+    register(&s, &scope, "chained", &device_token(&scope, "chained", K2)).await;
+    assert!(s.terminate().success());
+    let ok = verify(&["--data-dir", data_dir]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 line(s)"));
+}
+
 /// What a load worker saw.
 enum Seen {
     /// A `202` with this operation: from this moment the registration must survive.
@@ -415,4 +475,8 @@ async fn repeated_kill_9_under_load_loses_no_acknowledged_registration() {
     for (id, (op, _)) in &acknowledged {
         assert!(audited.contains(op), "the acknowledged registration of {id} ({op}) is not in the audit log");
     }
+    // Its hash chain too: each restart carried it on from the last line written.
+    let verified =
+        run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify", "--data-dir"]).arg(tmp.path()));
+    assert!(verified.starts_with("ok: ") && verified.contains("from the log's first line"), "{verified}");
 }
