@@ -151,14 +151,14 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer, peer_ip };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
-    let change = is_service_change(&req);
-    let key_name = if change { key_name(&req) } else { None };
+    let audited = is_service_change(&req) || returns_secrets(&req);
+    let key_name = if audited { key_name(&req) } else { None };
     let peer_ip = req.peer_ip;
     let mut reason = None;
     let resp = match tokio::time::timeout(state.request_timeout, route(&state, req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            if change {
+            if audited {
                 reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
             }
             response::error(&e)
@@ -167,7 +167,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     };
     let status = resp.status().as_u16();
     tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis(), "request");
-    if change {
+    if audited {
         let mut e = Entry::new(Kind::Service, format!("{method} {path}"));
         e.peer = peer_ip;
         e.credential = key_name;
@@ -219,6 +219,19 @@ fn is_service_change(req: &Req) -> bool {
     SERVICE.iter().any(|s| is(first, s))
         && !matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS)
         && !(req.method == Method::POST && read_only_post)
+}
+
+/// Whether a service request reads secrets: an enrollment's or group's keys
+/// (`attestationmechanism`), or shared access policies with their keys. Those reads are
+/// audited like changes.
+fn returns_secrets(req: &Req) -> bool {
+    match req.segments.as_slice() {
+        [c, _, a] if is(c, "enrollments") || is(c, "enrollmentgroups") => {
+            is(a, "attestationmechanism") && req.method == Method::POST
+        }
+        [p] | [p, _] if is(p, "policies") => req.method == Method::GET,
+        _ => false,
+    }
 }
 
 /// The policy a service request claims to act as (`skn` of its SAS token); never more of

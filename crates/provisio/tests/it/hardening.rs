@@ -260,6 +260,17 @@ async fn audit_log_records_every_attempt_and_change() {
     }
 }
 
+/// `provisio audit` with `args` against the log in `dir`: its JSON lines.
+fn audit_json(dir: &Path, args: &[&str]) -> Vec<Value> {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .arg("audit")
+        .args(args)
+        .arg("--json")
+        .arg("--data-dir")
+        .arg(dir));
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_passes_on_an_intact_log_and_names_the_first_edited_or_removed_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -318,6 +329,45 @@ async fn audit_verify_passes_on_an_intact_log_and_names_the_first_edited_or_remo
     let ok = verify(&["--data-dir", data_dir]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 line(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_reads_that_return_secrets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &["--mqtt-listen", "off", "--amqp-listen", "off"]);
+    put_enrollment(&s, false, "keyed", json!({"registrationId": "keyed", "attestation": {"type": "symmetricKey"}}))
+        .await;
+    put_enrollment(
+        &s,
+        true,
+        "keyed-group",
+        json!({"enrollmentGroupId": "keyed-group", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let reads = [
+        (reqwest::Method::POST, "/enrollments/keyed/attestationmechanism"),
+        (reqwest::Method::POST, "/enrollmentGroups/keyed-group/attestationmechanism"),
+        (reqwest::Method::GET, "/policies"),
+        (reqwest::Method::GET, "/policies/provisioningserviceowner"),
+    ];
+    for (method, path) in &reads {
+        let (st, v) = service(&s, method.clone(), &format!("{path}?api-version=2021-10-01"), None, None).await;
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    // Reads without secrets are not audited.
+    let (st, _) = service(&s, reqwest::Method::GET, "/enrollments/keyed?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 200);
+    assert!(s.terminate().success());
+    let lines = audit_json(tmp.path(), &["--kind", "service"]);
+    let actions: Vec<String> =
+        lines.iter().map(|l| format!("{} as {}: {}", l["action"], l["credential"], l["status"])).collect();
+    let want: Vec<String> = ["PUT /enrollments/keyed".to_owned(), "PUT /enrollmentGroups/keyed-group".to_owned()]
+        .into_iter()
+        .chain(reads.iter().map(|(method, path)| format!("{method} {path}")))
+        .map(|a| format!("\"{a}\" as \"provisioningserviceowner\": 200"))
+        .collect();
+    assert_eq!(actions, want);
+    assert!(lines.iter().all(|l| l["peer"] == "127.0.0.1" && l["result"] == "ok"));
 }
 
 /// What a load worker saw.
