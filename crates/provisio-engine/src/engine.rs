@@ -541,7 +541,7 @@ impl Engine {
         let mut entry = attempt(origin, registration_id, credential.kind());
         self.stats.record(crate::stats::Result::Refused);
         let e = refused(&mut entry, e);
-        self.audit.record(&entry).await;
+        self.audit.record_attempt(&entry).await;
         e
     }
 
@@ -596,7 +596,7 @@ impl Engine {
             }
             Err(e) => Err(refused(&mut entry, e)),
         };
-        self.audit.record(&entry).await;
+        self.audit.record_attempt(&entry).await;
         result
     }
 
@@ -768,7 +768,7 @@ impl Engine {
 /// The audit entry of a registration attempt by `registration_id` from `origin`.
 pub(crate) fn attempt(origin: &Origin, registration_id: &str, credential: &str) -> crate::audit::Entry {
     let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
-    entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+    entry.registration_id = Some(crate::audit::bounded(registration_id, crate::audit::MAX_ID_CHARS));
     entry.transport = Some(origin.transport.as_str().to_owned());
     entry.peer = origin.peer;
     entry.credential = Some(credential.to_owned());
@@ -781,7 +781,10 @@ pub(crate) fn refused(entry: &mut crate::audit::Entry, e: Error) -> Error {
     entry.result = "refused".into();
     entry.status = e.status();
     entry.error_code = Some(e.code());
-    entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+    entry.reason = Some(crate::audit::bounded(
+        &e.detail().map_or_else(|| e.to_string(), str::to_owned),
+        crate::audit::MAX_REASON_CHARS,
+    ));
     entry.tracking_id = Some(tracking_id);
     e
 }
@@ -958,6 +961,88 @@ mod tests {
         assert_eq!(kept.len(), 3, "{kept:?}");
         // The newest stays (within a second, the greater ids do).
         assert!(kept.contains(&"stranger-11".to_owned()), "{kept:?}");
+    }
+
+    /// A device certificate with this CN under `root`, as the chain a device presents.
+    fn device_chain(cn: &str, root: &provisio_pki::CertAndKey) -> Vec<Vec<u8>> {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let cert = issue(Role::Device, cn, Some(root), KeyKind::EcdsaP256, 1).unwrap();
+        provisio_pki::x509::decode_pem_chain(&cert.cert_pem).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refused_attempts_write_bounded_lines_and_a_flood_from_one_address_is_summed_up() {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let (engine, api, _) = setup(&["hub1.example.net"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = crate::audit::AuditLog::open(crate::audit::AuditConfig {
+            path: path.clone(),
+            max_bytes: u64::MAX,
+            keep: 1,
+            refusals: crate::audit::RefusalLimits::per_minute(10),
+        })
+        .await
+        .unwrap();
+        let engine = engine.with_audit(log.clone());
+        // Fifteen X.509 groups: a refused chain's reason names each one.
+        for i in 0..15 {
+            let root = issue(Role::Root, &format!("group-root-{i:02}"), None, KeyKind::EcdsaP256, 1).unwrap();
+            let g: provisio_proto::service::EnrollmentGroup = serde_json::from_value(json!({
+                "enrollmentGroupId": format!("x509-group-{i:02}"),
+                "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root.cert_pem}}}},
+            }))
+            .unwrap();
+            api.put_group(&format!("x509-group-{i:02}"), g, None).await.unwrap();
+        }
+        let attacker = Origin::new(crate::device::Transport::Https, Some("192.0.2.7".parse().unwrap()));
+        let send = async |origin: Origin, id: &str, credential: &Credential| {
+            engine
+                .device(crate::DeviceRequest {
+                    origin,
+                    scope: SCOPE,
+                    registration_id: id,
+                    api_version: Some("2021-06-01"),
+                    operation: crate::DeviceOperation::Register { body: b"{}" },
+                    credential,
+                })
+                .await
+        };
+        let stranger = issue(Role::Root, "stranger-root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let a = send(attacker, "stranger", &Credential::X509(device_chain("stranger", &stranger))).await;
+        assert_eq!(a.status, 401);
+        let long_id = "x".repeat(5000);
+        assert_eq!(send(attacker, &long_id, &Credential::None).await.status, 400);
+        let raw = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = raw.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let x509: crate::audit::Entry = serde_json::from_str(lines[0]).unwrap();
+        let reason = x509.reason.unwrap();
+        assert!(reason.ends_with('…') && reason.chars().count() == crate::audit::MAX_REASON_CHARS + 1, "{reason}");
+        assert!(lines[0].len() < 1600, "{}", lines[0].len());
+        let long: crate::audit::Entry = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(long.registration_id.unwrap().chars().count(), crate::audit::MAX_ID_CHARS + 1);
+        assert!(lines[1].len() < 1000, "{}", lines[1]);
+        // A flood of forged tokens from the same address: ten lines a minute in all.
+        let forged = token("dev-1", &provisio_core::keys::generate_key());
+        for _ in 0..40 {
+            assert_eq!(send(attacker, "dev-1", &forged).await.status, 401);
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 10);
+        // Another address is not silenced by it; an enrolled device is written whatever the flood.
+        let other = Origin::new(crate::device::Transport::Mqtt, Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(send(other, "dev-1", &forged).await.status, 401);
+        let key = enroll(&api, "dev-2", None).await;
+        assert_eq!(send(attacker, "dev-2", &token("dev-2", &key)).await.status, 202);
+        log.flush().await;
+        let (entries, bad) = crate::audit::read(&path, 1, &crate::audit::Filter::default()).unwrap();
+        assert_eq!(bad, 0);
+        assert_eq!(entries.len(), 13, "{entries:#?}");
+        assert_eq!(entries[10].peer, Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(entries[11].result, "assigned");
+        assert_eq!((entries[12].result.as_str(), entries[12].suppressed), ("suppressed", Some(32)));
+        assert_eq!(entries[12].peer, attacker.peer);
+        assert!(crate::audit::verify(&[path]).unwrap().is_ok());
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use provisio_core::text::shorten;
 use provisio_engine::{
     DeviceOperation, Error,
-    audit::{AuditLog, Entry, Kind},
+    audit::{AuditLog, Entry, Kind, MAX_ACTION_CHARS},
     certificates::Certificates,
     hubs::Hubs,
     limits::PerIpLimiter,
@@ -77,6 +77,9 @@ pub(crate) struct Req {
     pub peer: super::PeerCertificates,
     /// The client's IP address.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// Set once the request's service token is proven (its policy may still lack the
+    /// right): a refusal before that is an unauthenticated one, audited within limits.
+    pub authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Req {
@@ -147,8 +150,19 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         .authority()
         .map(ToString::to_string)
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let req =
-        Req { method: parts.method, segments, query, headers: parts.headers, path, body, authority, peer, peer_ip };
+    let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let req = Req {
+        method: parts.method,
+        segments,
+        query,
+        headers: parts.headers,
+        path,
+        body,
+        authority,
+        peer,
+        peer_ip,
+        authenticated: authenticated.clone(),
+    };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
     let audited = is_service_change(&req) || returns_secrets(&req);
@@ -159,7 +173,10 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             if audited {
-                reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+                reason = Some(provisio_engine::audit::bounded(
+                    &e.detail().map_or_else(|| e.to_string(), str::to_owned),
+                    provisio_engine::audit::MAX_REASON_CHARS,
+                ));
             }
             response::error(&e)
         }
@@ -168,7 +185,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     let status = resp.status().as_u16();
     tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis(), "request");
     if audited {
-        let mut e = Entry::new(Kind::Service, format!("{method} {path}"));
+        let action = format!("{method} {path}");
+        let mut e = Entry::new(Kind::Service, provisio_engine::audit::bounded(&action, MAX_ACTION_CHARS));
         e.peer = peer_ip;
         e.credential = key_name;
         e.status = status;
@@ -179,7 +197,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
             e.error_code = header("x-ms-error-code").and_then(|c| c.parse().ok());
             e.tracking_id = if resp.status().is_success() { None } else { header("x-ms-request-id") };
         }
-        state.audit.record(&e).await;
+        if authenticated.load(std::sync::atomic::Ordering::Acquire) {
+            state.audit.record(&e).await;
+        } else {
+            state.audit.record_refusal(&e).await;
+        }
     }
     resp
 }

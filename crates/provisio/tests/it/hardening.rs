@@ -332,6 +332,65 @@ async fn audit_verify_passes_on_an_intact_log_and_names_the_first_edited_or_remo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_writes_refusals_of_unauthenticated_requests_within_a_limit_per_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &["--mqtt-listen", "off", "--amqp-listen", "off"]);
+    let scope = s.info.id_scope.clone();
+    // Forged device tokens, and a registration id far longer than any DPS allows.
+    let long_id = "x".repeat(1000);
+    for i in 0..30 {
+        let id = if i == 0 { long_id.as_str() } else { "someone" };
+        let r = s
+            .client()
+            .put(s.url(&format!("/{scope}/registrations/{id}/register?api-version=2021-06-01")))
+            .header("Authorization", device_token(&scope, "someone", K1))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 400 | 401), "{}", r.status());
+    }
+    // Service requests with a forged token.
+    let forged = build_token("localhost", K2, now() + 600, Some("provisioningserviceowner"), SrEncoding::Raw).unwrap();
+    for _ in 0..30 {
+        let r = s
+            .client()
+            .put(s.url("/enrollments/x?api-version=2021-10-01"))
+            .header("Authorization", &forged)
+            .json(&json!({"registrationId": "x", "attestation": {"type": "symmetricKey"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // A proven caller is written in full whatever the flood from its address.
+    for i in 0..12 {
+        let (st, _) =
+            service(&s, reqwest::Method::DELETE, &format!("/enrollments/gone-{i}?api-version=2021-10-01"), None, None)
+                .await;
+        assert_eq!(st, 404);
+    }
+    assert!(s.terminate().success());
+    for (kind, attempts) in [("registration", 30), ("service", 30)] {
+        let lines = audit_json(tmp.path(), &["--kind", kind]);
+        let refused: Vec<&Value> = lines.iter().filter(|l| l["result"] == "refused" && l["status"] != 404).collect();
+        let summaries: Vec<&Value> = lines.iter().filter(|l| l["result"] == "suppressed").collect();
+        let suppressed: u64 = summaries.iter().map(|l| l["suppressed"].as_u64().unwrap()).sum();
+        // Ten a minute from one address (a slow run may straddle two minutes).
+        assert!(refused.len() <= 20 && !summaries.is_empty(), "{kind}: {lines:#?}");
+        assert_eq!(refused.len() as u64 + suppressed, attempts, "{kind}: every refusal written or counted");
+        assert!(summaries.iter().all(|l| l["peer"] == "127.0.0.1"), "{summaries:?}");
+    }
+    let service_lines = audit_json(tmp.path(), &["--kind", "service"]);
+    assert_eq!(service_lines.iter().filter(|l| l["status"] == 404).count(), 12, "{service_lines:#?}");
+    // No line is longer than a couple of KB, whatever the client sent.
+    let raw = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    assert!(raw.lines().all(|l| l.len() < 2000), "{raw}");
+    assert!(!raw.contains(&long_id[..200]));
+    run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify", "--data-dir"]).arg(tmp.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_records_reads_that_return_secrets() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = Process::start(tmp.path(), "127.0.0.1:0", &["--mqtt-listen", "off", "--amqp-listen", "off"]);
