@@ -115,6 +115,21 @@ pub struct Engine {
     stats: Arc<crate::stats::Stats>,
 }
 
+/// Certificates whose last refusal a registration id's refusal record keeps.
+const REFUSALS_PER_ID: usize = 5;
+
+/// The refusals in a stored refusal record, newest first (a record written before records
+/// kept several is its own only entry).
+fn refusal_entries(body: &str) -> Vec<serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => match o.remove("refusals") {
+            Some(serde_json::Value::Array(list)) => list,
+            _ => vec![serde_json::Value::Object(o)],
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
 const MAX_GROUPS: u32 = 1000;
 
@@ -168,17 +183,56 @@ impl Engine {
         }
     }
 
-    /// Stores the record of a refused attestation for `GET /registrations/{id}/audit`, and
-    /// trims the stored ones back to the limit after every tenth of it (at most every
+    /// Stores the record of a refused X.509 attestation for `GET /registrations/{id}/audit`,
+    /// and trims the stored ones back to the limit after every tenth of it (at most every
     /// thousand), one trim at a time, in the background.
-    async fn record_refusal(&self, id: &RegistrationId, record: &serde_json::Value) {
+    ///
+    /// A registration id's record keeps the newest refusal of each of its last
+    /// [`REFUSALS_PER_ID`] certificates (by SHA-256 thumbprint), newest first: a refusal
+    /// replaces only the entry of its own certificate, whose private key the client proved
+    /// in the TLS handshake, so no one can rewrite what another certificate's attempt left.
+    /// A flood of new certificates pushes older entries out, but a device that retries puts
+    /// its own back.
+    async fn record_refusal(&self, id: &RegistrationId, record: serde_json::Value) {
         use std::sync::atomic::Ordering;
         let keep = self.settings.refusal_records_kept;
         if keep == 0 {
             return;
         }
-        if let Err(e) = self.store.put(Collection::Audit, id.key(), &record.to_string(), Precondition::Any).await {
-            tracing::warn!(error = %e, "could not write the refusal record");
+        let thumbprint = record["certificateInfo"]["sha256Thumbprint"].as_str().unwrap_or_default().to_owned();
+        // Two nodes may refuse the same id at once: the write is conditional, and retried.
+        let mut written = false;
+        for _ in 0..3 {
+            let doc = match self.store.get(Collection::Audit, id.key()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the refusal record");
+                    return;
+                }
+            };
+            let mut entries = doc.as_ref().map(|d| refusal_entries(&d.body)).unwrap_or_default();
+            entries.retain(|r| {
+                !r["certificateInfo"]["sha256Thumbprint"].as_str().is_some_and(|t| t.eq_ignore_ascii_case(&thumbprint))
+            });
+            entries.insert(0, record.clone());
+            entries.truncate(REFUSALS_PER_ID);
+            let mut body = record.clone();
+            body["refusals"] = serde_json::Value::Array(entries);
+            let condition = doc.map_or(Precondition::CreateOnly, |d| Precondition::IfMatch(d.etag));
+            match self.store.put(Collection::Audit, id.key(), &body.to_string(), condition).await {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(provisio_store::StoreError::Conflict | provisio_store::StoreError::PreconditionFailed) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write the refusal record");
+                    return;
+                }
+            }
+        }
+        if !written {
+            tracing::warn!(registration_id = %id, "the refusal record changed under every write; this one is in the audit log only");
             return;
         }
         let every = u64::from((keep / 10).clamp(1, 1000));
@@ -439,15 +493,22 @@ impl Engine {
             }),
             Err(refusal) => {
                 let tracking_id = uuid::Uuid::new_v4().to_string();
-                let audit = serde_json::json!({
-                    "registrationId": id.as_str(),
-                    "timestampUtc": timefmt::now(),
-                    "trackingId": tracking_id,
-                    "attestation": "x509",
-                    "reason": refusal.detail,
-                    "certificateInfo": refusal.certificate.as_ref().map(wire::cert_info_to_wire),
-                });
-                self.record_refusal(id, &audit).await;
+                // Recorded under the id only when the certificate is about it (its CN is the
+                // id): anyone can present a certificate and name any id in the request.
+                let cn = chain.first().and_then(|leaf| self.x509_cache.describe(leaf).ok()).and_then(|(_, cn)| cn);
+                if let Some(info) = refusal.certificate.as_ref()
+                    && cn.is_some_and(|cn| cn.eq_ignore_ascii_case(id.as_str()))
+                {
+                    let audit = serde_json::json!({
+                        "registrationId": id.as_str(),
+                        "timestampUtc": timefmt::now(),
+                        "trackingId": tracking_id,
+                        "attestation": "x509",
+                        "reason": refusal.detail,
+                        "certificateInfo": wire::cert_info_to_wire(info),
+                    });
+                    self.record_refusal(id, audit).await;
+                }
                 Err(Error::Unauthorized {
                     public: refusal.public,
                     detail: refusal.detail,
@@ -968,6 +1029,63 @@ mod tests {
         use provisio_pki::testcerts::{KeyKind, Role, issue};
         let cert = issue(Role::Device, cn, Some(root), KeyKind::EcdsaP256, 1).unwrap();
         provisio_pki::x509::decode_pem_chain(&cert.cert_pem).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_record_keeps_each_certificate_of_the_id_and_no_other_certificate_replaces_it() {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let (engine, api, store) = setup(&["hub1.example.net"]).await;
+        let root = issue(Role::Root, "stranger-root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let refuse = async |id: &str, chain: &Vec<Vec<u8>>| {
+            let e = engine
+                .register(SCOPE, id, DeviceRegistration::default(), &Credential::X509(chain.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(e.status(), 401);
+            e.tracking_id().unwrap().to_owned()
+        };
+        let thumbprints = async || -> Vec<String> {
+            let r = api.audit("victim").await.unwrap();
+            r["refusals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["certificateInfo"]["sha256Thumbprint"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let thumb = |chain: &Vec<Vec<u8>>| provisio_pki::x509::cert_info(&chain[0]).unwrap().sha256_thumbprint;
+        let a = device_chain("victim", &root);
+        let tracked = refuse("victim", &a).await;
+        assert_eq!(api.audit("victim").await.unwrap()["trackingId"], tracked.as_str());
+        // A certificate of another CN, sent for this id, is not about it: nothing changes.
+        let other = device_chain("someone-else", &root);
+        refuse("victim", &other).await;
+        assert_eq!(api.audit("victim").await.unwrap()["trackingId"], tracked.as_str());
+        refuse("unrecorded", &other).await;
+        assert_eq!(api.audit("unrecorded").await.unwrap_err().status(), 404);
+        // Another certificate with the id's CN adds its own entry; the first one stays.
+        let b = device_chain("victim", &root);
+        let tracked_b = refuse("victim", &b).await;
+        let r = api.audit("victim").await.unwrap();
+        assert_eq!(r["trackingId"], tracked_b.as_str(), "the newest at the top");
+        assert_eq!(r["refusals"][1]["trackingId"], tracked.as_str(), "the first kept");
+        assert_eq!(thumbprints().await, vec![thumb(&b), thumb(&a)]);
+        // Five newer certificates push both out; the device that retries comes back.
+        let flood: Vec<_> = (0..5).map(|_| device_chain("victim", &root)).collect();
+        for c in &flood {
+            refuse("victim", c).await;
+        }
+        assert_eq!(thumbprints().await, flood.iter().rev().map(thumb).collect::<Vec<_>>());
+        let again = refuse("VICTIM", &a).await;
+        let r = api.audit("victim").await.unwrap();
+        assert_eq!(r["trackingId"], again.as_str());
+        assert_eq!(thumbprints().await.len(), REFUSALS_PER_ID);
+        // A record written before records kept several is kept as one entry.
+        let old = json!({"registrationId": "legacy", "trackingId": "t-old", "attestation": "x509"});
+        store.put(Collection::Audit, "legacy", &old.to_string(), Precondition::Any).await.unwrap();
+        refuse("legacy", &device_chain("legacy", &root)).await;
+        let r = api.audit("legacy").await.unwrap();
+        assert_eq!(r["refusals"][1]["trackingId"], "t-old", "{r}");
     }
 
     #[tokio::test]
