@@ -89,7 +89,9 @@ fn verify(args: &VerifyArgs) -> Result<()> {
     if v.unchained > 0 {
         eprintln!("note: the first {} line(s) predate the hash chain and are not checked", v.unchained);
     }
-    let start = if v.from_genesis {
+    let start = if v.unchained > 0 {
+        "from the lines that predate it"
+    } else if v.from_genesis {
         "from the log's first line"
     } else {
         "from a line whose predecessors were rotated away (or removed)"
