@@ -129,6 +129,21 @@ pub struct Engine {
 /// back: validations are CPU-bound and capped at one per core.
 const VERIFICATION_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Certificates whose last refusal a registration id's refusal record keeps.
+const REFUSALS_PER_ID: usize = 5;
+
+/// The refusals in a stored refusal record, newest first (a record written before records
+/// kept several is its own only entry).
+fn refusal_entries(body: &str) -> Vec<serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => match o.remove("refusals") {
+            Some(serde_json::Value::Array(list)) => list,
+            _ => vec![serde_json::Value::Object(o)],
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// Largest number of symmetric-key groups tried for one device (DPS caps groups at 100).
 const MAX_GROUPS: u32 = 1000;
 
@@ -194,17 +209,56 @@ impl Engine {
         }
     }
 
-    /// Stores the record of a refused attestation for `GET /registrations/{id}/audit`, and
-    /// trims the stored ones back to the limit after every tenth of it (at most every
+    /// Stores the record of a refused X.509 attestation for `GET /registrations/{id}/audit`,
+    /// and trims the stored ones back to the limit after every tenth of it (at most every
     /// thousand), one trim at a time, in the background.
-    async fn record_refusal(&self, id: &RegistrationId, record: &serde_json::Value) {
+    ///
+    /// A registration id's record keeps the newest refusal of each of its last
+    /// [`REFUSALS_PER_ID`] certificates (by SHA-256 thumbprint), newest first: a refusal
+    /// replaces only the entry of its own certificate, whose private key the client proved
+    /// in the TLS handshake, so no one can rewrite what another certificate's attempt left.
+    /// A flood of new certificates pushes older entries out, but a device that retries puts
+    /// its own back.
+    async fn record_refusal(&self, id: &RegistrationId, record: serde_json::Value) {
         use std::sync::atomic::Ordering;
         let keep = self.settings.refusal_records_kept;
         if keep == 0 {
             return;
         }
-        if let Err(e) = self.store.put(Collection::Audit, id.key(), &record.to_string(), Precondition::Any).await {
-            tracing::warn!(error = %e, "could not write the refusal record");
+        let thumbprint = record["certificateInfo"]["sha256Thumbprint"].as_str().unwrap_or_default().to_owned();
+        // Two nodes may refuse the same id at once: the write is conditional, and retried.
+        let mut written = false;
+        for _ in 0..3 {
+            let doc = match self.store.get(Collection::Audit, id.key()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the refusal record");
+                    return;
+                }
+            };
+            let mut entries = doc.as_ref().map(|d| refusal_entries(&d.body)).unwrap_or_default();
+            entries.retain(|r| {
+                !r["certificateInfo"]["sha256Thumbprint"].as_str().is_some_and(|t| t.eq_ignore_ascii_case(&thumbprint))
+            });
+            entries.insert(0, record.clone());
+            entries.truncate(REFUSALS_PER_ID);
+            let mut body = record.clone();
+            body["refusals"] = serde_json::Value::Array(entries);
+            let condition = doc.map_or(Precondition::CreateOnly, |d| Precondition::IfMatch(d.etag));
+            match self.store.put(Collection::Audit, id.key(), &body.to_string(), condition).await {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(provisio_store::StoreError::Conflict | provisio_store::StoreError::PreconditionFailed) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write the refusal record");
+                    return;
+                }
+            }
+        }
+        if !written {
+            tracing::warn!(registration_id = %id, "the refusal record changed under every write; this one is in the audit log only");
             return;
         }
         let every = u64::from((keep / 10).clamp(1, 1000));
@@ -484,15 +538,22 @@ impl Engine {
             }),
             Err(refusal) => {
                 let tracking_id = uuid::Uuid::new_v4().to_string();
-                let audit = serde_json::json!({
-                    "registrationId": id.as_str(),
-                    "timestampUtc": timefmt::now(),
-                    "trackingId": tracking_id,
-                    "attestation": "x509",
-                    "reason": refusal.detail,
-                    "certificateInfo": refusal.certificate.as_ref().map(wire::cert_info_to_wire),
-                });
-                self.record_refusal(id, &audit).await;
+                // Recorded under the id only when the certificate is about it (its CN is the
+                // id): anyone can present a certificate and name any id in the request.
+                let cn = chain.first().and_then(|leaf| self.x509_cache.describe(leaf).ok()).and_then(|(_, cn)| cn);
+                if let Some(info) = refusal.certificate.as_ref()
+                    && cn.is_some_and(|cn| cn.eq_ignore_ascii_case(id.as_str()))
+                {
+                    let audit = serde_json::json!({
+                        "registrationId": id.as_str(),
+                        "timestampUtc": timefmt::now(),
+                        "trackingId": tracking_id,
+                        "attestation": "x509",
+                        "reason": refusal.detail,
+                        "certificateInfo": wire::cert_info_to_wire(info),
+                    });
+                    self.record_refusal(id, audit).await;
+                }
                 Err(Error::Unauthorized {
                     public: refusal.public,
                     detail: refusal.detail,
@@ -609,7 +670,7 @@ impl Engine {
         let mut entry = attempt(origin, registration_id, credential.kind());
         self.stats.record(crate::stats::Result::Refused);
         let e = refused(&mut entry, e);
-        self.audit.record(&entry).await;
+        self.audit.record_attempt(&entry).await;
         e
     }
 
@@ -668,7 +729,7 @@ impl Engine {
             }
             Err(e) => Err(refused(&mut entry, e)),
         };
-        self.audit.record(&entry).await;
+        self.audit.record_attempt(&entry).await;
         result
     }
 
@@ -846,7 +907,7 @@ impl Engine {
 /// The audit entry of a registration attempt by `registration_id` from `origin`.
 pub(crate) fn attempt(origin: &Origin, registration_id: &str, credential: &str) -> crate::audit::Entry {
     let mut entry = crate::audit::Entry::new(crate::audit::Kind::Registration, "register");
-    entry.registration_id = Some(registration_id.chars().take(256).filter(|c| !c.is_control()).collect());
+    entry.registration_id = Some(crate::audit::bounded(registration_id, crate::audit::MAX_ID_CHARS));
     entry.transport = Some(origin.transport.as_str().to_owned());
     entry.peer = origin.peer;
     entry.credential = Some(credential.to_owned());
@@ -859,7 +920,10 @@ pub(crate) fn refused(entry: &mut crate::audit::Entry, e: Error) -> Error {
     entry.result = "refused".into();
     entry.status = e.status();
     entry.error_code = Some(e.code());
-    entry.reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+    entry.reason = Some(crate::audit::bounded(
+        &e.detail().map_or_else(|| e.to_string(), str::to_owned),
+        crate::audit::MAX_REASON_CHARS,
+    ));
     entry.tracking_id = Some(tracking_id);
     e
 }
@@ -1094,6 +1158,146 @@ mod tests {
         assert_eq!(kept.len(), 3, "{kept:?}");
         // The newest stays (within a second, the greater ids do).
         assert!(kept.contains(&"stranger-11".to_owned()), "{kept:?}");
+    }
+
+    /// A device certificate with this CN under `root`, as the chain a device presents.
+    fn device_chain(cn: &str, root: &provisio_pki::CertAndKey) -> Vec<Vec<u8>> {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let cert = issue(Role::Device, cn, Some(root), KeyKind::EcdsaP256, 1).unwrap();
+        provisio_pki::x509::decode_pem_chain(&cert.cert_pem).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_record_keeps_each_certificate_of_the_id_and_no_other_certificate_replaces_it() {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let (engine, api, store) = setup(&["hub1.example.net"]).await;
+        let root = issue(Role::Root, "stranger-root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let refuse = async |id: &str, chain: &Vec<Vec<u8>>| {
+            let e = engine
+                .register(SCOPE, id, DeviceRegistration::default(), &Credential::X509(chain.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(e.status(), 401);
+            e.tracking_id().unwrap().to_owned()
+        };
+        let thumbprints = async || -> Vec<String> {
+            let r = api.audit("victim").await.unwrap();
+            r["refusals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["certificateInfo"]["sha256Thumbprint"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let thumb = |chain: &Vec<Vec<u8>>| provisio_pki::x509::cert_info(&chain[0]).unwrap().sha256_thumbprint;
+        let a = device_chain("victim", &root);
+        let tracked = refuse("victim", &a).await;
+        assert_eq!(api.audit("victim").await.unwrap()["trackingId"], tracked.as_str());
+        // A certificate of another CN, sent for this id, is not about it: nothing changes.
+        let other = device_chain("someone-else", &root);
+        refuse("victim", &other).await;
+        assert_eq!(api.audit("victim").await.unwrap()["trackingId"], tracked.as_str());
+        refuse("unrecorded", &other).await;
+        assert_eq!(api.audit("unrecorded").await.unwrap_err().status(), 404);
+        // Another certificate with the id's CN adds its own entry; the first one stays.
+        let b = device_chain("victim", &root);
+        let tracked_b = refuse("victim", &b).await;
+        let r = api.audit("victim").await.unwrap();
+        assert_eq!(r["trackingId"], tracked_b.as_str(), "the newest at the top");
+        assert_eq!(r["refusals"][1]["trackingId"], tracked.as_str(), "the first kept");
+        assert_eq!(thumbprints().await, vec![thumb(&b), thumb(&a)]);
+        // Five newer certificates push both out; the device that retries comes back.
+        let flood: Vec<_> = (0..5).map(|_| device_chain("victim", &root)).collect();
+        for c in &flood {
+            refuse("victim", c).await;
+        }
+        assert_eq!(thumbprints().await, flood.iter().rev().map(thumb).collect::<Vec<_>>());
+        let again = refuse("VICTIM", &a).await;
+        let r = api.audit("victim").await.unwrap();
+        assert_eq!(r["trackingId"], again.as_str());
+        assert_eq!(thumbprints().await.len(), REFUSALS_PER_ID);
+        // A record written before records kept several is kept as one entry.
+        let old = json!({"registrationId": "legacy", "trackingId": "t-old", "attestation": "x509"});
+        store.put(Collection::Audit, "legacy", &old.to_string(), Precondition::Any).await.unwrap();
+        refuse("legacy", &device_chain("legacy", &root)).await;
+        let r = api.audit("legacy").await.unwrap();
+        assert_eq!(r["refusals"][1]["trackingId"], "t-old", "{r}");
+    }
+
+    #[tokio::test]
+    async fn refused_attempts_write_bounded_lines_and_a_flood_from_one_address_is_summed_up() {
+        use provisio_pki::testcerts::{KeyKind, Role, issue};
+        let (engine, api, _) = setup(&["hub1.example.net"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = crate::audit::AuditLog::open(crate::audit::AuditConfig {
+            path: path.clone(),
+            max_bytes: u64::MAX,
+            keep: 1,
+            refusals: crate::audit::RefusalLimits::per_minute(10),
+        })
+        .await
+        .unwrap();
+        let engine = engine.with_audit(log.clone());
+        // Fifteen X.509 groups: a refused chain's reason names each one.
+        for i in 0..15 {
+            let root = issue(Role::Root, &format!("group-root-{i:02}"), None, KeyKind::EcdsaP256, 1).unwrap();
+            let g: provisio_proto::service::EnrollmentGroup = serde_json::from_value(json!({
+                "enrollmentGroupId": format!("x509-group-{i:02}"),
+                "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": root.cert_pem}}}},
+            }))
+            .unwrap();
+            api.put_group(&format!("x509-group-{i:02}"), g, None).await.unwrap();
+        }
+        let attacker = Origin::new(crate::device::Transport::Https, Some("192.0.2.7".parse().unwrap()));
+        let send = async |origin: Origin, id: &str, credential: &Credential| {
+            engine
+                .device(crate::DeviceRequest {
+                    origin,
+                    scope: SCOPE,
+                    registration_id: id,
+                    api_version: Some("2021-06-01"),
+                    operation: crate::DeviceOperation::Register { body: b"{}" },
+                    credential,
+                    connection: &crate::Connection::default(),
+                })
+                .await
+        };
+        let stranger = issue(Role::Root, "stranger-root", None, KeyKind::EcdsaP256, 1).unwrap();
+        let a = send(attacker, "stranger", &Credential::X509(device_chain("stranger", &stranger))).await;
+        assert_eq!(a.status, 401);
+        let long_id = "x".repeat(5000);
+        assert_eq!(send(attacker, &long_id, &Credential::None).await.status, 400);
+        let raw = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = raw.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let x509: crate::audit::Entry = serde_json::from_str(lines[0]).unwrap();
+        let reason = x509.reason.unwrap();
+        assert!(reason.ends_with('…') && reason.chars().count() == crate::audit::MAX_REASON_CHARS + 1, "{reason}");
+        assert!(lines[0].len() < 1600, "{}", lines[0].len());
+        let long: crate::audit::Entry = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(long.registration_id.unwrap().chars().count(), crate::audit::MAX_ID_CHARS + 1);
+        assert!(lines[1].len() < 1000, "{}", lines[1]);
+        // A flood of forged tokens from the same address: ten lines a minute in all.
+        let forged = token("dev-1", &provisio_core::keys::generate_key());
+        for _ in 0..40 {
+            assert_eq!(send(attacker, "dev-1", &forged).await.status, 401);
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 10);
+        // Another address is not silenced by it; an enrolled device is written whatever the flood.
+        let other = Origin::new(crate::device::Transport::Mqtt, Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(send(other, "dev-1", &forged).await.status, 401);
+        let key = enroll(&api, "dev-2", None).await;
+        assert_eq!(send(attacker, "dev-2", &token("dev-2", &key)).await.status, 202);
+        log.flush().await;
+        let (entries, bad) = crate::audit::read(&path, 1, &crate::audit::Filter::default()).unwrap();
+        assert_eq!(bad, 0);
+        assert_eq!(entries.len(), 13, "{entries:#?}");
+        assert_eq!(entries[10].peer, Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(entries[11].result, "assigned");
+        assert_eq!((entries[12].result.as_str(), entries[12].suppressed), ("suppressed", Some(32)));
+        assert_eq!(entries[12].peer, attacker.peer);
+        assert!(crate::audit::verify(&[path]).unwrap().is_ok());
     }
 
     #[tokio::test]

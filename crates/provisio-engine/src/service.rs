@@ -850,7 +850,9 @@ impl ServiceApi {
         }
     }
 
-    /// `GET /registrations/{id}/audit`: the last refused attestation of a registration id.
+    /// `GET /registrations/{id}/audit`: the last refused X.509 attestation of a registration
+    /// id, with `refusals`, the newest refusal of each of its last few certificates (see
+    /// the engine's refusal records: only certificates whose CN is the id are recorded).
     ///
     /// # Errors
     /// 404 if nothing was refused for this id.

@@ -271,7 +271,7 @@ impl Engine {
             }
             Err(e) => Err(refused(&mut entry, e)),
         };
-        self.audit.record(&entry).await;
+        self.audit.record_attempt(&entry).await;
         result
     }
 

@@ -122,6 +122,9 @@ pub struct ServerConfig {
     pub audit_log_max_mb: u64,
     /// Rotated audit log files kept (`audit.jsonl.1` is the newest).
     pub audit_log_keep: u32,
+    /// Refusals of unauthenticated requests written in full per client address (an IPv6
+    /// client's /64) per minute; more are counted in one summary line (0: no limit).
+    pub audit_log_refusals_per_minute: u32,
     /// Serve the web console at `/console` on the HTTPS listener.
     pub console: bool,
 }
@@ -187,6 +190,7 @@ impl Default for ServerConfig {
             audit_log: String::new(),
             audit_log_max_mb: 100,
             audit_log_keep: 5,
+            audit_log_refusals_per_minute: 10,
             console: true,
         }
     }

@@ -28,7 +28,7 @@ use provisio_engine::{
     Engine, EngineSettings,
     addresses::AddressPolicy,
     allocation::{AllocationSettings, Assigner, RegistrarKind},
-    audit::{AuditConfig, AuditLog},
+    audit::{AuditConfig, AuditLog, RefusalLimits},
     certificates::Certificates,
     hubs::Hubs,
     instance::{self, InstanceSettings},
@@ -309,6 +309,7 @@ impl Provisio {
                 path: path.clone(),
                 max_bytes: c.audit_log_max_mb.saturating_mul(1024 * 1024).max(4096),
                 keep: c.audit_log_keep,
+                refusals: RefusalLimits::per_minute(c.audit_log_refusals_per_minute),
             })
             .await
             .map_err(|e| ServerError::Config(format!("cannot open the audit log {}: {e}", path.display())))?,
@@ -543,7 +544,8 @@ async fn housekeeping(store: Arc<dyn Store>, retention_hours: u64, refusals_kept
 }
 
 /// Writes this node's registration counts to the store once a minute, for the console's
-/// chart on every node.
+/// chart on every node, and the audit log's summaries of refusals counted in windows that
+/// have ended.
 async fn flush_stats(engine: Engine) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -551,6 +553,7 @@ async fn flush_stats(engine: Engine) {
         if let Err(e) = engine.flush_stats().await {
             tracing::warn!(error = %e, "cannot write the registration counts");
         }
+        engine.audit().tick().await;
     }
 }
 

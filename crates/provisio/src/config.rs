@@ -56,6 +56,7 @@ const ENV_KEYS: &[&str] = &[
     "audit_log",
     "audit_log_max_mb",
     "audit_log_keep",
+    "audit_log_refusals_per_minute",
     "console",
     "amqp_max_frame_bytes",
     "amqp_max_sessions",

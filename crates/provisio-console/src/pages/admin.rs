@@ -222,6 +222,11 @@ async fn policies_page(
             connection_string(c, &p.key_name, p.secondary_key.as_deref().unwrap_or_default()),
         )
     });
+    // Connection strings carry the policy's keys: shown, they are audited as the service
+    // API's read of the policy.
+    if let Some((name, _, _)) = &shown {
+        ctx.audit(c, format!("GET /policies/{}", provisio_core::text::shorten(name)), None).await;
+    }
     let rows = policies.iter().map(|p| PolicyRow { name: p.key_name.clone(), rights: p.rights.clone() }).collect();
     let (name, checked, editing) = form;
     let rights = ALL_RIGHTS.iter().map(|r| (*r, checked.iter().any(|c| c.eq_ignore_ascii_case(r)))).collect();

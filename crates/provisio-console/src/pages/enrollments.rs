@@ -509,6 +509,16 @@ async fn secrets(c: &Console, group: bool, id: &str) -> Result<Value, Error> {
     c.parts.service.attestation_mechanism(group, id).await.map(|a| serde_json::to_value(a).unwrap_or(Value::Null))
 }
 
+/// An enrollment's or group's keys, read to be shown: audited as the service API audits the
+/// same read (`POST /{enrollments|enrollmentGroups}/{id}/attestationmechanism`).
+async fn shown_secrets(c: &Console, ctx: &Ctx, group: bool, id: &str) -> Result<Value, Error> {
+    let result = secrets(c, group, id).await.map_err(|e| e.tracked().0);
+    let path = if group { "enrollmentGroups" } else { "enrollments" };
+    let action = format!("POST /{path}/{}/attestationmechanism", provisio_core::text::shorten(id));
+    ctx.audit(c, action, result.as_ref().err()).await;
+    result
+}
+
 /// Edit: the form with the stored values (and the etag they were read with).
 async fn edit(c: &Console, headers: &HeaderMap, ip: Option<ClientIp>, group: bool, id: &str) -> Response {
     let ctx = match writer(c, headers, ip).await {
@@ -519,7 +529,12 @@ async fn edit(c: &Console, headers: &HeaderMap, ip: Option<ClientIp>, group: boo
         Ok(v) => v,
         Err(e) => return view::error_page(&e),
     };
-    let keys = secrets(c, group, id).await.ok();
+    // Only a symmetric key enrollment's form shows secrets.
+    let keys = if stored["attestation"]["type"] == "symmetricKey" {
+        shown_secrets(c, &ctx, group, id).await.ok()
+    } else {
+        None
+    };
     form_page(c, &ctx, group, Values::from_stored(&stored, group, keys.as_ref()), true, None).await
 }
 
@@ -676,7 +691,7 @@ async fn detail(
     let symmetric = v["attestation"]["type"] == "symmetricKey";
     let can_write = ctx.may(Right::EnrollmentWrite);
     let keys = if symmetric && show_keys && can_write {
-        secrets(c, group, id).await.ok().map(|s| {
+        shown_secrets(c, ctx, group, id).await.ok().map(|s| {
             let k = &s["symmetricKey"];
             (
                 k["primaryKey"].as_str().unwrap_or_default().to_owned(),
@@ -838,11 +853,14 @@ async fn action(c: &Console, group: bool, id: &str, request: Request) -> Respons
         }
         Some("derive") if group => {
             let rid = form.get("registration_id").unwrap_or_default().to_owned();
-            let derived = secrets(c, true, id).await.and_then(|s| {
-                let key = s["symmetricKey"]["primaryKey"].as_str().unwrap_or_default().to_owned();
-                provisio_core::ids::RegistrationId::parse(&rid).map_err(Error::from)?;
-                provisio_core::keys::derive_device_key(&key, &rid).map_err(Error::from)
-            });
+            // The id first: the group's key is read (and that read audited) only to be used.
+            let derived = match provisio_core::ids::RegistrationId::parse(&rid) {
+                Err(e) => Err(Error::from(e)),
+                Ok(_) => shown_secrets(c, &ctx, true, id).await.and_then(|s| {
+                    let key = s["symmetricKey"]["primaryKey"].as_str().unwrap_or_default().to_owned();
+                    provisio_core::keys::derive_device_key(&key, &rid).map_err(Error::from)
+                }),
+            };
             match derived {
                 Ok(k) => detail(c, &ctx, group, id, false, Some((rid, k)), None).await,
                 Err(e) => detail(c, &ctx, group, id, false, None, Some(ErrorView::from(&e))).await,

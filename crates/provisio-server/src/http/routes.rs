@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use provisio_core::text::shorten;
 use provisio_engine::{
     DeviceOperation, Error,
-    audit::{AuditLog, Entry, Kind},
+    audit::{AuditLog, Entry, Kind, MAX_ACTION_CHARS},
     certificates::Certificates,
     hubs::Hubs,
     limits::PerIpLimiter,
@@ -81,6 +81,9 @@ pub(crate) struct Req {
     pub connection: Arc<provisio_engine::Connection>,
     /// Whether the request came over HTTP/1.x (which can be told to close the connection).
     pub http1: bool,
+    /// Set once the request's service token is proven (its policy may still lack the
+    /// right): a refusal before that is an unauthenticated one, audited within limits.
+    pub authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Req {
@@ -158,6 +161,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         .authority()
         .map(ToString::to_string)
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let req = Req {
         method: parts.method,
         segments,
@@ -170,18 +174,22 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         peer_ip,
         connection,
         http1,
+        authenticated: authenticated.clone(),
     };
     let started = std::time::Instant::now();
     let (method, path) = (req.method.clone(), req.path.clone());
-    let change = is_service_change(&req);
-    let key_name = if change { key_name(&req) } else { None };
+    let audited = is_service_change(&req) || returns_secrets(&req);
+    let key_name = if audited { key_name(&req) } else { None };
     let peer_ip = req.peer_ip;
     let mut reason = None;
     let resp = match tokio::time::timeout(state.request_timeout, route(&state, req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            if change {
-                reason = Some(e.detail().map_or_else(|| e.to_string(), str::to_owned));
+            if audited {
+                reason = Some(provisio_engine::audit::bounded(
+                    &e.detail().map_or_else(|| e.to_string(), str::to_owned),
+                    provisio_engine::audit::MAX_REASON_CHARS,
+                ));
             }
             response::error(&e)
         }
@@ -189,8 +197,9 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     };
     let status = resp.status().as_u16();
     tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis(), "request");
-    if change {
-        let mut e = Entry::new(Kind::Service, format!("{method} {path}"));
+    if audited {
+        let action = format!("{method} {path}");
+        let mut e = Entry::new(Kind::Service, provisio_engine::audit::bounded(&action, MAX_ACTION_CHARS));
         e.peer = peer_ip;
         e.credential = key_name;
         e.status = status;
@@ -201,7 +210,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
             e.error_code = header("x-ms-error-code").and_then(|c| c.parse().ok());
             e.tracking_id = if resp.status().is_success() { None } else { header("x-ms-request-id") };
         }
-        state.audit.record(&e).await;
+        if authenticated.load(std::sync::atomic::Ordering::Acquire) {
+            state.audit.record(&e).await;
+        } else {
+            state.audit.record_refusal(&e).await;
+        }
     }
     resp
 }
@@ -241,6 +254,19 @@ fn is_service_change(req: &Req) -> bool {
     SERVICE.iter().any(|s| is(first, s))
         && !matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS)
         && !(req.method == Method::POST && read_only_post)
+}
+
+/// Whether a service request reads secrets: an enrollment's or group's keys
+/// (`attestationmechanism`), or shared access policies with their keys. Those reads are
+/// audited like changes.
+fn returns_secrets(req: &Req) -> bool {
+    match req.segments.as_slice() {
+        [c, _, a] if is(c, "enrollments") || is(c, "enrollmentgroups") => {
+            is(a, "attestationmechanism") && req.method == Method::POST
+        }
+        [p] | [p, _] if is(p, "policies") => req.method == Method::GET,
+        _ => false,
+    }
 }
 
 /// The policy a service request claims to act as (`skn` of its SAS token); never more of

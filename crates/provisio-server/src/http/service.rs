@@ -30,7 +30,15 @@ fn call(req: &Req) -> ServiceCall<'_> {
 }
 
 async fn authorize(state: &AppState, req: &Req, right: Right) -> Result<(), Error> {
-    state.service.authorize(&call(req), Api::Service, right).await
+    proven(req, state.service.authorize(&call(req), Api::Service, right).await)
+}
+
+/// Notes on `req` that its token was proven (granted, or refused for a missing right only).
+fn proven(req: &Req, result: Result<(), Error>) -> Result<(), Error> {
+    if matches!(result, Ok(()) | Err(Error::Forbidden(_))) {
+        req.authenticated.store(true, std::sync::atomic::Ordering::Release);
+    }
+    result
 }
 
 /// `GET /enrollments/{id}` and `/enrollmentGroups/{id}`.
@@ -64,7 +72,7 @@ pub(crate) async fn delete(state: &AppState, req: &Req, group: bool, id: &str) -
 }
 
 async fn authorize_certs(state: &AppState, req: &Req) -> Result<(), Error> {
-    state.service.authorize(&call(req), Api::Certificates, Right::ServiceConfig).await
+    proven(req, state.service.authorize(&call(req), Api::Certificates, Right::ServiceConfig).await)
 }
 
 /// `GET /certificates`.

@@ -535,4 +535,16 @@ async fn console_groups_records_hubs_policies_and_the_audit_log() {
     let regs = b.get("/console/audit?registration_id=nobody-1").await;
     assert!(regs.body.contains("nobody-1") && !regs.body.contains("PUT /linkedHubs"));
     assert_eq!(b.get("/console/audit?since=yesterday").await.status, StatusCode::BAD_REQUEST);
+
+    // Pages that showed secrets (a derived device key, a policy's connection strings) are
+    // audited as the service API's reads of them are.
+    let audit = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let reads: Vec<String> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["transport"] == "console" && l["credential"] == "provisioningserviceowner")
+        .filter_map(|l| l["action"].as_str().map(str::to_owned))
+        .filter(|a| a.starts_with("GET ") || a.ends_with("/attestationmechanism"))
+        .collect();
+    assert_eq!(reads, ["POST /enrollmentGroups/grp/attestationmechanism", "GET /policies/ops"], "{audit}");
 }

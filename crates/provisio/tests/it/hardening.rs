@@ -260,6 +260,175 @@ async fn audit_log_records_every_attempt_and_change() {
     }
 }
 
+/// `provisio audit` with `args` against the log in `dir`: its JSON lines.
+fn audit_json(dir: &Path, args: &[&str]) -> Vec<Value> {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .arg("audit")
+        .args(args)
+        .arg("--json")
+        .arg("--data-dir")
+        .arg(dir));
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_passes_on_an_intact_log_and_names_the_first_edited_or_removed_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let e = put_enrollment(
+        &s,
+        false,
+        "chained",
+        json!({"registrationId": "chained", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for token in [device_token(&scope, "chained", &key), device_token(&scope, "chained", K1)] {
+        register(&s, &scope, "chained", &token).await;
+    }
+    let (st, _) = service(&s, reqwest::Method::DELETE, "/enrollments/chained?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 204);
+    assert!(s.terminate().success());
+    let verify = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify"]).args(args).output().unwrap()
+    };
+    // The configured log, found from the data directory.
+    let data_dir = tmp.path().to_str().unwrap();
+    let ok = verify(&["--data-dir", data_dir]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.starts_with("ok: 4 line(s) in 1 file(s) chained from the log's first line; head "), "{out}");
+    let log = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l.starts_with("{\"prev\":\"")), "{log}");
+    // The refused attempt made to look like a success.
+    assert!(lines[2].contains("\"refused\""), "{}", lines[2]);
+    let edited = tmp.path().join("edited.jsonl");
+    let mut copy: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    copy[2] = copy[2].replace("\"refused\"", "\"assigned\"");
+    std::fs::write(&edited, copy.join("\n") + "\n").unwrap();
+    let broken = verify(&[edited.to_str().unwrap()]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(err.contains(&format!("{}:4:", edited.display())), "{err}");
+    // The refused attempt removed.
+    let removed = tmp.path().join("removed.jsonl");
+    let mut copy: Vec<&str> = lines.clone();
+    copy.remove(2);
+    std::fs::write(&removed, copy.join("\n") + "\n").unwrap();
+    let broken = verify(&[removed.to_str().unwrap()]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(err.contains(&format!("{}:3:", removed.display())), "{err}");
+    // A restart carries the chain on.
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &[]);
+    register(&s, &scope, "chained", &device_token(&scope, "chained", K2)).await;
+    assert!(s.terminate().success());
+    let ok = verify(&["--data-dir", data_dir]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 line(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_writes_refusals_of_unauthenticated_requests_within_a_limit_per_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &["--mqtt-listen", "off", "--amqp-listen", "off"]);
+    let scope = s.info.id_scope.clone();
+    // Forged device tokens, and a registration id far longer than any DPS allows.
+    let long_id = "x".repeat(1000);
+    for i in 0..30 {
+        let id = if i == 0 { long_id.as_str() } else { "someone" };
+        let r = s
+            .client()
+            .put(s.url(&format!("/{scope}/registrations/{id}/register?api-version=2021-06-01")))
+            .header("Authorization", device_token(&scope, "someone", K1))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 400 | 401), "{}", r.status());
+    }
+    // Service requests with a forged token.
+    let forged = build_token("localhost", K2, now() + 600, Some("provisioningserviceowner"), SrEncoding::Raw).unwrap();
+    for _ in 0..30 {
+        let r = s
+            .client()
+            .put(s.url("/enrollments/x?api-version=2021-10-01"))
+            .header("Authorization", &forged)
+            .json(&json!({"registrationId": "x", "attestation": {"type": "symmetricKey"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // A proven caller is written in full whatever the flood from its address.
+    for i in 0..12 {
+        let (st, _) =
+            service(&s, reqwest::Method::DELETE, &format!("/enrollments/gone-{i}?api-version=2021-10-01"), None, None)
+                .await;
+        assert_eq!(st, 404);
+    }
+    assert!(s.terminate().success());
+    for (kind, attempts) in [("registration", 30), ("service", 30)] {
+        let lines = audit_json(tmp.path(), &["--kind", kind]);
+        let refused: Vec<&Value> = lines.iter().filter(|l| l["result"] == "refused" && l["status"] != 404).collect();
+        let summaries: Vec<&Value> = lines.iter().filter(|l| l["result"] == "suppressed").collect();
+        let suppressed: u64 = summaries.iter().map(|l| l["suppressed"].as_u64().unwrap()).sum();
+        // Ten a minute from one address (a slow run may straddle two minutes).
+        assert!(refused.len() <= 20 && !summaries.is_empty(), "{kind}: {lines:#?}");
+        assert_eq!(refused.len() as u64 + suppressed, attempts, "{kind}: every refusal written or counted");
+        assert!(summaries.iter().all(|l| l["peer"] == "127.0.0.1"), "{summaries:?}");
+    }
+    let service_lines = audit_json(tmp.path(), &["--kind", "service"]);
+    assert_eq!(service_lines.iter().filter(|l| l["status"] == 404).count(), 12, "{service_lines:#?}");
+    // No line is longer than a couple of KB, whatever the client sent.
+    let raw = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap();
+    assert!(raw.lines().all(|l| l.len() < 2000), "{raw}");
+    assert!(!raw.contains(&long_id[..200]));
+    run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify", "--data-dir"]).arg(tmp.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_reads_that_return_secrets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Process::start(tmp.path(), "127.0.0.1:0", &["--mqtt-listen", "off", "--amqp-listen", "off"]);
+    put_enrollment(&s, false, "keyed", json!({"registrationId": "keyed", "attestation": {"type": "symmetricKey"}}))
+        .await;
+    put_enrollment(
+        &s,
+        true,
+        "keyed-group",
+        json!({"enrollmentGroupId": "keyed-group", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let reads = [
+        (reqwest::Method::POST, "/enrollments/keyed/attestationmechanism"),
+        (reqwest::Method::POST, "/enrollmentGroups/keyed-group/attestationmechanism"),
+        (reqwest::Method::GET, "/policies"),
+        (reqwest::Method::GET, "/policies/provisioningserviceowner"),
+    ];
+    for (method, path) in &reads {
+        let (st, v) = service(&s, method.clone(), &format!("{path}?api-version=2021-10-01"), None, None).await;
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    // Reads without secrets are not audited.
+    let (st, _) = service(&s, reqwest::Method::GET, "/enrollments/keyed?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 200);
+    assert!(s.terminate().success());
+    let lines = audit_json(tmp.path(), &["--kind", "service"]);
+    let actions: Vec<String> =
+        lines.iter().map(|l| format!("{} as {}: {}", l["action"], l["credential"], l["status"])).collect();
+    let want: Vec<String> = ["PUT /enrollments/keyed".to_owned(), "PUT /enrollmentGroups/keyed-group".to_owned()]
+        .into_iter()
+        .chain(reads.iter().map(|(method, path)| format!("{method} {path}")))
+        .map(|a| format!("\"{a}\" as \"provisioningserviceowner\": 200"))
+        .collect();
+    assert_eq!(actions, want);
+    assert!(lines.iter().all(|l| l["peer"] == "127.0.0.1" && l["result"] == "ok"));
+}
+
 /// What a load worker saw.
 enum Seen {
     /// A `202` with this operation: from this moment the registration must survive.
@@ -415,4 +584,8 @@ async fn repeated_kill_9_under_load_loses_no_acknowledged_registration() {
     for (id, (op, _)) in &acknowledged {
         assert!(audited.contains(op), "the acknowledged registration of {id} ({op}) is not in the audit log");
     }
+    // Its hash chain too: each restart carried it on from the last line written.
+    let verified =
+        run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["audit", "verify", "--data-dir"]).arg(tmp.path()));
+    assert!(verified.starts_with("ok: ") && verified.contains("from the log's first line"), "{verified}");
 }

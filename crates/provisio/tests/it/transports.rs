@@ -36,9 +36,10 @@ fn comparable(r: &Reply) -> (u16, Option<u32>, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_request_gets_the_same_answer_over_https_mqtt_and_amqp() {
     let tmp = tempfile::tempdir().unwrap();
-    // Polls of one device over three transports exceed DPS's 5 per 10 s: lift that limit.
+    // Polls of one device over three transports exceed DPS's 5 per 10 s, and its refusals
+    // the audit log's 10 a minute from one address: lift those limits.
     let cfg = tmp.path().join("provisio.toml");
-    std::fs::write(&cfg, "device_polls_per_10s = 0\n").unwrap();
+    std::fs::write(&cfg, "device_polls_per_10s = 0\naudit_log_refusals_per_minute = 0\n").unwrap();
     let data = tmp.path().join("data");
     let s = Server::start(&data, "127.0.0.1:0", &["--retry-after-secs", "3", "--config", cfg.to_str().unwrap()]);
     let scope = s.info.id_scope.clone();

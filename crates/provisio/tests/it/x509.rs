@@ -416,14 +416,16 @@ async fn x509_walkthrough_with_openssl_certificates() {
     assert_eq!(v["registrationState"]["x509"]["certificateInfo"]["sha256Thumbprint"], info["sha256Thumbprint"]);
 
     // Negatives.
-    // CN is not the registration id.
-    assert_refused(
-        &s,
-        "someone-else",
-        register(&s, "someone-else", &dev1, &o.key("dps-test-device-01")),
-        "does not match registration id",
-    )
-    .await;
+    // CN is not the registration id: refused and logged with the reason, but the attempt is
+    // not about that id (anyone can name any id), so no refusal record is stored under it.
+    let (st, v) = register(&s, "someone-else", &dev1, &o.key("dps-test-device-01")).expect_err("expected a refusal");
+    assert_dps_error(st, &v, 401, 401_002);
+    let tracking = v["trackingId"].as_str().unwrap();
+    let log = crate::common::logged(&s, tracking).await;
+    assert!(log.lines().any(|l| l.contains(tracking) && l.contains("does not match registration id")), "{log}");
+    let (st, _) =
+        service(&s, Method::GET, "/registrations/someone-else/audit?api-version=2021-10-01", None, None).await;
+    assert_eq!(st, 404);
     // Unknown CA.
     o.signed("stranger-device", "other-root", DEVICE_EXT);
     let c = o.chain("stranger-device", &[]);
