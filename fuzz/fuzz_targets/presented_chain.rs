@@ -63,7 +63,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         created: String::new(),
         updated: String::new(),
     };
-    let anchors = certs
+    let anchors: Vec<attest::Anchor> = certs
         .iter()
         .map(|d| attest::Anchor { label: "anchor".into(), der: Some(d.clone()), usable: Ok(()) })
         .collect();
