@@ -15,6 +15,6 @@ mod tpm;
 /// What every module uses from the harness.
 mod common {
     pub use provisio_testkit::{
-        Instance, PORT_443, Server, assert_dps_error, curl, now, put_enrollment, repo_root, run, service,
+        Instance, PORT_443, Server, assert_dps_error, curl, header, now, put_enrollment, repo_root, run, service,
     };
 }
