@@ -24,6 +24,29 @@ pub(crate) const MQTT: &str = "mqtt";
 /// The subprotocol of the AMQP WebSocket binding (AMQP 1.0).
 pub(crate) const AMQP: &str = "AMQPWSB10";
 
+/// The subprotocol a client asked for that this endpoint speaks, in the client's spelling,
+/// and whether it is MQTT: the first of the `Sec-WebSocket-Protocol` offers that names
+/// `mqtt` or `AMQPWSB10` without regard to ASCII case. The C SDK asks for `MQTT` (its
+/// `MQTT_WS_PROTOCOL_NAME`), others for `mqtt`; RFC 6455 has the server echo the client's
+/// token, so it is answered as sent.
+fn chosen_subprotocol(headers: &axum::http::HeaderMap) -> Option<(String, bool)> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|offer| {
+            if offer.eq_ignore_ascii_case(MQTT) {
+                Some((offer.to_owned(), true))
+            } else if offer.eq_ignore_ascii_case(AMQP) {
+                Some((offer.to_owned(), false))
+            } else {
+                None
+            }
+        })
+}
+
 /// Whether a request is for the device SDKs' WebSocket endpoint: the path
 /// `/$iothub/websocket` (C, Node, Python, Java), or a WebSocket upgrade of `/` (the C# SDK
 /// opens `wss://{host}:443` without a path).
@@ -45,6 +68,7 @@ pub(crate) async fn upgrade(state: &Arc<AppState>, request: Request) -> Response
     let chain = parts.extensions.get::<PeerCertificates>().map(PeerCertificates::der_chain).unwrap_or_default();
     let peer = parts.extensions.get::<PeerAddr>().map(|a| a.0);
     let slot = parts.extensions.get::<ConnectionSlot>().cloned();
+    let chosen = chosen_subprotocol(&parts.headers);
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws,
         Err(rejection) => {
@@ -57,16 +81,13 @@ pub(crate) async fn upgrade(state: &Arc<AppState>, request: Request) -> Response
     let (mqtt, amqp) = (state.mqtt_limits, state.amqp_limits);
     // A message carries at most one largest packet or frame, plus its framing.
     let largest = mqtt.max_packet_bytes.max(usize::try_from(amqp.max_frame_bytes).unwrap_or(usize::MAX)) + 1024;
-    let ws = ws.protocols([MQTT, AMQP]).max_message_size(largest).max_frame_size(largest);
-    let is_mqtt = match ws.selected_protocol().and_then(|p| p.to_str().ok()) {
-        Some(MQTT) => true,
-        Some(_) => false,
-        None => {
-            return response::error(&Error::invalid(format!(
-                "/$iothub/websocket needs the WebSocket subprotocol {MQTT} or {AMQP} (Sec-WebSocket-Protocol)"
-            )));
-        }
+    let Some((offer, is_mqtt)) = chosen else {
+        return response::error(&Error::invalid(format!(
+            "/$iothub/websocket needs the WebSocket subprotocol {MQTT} or {AMQP} (Sec-WebSocket-Protocol; any case)"
+        )));
     };
+    // axum compares offers exactly: it is given the client's own spelling, which it echoes.
+    let ws = ws.protocols([offer]).max_message_size(largest).max_frame_size(largest);
     let engine = state.engine.clone();
     ws.on_failed_upgrade(move |e| tracing::debug!(?peer, error = %e, "WebSocket upgrade failed")).on_upgrade(
         move |socket| async move {
@@ -88,4 +109,29 @@ pub(crate) async fn upgrade(state: &Arc<AppState>, request: Request) -> Response
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offers(values: &[&str]) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        for v in values {
+            h.append(axum::http::header::SEC_WEBSOCKET_PROTOCOL, axum::http::HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn subprotocols_match_in_any_case_and_keep_the_clients_spelling() {
+        assert_eq!(chosen_subprotocol(&offers(&["MQTT"])), Some(("MQTT".into(), true)));
+        assert_eq!(chosen_subprotocol(&offers(&["Mqtt"])), Some(("Mqtt".into(), true)));
+        assert_eq!(chosen_subprotocol(&offers(&["mqtt"])), Some(("mqtt".into(), true)));
+        assert_eq!(chosen_subprotocol(&offers(&["amqpwsb10"])), Some(("amqpwsb10".into(), false)));
+        // The client's order of preference, over several headers and lists.
+        assert_eq!(chosen_subprotocol(&offers(&["chat, AMQPWSB10", "mqtt"])), Some(("AMQPWSB10".into(), false)));
+        assert_eq!(chosen_subprotocol(&offers(&["chat", "mqttv5"])), None);
+        assert_eq!(chosen_subprotocol(&offers(&[])), None);
+    }
 }

@@ -118,3 +118,103 @@ async fn the_websocket_endpoint_refuses_bad_upgrades_and_ends_bad_streams() {
     assert!(freed, "the closed WebSocket gave its slot back");
     crate::common::logged(&s, "MQTT over WebSocket").await;
 }
+
+/// Writes one MQTT packet to `io`.
+async fn send_packet(io: &mut (impl tokio::io::AsyncWrite + Unpin), p: rumqttc::mqttbytes::v4::Packet) {
+    use tokio::io::AsyncWriteExt;
+    let mut b = bytes::BytesMut::new();
+    p.write(&mut b, 1 << 20).unwrap();
+    io.write_all(&b).await.unwrap();
+    io.flush().await.unwrap();
+}
+
+/// Reads the next MQTT packet from `io` (10 s at most).
+async fn next_packet(
+    io: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut bytes::BytesMut,
+) -> rumqttc::mqttbytes::v4::Packet {
+    use tokio::io::AsyncReadExt;
+    loop {
+        match rumqttc::mqttbytes::v4::Packet::read(buf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("bad packet: {e}"),
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), io.read_buf(buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the server closed the connection");
+    }
+}
+
+/// Issue #25, point 1: the C SDK asks for the subprotocol `MQTT` (its `MQTT_WS_PROTOCOL_NAME`),
+/// and was refused with `400`. Any spelling is served, and echoed as the client sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websockets_is_served_for_any_spelling_of_the_subprotocol() {
+    use rumqttc::mqttbytes::{
+        QoS,
+        v4::{Connect, Login, Packet, PubAck, Publish, Subscribe},
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &[]);
+    let scope = s.info().id_scope.clone();
+    for (n, spelling) in ["MQTT", "Mqtt", "mqtt"].into_iter().enumerate() {
+        let id = format!("ws-case-{n}");
+        let e = crate::common::put_enrollment(
+            &s,
+            false,
+            &id,
+            serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey"}}),
+        )
+        .await;
+        let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap();
+        let token = provisio_core::sas::build_token(
+            &format!("{scope}/registrations/{id}"),
+            key,
+            crate::common::now() + 600,
+            Some("registration"),
+            provisio_core::sas::SrEncoding::Raw,
+        )
+        .unwrap();
+        let tls = crate::common::tls_connect(&s, s.port, None).await;
+        let mut request = format!("wss://localhost:{}/$iothub/websocket", s.port).into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", spelling.parse().unwrap());
+        let (ws, answer) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+        assert_eq!(answer.headers()["sec-websocket-protocol"], spelling, "the client's own spelling is echoed");
+        let mut io = provisio_wsio::WsIo::<_, Message>::new(ws);
+        let mut buf = bytes::BytesMut::new();
+        let mut connect = Connect::new(&id);
+        connect.keep_alive = 60;
+        connect.login = Some(Login::new(format!("{scope}/registrations/{id}/api-version=2019-03-31"), token));
+        send_packet(&mut io, Packet::Connect(connect)).await;
+        assert!(matches!(next_packet(&mut io, &mut buf).await, Packet::ConnAck(_)));
+        send_packet(&mut io, Packet::Subscribe(Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce))).await;
+        assert!(matches!(next_packet(&mut io, &mut buf).await, Packet::SubAck(_)));
+        let mut poll_topic = None;
+        for (pkid, topic, body) in [
+            (
+                1,
+                "$dps/registrations/PUT/iotdps-register/?$rid=1".to_owned(),
+                format!("{{\"registrationId\":\"{id}\"}}"),
+            ),
+            (2, String::new(), String::new()),
+        ] {
+            let topic = if pkid == 1 { topic } else { poll_topic.take().unwrap() };
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, body.into_bytes());
+            p.pkid = pkid;
+            send_packet(&mut io, Packet::Publish(p)).await;
+            assert_eq!(next_packet(&mut io, &mut buf).await, Packet::PubAck(PubAck::new(pkid)));
+            let Packet::Publish(answer) = next_packet(&mut io, &mut buf).await else { panic!("no answer") };
+            send_packet(&mut io, Packet::PubAck(PubAck::new(answer.pkid))).await;
+            let (status, _, _) = provisio_testkit::devices::parse_response_topic(&answer.topic);
+            let v: Value = serde_json::from_slice(&answer.payload).unwrap();
+            if pkid == 1 {
+                assert_eq!(status, 202, "{spelling}: {v}");
+                let op = v["operationId"].as_str().unwrap();
+                poll_topic =
+                    Some(format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={op}"));
+            } else {
+                assert_eq!(status, 200, "{spelling}: {v}");
+                assert_eq!(v["status"], "assigned", "{spelling}: {v}");
+            }
+        }
+    }
+}
