@@ -455,6 +455,11 @@ mod tests {
         }
         let e = check_api_version(DEVICE_API_VERSIONS, Some("2019-04-16")).unwrap_err();
         assert_eq!(e.code(), 400_004);
+        // Issue #25, point 2: the specification's newer versions, and none that no source shows.
+        for v in ["2021-10-01", "2025-07-01-preview", "2026-04-01", "2026-11-01", "2026-11-02-preview"] {
+            assert!(check_api_version(DEVICE_API_VERSIONS, Some(v)).is_ok(), "{v}");
+        }
+        assert_eq!(check_api_version(DEVICE_API_VERSIONS, Some("2019-01-15")).unwrap_err().code(), 400_004);
         assert!(e.to_string().starts_with("Unsupported API version 2019-04-16."), "{e}");
     }
 
