@@ -480,6 +480,12 @@ mod tests {
         assert_eq!(hint(Error::Timeout), Some(5));
         assert_eq!(hint(Error::invalid("x")), None);
         assert_eq!(hint(Error::unauthorized("x")), None);
+        // Issue #25, point 3: `info` carries the retry hint, and only that, where there is one.
+        let body = |e: Error| serde_json::from_slice::<serde_json::Value>(&e.answer().body).unwrap();
+        assert_eq!(body(Error::Throttled(7))["info"], serde_json::json!({"retryAfter": "7"}));
+        assert_eq!(body(Error::Timeout)["info"], serde_json::json!({"retryAfter": "5"}));
+        assert!(body(Error::unauthorized("x")).get("info").is_none());
+        assert!(body(Error::invalid("x")).get("info").is_none());
         let a = Error::NotFound { code: 404_202, message: "gone".into() }.answer();
         assert_eq!(a.status, 404);
         let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();

@@ -184,12 +184,17 @@ impl Error {
             Some(detail) => tracing::info!(tracking_id, error_code = code, detail, "request refused"),
             None => tracing::info!(tracking_id, error_code = code, message = %self, "request refused"),
         }
+        // `info` (the specification's string map) only where Provisio can say what it holds:
+        // the retry hint a throttled or failed request carries (`Retry-After` over HTTPS, the
+        // MQTT topic's `retry-after`, AMQP's error info), for clients that read only bodies.
+        let info =
+            self.retry_after().map(|secs| std::iter::once(("retryAfter".to_owned(), secs.to_string())).collect());
         ErrorBody {
             error_code: code,
             tracking_id,
             message: self.to_string(),
             timestamp_utc: provisio_core::timefmt::now(),
-            info: None,
+            info,
         }
     }
 }

@@ -352,6 +352,52 @@ async fn tls_1_2_and_1_3_without_alpn_older_versions_refused() {
     // The server asks for a client certificate but does not require one (curl sent none above).
 }
 
+/// The specification's error shape (issue #25, point 3): every error answer carries
+/// `x-ms-error-code`, on the device and the service API, and `info` holds the retry hint
+/// where there is one (and is absent where Provisio has nothing to put in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_carry_x_ms_error_code_and_the_retry_hint_in_info() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("d"), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let e = put_enrollment(
+        &s,
+        false,
+        "info-1",
+        json!({"registrationId": "info-1", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let tok = device_token(&scope, "info-1", &key, now() + 600);
+    let client = s.client();
+    let r = client
+        .put(s.url(&format!("/{scope}/registrations/info-1/register?api-version=2019-03-31")))
+        .header("Authorization", &tok)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let op = r.json::<Value>().await.unwrap()["operationId"].as_str().unwrap().to_owned();
+    let poll = s.url(&format!("/{scope}/registrations/info-1/operations/{op}?api-version=2019-03-31"));
+    let mut last = None;
+    for _ in 0..6 {
+        last = Some(client.get(&poll).header("Authorization", &tok).send().await.unwrap());
+    }
+    let r = last.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ms-error-code"], "429001");
+    let retry = r.headers()["retry-after"].to_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_dps_error(429, &body, 429, 429_001);
+    assert_eq!(body["info"], json!({"retryAfter": retry}), "{body}");
+    let r = client.get(&poll).header("Authorization", "SharedAccessSignature sr=x&sig=y&se=1").send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["x-ms-error-code"].to_str().unwrap()), (401, "401002"));
+    let body: Value = r.json().await.unwrap();
+    assert!(body.get("info").is_none(), "nothing to say: {body}");
+    let r = client.get(s.url("/enrollments/nobody?api-version=2021-10-01")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["x-ms-error-code"].to_str().unwrap()), (401, "401002"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_and_connection_limits() {
     use reqwest::Method;
