@@ -122,6 +122,9 @@ pub struct Request<'a> {
     /// For TPM devices: the key delivered into the TPM (base64), which it signs with at the
     /// hub too.
     pub tpm_key: Option<&'a str>,
+    /// For TPM devices: the storage root key the key was delivered to (base64
+    /// `TPM2B_PUBLIC`, as the device sent it).
+    pub tpm_storage_root_key: Option<&'a str>,
 }
 
 impl Assigner {
@@ -239,6 +242,7 @@ impl Assigner {
             initial_twin: if plan.apply_twin { plan.twin.clone() } else { None },
             previous_iot_hub_host_name: if moved { previous.as_ref().map(|p| p.hub.to_owned()) } else { None },
             migrate_device_data: plan.migrate,
+            payload: r.payload.cloned(),
         };
         let url =
             hubs.iter().find(|h| h.host_name.eq_ignore_ascii_case(&hub)).and_then(|h| h.registrar_webhook_url.clone());
@@ -312,12 +316,30 @@ impl Assigner {
             ctx["currentIotHubHostName"] = json!(h);
             ctx["currentDeviceId"] = json!(r.device_id);
         }
-        match (r.x509, r.matched) {
+        let tpm = match r.matched {
+            Matched::Individual(e) => match &e.attestation {
+                provisio_core::model::Attestation::Tpm { endorsement_key, storage_root_key } => {
+                    Some((endorsement_key, r.tpm_storage_root_key.or(storage_root_key.as_deref())))
+                }
+                _ => None,
+            },
+            Matched::Group(_) => None,
+        };
+        match (r.x509, tpm) {
             (Some(x), _) => {
                 ctx["x509"] = json!({
                     "certificateInfo": wire::cert_info_to_wire(&x.certificate_info),
                     "signingCertificateInfo": x.signing_certificate_info.as_ref().map(wire::cert_info_to_wire),
                 });
+            }
+            // A TPM device's public keys, as DPS sends them (`spec/service-api.md` §4.4): the
+            // enrolled endorsement key and the storage root key it registered with.
+            (None, Some((endorsement_key, storage_root_key))) => {
+                let mut tpm = json!({ "endorsementKey": endorsement_key });
+                if let Some(srk) = storage_root_key {
+                    tpm["storageRootKey"] = json!(srk);
+                }
+                ctx["tpm"] = tpm;
             }
             // DPS sends an empty object for symmetric-key devices.
             (None, _) => ctx["symmetricKey"] = json!({}),
@@ -372,9 +394,16 @@ impl Assigner {
     }
 }
 
+/// The enrollment as DPS embeds it in the webhook's request: no etag, and the webhook URL's
+/// query (it holds the function key) shown as `?****`.
 fn strip_etag(v: &mut Value) {
     if let Some(o) = v.as_object_mut() {
         o.remove("etag");
+    }
+    if let Some(url) = v.pointer_mut("/customAllocationDefinition/webhookUrl")
+        && let Some((base, _query)) = url.as_str().and_then(|u| u.split_once('?'))
+    {
+        *url = json!(format!("{base}?****"));
     }
 }
 

@@ -781,6 +781,7 @@ impl Engine {
                     previous: previous.as_ref(),
                     device_id,
                     tpm_key: tpm_challenge.as_ref().map(|c| c.challenge_key.as_str()),
+                    tpm_storage_root_key: tpm_challenge.as_ref().map(|c| c.storage_root_key.as_str()),
                 })
                 .await?
         } else {
@@ -960,12 +961,18 @@ mod tests {
     const SCOPE: &str = "0ne0000ABCD";
 
     async fn setup(hubs: &[&str]) -> (Engine, ServiceApi, Arc<dyn Store>) {
+        setup_with(hubs, crate::allocation::AllocationSettings::default()).await
+    }
+
+    async fn setup_with(
+        hubs: &[&str],
+        allocation: crate::allocation::AllocationSettings,
+    ) -> (Engine, ServiceApi, Arc<dyn Store>) {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
         let hub_list: Vec<String> = hubs.iter().map(|h| (*h).to_owned()).collect();
         let linked = crate::hubs::Hubs::new(store.clone());
         linked.seed(&hub_list, "unused.example").await.unwrap();
-        let assigner =
-            crate::allocation::Assigner::new(linked, crate::allocation::AllocationSettings::default()).unwrap();
+        let assigner = crate::allocation::Assigner::new(linked, allocation).unwrap();
         let engine = Engine::new(
             store.clone(),
             IdScope::parse(SCOPE).unwrap(),
@@ -1083,6 +1090,83 @@ mod tests {
         assert!(state.symmetric_key.is_none() && state.x509.is_none());
         let blob = B64.decode(state.tpm.unwrap()["authenticationKey"].as_str().unwrap()).unwrap();
         assert!(blob.len() > 600, "{}", blob.len());
+    }
+
+    /// One HTTP request on loopback: its JSON body comes back through the handle; the answer
+    /// is `answer`.
+    async fn one_request(answer: &'static str) -> (String, tokio::task::JoinHandle<serde_json::Value>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alloc", l.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body_at = loop {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if req.len() >= end + 4 + len {
+                        break end + 4;
+                    }
+                }
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            serde_json::from_slice(&req[body_at..]).unwrap()
+        });
+        (url, task)
+    }
+
+    /// Issue #25, point 4: the custom allocation webhook's `deviceRuntimeContext` carries a TPM
+    /// device's keys, as DPS sends them (it said `symmetricKey: {}`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tpm_devices_webhook_context_carries_its_keys() {
+        let mut allocation = crate::allocation::AllocationSettings::default();
+        allocation.webhooks.addresses = crate::addresses::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let (engine, _, _store) = setup_with(&["hub1.example.net"], allocation).await;
+        let api = engine.service_api(vec!["localhost".into()], crate::service::ServiceLimits::default());
+        let (url, seen) = one_request(r#"{"iotHubHostName":"hub1.example.net"}"#).await;
+        let ek = &include_bytes!("../../../fuzz/corpus/tpm/ek")[1..];
+        let srk = &include_bytes!("../../../fuzz/corpus/tpm/srk")[1..];
+        let e: IndividualEnrollment = serde_json::from_value(serde_json::json!({
+            "registrationId": "tpm-3",
+            "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(ek)}},
+            "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": format!("{url}?code=function-key"), "apiVersion": "2021-10-01"},
+        }))
+        .unwrap();
+        api.put_enrollment("tpm-3", e, None).await.unwrap();
+        let device = crate::TpmChallenge::new(ek, srk).unwrap();
+        engine.store_tpm_challenge(&RegistrationId::parse("tpm-3").unwrap(), &device).await.unwrap();
+        let payload = serde_json::json!({"model": "m-1"});
+        let request = DeviceRegistration { payload: Some(payload.clone()), ..DeviceRegistration::default() };
+        let key = B64.encode(&device.key);
+        let op = engine.register(SCOPE, "tpm-3", request, &token("tpm-3", &key)).await.unwrap();
+        let request = seen.await.unwrap();
+        // The function key in the URL's query is masked, as DPS does.
+        assert_eq!(request["individualEnrollment"]["customAllocationDefinition"]["webhookUrl"], format!("{url}?****"));
+        assert!(!request.to_string().contains("function-key"), "{request}");
+        let ctx = request["deviceRuntimeContext"].clone();
+        assert_eq!(
+            ctx["tpm"],
+            serde_json::json!({"endorsementKey": B64.encode(ek), "storageRootKey": B64.encode(srk)}),
+            "{ctx}"
+        );
+        assert!(ctx.get("symmetricKey").is_none() && ctx.get("x509").is_none(), "{ctx}");
+        assert_eq!(ctx["payload"], payload);
+        assert!(!ctx.to_string().contains(&key), "the challenge key is a secret: {ctx}");
+        let status = engine.operation_status(SCOPE, "tpm-3", &op, &token("tpm-3", &key), None).await.unwrap();
+        assert_eq!(status.registration_state.unwrap().assigned_hub.as_deref(), Some("hub1.example.net"));
     }
 
     /// Finding 8 of issue #24: anyone who knows a device's EK (a public key) could ask for a

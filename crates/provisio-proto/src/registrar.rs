@@ -47,6 +47,10 @@ pub struct HubDevice {
     pub previous_iot_hub_host_name: Option<String>,
     /// Whether the twin moves with the device (`deviceDataMigrated`).
     pub migrate_device_data: bool,
+    /// The custom payload the device sent with its registration (absent when it sent none),
+    /// as the custom allocation webhook gets it in `deviceRuntimeContext.payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
 }
 
 /// The registrar endpoint's answer (any 2xx; the body is optional).

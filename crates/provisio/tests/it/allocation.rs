@@ -273,7 +273,8 @@ async fn reprovision_policies_across_a_hub_change_and_the_hub_registrar() {
         upd["attestation"] = e["attestation"].clone();
         let (st, _) = service(&s, Method::PUT, &format!("/enrollments/{id}?{v}"), Some("*"), Some(upd)).await;
         assert_eq!(st, 200);
-        let r = register(&s, id, &key, "{}");
+        // The device sends a payload this time: the registrar gets it too.
+        let r = register(&s, id, &key, &format!(r#"{{"payload":{{"site":"{id}"}}}}"#));
         assert_eq!(r["registrationState"]["assignedHub"], hub_after, "{id}: {r}");
         assert_eq!(r["registrationState"]["substatus"], sub_after, "{id}: {r}");
         let (_, state) = service(&s, Method::GET, &format!("/registrations/{id}?{v}"), None, None).await;
@@ -289,6 +290,9 @@ async fn reprovision_policies_across_a_hub_change_and_the_hub_registrar() {
     assert!(migrate["authentication"]["primaryKey"].as_str().is_some_and(|k| !k.is_empty()));
     let reset = calls.iter().find(|c| c["registrationId"] == "rp-reset").unwrap();
     assert_eq!(reset["initialTwin"]["tags"]["hub"], "hub-b.example.net");
+    // Issue #25, point 4: the device's payload reaches the registrar.
+    assert_eq!(migrate["payload"], json!({"site": "rp-migrate"}));
+    assert_eq!(reset["payload"], json!({"site": "rp-reset"}));
     assert!(calls.iter().all(|c| c["registrationId"] != "rp-never"), "hub A has no registrar");
 
     // Deleting the registration state lets the device register afresh.
