@@ -4,6 +4,7 @@
 
 pub mod attest;
 pub mod cache;
+pub mod issue;
 pub mod testcerts;
 pub mod x509;
 
