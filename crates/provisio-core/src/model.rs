@@ -156,6 +156,9 @@ pub struct EnrollmentSettings {
     /// Custom allocation webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_allocation: Option<CustomAllocation>,
+    /// The certificate policy that issues operational certificates from devices' requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_policy_name: Option<String>,
 }
 
 /// An individual enrollment.
@@ -279,6 +282,25 @@ pub struct RegistrationRecord {
     /// For TPM devices: the key delivered with the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmDetails>,
+    /// The operational certificate issued with this registration, if the device asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<IssuedCertificate>,
+}
+
+/// An operational certificate issued from a device's request at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// Base64 DER: the certificate, then each issuer up to the root.
+    pub chain: Vec<String>,
+    /// Serial number, upper-case hex.
+    pub serial: String,
+    /// SHA-256 thumbprint of the certificate, upper-case hex.
+    pub sha256_thumbprint: String,
+    /// End of validity, ISO-8601 UTC.
+    pub not_after: String,
+    /// The issuing CA's name.
+    pub ca_name: String,
 }
 
 /// What a TPM device's registration delivered.

@@ -808,6 +808,7 @@ impl Engine {
             x509,
             initial_twin: assignment.twin,
             tpm,
+            issued: None,
         };
         let operation_id = new_operation_id();
         let body = crate::to_json(&record)

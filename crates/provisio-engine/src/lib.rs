@@ -26,6 +26,7 @@ mod engine;
 mod error;
 pub mod hubs;
 pub mod instance;
+pub mod issuance;
 pub mod limits;
 pub mod registrar;
 pub mod service;

@@ -471,6 +471,7 @@ impl ServiceApi {
                 etag: None,
                 payload: None,
                 initial_twin: None,
+                issued_certificate: None,
             },
         };
         Ok(model::enrollment_to_wire(&enrollment, &doc.etag, false, Some(state)))

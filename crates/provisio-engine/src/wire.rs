@@ -334,6 +334,7 @@ struct WireSettings {
     iot_hubs: Option<Vec<String>>,
     iot_hub_host_name: Option<String>,
     custom_allocation_definition: Option<wire::CustomAllocationDefinition>,
+    credential_policy_name: Option<String>,
 }
 
 fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, Error> {
@@ -393,6 +394,7 @@ fn settings_from_wire(w: WireSettings) -> Result<EnrollmentSettings, Error> {
         custom_allocation: w
             .custom_allocation_definition
             .map(|c| CustomAllocation { webhook_url: c.webhook_url, api_version: c.api_version }),
+        credential_policy_name: w.credential_policy_name.filter(|n| !n.trim().is_empty()),
     })
 }
 
@@ -412,6 +414,7 @@ fn settings_to_wire(s: &EnrollmentSettings) -> WireSettings {
             webhook_url: c.webhook_url.clone(),
             api_version: c.api_version.clone(),
         }),
+        credential_policy_name: s.credential_policy_name.clone(),
     }
 }
 
@@ -453,6 +456,7 @@ pub fn enrollment_from_wire(
             iot_hubs: w.iot_hubs,
             iot_hub_host_name: w.iot_hub_host_name,
             custom_allocation_definition: w.custom_allocation_definition,
+            credential_policy_name: w.credential_policy_name,
         })?,
         optional_device_information: w.optional_device_information,
         created: created.unwrap_or_else(|| now.to_owned()),
@@ -486,6 +490,7 @@ pub fn enrollment_to_wire(
         allocation_policy: s.allocation_policy,
         iot_hubs: s.iot_hubs,
         custom_allocation_definition: s.custom_allocation_definition,
+        credential_policy_name: s.credential_policy_name,
     }
 }
 
@@ -524,6 +529,7 @@ pub fn group_from_wire(
             iot_hubs: w.iot_hubs,
             iot_hub_host_name: w.iot_hub_host_name,
             custom_allocation_definition: w.custom_allocation_definition,
+            credential_policy_name: w.credential_policy_name,
         })?,
         created: created.unwrap_or_else(|| now.to_owned()),
         updated: now.to_owned(),
@@ -548,6 +554,7 @@ pub fn group_to_wire(g: &EnrollmentGroup, etag: &str, with_secrets: bool) -> wir
         allocation_policy: s.allocation_policy,
         iot_hubs: s.iot_hubs,
         custom_allocation_definition: s.custom_allocation_definition,
+        credential_policy_name: s.credential_policy_name,
     }
 }
 
@@ -568,6 +575,13 @@ pub fn registration_state_to_wire(r: &RegistrationRecord, etag: &str) -> DeviceR
         etag: d.etag,
         payload: d.payload,
         initial_twin: r.initial_twin.clone(),
+        issued_certificate: r.issued.as_ref().map(|i| provisio_proto::service::IssuedCertificateInfo {
+            serial_number: i.serial.clone(),
+            sha256_thumbprint: i.sha256_thumbprint.clone(),
+            not_after_utc: i.not_after.clone(),
+            certificate_authority_name: i.ca_name.clone(),
+            revoked_date_time_utc: None,
+        }),
     }
 }
 
@@ -612,6 +626,7 @@ pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrat
     if let Some(t) = &record.tpm {
         r.tpm = Some(serde_json::json!({ "authenticationKey": t.authentication_key }));
     }
+    r.issued_certificate_chain = record.issued.as_ref().map(|i| i.chain.clone());
     match &record.x509 {
         Some(x) => {
             r.x509 = Some(X509RegistrationResult {

@@ -228,6 +228,63 @@ pub fn issuing_ca(parent: &CertAndKey, common_name: &str, days: i64) -> Result<C
     Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
+/// Makes a self-signed root for issuing CAs (`CA:TRUE`, path length 1: one issuing CA below
+/// it, then devices), ECDSA P-256, valid for ten years.
+///
+/// # Errors
+/// If key generation or signing fails.
+pub fn issuing_root(common_name: &str) -> Result<CertAndKey, crate::PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Provisio");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(random_serial());
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(3650);
+    let cert = params.self_signed(&key)?;
+    Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Checks an operator's CA for import: `cert_pem` is a CA certificate (`CA:TRUE`) that is
+/// valid now, `key_pem` is its private key (it signs something the certificate's key
+/// verifies), and `chain_pem` (the certificates above it; empty for a root) validates it.
+///
+/// # Errors
+/// With the reason.
+pub fn check_ca(cert_pem: &str, key_pem: &str, chain_pem: &str) -> Result<(), crate::PkiError> {
+    let bad = |m: &str| crate::PkiError::Parse(m.to_owned());
+    let der = crate::x509::decode_pem_chain(cert_pem)
+        .map_err(|e| crate::PkiError::Parse(e.to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("the certificate holds no certificate"))?;
+    if !crate::x509::is_ca(&der).map_err(|e| crate::PkiError::Parse(e.to_string()))? {
+        return Err(bad("the certificate is not a CA certificate (basic constraints lack CA:TRUE)"));
+    }
+    let now = OffsetDateTime::now_utc();
+    crate::x509::check_validity(&der, now).map_err(|e| crate::PkiError::Parse(e.to_string()))?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| crate::PkiError::Parse(format!("the private key: {e}")))?;
+    // The key must be the certificate's: sign a probe certificate and verify it with the CA's key.
+    let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| crate::PkiError::Parse(e.to_string()))?;
+    let probe_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let probe = CertificateParams::default().signed_by(&probe_key, &issuer)?;
+    if !crate::x509::is_or_signed_by_any(probe.der(), std::slice::from_ref(&der)) {
+        return Err(bad("the private key is not the certificate's"));
+    }
+    let chain = crate::x509::decode_pem_chain(chain_pem).map_err(|e| crate::PkiError::Parse(e.to_string()))?;
+    if let Some(first) = chain.first()
+        && !crate::x509::is_or_signed_by_any(&der, std::slice::from_ref(first))
+    {
+        return Err(bad("the chain's first certificate did not sign the CA certificate"));
+    }
+    Ok(())
+}
+
 /// A random positive serial number of 128 bits (RFC 5280 allows up to 20 octets; CA/B rules ask
 /// for at least 64 bits of randomness).
 fn random_serial() -> SerialNumber {

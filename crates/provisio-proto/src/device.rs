@@ -19,6 +19,10 @@ pub struct DeviceRegistration {
     /// Custom data for allocation webhooks; `null` is the same as absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// Base64 of a DER PKCS#10 certificate signing request, without PEM armour: the device
+    /// asks for an operational certificate (api-version `2025-07-01-preview` and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 /// TPM public keys as sent by the device: base64 of marshalled `TPM2B_PUBLIC`.
@@ -133,6 +137,10 @@ pub struct DeviceRegistrationResult {
     /// TPM details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<Value>,
+    /// The certificate issued for the registration's `csr`: base64 DER, the leaf first,
+    /// then each issuer up to the root. Never in the status lookup's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 impl DeviceRegistrationResult {
@@ -154,6 +162,7 @@ impl DeviceRegistrationResult {
             symmetric_key: None,
             x509: None,
             tpm: None,
+            issued_certificate_chain: None,
         }
     }
 }

@@ -329,6 +329,10 @@ pub struct IndividualEnrollment {
     /// Custom allocation webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+    /// The certificate policy that issues operational certificates to its devices
+    /// (`2025-07-01-preview`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_policy_name: Option<String>,
 }
 
 /// `EnrollmentGroup`.
@@ -372,6 +376,10 @@ pub struct EnrollmentGroup {
     /// Custom allocation webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+    /// The certificate policy that issues operational certificates to its devices
+    /// (`2025-07-01-preview`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_policy_name: Option<String>,
 }
 
 /// `DeviceRegistrationState`, as the service API shows it.
@@ -412,4 +420,79 @@ pub struct DeviceRegistrationState {
     /// Provisio: the twin the device was given at its hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_twin: Option<Value>,
+    /// Provisio: the device's current operational certificate, when one was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate: Option<IssuedCertificateInfo>,
+}
+
+/// Provisio: an operational certificate issued at registration, as the service API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificateInfo {
+    /// Serial number, upper-case hex.
+    pub serial_number: String,
+    /// SHA-256 thumbprint, upper-case hex.
+    pub sha256_thumbprint: String,
+    /// End of validity.
+    pub not_after_utc: String,
+    /// The issuing CA's name.
+    pub certificate_authority_name: String,
+    /// When it was revoked, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_date_time_utc: Option<String>,
+}
+
+/// Provisio: an issuing CA of operational certificates (`/certificateAuthorities/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateAuthority {
+    /// Its name.
+    pub name: String,
+    /// Its certificate, PEM (read-only on create; an import sends it with `privateKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// The certificates above it up to the root, PEM (import only; absent: self-signed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
+    /// Its private key, PEM (write-only, import only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// Read-only: its subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Read-only: SHA-256 thumbprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256_thumbprint: Option<String>,
+    /// Read-only: end of validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_utc: Option<String>,
+    /// Read-only: the path of its CRL on this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_path: Option<String>,
+    /// Opaque version tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// Provisio: a certificate policy (`/credentialPolicies/{name}`): which CA issues, for how
+/// long, to which keys, how often.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialPolicy {
+    /// Its name.
+    pub name: String,
+    /// The issuing CA.
+    pub certificate_authority_name: String,
+    /// Validity of issued certificates, days (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validity_in_days: Option<u32>,
+    /// Allowed key types: `ecdsa-p256`, `ecdsa-p384`, `rsa` (2048-4096 bits). Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_types: Option<Vec<String>>,
+    /// Certificates one device may be issued per day (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuance_limit_per_day: Option<u32>,
+    /// Opaque version tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }

@@ -42,6 +42,13 @@ pub enum Collection {
     /// Outstanding TPM challenges (the key a TPM device was sent), keyed by case-folded
     /// registration id.
     TpmChallenges,
+    /// Issuing CAs of operational certificates, keyed by case-folded name.
+    IssuingCas,
+    /// Certificate policies, keyed by case-folded name.
+    CredentialPolicies,
+    /// Operational certificates issued at registration, keyed by
+    /// `{case-folded registration id}/{serial}` (a device's are listed together).
+    IssuedCertificates,
 }
 
 impl Collection {
@@ -58,6 +65,9 @@ impl Collection {
             Self::Audit => "audit",
             Self::TpmChallenges => "tpmChallenges",
             Self::Hubs => "hubs",
+            Self::IssuingCas => "issuingCas",
+            Self::CredentialPolicies => "credentialPolicies",
+            Self::IssuedCertificates => "issuedCertificates",
         }
     }
 }

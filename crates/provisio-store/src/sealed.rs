@@ -53,6 +53,7 @@ const SEALED_COLLECTIONS: &[Collection] = &[
     Collection::Meta,
     Collection::TpmChallenges,
     Collection::Hubs,
+    Collection::IssuingCas,
 ];
 
 /// Key problems, reported at start-up before anything is served.

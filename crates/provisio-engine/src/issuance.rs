@@ -1,0 +1,574 @@
+//! Operational certificates issued at registration (issue #26): issuing CAs, certificate
+//! policies, the certificates issued to devices, their revocation and each CA's CRL.
+//!
+//! A device sends a PKCS#10 request (`csr`) with its registration; the enrollment (or group)
+//! names a certificate policy (`credentialPolicyName`), which names the issuing CA, the
+//! validity, the key types allowed and how many certificates one device may be issued a day.
+//! The request is checked before the device is assigned ([`Issuance::prepare`]): a request
+//! that cannot be honoured refuses the registration and nothing is stored. Once the device
+//! is assigned, the certificate is issued ([`Issuance::issue`]) and its chain goes into the
+//! registration's result.
+
+use std::sync::Arc;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use provisio_core::{ids::RegistrationId, model::IssuedCertificate, text::shorten, timefmt};
+use provisio_pki::{
+    CertAndKey,
+    issue::{AllowedKeys, Csr},
+};
+use provisio_proto::{
+    error::codes,
+    service::{CertificateAuthority, CredentialPolicy},
+};
+use provisio_store::{Collection, Precondition, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Resource, StoreResult};
+
+/// Validity of issued certificates unless the policy says otherwise, days.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 30;
+/// Certificates one device may be issued per day unless the policy says otherwise.
+pub const DEFAULT_ISSUANCE_LIMIT_PER_DAY: u32 = 10;
+/// How long a CRL is valid for (`nextUpdate`); a new one is signed at every request.
+const CRL_VALIDITY: time::Duration = time::Duration::days(7);
+/// Validity of CAs made by [`Issuance::create_ca`], days.
+const CA_VALIDITY_DAYS: i64 = 3650;
+/// The `Meta` key of the root that CAs made here are issued under.
+const ISSUING_ROOT: &str = "issuingRoot";
+
+/// A stored issuing CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredCa {
+    name: String,
+    cert_pem: String,
+    /// Sealed at rest like every private key.
+    key_pem: String,
+    /// The certificates above it up to the root (empty when it is a root).
+    #[serde(default)]
+    chain_pem: String,
+    created: String,
+}
+
+/// A stored certificate policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPolicy {
+    name: String,
+    ca_name: String,
+    validity_days: u32,
+    key_types: Vec<String>,
+    issuance_limit_per_day: u32,
+}
+
+/// A certificate issued to a device, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredIssued {
+    registration_id: String,
+    serial: String,
+    sha256_thumbprint: String,
+    not_after: String,
+    ca_name: String,
+    /// Unix seconds.
+    issued: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revoked: Option<String>,
+}
+
+/// A device's request, checked against its policy, ready to be honoured once it is assigned.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    csr: Csr,
+    policy: StoredPolicy,
+    ca: StoredCa,
+}
+
+/// The key type names a policy lists.
+const KEY_TYPES: &[&str] = &["ecdsa-p256", "ecdsa-p384", "rsa"];
+
+fn allowed_keys(types: &[String]) -> AllowedKeys {
+    let has = |t: &str| types.iter().any(|k| k.eq_ignore_ascii_case(t));
+    AllowedKeys {
+        ecdsa_p256: has("ecdsa-p256"),
+        ecdsa_p384: has("ecdsa-p384"),
+        rsa_bits: has("rsa").then_some((2048, 4096)),
+    }
+}
+
+fn pem_chain_ders(pem: &str) -> Result<Vec<Vec<u8>>, Error> {
+    provisio_pki::x509::decode_pem_chain(pem).map_err(|e| Error::Internal(format!("a stored CA is corrupt: {e}")))
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("{what} name '{}' must be 1-128 characters of A-Z a-z 0-9 - . _", shorten(name))))
+    }
+}
+
+/// Issuing CAs, certificate policies and issued certificates, in the store.
+#[derive(Clone)]
+pub struct Issuance {
+    store: Arc<dyn Store>,
+    /// `https://host[:port]` of this service, for CRL distribution points.
+    public_url: Option<String>,
+    /// The instance's ID scope, for the issuing root's name.
+    scope: String,
+}
+
+impl Issuance {
+    /// Issuance over `store`; issued certificates point at CRLs under `public_url` when given.
+    #[must_use]
+    pub fn new(store: Arc<dyn Store>, scope: &str, public_url: Option<String>) -> Self {
+        Self { store, public_url, scope: scope.to_owned() }
+    }
+
+    /// The path of a CA's CRL on the HTTPS listener (no authentication).
+    #[must_use]
+    pub fn crl_path(name: &str) -> String {
+        format!("/crl/{}.crl", name.to_ascii_lowercase())
+    }
+
+    /// The root that CAs made here are issued under, made on first use. It is not the
+    /// instance's TLS root, whose path length allows no intermediate.
+    async fn issuing_root(&self) -> Result<CertAndKey, Error> {
+        #[derive(Serialize, Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Root {
+            cert_pem: String,
+            key_pem: String,
+        }
+        let fresh = provisio_pki::issue::issuing_root(&format!("Provisio Issuing Root {}", self.scope))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let body = serde_json::to_string(&Root { cert_pem: fresh.cert_pem, key_pem: fresh.key_pem })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // insert_if_absent: two nodes making their first CA at once agree on one root.
+        let doc = self.store.insert_if_absent(Collection::Meta, ISSUING_ROOT, &body).await.or_internal()?;
+        let root: Root = serde_json::from_str(&doc.body).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(CertAndKey { cert_pem: root.cert_pem, key_pem: root.key_pem })
+    }
+
+    /// `PUT /certificateAuthorities/{name}` without a certificate: makes an issuing CA under
+    /// the issuing root. With `certificate` and `privateKey` (and `chain` up to the root):
+    /// imports an operator's CA.
+    ///
+    /// # Errors
+    /// `409` when it exists; `400` for a bad name, certificate, key or chain.
+    pub async fn put_ca(&self, name: &str, body: CertificateAuthority) -> Result<CertificateAuthority, Error> {
+        check_name("A certificate authority", name)?;
+        let stored = match (&body.certificate, &body.private_key) {
+            (None, None) => {
+                let root = self.issuing_root().await?;
+                let ca = provisio_pki::issue::issuing_ca(&root, name, CA_VALIDITY_DAYS)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                StoredCa {
+                    name: name.to_owned(),
+                    cert_pem: ca.cert_pem,
+                    key_pem: ca.key_pem,
+                    chain_pem: root.cert_pem,
+                    created: timefmt::now(),
+                }
+            }
+            (Some(cert), Some(key)) => {
+                let chain = body.chain.clone().unwrap_or_default();
+                provisio_pki::issue::check_ca(cert, key, &chain).map_err(|e| Error::invalid(e.to_string()))?;
+                StoredCa {
+                    name: name.to_owned(),
+                    cert_pem: cert.clone(),
+                    key_pem: key.clone(),
+                    chain_pem: chain,
+                    created: timefmt::now(),
+                }
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "An imported certificate authority needs both 'certificate' and 'privateKey' (PEM); \
+                     send neither to have one made.",
+                ));
+            }
+        };
+        let doc_body = serde_json::to_string(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        let key = name.to_ascii_lowercase();
+        self.store.put(Collection::IssuingCas, &key, &doc_body, Precondition::CreateOnly).await.about(&Resource {
+            kind: "Certificate authority",
+            id: name,
+            not_found_code: codes::NOT_FOUND,
+        })?;
+        self.get_ca(name).await
+    }
+
+    async fn stored_ca(&self, name: &str) -> Result<Option<(StoredCa, String)>, Error> {
+        let Some(doc) = self.store.get(Collection::IssuingCas, &name.to_ascii_lowercase()).await.or_internal()? else {
+            return Ok(None);
+        };
+        let ca: StoredCa =
+            serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored CA is corrupt: {e}")))?;
+        Ok(Some((ca, doc.etag)))
+    }
+
+    fn ca_to_wire(ca: &StoredCa, etag: &str) -> Result<CertificateAuthority, Error> {
+        let der = pem_chain_ders(&ca.cert_pem)?.into_iter().next().ok_or_else(|| Error::Internal("empty CA".into()))?;
+        let info = provisio_pki::x509::cert_info(&der).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(CertificateAuthority {
+            name: ca.name.clone(),
+            certificate: Some(ca.cert_pem.clone()),
+            chain: (!ca.chain_pem.is_empty()).then(|| ca.chain_pem.clone()),
+            private_key: None,
+            subject: Some(info.subject_name),
+            sha256_thumbprint: Some(info.sha256_thumbprint),
+            not_after_utc: Some(info.not_after_utc),
+            crl_path: Some(Self::crl_path(&ca.name)),
+            etag: Some(etag.to_owned()),
+        })
+    }
+
+    /// `GET /certificateAuthorities/{name}` (never the private key).
+    ///
+    /// # Errors
+    /// `404` when it does not exist.
+    pub async fn get_ca(&self, name: &str) -> Result<CertificateAuthority, Error> {
+        let (ca, etag) = self.stored_ca(name).await?.ok_or_else(|| not_found("certificate authority", name))?;
+        Self::ca_to_wire(&ca, &etag)
+    }
+
+    /// `GET /certificateAuthorities`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn list_cas(&self) -> Result<Vec<CertificateAuthority>, Error> {
+        let mut out = Vec::new();
+        for doc in self.store.list(Collection::IssuingCas, None, 1000).await.or_internal()? {
+            let ca: StoredCa =
+                serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored CA is corrupt: {e}")))?;
+            out.push(Self::ca_to_wire(&ca, &doc.etag)?);
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /certificateAuthorities/{name}`: refused while a policy names it.
+    ///
+    /// # Errors
+    /// `404`; `409` while a policy uses it.
+    pub async fn delete_ca(&self, name: &str) -> Result<(), Error> {
+        if let Some(p) = self.list_stored_policies().await?.into_iter().find(|p| p.ca_name.eq_ignore_ascii_case(name)) {
+            return Err(Error::Conflict(format!(
+                "The certificate policy '{}' issues from '{name}': delete or change it first.",
+                p.name
+            )));
+        }
+        self.store.delete(Collection::IssuingCas, &name.to_ascii_lowercase(), None).await.about(&Resource {
+            kind: "Certificate authority",
+            id: name,
+            not_found_code: codes::NOT_FOUND,
+        })
+    }
+
+    /// `PUT /credentialPolicies/{name}`: creates or replaces a policy.
+    ///
+    /// # Errors
+    /// `400` for a bad name, an unknown CA or key type, a zero validity or limit.
+    pub async fn put_policy(&self, name: &str, body: CredentialPolicy) -> Result<CredentialPolicy, Error> {
+        check_name("A certificate policy", name)?;
+        if !body.name.eq_ignore_ascii_case(name) {
+            return Err(Error::invalid(format!(
+                "The body's name '{}' does not match '{name}' in the path.",
+                shorten(&body.name)
+            )));
+        }
+        if self.stored_ca(&body.certificate_authority_name).await?.is_none() {
+            return Err(Error::invalid(format!(
+                "certificateAuthorityName '{}' names no certificate authority; create it with PUT \
+                 /certificateAuthorities/{{name}} (provisio ca create).",
+                shorten(&body.certificate_authority_name)
+            )));
+        }
+        let validity_days = body.validity_in_days.unwrap_or(DEFAULT_VALIDITY_DAYS);
+        let limit = body.issuance_limit_per_day.unwrap_or(DEFAULT_ISSUANCE_LIMIT_PER_DAY);
+        if validity_days == 0 || validity_days > 3650 || limit == 0 {
+            return Err(Error::invalid("validityInDays must be 1-3650 and issuanceLimitPerDay at least 1."));
+        }
+        let key_types = body.key_types.unwrap_or_else(|| KEY_TYPES.iter().map(|k| (*k).to_owned()).collect());
+        if let Some(bad) = key_types.iter().find(|k| !KEY_TYPES.iter().any(|t| t.eq_ignore_ascii_case(k))) {
+            return Err(Error::invalid(format!(
+                "keyTypes: '{}' is not one of {}.",
+                shorten(bad),
+                KEY_TYPES.join(", ")
+            )));
+        }
+        if key_types.is_empty() {
+            return Err(Error::invalid("keyTypes must allow at least one key type."));
+        }
+        let stored = StoredPolicy {
+            name: name.to_owned(),
+            ca_name: body.certificate_authority_name,
+            validity_days,
+            key_types,
+            issuance_limit_per_day: limit,
+        };
+        let doc_body = serde_json::to_string(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(Collection::CredentialPolicies, &name.to_ascii_lowercase(), &doc_body, Precondition::Any)
+            .await
+            .or_internal()?;
+        self.get_policy(name).await
+    }
+
+    async fn stored_policy(&self, name: &str) -> Result<Option<(StoredPolicy, String)>, Error> {
+        let Some(doc) =
+            self.store.get(Collection::CredentialPolicies, &name.to_ascii_lowercase()).await.or_internal()?
+        else {
+            return Ok(None);
+        };
+        let p =
+            serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored policy is corrupt: {e}")))?;
+        Ok(Some((p, doc.etag)))
+    }
+
+    fn policy_to_wire(p: &StoredPolicy, etag: &str) -> CredentialPolicy {
+        CredentialPolicy {
+            name: p.name.clone(),
+            certificate_authority_name: p.ca_name.clone(),
+            validity_in_days: Some(p.validity_days),
+            key_types: Some(p.key_types.clone()),
+            issuance_limit_per_day: Some(p.issuance_limit_per_day),
+            etag: Some(etag.to_owned()),
+        }
+    }
+
+    /// `GET /credentialPolicies/{name}`.
+    ///
+    /// # Errors
+    /// `404` when it does not exist.
+    pub async fn get_policy(&self, name: &str) -> Result<CredentialPolicy, Error> {
+        let (p, etag) = self.stored_policy(name).await?.ok_or_else(|| not_found("certificate policy", name))?;
+        Ok(Self::policy_to_wire(&p, &etag))
+    }
+
+    async fn list_stored_policies(&self) -> Result<Vec<StoredPolicy>, Error> {
+        self.store
+            .list(Collection::CredentialPolicies, None, 1000)
+            .await
+            .or_internal()?
+            .iter()
+            .map(|d| {
+                serde_json::from_str(&d.body).map_err(|e| Error::Internal(format!("stored policy is corrupt: {e}")))
+            })
+            .collect()
+    }
+
+    /// `GET /credentialPolicies`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn list_policies(&self) -> Result<Vec<CredentialPolicy>, Error> {
+        let docs = self.store.list(Collection::CredentialPolicies, None, 1000).await.or_internal()?;
+        docs.iter()
+            .map(|d| {
+                let p: StoredPolicy = serde_json::from_str(&d.body)
+                    .map_err(|e| Error::Internal(format!("stored policy is corrupt: {e}")))?;
+                Ok(Self::policy_to_wire(&p, &d.etag))
+            })
+            .collect()
+    }
+
+    /// `DELETE /credentialPolicies/{name}`.
+    ///
+    /// # Errors
+    /// `404` when it does not exist.
+    pub async fn delete_policy(&self, name: &str) -> Result<(), Error> {
+        self.store.delete(Collection::CredentialPolicies, &name.to_ascii_lowercase(), None).await.about(&Resource {
+            kind: "Certificate policy",
+            id: name,
+            not_found_code: codes::NOT_FOUND,
+        })
+    }
+
+    /// Checks a device's `csr` against the policy its enrollment names, before the device is
+    /// assigned: the enrollment has a policy, the policy's CA exists, the request verifies,
+    /// names the device and has an allowed key, and the device has not reached its issuances
+    /// for the day.
+    ///
+    /// # Errors
+    /// `400` / `400004` naming what is wrong; `429` at the day's limit.
+    pub async fn prepare(&self, id: &RegistrationId, policy_name: Option<&str>, csr: &str) -> Result<Prepared, Error> {
+        let refuse = |public: String| Error::BadRequest { code: codes::ARGUMENT_INVALID, message: public };
+        let Some(policy_name) = policy_name else {
+            return Err(refuse(format!(
+                "The registration carries a csr, but the enrollment of '{id}' names no credentialPolicyName: it \
+                 issues no certificates."
+            )));
+        };
+        let (policy, _) = self.stored_policy(policy_name).await?.ok_or_else(|| {
+            refuse(format!(
+                "The enrollment's credentialPolicyName '{}' names no certificate policy.",
+                shorten(policy_name)
+            ))
+        })?;
+        let (ca, _) = self
+            .stored_ca(&policy.ca_name)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("the certificate policy '{}' names a missing CA", policy.name)))?;
+        let csr =
+            Csr::parse(csr, id.as_str(), &allowed_keys(&policy.key_types)).map_err(|e| refuse(format!("{e}.")))?;
+        let since = crate::engine::unix_now_i64() - 24 * 3600;
+        let today = self.issued_to(id).await?.iter().filter(|i| i.issued > since).count();
+        if today >= policy.issuance_limit_per_day as usize {
+            return Err(Error::Throttled(3600));
+        }
+        Ok(Prepared { csr, policy, ca })
+    }
+
+    /// Issues the certificate of a prepared request and records it.
+    ///
+    /// # Errors
+    /// Signing or store failures.
+    pub async fn issue(&self, id: &RegistrationId, p: &Prepared) -> Result<IssuedCertificate, Error> {
+        let ca = CertAndKey { cert_pem: p.ca.cert_pem.clone(), key_pem: p.ca.key_pem.clone() };
+        let crl_url = self.public_url.as_ref().map(|u| format!("{u}{}", Self::crl_path(&p.ca.name)));
+        let now = time::OffsetDateTime::now_utc();
+        let issued = provisio_pki::issue::issue(
+            &ca,
+            &p.csr,
+            id.as_str(),
+            time::Duration::days(i64::from(p.policy.validity_days)),
+            crl_url.as_deref(),
+            now,
+        )
+        .map_err(|e| Error::Internal(format!("issuing a certificate: {e}")))?;
+        let mut chain = vec![B64.encode(&issued.der)];
+        for der in pem_chain_ders(&p.ca.cert_pem)?.into_iter().chain(pem_chain_ders(&p.ca.chain_pem)?) {
+            chain.push(B64.encode(der));
+        }
+        let not_after = timefmt::format(issued.not_after);
+        let record = StoredIssued {
+            registration_id: id.as_str().to_owned(),
+            serial: issued.serial.clone(),
+            sha256_thumbprint: issued.sha256_thumbprint.clone(),
+            not_after: not_after.clone(),
+            ca_name: p.ca.name.clone(),
+            issued: now.unix_timestamp(),
+            revoked: None,
+        };
+        let body = serde_json::to_string(&record).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store
+            .put(
+                Collection::IssuedCertificates,
+                &format!("{}/{}", id.key(), issued.serial),
+                &body,
+                Precondition::CreateOnly,
+            )
+            .await
+            .or_internal()?;
+        Ok(IssuedCertificate {
+            chain,
+            serial: issued.serial,
+            sha256_thumbprint: issued.sha256_thumbprint,
+            not_after,
+            ca_name: p.ca.name.clone(),
+        })
+    }
+
+    /// Every certificate issued to a device, oldest key first.
+    async fn issued_to(&self, id: &RegistrationId) -> Result<Vec<StoredIssued>, Error> {
+        let prefix = format!("{}/", id.key());
+        let mut out = Vec::new();
+        let mut after = prefix.clone();
+        loop {
+            let page = self.store.list(Collection::IssuedCertificates, Some(&after), 500).await.or_internal()?;
+            let full = page.len() == 500;
+            for doc in &page {
+                if !doc.id.starts_with(&prefix) {
+                    return Ok(out);
+                }
+                out.push(
+                    serde_json::from_str(&doc.body)
+                        .map_err(|e| Error::Internal(format!("stored certificate record is corrupt: {e}")))?,
+                );
+            }
+            match page.last() {
+                Some(last) if full => after.clone_from(&last.id),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// When the certificate with `serial` of a device was revoked, if it was.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn revoked_at(&self, id: &RegistrationId, serial: &str) -> Result<Option<String>, Error> {
+        let doc =
+            self.store.get(Collection::IssuedCertificates, &format!("{}/{serial}", id.key())).await.or_internal()?;
+        Ok(doc.and_then(|d| serde_json::from_str::<StoredIssued>(&d.body).ok()).and_then(|i| i.revoked))
+    }
+
+    /// Revokes every unrevoked certificate of a device; returns how many.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn revoke(&self, id: &RegistrationId) -> Result<usize, Error> {
+        let now = timefmt::now();
+        let mut n = 0;
+        for mut i in self.issued_to(id).await? {
+            if i.revoked.is_some() {
+                continue;
+            }
+            i.revoked = Some(now.clone());
+            let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
+            self.store
+                .put(Collection::IssuedCertificates, &format!("{}/{}", id.key(), i.serial), &body, Precondition::Any)
+                .await
+                .or_internal()?;
+            tracing::info!(registration_id = %id, serial = i.serial, ca = i.ca_name, "certificate revoked");
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The CRL of a CA, DER, signed now: every revoked certificate it issued.
+    ///
+    /// # Errors
+    /// `404` for an unknown CA; store or signing failures.
+    pub async fn crl(&self, name: &str) -> Result<Vec<u8>, Error> {
+        let (ca, _) = self.stored_ca(name).await?.ok_or_else(|| not_found("certificate authority", name))?;
+        let mut revoked = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list(Collection::IssuedCertificates, after.as_deref(), 1000).await.or_internal()?;
+            for doc in &page {
+                let Ok(i) = serde_json::from_str::<StoredIssued>(&doc.body) else { continue };
+                if let Some(at) = &i.revoked
+                    && i.ca_name.eq_ignore_ascii_case(&ca.name)
+                    && let Ok(at) = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                {
+                    revoked.push(provisio_pki::issue::Revoked { serial: i.serial, at });
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+            after = page.last().map(|d| d.id.clone());
+        }
+        let now = time::OffsetDateTime::now_utc();
+        // CRL numbers must grow: seconds since the epoch do, across nodes too.
+        let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+        provisio_pki::issue::crl(
+            &CertAndKey { cert_pem: ca.cert_pem, key_pem: ca.key_pem },
+            &revoked,
+            number,
+            CRL_VALIDITY,
+            now,
+        )
+        .map_err(|e| Error::Internal(format!("signing the CRL: {e}")))
+    }
+}
+
+fn not_found(what: &str, name: &str) -> Error {
+    Error::NotFound { code: codes::NOT_FOUND, message: format!("No {what} named '{}'.", shorten(name)) }
+}
