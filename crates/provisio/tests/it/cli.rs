@@ -270,3 +270,10 @@ fn a_second_server_on_an_embedded_database_in_use_refuses_to_start() {
     let again = Server::start(dir.path(), "127.0.0.1:0", &[]);
     assert_eq!(again.info.id_scope, first.info.id_scope);
 }
+
+#[test]
+fn device_register_help_names_the_endpoint_default_once() {
+    let help = crate::common::run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["device", "register", "--help"]));
+    assert_eq!(help.matches(provisio_client::GLOBAL_ENDPOINT).count(), 1, "{help}");
+    assert!(help.contains(&format!("[default: {}]", provisio_client::GLOBAL_ENDPOINT)), "{help}");
+}
