@@ -178,12 +178,15 @@ pub enum EnrollmentCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Show an enrollment.
     Show {
         /// Registration id.
         id: String,
-        /// Include the symmetric keys.
+        /// Fetch the keys and show them in full.
         #[arg(long)]
         show_keys: bool,
     },
@@ -203,6 +206,9 @@ pub enum EnrollmentCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Delete an enrollment.
     Delete {
@@ -237,12 +243,15 @@ pub enum GroupCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Show a group.
     Show {
         /// Group id.
         id: String,
-        /// Include the symmetric keys.
+        /// Fetch the keys and show them in full.
         #[arg(long)]
         show_keys: bool,
     },
@@ -259,6 +268,9 @@ pub enum GroupCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Delete a group.
     Delete {
@@ -348,7 +360,7 @@ async fn delete(c: &Client, group: bool, id: &str, etag: Option<String>) -> Resu
 /// Runs an enrollment command.
 pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
     match cmd {
-        EnrollmentCommand::Create { id, device_id, device_information, attestation, settings } => {
+        EnrollmentCommand::Create { id, device_id, device_information, attestation, settings, show_keys } => {
             let mut e = json!({"registrationId": id, "attestation": attestation.build(false)?});
             if let Some(d) = device_id {
                 e["deviceId"] = json!(d);
@@ -357,15 +369,18 @@ pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
                 e["optionalDeviceInformation"] = json_arg(&i, "--device-information")?;
             }
             settings.apply(&mut e)?;
-            print_object(&c.send(Method::PUT, &format!("/enrollments/{}", seg(&id)), Some(&e), &[]).await?.0, c.json);
+            let (v, _) = c.send(Method::PUT, &format!("/enrollments/{}", seg(&id)), Some(&e), &[]).await?;
+            print_object(&v, c.json, show_keys);
         }
-        EnrollmentCommand::Show { id, show_keys } => print_object(&show(c, false, &id, show_keys).await?, c.json),
+        EnrollmentCommand::Show { id, show_keys } => {
+            print_object(&show(c, false, &id, show_keys).await?, c.json, show_keys);
+        }
         EnrollmentCommand::List => {
             let rows = query_all(c, "/enrollments/query", &json!({"query": "SELECT * FROM enrollments"})).await?;
-            print_list(&rows, ENROLLMENT_COLUMNS, c.json);
+            print_list(&rows, ENROLLMENT_COLUMNS, c.json, false);
         }
-        EnrollmentCommand::Update { id, device_id, etag, attestation, settings } => {
-            print_object(&update(c, false, &id, etag, &attestation, &settings, device_id).await?, c.json);
+        EnrollmentCommand::Update { id, device_id, etag, attestation, settings, show_keys } => {
+            print_object(&update(c, false, &id, etag, &attestation, &settings, device_id).await?, c.json, show_keys);
         }
         EnrollmentCommand::Delete { id, etag } => delete(c, false, &id, etag).await?,
         EnrollmentCommand::Import { file, mode, batch } => import(c, &file, &mode, batch).await?,
@@ -376,22 +391,20 @@ pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
 /// Runs an enrollment-group command.
 pub async fn run_group(c: &Client, cmd: GroupCommand) -> Result<()> {
     match cmd {
-        GroupCommand::Create { id, attestation, settings } => {
+        GroupCommand::Create { id, attestation, settings, show_keys } => {
             let mut g = json!({"enrollmentGroupId": id, "attestation": attestation.build(true)?});
             settings.apply(&mut g)?;
-            print_object(
-                &c.send(Method::PUT, &format!("/enrollmentGroups/{}", seg(&id)), Some(&g), &[]).await?.0,
-                c.json,
-            );
+            let (v, _) = c.send(Method::PUT, &format!("/enrollmentGroups/{}", seg(&id)), Some(&g), &[]).await?;
+            print_object(&v, c.json, show_keys);
         }
-        GroupCommand::Show { id, show_keys } => print_object(&show(c, true, &id, show_keys).await?, c.json),
+        GroupCommand::Show { id, show_keys } => print_object(&show(c, true, &id, show_keys).await?, c.json, show_keys),
         GroupCommand::List => {
             let rows =
                 query_all(c, "/enrollmentGroups/query", &json!({"query": "SELECT * FROM enrollmentGroups"})).await?;
-            print_list(&rows, GROUP_COLUMNS, c.json);
+            print_list(&rows, GROUP_COLUMNS, c.json, false);
         }
-        GroupCommand::Update { id, etag, attestation, settings } => {
-            print_object(&update(c, true, &id, etag, &attestation, &settings, None).await?, c.json);
+        GroupCommand::Update { id, etag, attestation, settings, show_keys } => {
+            print_object(&update(c, true, &id, etag, &attestation, &settings, None).await?, c.json, show_keys);
         }
         GroupCommand::Delete { id, etag } => delete(c, true, &id, etag).await?,
         GroupCommand::ComputeDeviceKey { .. } => unreachable!("handled without a connection"),

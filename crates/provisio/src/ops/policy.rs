@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// Shared access policy commands.
@@ -20,13 +20,23 @@ pub enum PolicyCommand {
         /// RegistrationStatusRead, RegistrationStatusWrite, DeviceConnect.
         #[arg(long)]
         rights: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
-    /// List the policies and their keys.
-    List,
+    /// List the policies.
+    List {
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
+    },
     /// Show one policy.
     Show {
         /// Policy name.
         name: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Replace a policy's primary or secondary key.
     RegenerateKey {
@@ -35,6 +45,9 @@ pub enum PolicyCommand {
         /// Which key.
         #[arg(long, value_parser = ["primary", "secondary"])]
         key: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Remove a policy.
     Remove {
@@ -46,7 +59,7 @@ pub enum PolicyCommand {
 /// Runs a policy command.
 pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
     match cmd {
-        PolicyCommand::Add { name, rights } => {
+        PolicyCommand::Add { name, rights, show_keys } => {
             let (v, _) = c
                 .send(
                     Method::PUT,
@@ -55,15 +68,22 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
                     &[],
                 )
                 .await?;
-            print_object(&v, c.json);
+            print_object(&v, c.json, show_keys);
         }
-        PolicyCommand::List => {
+        PolicyCommand::List { show_keys } => {
             let v = c.get("/policies").await?;
-            let rows = v["value"].as_array().cloned().unwrap_or_default();
-            print_list(&rows, &[("keyName", "/keyName"), ("rights", "/rights"), ("primaryKey", "/primaryKey")], c.json);
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), None);
+            print_list(
+                &rows,
+                &[("keyName", "/keyName"), ("rights", "/rights"), ("primaryKey", "/primaryKey")],
+                c.json,
+                show_keys,
+            );
         }
-        PolicyCommand::Show { name } => print_object(&c.get(&format!("/policies/{}", seg(&name))).await?, c.json),
-        PolicyCommand::RegenerateKey { name, key } => {
+        PolicyCommand::Show { name, show_keys } => {
+            print_object(&c.get(&format!("/policies/{}", seg(&name))).await?, c.json, show_keys);
+        }
+        PolicyCommand::RegenerateKey { name, key, show_keys } => {
             let (v, _) = c
                 .send(
                     Method::POST,
@@ -72,7 +92,7 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
                     &[],
                 )
                 .await?;
-            print_object(&v, c.json);
+            print_object(&v, c.json, show_keys);
         }
         PolicyCommand::Remove { name } => {
             c.send(Method::DELETE, &format!("/policies/{}", seg(&name)), None, &[]).await?;

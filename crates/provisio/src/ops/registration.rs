@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// Registration-state commands.
@@ -34,7 +34,10 @@ pub enum RegistrationCommand {
 }
 
 /// Pages through a query; returns every item.
-pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value>> {
+///
+/// # Errors
+/// As [`Client::send`].
+pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Listing> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -46,7 +49,7 @@ pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value
         out.extend(v.as_array().cloned().unwrap_or_default());
         token = h.get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
         if token.is_none() {
-            return Ok(out);
+            return Ok(Listing::of(out, None));
         }
     }
 }
@@ -55,7 +58,7 @@ pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value
 pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
     match cmd {
         RegistrationCommand::Show { id } => {
-            print_object(&c.get(&format!("/registrations/{}", seg(&id))).await?, c.json)
+            print_object(&c.get(&format!("/registrations/{}", seg(&id))).await?, c.json, false)
         }
         RegistrationCommand::List { group } => {
             let rows =
@@ -70,6 +73,7 @@ pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
                     ("lastUpdated", "/lastUpdatedDateTimeUtc"),
                 ],
                 c.json,
+                false,
             );
         }
         RegistrationCommand::Delete { id, etag } => {

@@ -277,3 +277,170 @@ fn device_register_help_names_the_endpoint_default_once() {
     assert_eq!(help.matches(provisio_client::GLOBAL_ENDPOINT).count(), 1, "{help}");
     assert!(help.contains(&format!("[default: {}]", provisio_client::GLOBAL_ENDPOINT)), "{help}");
 }
+
+/// Every line of `out` is at most 100 columns wide.
+fn fits_100_columns(what: &str, out: &str) {
+    for line in out.lines() {
+        assert!(line.chars().count() <= 100, "{what}: a line of {} columns:\n{out}", line.chars().count());
+    }
+}
+
+/// The rows of a key/value table (`field  value`), wrapped values joined again.
+fn table_fields(out: &str) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut body = false;
+    for line in out.lines() {
+        if line.starts_with('═') {
+            body = true;
+            continue;
+        }
+        if !body || line.starts_with('─') {
+            continue;
+        }
+        if line.starts_with(' ') {
+            if let Some(last) = rows.last_mut() {
+                last.1.push_str(line.trim());
+            }
+        } else {
+            let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+            rows.push((k.to_owned(), v.trim().to_owned()));
+        }
+    }
+    rows
+}
+
+fn field<'a>(rows: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    rows.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
+fn tpm_endorsement_key() -> String {
+    use aws_lc_rs::signature::KeyPair as _;
+    let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let n = kp.public_key().modulus().big_endian_without_leading_zero().to_vec();
+    let tpm2b = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&u16::try_from(b.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let mut p = Vec::new();
+    // RSA, SHA-256 names, restricted | decrypt | …, a 32-byte policy, AES-128-CFB, no scheme,
+    // 2048 bits, the default exponent, then the modulus.
+    for v in [0x0001_u16, 0x000B] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&0x0003_00B2_u32.to_be_bytes());
+    tpm2b(&mut p, &[0x83; 32]);
+    for v in [0x0006_u16, 128, 0x0043, 0x0010, 2048] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&0u32.to_be_bytes());
+    tpm2b(&mut p, &n);
+    let mut out = Vec::new();
+    tpm2b(&mut out, &p);
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_tables_fit_100_columns_with_keys_masked_unless_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "wide-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+    let certs = tmp.path().join("certs");
+    cli.ok(&["cert", "root", "wide-root", "--out-dir", certs.to_str().unwrap()]);
+    cli.ok(&["cert", "device", "wide-x509", "--ca", "wide-root", "--out-dir", certs.to_str().unwrap()]);
+    let device_cert = certs.join("wide-x509_cert.pem").to_str().unwrap().to_owned();
+    let ek = tpm_endorsement_key();
+    let desired = format!(
+        r#"{{"properties":{{"desired":{{"firmware":"{}","interval":30}}}},"tags":{{"site":"lab"}}}}"#,
+        "v".repeat(200)
+    );
+    let webhook = "https://alloc.example/api/allocate?code=webhook-secret-code";
+
+    // Created with everything that made the old table 280 columns wide.
+    let created = cli.ok(&[
+        "enrollment",
+        "create",
+        "wide-sym",
+        "--initial-twin",
+        &desired,
+        "--iot-hubs",
+        "wide-hub.example.net",
+        "--allocation-policy",
+        "custom",
+        "--webhook-url",
+        webhook,
+        "--reprovision-policy",
+        "reprovisionandresetdata",
+        "--iot-edge",
+        "true",
+    ]);
+    fits_100_columns("enrollment create", &created);
+    cli.ok(&[
+        "enrollment",
+        "create",
+        "wide-x509",
+        "--certificate",
+        &device_cert,
+        "--secondary-certificate",
+        &device_cert,
+    ]);
+    cli.ok(&["enrollment", "create", "wide-tpm", "--endorsement-key", &ek]);
+    let sym_key =
+        cli.json(&["enrollment", "show", "wide-sym", "--show-keys"])["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let created_rows = table_fields(&created);
+    assert_eq!(
+        field(&created_rows, "attestation.symmetricKey.primaryKey"),
+        Some(format!("{}…", &sym_key[..4]).as_str())
+    );
+    assert!(!created.contains(&sym_key[..10]), "{created}");
+
+    for id in ["wide-sym", "wide-x509", "wide-tpm"] {
+        let masked = cli.ok(&["enrollment", "show", id]);
+        let shown = cli.ok(&["enrollment", "show", id, "--show-keys"]);
+        fits_100_columns(id, &masked);
+        fits_100_columns(id, &shown);
+        let (masked, shown) = (table_fields(&masked), table_fields(&shown));
+        assert_eq!(field(&masked, "registrationId"), Some(id));
+        match id {
+            "wide-sym" => {
+                assert_eq!(field(&masked, "attestation.type"), Some("symmetricKey"));
+                assert!(masked.iter().all(|(_, v)| !v.contains(&sym_key[..10])), "{masked:?}");
+                assert_eq!(field(&shown, "attestation.symmetricKey.primaryKey"), Some(sym_key.as_str()));
+                assert_eq!(
+                    field(&masked, "customAllocationDefinition.webhookUrl"),
+                    Some("https://alloc.example/api/allocate?code=…")
+                );
+                assert_eq!(field(&shown, "customAllocationDefinition.webhookUrl"), Some(webhook));
+                assert_eq!(field(&masked, "iotHubs"), Some("wide-hub.example.net"));
+                assert_eq!(field(&masked, "allocationPolicy"), Some("custom"));
+                assert_eq!(field(&masked, "capabilities.iotEdge"), Some("true"));
+                assert_eq!(field(&masked, "reprovisionPolicy.migrateDeviceData"), Some("false"));
+                assert_eq!(field(&masked, "initialTwin.tags"), Some(r#"{"site":"lab"}"#));
+                let summary = field(&masked, "initialTwin.properties.desired").unwrap();
+                assert!(summary.contains("2 keys: firmware, interval"), "{summary}");
+            }
+            "wide-x509" => {
+                assert_eq!(field(&masked, "attestation.type"), Some("x509"));
+                for slot in ["primary", "secondary"] {
+                    let p = format!("attestation.x509.clientCertificates.{slot}");
+                    assert_eq!(field(&masked, &format!("{p}.subject")), Some("CN=wide-x509"));
+                    assert_eq!(field(&masked, &format!("{p}.thumbprint")).map(str::len), Some(40));
+                    assert!(field(&masked, &format!("{p}.expiry")).is_some_and(|e| e.ends_with('Z')), "{masked:?}");
+                }
+            }
+            _ => {
+                assert_eq!(field(&masked, "attestation.type"), Some("tpm"));
+                assert_eq!(field(&masked, "attestation.tpm.endorsementKey"), Some(format!("{}…", &ek[..4]).as_str()));
+                assert_eq!(field(&shown, "attestation.tpm.endorsementKey"), Some(ek.as_str()));
+                // JSON stays the service's answer, whole.
+                assert_eq!(cli.json(&["enrollment", "show", id])["attestation"]["tpm"]["endorsementKey"], ek.as_str());
+            }
+        }
+    }
+    let list = cli.ok(&["enrollment", "list"]);
+    fits_100_columns("enrollment list", &list);
+    assert!(list.contains("wide-hub.example.net") && list.contains("3 item(s)"), "{list}");
+}
