@@ -29,7 +29,10 @@ pub enum CertificateCommand {
         etag: Option<String>,
     },
     /// List the CA certificates.
-    List,
+    List {
+        #[command(flatten)]
+        top: super::Top,
+    },
     /// Show one CA certificate.
     Show {
         /// Certificate name.
@@ -77,9 +80,9 @@ pub async fn run(c: &Client, cmd: CertificateCommand) -> Result<()> {
             let h: Vec<(&str, &str)> = etag.as_deref().map(|e| vec![("If-Match", e)]).unwrap_or_default();
             print_object(&c.send(Method::PUT, &path(&name), Some(&body), &h).await?.0, c.json, false);
         }
-        CertificateCommand::List => {
+        CertificateCommand::List { top } => {
             let v = c.get("/certificates").await?;
-            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), None);
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
             print_list(
                 &rows,
                 &[

@@ -7,6 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{
+    Top,
     client::{Client, seg},
     json_arg,
     output::{print_list, print_object},
@@ -191,7 +192,10 @@ pub enum EnrollmentCommand {
         show_keys: bool,
     },
     /// List enrollments.
-    List,
+    List {
+        #[command(flatten)]
+        top: Top,
+    },
     /// Change an enrollment (read, modify, write back with its etag).
     Update {
         /// Registration id.
@@ -256,7 +260,10 @@ pub enum GroupCommand {
         show_keys: bool,
     },
     /// List groups.
-    List,
+    List {
+        #[command(flatten)]
+        top: Top,
+    },
     /// Change a group (read, modify, write back with its etag).
     Update {
         /// Group id.
@@ -375,8 +382,8 @@ pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
         EnrollmentCommand::Show { id, show_keys } => {
             print_object(&show(c, false, &id, show_keys).await?, c.json, show_keys);
         }
-        EnrollmentCommand::List => {
-            let rows = query_all(c, "/enrollments/query", &json!({"query": "SELECT * FROM enrollments"})).await?;
+        EnrollmentCommand::List { top } => {
+            let rows = query_all(c, "/enrollments/query", &json!({"query": "SELECT * FROM enrollments"}), top).await?;
             print_list(&rows, ENROLLMENT_COLUMNS, c.json, false);
         }
         EnrollmentCommand::Update { id, device_id, etag, attestation, settings, show_keys } => {
@@ -398,9 +405,10 @@ pub async fn run_group(c: &Client, cmd: GroupCommand) -> Result<()> {
             print_object(&v, c.json, show_keys);
         }
         GroupCommand::Show { id, show_keys } => print_object(&show(c, true, &id, show_keys).await?, c.json, show_keys),
-        GroupCommand::List => {
+        GroupCommand::List { top } => {
             let rows =
-                query_all(c, "/enrollmentGroups/query", &json!({"query": "SELECT * FROM enrollmentGroups"})).await?;
+                query_all(c, "/enrollmentGroups/query", &json!({"query": "SELECT * FROM enrollmentGroups"}), top)
+                    .await?;
             print_list(&rows, GROUP_COLUMNS, c.json, false);
         }
         GroupCommand::Update { id, etag, attestation, settings, show_keys } => {

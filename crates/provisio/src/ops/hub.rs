@@ -21,6 +21,8 @@ pub enum HubCommand {
     },
     /// List the linked hubs.
     List {
+        #[command(flatten)]
+        top: super::Top,
         /// Show the registrar webhook URLs' query strings (which may hold keys).
         #[arg(long)]
         show_keys: bool,
@@ -82,9 +84,9 @@ pub async fn run(c: &Client, cmd: HubCommand) -> Result<()> {
             opts.apply(&mut h);
             print_object(&c.send(Method::PUT, &path(&name), Some(&h), &[]).await?.0, c.json, false);
         }
-        HubCommand::List { show_keys } => {
+        HubCommand::List { top, show_keys } => {
             let v = c.get("/linkedHubs").await?;
-            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), None);
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
             print_list(
                 &rows,
                 &[

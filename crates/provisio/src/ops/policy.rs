@@ -26,6 +26,8 @@ pub enum PolicyCommand {
     },
     /// List the policies.
     List {
+        #[command(flatten)]
+        top: super::Top,
         /// Show the keys in full.
         #[arg(long)]
         show_keys: bool,
@@ -70,9 +72,9 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
                 .await?;
             print_object(&v, c.json, show_keys);
         }
-        PolicyCommand::List { show_keys } => {
+        PolicyCommand::List { top, show_keys } => {
             let v = c.get("/policies").await?;
-            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), None);
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
             print_list(
                 &rows,
                 &[("keyName", "/keyName"), ("rights", "/rights"), ("primaryKey", "/primaryKey")],

@@ -313,6 +313,99 @@ fn field<'a>(rows: &'a [(String, String)], name: &str) -> Option<&'a str> {
     rows.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_list_takes_top_and_pages_through_the_service_to_reach_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Pages of 4, so that --top 9 needs three of them.
+    let config = tmp.path().join("provisio.toml");
+    std::fs::write(&config, "max_query_page_size = 4\n").unwrap();
+    let hubs =
+        ["--linked-hub", "top-1.example.net", "--linked-hub", "top-2.example.net", "--linked-hub", "top-3.example.net"];
+    let s = Server::start(
+        &tmp.path().join("server"),
+        "127.0.0.1:0",
+        &[&["--config", config.to_str().unwrap()][..], &hubs].concat(),
+    );
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    for i in 0..10 {
+        crate::common::put_enrollment(
+            &s,
+            false,
+            &format!("top-{i:02}"),
+            serde_json::json!({"registrationId": format!("top-{i:02}"), "attestation": {"type": "symmetricKey"}}),
+        )
+        .await;
+        crate::common::put_enrollment(
+            &s,
+            true,
+            &format!("topg-{i:02}"),
+            serde_json::json!({"enrollmentGroupId": format!("topg-{i:02}"), "attestation": {"type": "symmetricKey"}}),
+        )
+        .await;
+    }
+    // Six devices of one group register.
+    let g = cli.json(&["enrollment-group", "show", "topg-00", "--show-keys"]);
+    let group_key = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for i in 0..6 {
+        let id = format!("topd-{i}");
+        let key = provisio_core::keys::derive_device_key(&group_key, &id).unwrap();
+        let token = provisio_core::sas::build_token(
+            &format!("{}/registrations/{id}", s.info.id_scope),
+            &key,
+            now() + 600,
+            None,
+            provisio_core::sas::SrEncoding::Upper,
+        )
+        .unwrap();
+        let (st, _, _) = curl(
+            &s,
+            "PUT",
+            &format!("/{}/registrations/{id}/register?api-version=2019-03-31", s.info.id_scope),
+            Some(&token),
+            Some("{}"),
+        );
+        assert_eq!(st, 202);
+    }
+    for p in ["top-reader", "top-writer"] {
+        cli.ok(&["policy", "add", p, "--rights", "EnrollmentRead"]);
+    }
+    let certs = tmp.path().join("certs");
+    for name in ["top-ca-1", "top-ca-2", "top-ca-3"] {
+        cli.ok(&["cert", "root", name, "--out-dir", certs.to_str().unwrap()]);
+        let file = certs.join(format!("{name}_cert.pem"));
+        cli.ok(&["certificate", "upload", name, "--file", file.to_str().unwrap()]);
+    }
+
+    // (list command, how many there are, a --top below that which crosses a page)
+    let lists: [(&[&str], usize, usize); 6] = [
+        (&["enrollment", "list"], 10, 9),
+        (&["enrollment-group", "list"], 10, 9),
+        (&["registration", "list", "--group", "topg-00"], 6, 5),
+        (&["hub", "list"], 3, 2),
+        (&["policy", "list"], 3, 2),
+        (&["certificate", "list"], 3, 2),
+    ];
+    for (cmd, all, top) in lists {
+        let count = |extra: &[&str]| cli.json(&[cmd, extra].concat()).as_array().unwrap().len();
+        assert_eq!(count(&[]), all, "{cmd:?}");
+        assert_eq!(count(&["--top", &top.to_string()]), top, "{cmd:?} --top {top}");
+        assert_eq!(count(&["--top", "1"]), 1, "{cmd:?} --top 1");
+        assert_eq!(count(&["--top", "500"]), all, "{cmd:?} --top 500");
+        let table = cli.ok(&[cmd, &["--top", &top.to_string()]].concat());
+        assert!(table.contains(&format!("{top} item(s); more exist")), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+        let table = cli.ok(cmd);
+        assert!(table.contains(&format!("{all} item(s)\n")) && !table.contains("more exist"), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+    }
+    let first = cli.json(&["enrollment", "list", "--top", "9"]);
+    let ids: Vec<&str> = first.as_array().unwrap().iter().map(|e| e["registrationId"].as_str().unwrap()).collect();
+    assert_eq!(ids, (0..9).map(|i| format!("top-{i:02}")).collect::<Vec<_>>(), "nine distinct enrollments, in order");
+    let err = cli.fails(&["enrollment", "list", "--top", "0"]);
+    assert!(err.contains("--top"), "{err}");
+}
+
 /// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
 fn tpm_endorsement_key() -> String {
     use aws_lc_rs::signature::KeyPair as _;
