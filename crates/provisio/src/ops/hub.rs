@@ -1,4 +1,4 @@
-//! `provisio hub add|list|update|remove`: linked IoT hubs.
+//! `provisio hub add|list|show|update|remove`: linked IoT hubs.
 
 use anyhow::Result;
 use reqwest::Method;
@@ -24,6 +24,14 @@ pub enum HubCommand {
         #[command(flatten)]
         top: super::Top,
         /// Show the registrar webhook URLs' query strings (which may hold keys).
+        #[arg(long)]
+        show_keys: bool,
+    },
+    /// Show one linked hub.
+    Show {
+        /// Hub host name.
+        name: String,
+        /// Show the registrar webhook URL's query string (which may hold keys).
         #[arg(long)]
         show_keys: bool,
     },
@@ -100,6 +108,7 @@ pub async fn run(c: &Client, cmd: HubCommand) -> Result<()> {
                 show_keys,
             );
         }
+        HubCommand::Show { name, show_keys } => print_object(&c.get(&path(&name)).await?, c.json, show_keys),
         HubCommand::Update { name, opts } => {
             let mut h = c.get(&path(&name)).await?;
             opts.apply(&mut h);

@@ -406,6 +406,40 @@ async fn every_list_takes_top_and_pages_through_the_service_to_reach_it() {
     assert!(err.contains("--top"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_show_prints_one_hub_with_its_registrar_query_masked_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "show-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // hub show: one hub, its registrar URL's query masked in the table but not in JSON.
+    cli.ok(&[
+        "hub",
+        "update",
+        "show-hub.example.net",
+        "--weight",
+        "7",
+        "--region",
+        "westeurope",
+        "--registrar-webhook-url",
+        "https://registrar.example/api/devices?code=hub-secret-code",
+    ]);
+    let h = cli.json(&["hub", "show", "show-hub.example.net"]);
+    assert_eq!(h["hostName"], "show-hub.example.net");
+    assert_eq!(h["allocationWeight"], 7);
+    assert_eq!(h["registrarWebhookUrl"], "https://registrar.example/api/devices?code=hub-secret-code");
+    let table = cli.ok(&["hub", "show", "show-hub.example.net"]);
+    let rows = table_fields(&table);
+    assert_eq!(field(&rows, "hostName"), Some("show-hub.example.net"), "{table}");
+    assert_eq!(field(&rows, "region"), Some("westeurope"), "{table}");
+    assert_eq!(field(&rows, "registrarWebhookUrl"), Some("https://registrar.example/api/devices?code=…"), "{table}");
+    let shown = cli.ok(&["hub", "show", "show-hub.example.net", "--show-keys"]);
+    assert!(shown.contains("code=hub-secret-code"), "{shown}");
+    assert!(!cli.ok(&["hub", "list"]).contains("hub-secret-code"));
+    let err = cli.fails(&["hub", "show", "nope.example.net"]);
+    assert!(err.contains("404"), "{err}");
+}
+
 /// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
 fn tpm_endorsement_key() -> String {
     use aws_lc_rs::signature::KeyPair as _;
