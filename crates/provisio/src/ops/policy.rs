@@ -1,8 +1,8 @@
-//! `provisio policy add|list|show|regenerate-key|remove`.
+//! `provisio policy add|list|show|connection-string|regenerate-key|remove`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::{
     client::{Client, seg},
@@ -40,6 +40,17 @@ pub enum PolicyCommand {
         #[arg(long)]
         show_keys: bool,
     },
+    /// Print a policy's service connection string, with the host name this command
+    /// connects to (as `az iot dps connection-string show`). A subcommand rather than
+    /// `show --connection-string`, which is already the option that takes one.
+    ConnectionString {
+        /// Policy name.
+        #[arg(default_value = "provisioningserviceowner")]
+        name: String,
+        /// The key the connection string holds.
+        #[arg(long, default_value = "primary", value_parser = ["primary", "secondary"])]
+        key_type: String,
+    },
     /// Replace a policy's primary or secondary key.
     RegenerateKey {
         /// Policy name.
@@ -56,6 +67,17 @@ pub enum PolicyCommand {
         /// Policy name.
         name: String,
     },
+}
+
+/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of `policy` with its `key_type` key.
+///
+/// # Errors
+/// When the policy has no such key.
+pub fn connection_string(host: &str, policy: &Value, key_type: &str) -> Result<String> {
+    let field = if key_type == "secondary" { "secondaryKey" } else { "primaryKey" };
+    let name = policy["keyName"].as_str().context("the policy has no keyName")?;
+    let key = policy[field].as_str().with_context(|| format!("policy '{name}' has no {key_type} key"))?;
+    Ok(format!("HostName={host};SharedAccessKeyName={name};SharedAccessKey={key}"))
 }
 
 /// Runs a policy command.
@@ -84,6 +106,15 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
         }
         PolicyCommand::Show { name, show_keys } => {
             print_object(&c.get(&format!("/policies/{}", seg(&name))).await?, c.json, show_keys);
+        }
+        PolicyCommand::ConnectionString { name, key_type } => {
+            let p = c.get(&format!("/policies/{}", seg(&name))).await?;
+            let cs = connection_string(c.host_name(), &p, &key_type)?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "connectionString": cs }))?);
+            } else {
+                println!("{cs}");
+            }
         }
         PolicyCommand::RegenerateKey { name, key, show_keys } => {
             let (v, _) = c

@@ -440,6 +440,44 @@ async fn hub_show_prints_one_hub_with_its_registrar_query_masked_unless_asked() 
     assert!(err.contains("404"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_connection_string_reaches_the_service_with_that_policys_rights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "cs-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // The owner's connection string by default: the one the server printed.
+    assert_eq!(cli.ok(&["policy", "connection-string"]).trim(), s.info.service_connection_string);
+    // Another policy's, with either key, reaches the service with that policy's rights.
+    let p = cli.json(&["policy", "add", "cs-reader", "--rights", "EnrollmentRead"]);
+    cli.ok(&["enrollment", "create", "cs-dev"]);
+    for key_type in ["primary", "secondary"] {
+        let cs = cli.ok(&["policy", "connection-string", "cs-reader", "--key-type", key_type]).trim().to_owned();
+        let key = p[format!("{key_type}Key")].as_str().unwrap();
+        assert_eq!(cs, format!("HostName=localhost:{};SharedAccessKeyName=cs-reader;SharedAccessKey={key}", s.port));
+        assert_eq!(
+            cli.json(&["policy", "connection-string", "cs-reader", "--key-type", key_type])["connectionString"],
+            cs
+        );
+        let reader = Cli { s: &s, cs };
+        assert_eq!(reader.json(&["enrollment", "show", "cs-dev"])["registrationId"], "cs-dev");
+        let err = reader.fails(&["enrollment", "create", "cs-other"]);
+        assert!(err.contains("403") && err.contains("EnrollmentWrite"), "{err}");
+    }
+    // Policy tables mask the keys unless asked.
+    let key = p["primaryKey"].as_str().unwrap();
+    for cmd in [&["policy", "show", "cs-reader"][..], &["policy", "list"]] {
+        let table = cli.ok(cmd);
+        assert!(!table.contains(key) && table.contains(&format!("{}…", &key[..4])), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+        let full = cli.ok(&[cmd, &["--show-keys"]].concat());
+        assert!(full.contains(&key[..10]) && !full.contains(&format!("{}…", &key[..4])), "{cmd:?}: {full}");
+    }
+    let full = cli.ok(&["policy", "show", "cs-reader", "--show-keys"]);
+    assert_eq!(field(&table_fields(&full), "primaryKey"), Some(key), "{full}");
+    assert!(cli.fails(&["policy", "connection-string", "nope"]).contains("404"));
+}
+
 /// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
 fn tpm_endorsement_key() -> String {
     use aws_lc_rs::signature::KeyPair as _;
