@@ -478,6 +478,111 @@ async fn policy_connection_string_reaches_the_service_with_that_policys_rights()
     assert!(cli.fails(&["policy", "connection-string", "nope"]).contains("404"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_secondary_certificate_keeps_the_primary_and_refuses_the_secondary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "rsc-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let path = |dir: &std::path::Path, file: &str| dir.join(file).to_str().unwrap().to_owned();
+    // Two roots, and two certificates of the same device (CN = its registration id).
+    for (dir, root) in [(&one, "rsc-root-a"), (&two, "rsc-root-b")] {
+        cli.ok(&["cert", "root", root, "--out-dir", dir.to_str().unwrap()]);
+        cli.ok(&["cert", "device", "rsc-dev", "--ca", root, "--out-dir", dir.to_str().unwrap()]);
+    }
+    let register = |dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_provisio"))
+            .args(["device", "register", "--scope", &s.info.id_scope, "--json"])
+            .args(["--cert", &path(dir, "rsc-dev_fullchain.pem"), "--cert-key", &path(dir, "rsc-dev_key.pem")])
+            .args(["--endpoint", &format!("localhost:{}", s.port)])
+            .arg("--ca")
+            .arg(s.ca_file())
+            .output()
+            .unwrap()
+    };
+
+    // An individual enrollment with both device certificates: either registers.
+    let e = cli.json(&[
+        "enrollment",
+        "create",
+        "rsc-dev",
+        "--certificate",
+        &path(&one, "rsc-dev_cert.pem"),
+        "--secondary-certificate",
+        &path(&two, "rsc-dev_cert.pem"),
+    ]);
+    let certs = &e["attestation"]["x509"]["clientCertificates"];
+    let primary = certs["primary"]["info"]["sha1Thumbprint"].as_str().unwrap().to_owned();
+    assert!(certs["secondary"]["info"]["sha1Thumbprint"].is_string(), "{e}");
+    assert!(register(&two).status.success(), "the secondary certificate registers before its removal");
+
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--remove-secondary-certificate"]);
+    let shown = cli.json(&["enrollment", "show", "rsc-dev"]);
+    for v in [&u, &shown] {
+        let certs = &v["attestation"]["x509"]["clientCertificates"];
+        assert!(certs.get("secondary").is_none_or(Value::is_null), "the secondary is gone: {v}");
+        assert_eq!(certs["primary"]["info"]["sha1Thumbprint"], primary.as_str(), "the primary stays: {v}");
+        assert_eq!(certs["primary"]["info"]["subjectName"], "CN=rsc-dev");
+    }
+    let table = cli.ok(&["enrollment", "show", "rsc-dev"]);
+    let rows = table_fields(&table);
+    assert_eq!(field(&rows, "attestation.x509.clientCertificates.primary.thumbprint"), Some(primary.as_str()));
+    assert!(!table.contains("secondary"), "{table}");
+    let refused = register(&two);
+    assert_eq!(refused.status.code(), Some(4), "the removed certificate is refused: {refused:?}");
+    let ok = register(&one);
+    assert!(ok.status.success(), "the primary still registers: {ok:?}");
+    // A certificate can be added back as secondary, keeping the primary; --rsc is az's short form.
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--secondary-certificate", &path(&two, "rsc-dev_cert.pem")]);
+    assert_eq!(u["attestation"]["x509"]["clientCertificates"]["primary"]["info"]["sha1Thumbprint"], primary.as_str());
+    assert!(u["attestation"]["x509"]["clientCertificates"]["secondary"]["info"].is_object(), "{u}");
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--rsc"]);
+    assert!(u["attestation"]["x509"]["clientCertificates"].get("secondary").is_none_or(Value::is_null), "{u}");
+
+    // A group on two signing certificates.
+    let g = cli.json(&[
+        "enrollment-group",
+        "create",
+        "rsc-group",
+        "--certificate",
+        &path(&one, "rsc-root-a_cert.pem"),
+        "--secondary-certificate",
+        &path(&two, "rsc-root-b_cert.pem"),
+    ]);
+    let signing = &g["attestation"]["x509"]["signingCertificates"];
+    assert_eq!(signing["secondary"]["info"]["subjectName"], "CN=rsc-root-b", "{g}");
+    cli.json(&["enrollment-group", "update", "rsc-group", "--remove-secondary-certificate"]);
+    let g = cli.json(&["enrollment-group", "show", "rsc-group"]);
+    let signing = &g["attestation"]["x509"]["signingCertificates"];
+    assert!(signing.get("secondary").is_none_or(Value::is_null), "{g}");
+    assert_eq!(signing["primary"]["info"]["subjectName"], "CN=rsc-root-a", "{g}");
+
+    // A group on CA references.
+    for (name, file) in [("ca-one", path(&one, "rsc-root-a_cert.pem")), ("ca-two", path(&two, "rsc-root-b_cert.pem"))] {
+        cli.ok(&["certificate", "upload", name, "--file", &file, "--verified"]);
+    }
+    let g =
+        cli.json(&["enrollment-group", "create", "rsc-refs", "--ca-name", "ca-one", "--secondary-ca-name", "ca-two"]);
+    assert_eq!(g["attestation"]["x509"]["caReferences"]["secondary"], "ca-two", "{g}");
+    let g = cli.json(&["enrollment-group", "update", "rsc-refs", "--remove-secondary-certificate"]);
+    assert_eq!(g["attestation"]["x509"]["caReferences"]["primary"], "ca-one", "{g}");
+    assert!(g["attestation"]["x509"]["caReferences"].get("secondary").is_none_or(Value::is_null), "{g}");
+
+    // Not for keys; not together with a new secondary.
+    cli.ok(&["enrollment", "create", "rsc-sym"]);
+    let err = cli.fails(&["enrollment", "update", "rsc-sym", "--remove-secondary-certificate"]);
+    assert!(err.contains("X.509") && err.contains("symmetricKey"), "{err}");
+    let err = cli.fails(&[
+        "enrollment",
+        "update",
+        "rsc-dev",
+        "--remove-secondary-certificate",
+        "--secondary-certificate",
+        &path(&two, "rsc-dev_cert.pem"),
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 /// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
 fn tpm_endorsement_key() -> String {
     use aws_lc_rs::signature::KeyPair as _;
