@@ -145,7 +145,7 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         }
     }
     output::print_list(
-        &rows,
+        &output::Listing { items: rows, more: false },
         &[
             ("time", "/time"),
             ("action", "/action"),
@@ -157,6 +157,7 @@ pub fn run(args: &AuditArgs) -> Result<()> {
             ("hub / reason", "/reason"),
             ("tracking / operation id", "/trackingId"),
         ],
+        false,
         false,
     );
     Ok(())

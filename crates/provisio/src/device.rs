@@ -73,7 +73,7 @@ pub struct RegisterArgs {
     /// `swtpm:host=127.0.0.1,port=2321`, … Needs a build with `--features tpm`.
     #[arg(long, group = "cred", value_name = "TCTI")]
     tpm: Option<String>,
-    /// host[:port] of the service [default: global.azure-devices-provisioning.net].
+    /// host[:port] of the service.
     #[arg(long, default_value = provisio_client::GLOBAL_ENDPOINT)]
     endpoint: String,
     /// https (port 443), mqtt (8883), amqp (5671), or mqtt-ws / amqp-ws (MQTT or AMQP over

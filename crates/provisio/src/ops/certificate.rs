@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// CA certificate commands (proof of possession).
@@ -29,7 +29,10 @@ pub enum CertificateCommand {
         etag: Option<String>,
     },
     /// List the CA certificates.
-    List,
+    List {
+        #[command(flatten)]
+        top: super::Top,
+    },
     /// Show one CA certificate.
     Show {
         /// Certificate name.
@@ -75,11 +78,11 @@ pub async fn run(c: &Client, cmd: CertificateCommand) -> Result<()> {
         CertificateCommand::Upload { name, file, verified, etag } => {
             let body = json!({"certificate": read(&file)?, "isVerified": verified});
             let h: Vec<(&str, &str)> = etag.as_deref().map(|e| vec![("If-Match", e)]).unwrap_or_default();
-            print_object(&c.send(Method::PUT, &path(&name), Some(&body), &h).await?.0, c.json);
+            print_object(&c.send(Method::PUT, &path(&name), Some(&body), &h).await?.0, c.json, false);
         }
-        CertificateCommand::List => {
+        CertificateCommand::List { top } => {
             let v = c.get("/certificates").await?;
-            let rows = v["value"].as_array().cloned().unwrap_or_default();
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
             print_list(
                 &rows,
                 &[
@@ -90,16 +93,17 @@ pub async fn run(c: &Client, cmd: CertificateCommand) -> Result<()> {
                     ("thumbprint", "/properties/thumbprint"),
                 ],
                 c.json,
+                false,
             );
         }
-        CertificateCommand::Show { name } => print_object(&c.get(&path(&name)).await?, c.json),
+        CertificateCommand::Show { name } => print_object(&c.get(&path(&name)).await?, c.json, false),
         CertificateCommand::VerificationCode { name, etag } => {
             let e = etag.unwrap_or_else(|| "*".into());
             let (v, _) = c
                 .send(Method::POST, &format!("{}/generateVerificationCode", path(&name)), None, &[("If-Match", &e)])
                 .await?;
             if c.json {
-                print_object(&v, true);
+                print_object(&v, true, false);
             } else {
                 println!("{}", v["properties"]["verificationCode"].as_str().unwrap_or_default());
             }
@@ -110,6 +114,7 @@ pub async fn run(c: &Client, cmd: CertificateCommand) -> Result<()> {
             print_object(
                 &c.send(Method::POST, &format!("{}/verify", path(&name)), Some(&body), &[("If-Match", &e)]).await?.0,
                 c.json,
+                false,
             );
         }
         CertificateCommand::Delete { name, etag } => {

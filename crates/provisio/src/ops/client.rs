@@ -29,6 +29,8 @@ pub struct ConnArgs {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// `HostName` of the connection string (with its port, if any).
+    host_name: String,
     host: String,
     key_name: String,
     key: String,
@@ -94,11 +96,18 @@ impl Client {
         Ok(Self {
             http: b.build()?,
             base: format!("https://{}", cs.host),
+            host_name: cs.host.clone(),
             host,
             key_name: cs.key_name,
             key: cs.key,
             json: args.json,
         })
+    }
+
+    /// The `HostName` this client connects to (with its port, if any).
+    #[must_use]
+    pub fn host_name(&self) -> &str {
+        &self.host_name
     }
 
     fn token(&self) -> Result<String> {

@@ -7,6 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{
+    Top,
     client::{Client, seg},
     json_arg,
     output::{print_list, print_object},
@@ -106,28 +107,104 @@ pub struct AttestationArgs {
 }
 
 impl AttestationArgs {
-    fn given(&self) -> bool {
-        self.attestation.is_some()
-            || self.primary_key.is_some()
-            || self.secondary_key.is_some()
-            || self.certificate.is_some()
-            || self.ca_name.is_some()
-            || self.endorsement_key.is_some()
+    /// The attestation type (wire name) the options name or imply; `None` when none is given.
+    fn kind(&self) -> Option<&'static str> {
+        match self.attestation.as_deref() {
+            Some("symmetric-key") => Some("symmetricKey"),
+            Some("x509") => Some("x509"),
+            Some("tpm") => Some("tpm"),
+            _ if self.certificate.is_some()
+                || self.secondary_certificate.is_some()
+                || self.ca_name.is_some()
+                || self.secondary_ca_name.is_some() =>
+            {
+                Some("x509")
+            }
+            _ if self.endorsement_key.is_some() || self.storage_root_key.is_some() => Some("tpm"),
+            _ if self.primary_key.is_some() || self.secondary_key.is_some() => Some("symmetricKey"),
+            _ => None,
+        }
+    }
+
+    /// The attestation of an update: `current` (as read, keys included) with the options
+    /// given applied to it, as `az iot dps enrollment update` does; another type, or the
+    /// other form of a group's X.509 attestation, is built afresh.
+    fn patch(&self, current: &Value, group: bool, remove_secondary: bool) -> Result<Value> {
+        let cur = current["type"].as_str().unwrap_or_default();
+        if remove_secondary && cur != "x509" {
+            bail!("--remove-secondary-certificate is for X.509 attestation; this one uses {cur}");
+        }
+        if !group && (self.ca_name.is_some() || self.secondary_ca_name.is_some()) {
+            bail!("--ca-name and --secondary-ca-name are for enrollment groups; give --certificate");
+        }
+        let mut a = current.clone();
+        let kind = self.kind().unwrap_or(cur);
+        let refs = a["x509"].get("caReferences").is_some_and(|r| !r.is_null());
+        let other_form = group
+            && kind == "x509"
+            && if refs {
+                self.certificate.is_some() || self.secondary_certificate.is_some()
+            } else {
+                self.ca_name.is_some() || self.secondary_ca_name.is_some()
+            };
+        if kind != cur || other_form {
+            if remove_secondary {
+                bail!("--remove-secondary-certificate cannot go with a new kind of attestation");
+            }
+            return self.build(group);
+        }
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+        let set = |v: &mut Value, field: &str, new: Option<Value>| {
+            if let Some(n) = new {
+                v[field] = n;
+            }
+        };
+        match kind {
+            "symmetricKey" => {
+                let sk = &mut a["symmetricKey"];
+                set(sk, "primaryKey", self.primary_key.as_ref().map(|k| json!(k)));
+                set(sk, "secondaryKey", self.secondary_key.as_ref().map(|k| json!(k)));
+            }
+            "tpm" => {
+                let t = &mut a["tpm"];
+                set(t, "endorsementKey", self.endorsement_key.as_ref().map(|k| json!(k)));
+                set(t, "storageRootKey", self.storage_root_key.as_ref().map(|k| json!(k)));
+            }
+            _ => {
+                let (slot, primary, secondary) = if refs {
+                    (
+                        "caReferences",
+                        self.ca_name.as_ref().map(|n| json!(n)),
+                        self.secondary_ca_name.as_ref().map(|n| json!(n)),
+                    )
+                } else {
+                    let cert = |p: &Option<PathBuf>| -> Result<Option<Value>> {
+                        p.as_ref().map(|p| Ok(json!({"certificate": read(p)?}))).transpose()
+                    };
+                    (
+                        if group { "signingCertificates" } else { "clientCertificates" },
+                        cert(&self.certificate)?,
+                        cert(&self.secondary_certificate)?,
+                    )
+                };
+                let certs = &mut a["x509"][slot];
+                if remove_secondary && let Some(o) = certs.as_object_mut() {
+                    // Slots sent back with only their `info` keep their stored certificate;
+                    // an absent slot is removed.
+                    o.remove("secondary");
+                }
+                set(certs, "primary", primary);
+                set(certs, "secondary", secondary);
+            }
+        }
+        Ok(a)
     }
 
     fn build(&self, group: bool) -> Result<Value> {
-        let kind = self.attestation.clone().unwrap_or_else(|| {
-            if self.certificate.is_some() || self.ca_name.is_some() {
-                "x509".into()
-            } else if self.endorsement_key.is_some() {
-                "tpm".into()
-            } else {
-                "symmetric-key".into()
-            }
-        });
+        let kind = self.kind().unwrap_or("symmetricKey");
         let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
-        Ok(match kind.as_str() {
-            "symmetric-key" => {
+        Ok(match kind {
+            "symmetricKey" => {
                 json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": self.primary_key, "secondaryKey": self.secondary_key}})
             }
             "tpm" => {
@@ -178,17 +255,23 @@ pub enum EnrollmentCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Show an enrollment.
     Show {
         /// Registration id.
         id: String,
-        /// Include the symmetric keys.
+        /// Fetch the keys and show them in full.
         #[arg(long)]
         show_keys: bool,
     },
     /// List enrollments.
-    List,
+    List {
+        #[command(flatten)]
+        top: Top,
+    },
     /// Change an enrollment (read, modify, write back with its etag).
     Update {
         /// Registration id.
@@ -203,6 +286,13 @@ pub enum EnrollmentCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Remove the secondary X.509 certificate (or secondary CA reference), keeping the
+        /// primary.
+        #[arg(long, visible_alias = "rsc", conflicts_with_all = ["secondary_certificate", "secondary_ca_name"])]
+        remove_secondary_certificate: bool,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Delete an enrollment.
     Delete {
@@ -237,17 +327,23 @@ pub enum GroupCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Show a group.
     Show {
         /// Group id.
         id: String,
-        /// Include the symmetric keys.
+        /// Fetch the keys and show them in full.
         #[arg(long)]
         show_keys: bool,
     },
     /// List groups.
-    List,
+    List {
+        #[command(flatten)]
+        top: Top,
+    },
     /// Change a group (read, modify, write back with its etag).
     Update {
         /// Group id.
@@ -259,6 +355,13 @@ pub enum GroupCommand {
         attestation: AttestationArgs,
         #[command(flatten)]
         settings: Settings,
+        /// Remove the secondary X.509 certificate (or secondary CA reference), keeping the
+        /// primary.
+        #[arg(long, visible_alias = "rsc", conflicts_with_all = ["secondary_certificate", "secondary_ca_name"])]
+        remove_secondary_certificate: bool,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Delete a group.
     Delete {
@@ -309,29 +412,28 @@ async fn show(c: &Client, group: bool, id: &str, keys: bool) -> Result<Value> {
     Ok(v)
 }
 
-async fn update(
-    c: &Client,
-    group: bool,
-    id: &str,
+/// What `update` changes.
+struct Change {
     etag: Option<String>,
-    att: &AttestationArgs,
-    s: &Settings,
+    attestation: AttestationArgs,
+    settings: Settings,
     device_id: Option<String>,
-) -> Result<Value> {
+    remove_secondary_certificate: bool,
+}
+
+async fn update(c: &Client, group: bool, id: &str, ch: Change) -> Result<Value> {
     let base = if group { "enrollmentGroups" } else { "enrollments" };
     // Read with keys, so that writing back keeps them.
     let mut v = show(c, group, id, true).await?;
     if let Some(o) = v.as_object_mut() {
         o.remove("registrationState");
     }
-    if att.given() {
-        v["attestation"] = att.build(group)?;
-    }
-    if let Some(d) = device_id {
+    v["attestation"] = ch.attestation.patch(&v["attestation"], group, ch.remove_secondary_certificate)?;
+    if let Some(d) = ch.device_id {
         v["deviceId"] = json!(d);
     }
-    s.apply(&mut v)?;
-    let m = etag.or_else(|| v["etag"].as_str().map(str::to_owned)).unwrap_or_else(|| "*".into());
+    ch.settings.apply(&mut v)?;
+    let m = ch.etag.or_else(|| v["etag"].as_str().map(str::to_owned)).unwrap_or_else(|| "*".into());
     Ok(c.send(Method::PUT, &format!("/{base}/{}", seg(id)), Some(&v), &[("If-Match", &m)]).await?.0)
 }
 
@@ -348,7 +450,7 @@ async fn delete(c: &Client, group: bool, id: &str, etag: Option<String>) -> Resu
 /// Runs an enrollment command.
 pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
     match cmd {
-        EnrollmentCommand::Create { id, device_id, device_information, attestation, settings } => {
+        EnrollmentCommand::Create { id, device_id, device_information, attestation, settings, show_keys } => {
             let mut e = json!({"registrationId": id, "attestation": attestation.build(false)?});
             if let Some(d) = device_id {
                 e["deviceId"] = json!(d);
@@ -357,15 +459,27 @@ pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
                 e["optionalDeviceInformation"] = json_arg(&i, "--device-information")?;
             }
             settings.apply(&mut e)?;
-            print_object(&c.send(Method::PUT, &format!("/enrollments/{}", seg(&id)), Some(&e), &[]).await?.0, c.json);
+            let (v, _) = c.send(Method::PUT, &format!("/enrollments/{}", seg(&id)), Some(&e), &[]).await?;
+            print_object(&v, c.json, show_keys);
         }
-        EnrollmentCommand::Show { id, show_keys } => print_object(&show(c, false, &id, show_keys).await?, c.json),
-        EnrollmentCommand::List => {
-            let rows = query_all(c, "/enrollments/query", &json!({"query": "SELECT * FROM enrollments"})).await?;
-            print_list(&rows, ENROLLMENT_COLUMNS, c.json);
+        EnrollmentCommand::Show { id, show_keys } => {
+            print_object(&show(c, false, &id, show_keys).await?, c.json, show_keys);
         }
-        EnrollmentCommand::Update { id, device_id, etag, attestation, settings } => {
-            print_object(&update(c, false, &id, etag, &attestation, &settings, device_id).await?, c.json);
+        EnrollmentCommand::List { top } => {
+            let rows = query_all(c, "/enrollments/query", &json!({"query": "SELECT * FROM enrollments"}), top).await?;
+            print_list(&rows, ENROLLMENT_COLUMNS, c.json, false);
+        }
+        EnrollmentCommand::Update {
+            id,
+            device_id,
+            etag,
+            attestation,
+            settings,
+            remove_secondary_certificate,
+            show_keys,
+        } => {
+            let ch = Change { etag, attestation, settings, device_id, remove_secondary_certificate };
+            print_object(&update(c, false, &id, ch).await?, c.json, show_keys);
         }
         EnrollmentCommand::Delete { id, etag } => delete(c, false, &id, etag).await?,
         EnrollmentCommand::Import { file, mode, batch } => import(c, &file, &mode, batch).await?,
@@ -376,22 +490,22 @@ pub async fn run_enrollment(c: &Client, cmd: EnrollmentCommand) -> Result<()> {
 /// Runs an enrollment-group command.
 pub async fn run_group(c: &Client, cmd: GroupCommand) -> Result<()> {
     match cmd {
-        GroupCommand::Create { id, attestation, settings } => {
+        GroupCommand::Create { id, attestation, settings, show_keys } => {
             let mut g = json!({"enrollmentGroupId": id, "attestation": attestation.build(true)?});
             settings.apply(&mut g)?;
-            print_object(
-                &c.send(Method::PUT, &format!("/enrollmentGroups/{}", seg(&id)), Some(&g), &[]).await?.0,
-                c.json,
-            );
+            let (v, _) = c.send(Method::PUT, &format!("/enrollmentGroups/{}", seg(&id)), Some(&g), &[]).await?;
+            print_object(&v, c.json, show_keys);
         }
-        GroupCommand::Show { id, show_keys } => print_object(&show(c, true, &id, show_keys).await?, c.json),
-        GroupCommand::List => {
+        GroupCommand::Show { id, show_keys } => print_object(&show(c, true, &id, show_keys).await?, c.json, show_keys),
+        GroupCommand::List { top } => {
             let rows =
-                query_all(c, "/enrollmentGroups/query", &json!({"query": "SELECT * FROM enrollmentGroups"})).await?;
-            print_list(&rows, GROUP_COLUMNS, c.json);
+                query_all(c, "/enrollmentGroups/query", &json!({"query": "SELECT * FROM enrollmentGroups"}), top)
+                    .await?;
+            print_list(&rows, GROUP_COLUMNS, c.json, false);
         }
-        GroupCommand::Update { id, etag, attestation, settings } => {
-            print_object(&update(c, true, &id, etag, &attestation, &settings, None).await?, c.json);
+        GroupCommand::Update { id, etag, attestation, settings, remove_secondary_certificate, show_keys } => {
+            let ch = Change { etag, attestation, settings, device_id: None, remove_secondary_certificate };
+            print_object(&update(c, true, &id, ch).await?, c.json, show_keys);
         }
         GroupCommand::Delete { id, etag } => delete(c, true, &id, etag).await?,
         GroupCommand::ComputeDeviceKey { .. } => unreachable!("handled without a connection"),

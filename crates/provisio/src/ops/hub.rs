@@ -1,4 +1,4 @@
-//! `provisio hub add|list|update|remove`: linked IoT hubs.
+//! `provisio hub add|list|show|update|remove`: linked IoT hubs.
 
 use anyhow::Result;
 use reqwest::Method;
@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// Linked hub commands.
@@ -20,7 +20,21 @@ pub enum HubCommand {
         opts: HubOpts,
     },
     /// List the linked hubs.
-    List,
+    List {
+        #[command(flatten)]
+        top: super::Top,
+        /// Show the registrar webhook URLs' query strings (which may hold keys).
+        #[arg(long)]
+        show_keys: bool,
+    },
+    /// Show one linked hub.
+    Show {
+        /// Hub host name.
+        name: String,
+        /// Show the registrar webhook URL's query string (which may hold keys).
+        #[arg(long)]
+        show_keys: bool,
+    },
     /// Change a linked hub (only the options given).
     Update {
         /// Hub host name.
@@ -76,11 +90,11 @@ pub async fn run(c: &Client, cmd: HubCommand) -> Result<()> {
         HubCommand::Add { name, opts } => {
             let mut h = json!({"hostName": name});
             opts.apply(&mut h);
-            print_object(&c.send(Method::PUT, &path(&name), Some(&h), &[]).await?.0, c.json);
+            print_object(&c.send(Method::PUT, &path(&name), Some(&h), &[]).await?.0, c.json, false);
         }
-        HubCommand::List => {
+        HubCommand::List { top, show_keys } => {
             let v = c.get("/linkedHubs").await?;
-            let rows = v["value"].as_array().cloned().unwrap_or_default();
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
             print_list(
                 &rows,
                 &[
@@ -91,12 +105,14 @@ pub async fn run(c: &Client, cmd: HubCommand) -> Result<()> {
                     ("registrar", "/registrarWebhookUrl"),
                 ],
                 c.json,
+                show_keys,
             );
         }
+        HubCommand::Show { name, show_keys } => print_object(&c.get(&path(&name)).await?, c.json, show_keys),
         HubCommand::Update { name, opts } => {
             let mut h = c.get(&path(&name)).await?;
             opts.apply(&mut h);
-            print_object(&c.send(Method::PUT, &path(&name), Some(&h), &[]).await?.0, c.json);
+            print_object(&c.send(Method::PUT, &path(&name), Some(&h), &[]).await?.0, c.json, false);
         }
         HubCommand::Remove { name } => {
             c.send(Method::DELETE, &path(&name), None, &[]).await?;

@@ -14,6 +14,14 @@ pub use enrollment::{EnrollmentCommand, GroupCommand};
 pub use policy::PolicyCommand;
 pub use registration::RegistrationCommand;
 
+/// `--top N` of the list commands (as `az iot dps … list --top`).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct Top {
+    /// List at most N items.
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub top: Option<usize>,
+}
+
 /// Reads an argument that is either inline JSON or `@file`.
 ///
 /// # Errors

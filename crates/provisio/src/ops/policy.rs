@@ -1,12 +1,12 @@
-//! `provisio policy add|list|show|regenerate-key|remove`.
+//! `provisio policy add|list|show|connection-string|regenerate-key|remove`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// Shared access policy commands.
@@ -20,13 +20,36 @@ pub enum PolicyCommand {
         /// RegistrationStatusRead, RegistrationStatusWrite, DeviceConnect.
         #[arg(long)]
         rights: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
-    /// List the policies and their keys.
-    List,
+    /// List the policies.
+    List {
+        #[command(flatten)]
+        top: super::Top,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
+    },
     /// Show one policy.
     Show {
         /// Policy name.
         name: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
+    },
+    /// Print a policy's service connection string, with the host name this command
+    /// connects to (as `az iot dps connection-string show`). A subcommand rather than
+    /// `show --connection-string`, which is already the option that takes one.
+    ConnectionString {
+        /// Policy name.
+        #[arg(default_value = "provisioningserviceowner")]
+        name: String,
+        /// The key the connection string holds.
+        #[arg(long, default_value = "primary", value_parser = ["primary", "secondary"])]
+        key_type: String,
     },
     /// Replace a policy's primary or secondary key.
     RegenerateKey {
@@ -35,6 +58,9 @@ pub enum PolicyCommand {
         /// Which key.
         #[arg(long, value_parser = ["primary", "secondary"])]
         key: String,
+        /// Show the keys in full.
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Remove a policy.
     Remove {
@@ -43,10 +69,21 @@ pub enum PolicyCommand {
     },
 }
 
+/// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` of `policy` with its `key_type` key.
+///
+/// # Errors
+/// When the policy has no such key.
+pub fn connection_string(host: &str, policy: &Value, key_type: &str) -> Result<String> {
+    let field = if key_type == "secondary" { "secondaryKey" } else { "primaryKey" };
+    let name = policy["keyName"].as_str().context("the policy has no keyName")?;
+    let key = policy[field].as_str().with_context(|| format!("policy '{name}' has no {key_type} key"))?;
+    Ok(format!("HostName={host};SharedAccessKeyName={name};SharedAccessKey={key}"))
+}
+
 /// Runs a policy command.
 pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
     match cmd {
-        PolicyCommand::Add { name, rights } => {
+        PolicyCommand::Add { name, rights, show_keys } => {
             let (v, _) = c
                 .send(
                     Method::PUT,
@@ -55,15 +92,31 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
                     &[],
                 )
                 .await?;
-            print_object(&v, c.json);
+            print_object(&v, c.json, show_keys);
         }
-        PolicyCommand::List => {
+        PolicyCommand::List { top, show_keys } => {
             let v = c.get("/policies").await?;
-            let rows = v["value"].as_array().cloned().unwrap_or_default();
-            print_list(&rows, &[("keyName", "/keyName"), ("rights", "/rights"), ("primaryKey", "/primaryKey")], c.json);
+            let rows = Listing::of(v["value"].as_array().cloned().unwrap_or_default(), top.top);
+            print_list(
+                &rows,
+                &[("keyName", "/keyName"), ("rights", "/rights"), ("primaryKey", "/primaryKey")],
+                c.json,
+                show_keys,
+            );
         }
-        PolicyCommand::Show { name } => print_object(&c.get(&format!("/policies/{}", seg(&name))).await?, c.json),
-        PolicyCommand::RegenerateKey { name, key } => {
+        PolicyCommand::Show { name, show_keys } => {
+            print_object(&c.get(&format!("/policies/{}", seg(&name))).await?, c.json, show_keys);
+        }
+        PolicyCommand::ConnectionString { name, key_type } => {
+            let p = c.get(&format!("/policies/{}", seg(&name))).await?;
+            let cs = connection_string(c.host_name(), &p, &key_type)?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "connectionString": cs }))?);
+            } else {
+                println!("{cs}");
+            }
+        }
+        PolicyCommand::RegenerateKey { name, key, show_keys } => {
             let (v, _) = c
                 .send(
                     Method::POST,
@@ -72,7 +125,7 @@ pub async fn run(c: &Client, cmd: PolicyCommand) -> Result<()> {
                     &[],
                 )
                 .await?;
-            print_object(&v, c.json);
+            print_object(&v, c.json, show_keys);
         }
         PolicyCommand::Remove { name } => {
             c.send(Method::DELETE, &format!("/policies/{}", seg(&name)), None, &[]).await?;

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     client::{Client, seg},
-    output::{print_list, print_object},
+    output::{Listing, print_list, print_object},
 };
 
 /// Registration-state commands.
@@ -22,6 +22,8 @@ pub enum RegistrationCommand {
         /// Enrollment group id.
         #[arg(long)]
         group: String,
+        #[command(flatten)]
+        top: super::Top,
     },
     /// Delete a device's registration state (the device may register again).
     Delete {
@@ -33,20 +35,32 @@ pub enum RegistrationCommand {
     },
 }
 
-/// Pages through a query; returns every item.
-pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value>> {
+/// Most items asked for in one page; the server may send fewer (its limit is 1000 by default).
+const PAGE: usize = 500;
+
+/// Pages through a query; returns every item, or the first `top`.
+///
+/// # Errors
+/// As [`Client::send`].
+pub async fn query_all(c: &Client, path: &str, body: &Value, top: super::Top) -> Result<Listing> {
+    let top = top.top;
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let mut headers = vec![("x-ms-max-item-count", "500")];
+        // Ask for no more than --top still needs, so that no page is fetched only to be cut.
+        let size = top.map_or(PAGE, |n| n.saturating_sub(out.len()).min(PAGE)).to_string();
+        let mut headers = vec![("x-ms-max-item-count", size.as_str())];
         if let Some(t) = &token {
             headers.push(("x-ms-continuation", t.as_str()));
         }
         let (v, h) = c.send(Method::POST, path, Some(body), &headers).await?;
         out.extend(v.as_array().cloned().unwrap_or_default());
         token = h.get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        if token.is_none() {
-            return Ok(out);
+        let full = top.is_some_and(|n| out.len() >= n);
+        if token.is_none() || full {
+            let mut listing = Listing::of(out, top);
+            listing.more |= full && token.is_some();
+            return Ok(listing);
         }
     }
 }
@@ -55,11 +69,12 @@ pub async fn query_all(c: &Client, path: &str, body: &Value) -> Result<Vec<Value
 pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
     match cmd {
         RegistrationCommand::Show { id } => {
-            print_object(&c.get(&format!("/registrations/{}", seg(&id))).await?, c.json)
+            print_object(&c.get(&format!("/registrations/{}", seg(&id))).await?, c.json, false)
         }
-        RegistrationCommand::List { group } => {
+        RegistrationCommand::List { group, top } => {
             let rows =
-                query_all(c, &format!("/registrations/{}/query", seg(&group)), &json!({"query": "SELECT *"})).await?;
+                query_all(c, &format!("/registrations/{}/query", seg(&group)), &json!({"query": "SELECT *"}), top)
+                    .await?;
             print_list(
                 &rows,
                 &[
@@ -70,6 +85,7 @@ pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
                     ("lastUpdated", "/lastUpdatedDateTimeUtc"),
                 ],
                 c.json,
+                false,
             );
         }
         RegistrationCommand::Delete { id, etag } => {

@@ -270,3 +270,447 @@ fn a_second_server_on_an_embedded_database_in_use_refuses_to_start() {
     let again = Server::start(dir.path(), "127.0.0.1:0", &[]);
     assert_eq!(again.info.id_scope, first.info.id_scope);
 }
+
+#[test]
+fn device_register_help_names_the_endpoint_default_once() {
+    let help = crate::common::run(Command::new(env!("CARGO_BIN_EXE_provisio")).args(["device", "register", "--help"]));
+    assert_eq!(help.matches(provisio_client::GLOBAL_ENDPOINT).count(), 1, "{help}");
+    assert!(help.contains(&format!("[default: {}]", provisio_client::GLOBAL_ENDPOINT)), "{help}");
+}
+
+/// Every line of `out` is at most 100 columns wide.
+fn fits_100_columns(what: &str, out: &str) {
+    for line in out.lines() {
+        assert!(line.chars().count() <= 100, "{what}: a line of {} columns:\n{out}", line.chars().count());
+    }
+}
+
+/// The rows of a key/value table (`field  value`), wrapped values joined again.
+fn table_fields(out: &str) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut body = false;
+    for line in out.lines() {
+        if line.starts_with('═') {
+            body = true;
+            continue;
+        }
+        if !body || line.starts_with('─') {
+            continue;
+        }
+        if line.starts_with(' ') {
+            if let Some(last) = rows.last_mut() {
+                last.1.push_str(line.trim());
+            }
+        } else {
+            let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+            rows.push((k.to_owned(), v.trim().to_owned()));
+        }
+    }
+    rows
+}
+
+fn field<'a>(rows: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    rows.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_list_takes_top_and_pages_through_the_service_to_reach_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Pages of 4, so that --top 9 needs three of them.
+    let config = tmp.path().join("provisio.toml");
+    std::fs::write(&config, "max_query_page_size = 4\n").unwrap();
+    let hubs =
+        ["--linked-hub", "top-1.example.net", "--linked-hub", "top-2.example.net", "--linked-hub", "top-3.example.net"];
+    let s = Server::start(
+        &tmp.path().join("server"),
+        "127.0.0.1:0",
+        &[&["--config", config.to_str().unwrap()][..], &hubs].concat(),
+    );
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    for i in 0..10 {
+        crate::common::put_enrollment(
+            &s,
+            false,
+            &format!("top-{i:02}"),
+            serde_json::json!({"registrationId": format!("top-{i:02}"), "attestation": {"type": "symmetricKey"}}),
+        )
+        .await;
+        crate::common::put_enrollment(
+            &s,
+            true,
+            &format!("topg-{i:02}"),
+            serde_json::json!({"enrollmentGroupId": format!("topg-{i:02}"), "attestation": {"type": "symmetricKey"}}),
+        )
+        .await;
+    }
+    // Six devices of one group register.
+    let g = cli.json(&["enrollment-group", "show", "topg-00", "--show-keys"]);
+    let group_key = g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    for i in 0..6 {
+        let id = format!("topd-{i}");
+        let key = provisio_core::keys::derive_device_key(&group_key, &id).unwrap();
+        let token = provisio_core::sas::build_token(
+            &format!("{}/registrations/{id}", s.info.id_scope),
+            &key,
+            now() + 600,
+            None,
+            provisio_core::sas::SrEncoding::Upper,
+        )
+        .unwrap();
+        let (st, _, _) = curl(
+            &s,
+            "PUT",
+            &format!("/{}/registrations/{id}/register?api-version=2019-03-31", s.info.id_scope),
+            Some(&token),
+            Some("{}"),
+        );
+        assert_eq!(st, 202);
+    }
+    for p in ["top-reader", "top-writer"] {
+        cli.ok(&["policy", "add", p, "--rights", "EnrollmentRead"]);
+    }
+    let certs = tmp.path().join("certs");
+    for name in ["top-ca-1", "top-ca-2", "top-ca-3"] {
+        cli.ok(&["cert", "root", name, "--out-dir", certs.to_str().unwrap()]);
+        let file = certs.join(format!("{name}_cert.pem"));
+        cli.ok(&["certificate", "upload", name, "--file", file.to_str().unwrap()]);
+    }
+
+    // (list command, how many there are, a --top below that which crosses a page)
+    let lists: [(&[&str], usize, usize); 6] = [
+        (&["enrollment", "list"], 10, 9),
+        (&["enrollment-group", "list"], 10, 9),
+        (&["registration", "list", "--group", "topg-00"], 6, 5),
+        (&["hub", "list"], 3, 2),
+        (&["policy", "list"], 3, 2),
+        (&["certificate", "list"], 3, 2),
+    ];
+    for (cmd, all, top) in lists {
+        let count = |extra: &[&str]| cli.json(&[cmd, extra].concat()).as_array().unwrap().len();
+        assert_eq!(count(&[]), all, "{cmd:?}");
+        assert_eq!(count(&["--top", &top.to_string()]), top, "{cmd:?} --top {top}");
+        assert_eq!(count(&["--top", "1"]), 1, "{cmd:?} --top 1");
+        assert_eq!(count(&["--top", "500"]), all, "{cmd:?} --top 500");
+        let table = cli.ok(&[cmd, &["--top", &top.to_string()]].concat());
+        assert!(table.contains(&format!("{top} item(s); more exist")), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+        let table = cli.ok(cmd);
+        assert!(table.contains(&format!("{all} item(s)\n")) && !table.contains("more exist"), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+    }
+    let first = cli.json(&["enrollment", "list", "--top", "9"]);
+    let ids: Vec<&str> = first.as_array().unwrap().iter().map(|e| e["registrationId"].as_str().unwrap()).collect();
+    assert_eq!(ids, (0..9).map(|i| format!("top-{i:02}")).collect::<Vec<_>>(), "nine distinct enrollments, in order");
+    let err = cli.fails(&["enrollment", "list", "--top", "0"]);
+    assert!(err.contains("--top"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_show_prints_one_hub_with_its_registrar_query_masked_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "show-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // hub show: one hub, its registrar URL's query masked in the table but not in JSON.
+    cli.ok(&[
+        "hub",
+        "update",
+        "show-hub.example.net",
+        "--weight",
+        "7",
+        "--region",
+        "westeurope",
+        "--registrar-webhook-url",
+        "https://registrar.example/api/devices?code=hub-secret-code",
+    ]);
+    let h = cli.json(&["hub", "show", "show-hub.example.net"]);
+    assert_eq!(h["hostName"], "show-hub.example.net");
+    assert_eq!(h["allocationWeight"], 7);
+    assert_eq!(h["registrarWebhookUrl"], "https://registrar.example/api/devices?code=hub-secret-code");
+    let table = cli.ok(&["hub", "show", "show-hub.example.net"]);
+    let rows = table_fields(&table);
+    assert_eq!(field(&rows, "hostName"), Some("show-hub.example.net"), "{table}");
+    assert_eq!(field(&rows, "region"), Some("westeurope"), "{table}");
+    assert_eq!(field(&rows, "registrarWebhookUrl"), Some("https://registrar.example/api/devices?code=…"), "{table}");
+    let shown = cli.ok(&["hub", "show", "show-hub.example.net", "--show-keys"]);
+    assert!(shown.contains("code=hub-secret-code"), "{shown}");
+    assert!(!cli.ok(&["hub", "list"]).contains("hub-secret-code"));
+    let err = cli.fails(&["hub", "show", "nope.example.net"]);
+    assert!(err.contains("404"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_connection_string_reaches_the_service_with_that_policys_rights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "cs-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // The owner's connection string by default: the one the server printed.
+    assert_eq!(cli.ok(&["policy", "connection-string"]).trim(), s.info.service_connection_string);
+    // Another policy's, with either key, reaches the service with that policy's rights.
+    let p = cli.json(&["policy", "add", "cs-reader", "--rights", "EnrollmentRead"]);
+    cli.ok(&["enrollment", "create", "cs-dev"]);
+    for key_type in ["primary", "secondary"] {
+        let cs = cli.ok(&["policy", "connection-string", "cs-reader", "--key-type", key_type]).trim().to_owned();
+        let key = p[format!("{key_type}Key")].as_str().unwrap();
+        assert_eq!(cs, format!("HostName=localhost:{};SharedAccessKeyName=cs-reader;SharedAccessKey={key}", s.port));
+        assert_eq!(
+            cli.json(&["policy", "connection-string", "cs-reader", "--key-type", key_type])["connectionString"],
+            cs
+        );
+        let reader = Cli { s: &s, cs };
+        assert_eq!(reader.json(&["enrollment", "show", "cs-dev"])["registrationId"], "cs-dev");
+        let err = reader.fails(&["enrollment", "create", "cs-other"]);
+        assert!(err.contains("403") && err.contains("EnrollmentWrite"), "{err}");
+    }
+    // Policy tables mask the keys unless asked.
+    let key = p["primaryKey"].as_str().unwrap();
+    for cmd in [&["policy", "show", "cs-reader"][..], &["policy", "list"]] {
+        let table = cli.ok(cmd);
+        assert!(!table.contains(key) && table.contains(&format!("{}…", &key[..4])), "{cmd:?}: {table}");
+        fits_100_columns(&format!("{cmd:?}"), &table);
+        let full = cli.ok(&[cmd, &["--show-keys"]].concat());
+        assert!(full.contains(&key[..10]) && !full.contains(&format!("{}…", &key[..4])), "{cmd:?}: {full}");
+    }
+    let full = cli.ok(&["policy", "show", "cs-reader", "--show-keys"]);
+    assert_eq!(field(&table_fields(&full), "primaryKey"), Some(key), "{full}");
+    assert!(cli.fails(&["policy", "connection-string", "nope"]).contains("404"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_secondary_certificate_keeps_the_primary_and_refuses_the_secondary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "rsc-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let path = |dir: &std::path::Path, file: &str| dir.join(file).to_str().unwrap().to_owned();
+    // Two roots, and two certificates of the same device (CN = its registration id).
+    for (dir, root) in [(&one, "rsc-root-a"), (&two, "rsc-root-b")] {
+        cli.ok(&["cert", "root", root, "--out-dir", dir.to_str().unwrap()]);
+        cli.ok(&["cert", "device", "rsc-dev", "--ca", root, "--out-dir", dir.to_str().unwrap()]);
+    }
+    let register = |dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_provisio"))
+            .args(["device", "register", "--scope", &s.info.id_scope, "--json"])
+            .args(["--cert", &path(dir, "rsc-dev_fullchain.pem"), "--cert-key", &path(dir, "rsc-dev_key.pem")])
+            .args(["--endpoint", &format!("localhost:{}", s.port)])
+            .arg("--ca")
+            .arg(s.ca_file())
+            .output()
+            .unwrap()
+    };
+
+    // An individual enrollment with both device certificates: either registers.
+    let e = cli.json(&[
+        "enrollment",
+        "create",
+        "rsc-dev",
+        "--certificate",
+        &path(&one, "rsc-dev_cert.pem"),
+        "--secondary-certificate",
+        &path(&two, "rsc-dev_cert.pem"),
+    ]);
+    let certs = &e["attestation"]["x509"]["clientCertificates"];
+    let primary = certs["primary"]["info"]["sha1Thumbprint"].as_str().unwrap().to_owned();
+    assert!(certs["secondary"]["info"]["sha1Thumbprint"].is_string(), "{e}");
+    assert!(register(&two).status.success(), "the secondary certificate registers before its removal");
+
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--remove-secondary-certificate"]);
+    let shown = cli.json(&["enrollment", "show", "rsc-dev"]);
+    for v in [&u, &shown] {
+        let certs = &v["attestation"]["x509"]["clientCertificates"];
+        assert!(certs.get("secondary").is_none_or(Value::is_null), "the secondary is gone: {v}");
+        assert_eq!(certs["primary"]["info"]["sha1Thumbprint"], primary.as_str(), "the primary stays: {v}");
+        assert_eq!(certs["primary"]["info"]["subjectName"], "CN=rsc-dev");
+    }
+    let table = cli.ok(&["enrollment", "show", "rsc-dev"]);
+    let rows = table_fields(&table);
+    assert_eq!(field(&rows, "attestation.x509.clientCertificates.primary.thumbprint"), Some(primary.as_str()));
+    assert!(!table.contains("secondary"), "{table}");
+    let refused = register(&two);
+    assert_eq!(refused.status.code(), Some(4), "the removed certificate is refused: {refused:?}");
+    let ok = register(&one);
+    assert!(ok.status.success(), "the primary still registers: {ok:?}");
+    // A certificate can be added back as secondary, keeping the primary; --rsc is az's short form.
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--secondary-certificate", &path(&two, "rsc-dev_cert.pem")]);
+    assert_eq!(u["attestation"]["x509"]["clientCertificates"]["primary"]["info"]["sha1Thumbprint"], primary.as_str());
+    assert!(u["attestation"]["x509"]["clientCertificates"]["secondary"]["info"].is_object(), "{u}");
+    let u = cli.json(&["enrollment", "update", "rsc-dev", "--rsc"]);
+    assert!(u["attestation"]["x509"]["clientCertificates"].get("secondary").is_none_or(Value::is_null), "{u}");
+
+    // A group on two signing certificates.
+    let g = cli.json(&[
+        "enrollment-group",
+        "create",
+        "rsc-group",
+        "--certificate",
+        &path(&one, "rsc-root-a_cert.pem"),
+        "--secondary-certificate",
+        &path(&two, "rsc-root-b_cert.pem"),
+    ]);
+    let signing = &g["attestation"]["x509"]["signingCertificates"];
+    assert_eq!(signing["secondary"]["info"]["subjectName"], "CN=rsc-root-b", "{g}");
+    cli.json(&["enrollment-group", "update", "rsc-group", "--remove-secondary-certificate"]);
+    let g = cli.json(&["enrollment-group", "show", "rsc-group"]);
+    let signing = &g["attestation"]["x509"]["signingCertificates"];
+    assert!(signing.get("secondary").is_none_or(Value::is_null), "{g}");
+    assert_eq!(signing["primary"]["info"]["subjectName"], "CN=rsc-root-a", "{g}");
+
+    // A group on CA references.
+    for (name, file) in [("ca-one", path(&one, "rsc-root-a_cert.pem")), ("ca-two", path(&two, "rsc-root-b_cert.pem"))] {
+        cli.ok(&["certificate", "upload", name, "--file", &file, "--verified"]);
+    }
+    let g =
+        cli.json(&["enrollment-group", "create", "rsc-refs", "--ca-name", "ca-one", "--secondary-ca-name", "ca-two"]);
+    assert_eq!(g["attestation"]["x509"]["caReferences"]["secondary"], "ca-two", "{g}");
+    let g = cli.json(&["enrollment-group", "update", "rsc-refs", "--remove-secondary-certificate"]);
+    assert_eq!(g["attestation"]["x509"]["caReferences"]["primary"], "ca-one", "{g}");
+    assert!(g["attestation"]["x509"]["caReferences"].get("secondary").is_none_or(Value::is_null), "{g}");
+
+    // Not for keys; not together with a new secondary.
+    cli.ok(&["enrollment", "create", "rsc-sym"]);
+    let err = cli.fails(&["enrollment", "update", "rsc-sym", "--remove-secondary-certificate"]);
+    assert!(err.contains("X.509") && err.contains("symmetricKey"), "{err}");
+    let err = cli.fails(&[
+        "enrollment",
+        "update",
+        "rsc-dev",
+        "--remove-secondary-certificate",
+        "--secondary-certificate",
+        &path(&two, "rsc-dev_cert.pem"),
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// Base64 of a `TPM2B_PUBLIC` of the TCG EK template (RSA-2048) with a fresh modulus.
+fn tpm_endorsement_key() -> String {
+    use aws_lc_rs::signature::KeyPair as _;
+    let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let n = kp.public_key().modulus().big_endian_without_leading_zero().to_vec();
+    let tpm2b = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&u16::try_from(b.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let mut p = Vec::new();
+    // RSA, SHA-256 names, restricted | decrypt | …, a 32-byte policy, AES-128-CFB, no scheme,
+    // 2048 bits, the default exponent, then the modulus.
+    for v in [0x0001_u16, 0x000B] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&0x0003_00B2_u32.to_be_bytes());
+    tpm2b(&mut p, &[0x83; 32]);
+    for v in [0x0006_u16, 128, 0x0043, 0x0010, 2048] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&0u32.to_be_bytes());
+    tpm2b(&mut p, &n);
+    let mut out = Vec::new();
+    tpm2b(&mut out, &p);
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_tables_fit_100_columns_with_keys_masked_unless_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), "127.0.0.1:0", &["--linked-hub", "wide-hub.example.net"]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+    let certs = tmp.path().join("certs");
+    cli.ok(&["cert", "root", "wide-root", "--out-dir", certs.to_str().unwrap()]);
+    cli.ok(&["cert", "device", "wide-x509", "--ca", "wide-root", "--out-dir", certs.to_str().unwrap()]);
+    let device_cert = certs.join("wide-x509_cert.pem").to_str().unwrap().to_owned();
+    let ek = tpm_endorsement_key();
+    let desired = format!(
+        r#"{{"properties":{{"desired":{{"firmware":"{}","interval":30}}}},"tags":{{"site":"lab"}}}}"#,
+        "v".repeat(200)
+    );
+    let webhook = "https://alloc.example/api/allocate?code=webhook-secret-code";
+
+    // Created with everything that made the old table 280 columns wide.
+    let created = cli.ok(&[
+        "enrollment",
+        "create",
+        "wide-sym",
+        "--initial-twin",
+        &desired,
+        "--iot-hubs",
+        "wide-hub.example.net",
+        "--allocation-policy",
+        "custom",
+        "--webhook-url",
+        webhook,
+        "--reprovision-policy",
+        "reprovisionandresetdata",
+        "--iot-edge",
+        "true",
+    ]);
+    fits_100_columns("enrollment create", &created);
+    cli.ok(&[
+        "enrollment",
+        "create",
+        "wide-x509",
+        "--certificate",
+        &device_cert,
+        "--secondary-certificate",
+        &device_cert,
+    ]);
+    cli.ok(&["enrollment", "create", "wide-tpm", "--endorsement-key", &ek]);
+    let sym_key =
+        cli.json(&["enrollment", "show", "wide-sym", "--show-keys"])["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let created_rows = table_fields(&created);
+    assert_eq!(
+        field(&created_rows, "attestation.symmetricKey.primaryKey"),
+        Some(format!("{}…", &sym_key[..4]).as_str())
+    );
+    assert!(!created.contains(&sym_key[..10]), "{created}");
+
+    for id in ["wide-sym", "wide-x509", "wide-tpm"] {
+        let masked = cli.ok(&["enrollment", "show", id]);
+        let shown = cli.ok(&["enrollment", "show", id, "--show-keys"]);
+        fits_100_columns(id, &masked);
+        fits_100_columns(id, &shown);
+        let (masked, shown) = (table_fields(&masked), table_fields(&shown));
+        assert_eq!(field(&masked, "registrationId"), Some(id));
+        match id {
+            "wide-sym" => {
+                assert_eq!(field(&masked, "attestation.type"), Some("symmetricKey"));
+                assert!(masked.iter().all(|(_, v)| !v.contains(&sym_key[..10])), "{masked:?}");
+                assert_eq!(field(&shown, "attestation.symmetricKey.primaryKey"), Some(sym_key.as_str()));
+                assert_eq!(
+                    field(&masked, "customAllocationDefinition.webhookUrl"),
+                    Some("https://alloc.example/api/allocate?code=…")
+                );
+                assert_eq!(field(&shown, "customAllocationDefinition.webhookUrl"), Some(webhook));
+                assert_eq!(field(&masked, "iotHubs"), Some("wide-hub.example.net"));
+                assert_eq!(field(&masked, "allocationPolicy"), Some("custom"));
+                assert_eq!(field(&masked, "capabilities.iotEdge"), Some("true"));
+                assert_eq!(field(&masked, "reprovisionPolicy.migrateDeviceData"), Some("false"));
+                assert_eq!(field(&masked, "initialTwin.tags"), Some(r#"{"site":"lab"}"#));
+                let summary = field(&masked, "initialTwin.properties.desired").unwrap();
+                assert!(summary.contains("2 keys: firmware, interval"), "{summary}");
+            }
+            "wide-x509" => {
+                assert_eq!(field(&masked, "attestation.type"), Some("x509"));
+                for slot in ["primary", "secondary"] {
+                    let p = format!("attestation.x509.clientCertificates.{slot}");
+                    assert_eq!(field(&masked, &format!("{p}.subject")), Some("CN=wide-x509"));
+                    assert_eq!(field(&masked, &format!("{p}.thumbprint")).map(str::len), Some(40));
+                    assert!(field(&masked, &format!("{p}.expiry")).is_some_and(|e| e.ends_with('Z')), "{masked:?}");
+                }
+            }
+            _ => {
+                assert_eq!(field(&masked, "attestation.type"), Some("tpm"));
+                assert_eq!(field(&masked, "attestation.tpm.endorsementKey"), Some(format!("{}…", &ek[..4]).as_str()));
+                assert_eq!(field(&shown, "attestation.tpm.endorsementKey"), Some(ek.as_str()));
+                // JSON stays the service's answer, whole.
+                assert_eq!(cli.json(&["enrollment", "show", id])["attestation"]["tpm"]["endorsementKey"], ek.as_str());
+            }
+        }
+    }
+    let list = cli.ok(&["enrollment", "list"]);
+    fits_100_columns("enrollment list", &list);
+    assert!(list.contains("wide-hub.example.net") && list.contains("3 item(s)"), "{list}");
+}
