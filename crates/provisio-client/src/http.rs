@@ -91,6 +91,7 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
         registration_id: Some(opts.registration_id.clone()),
         tpm: tpm.map(tpm_block).transpose()?,
         payload: opts.payload.clone(),
+        csr: None,
     };
     if let Some(t) = tpm {
         challenge(&c, opts, &body, t).await?;
@@ -171,7 +172,8 @@ fn result_key(state: &DeviceRegistrationResult) -> Option<Vec<u8>> {
 /// The POST status lookup.
 pub async fn status(opts: &Options) -> Result<DeviceRegistrationResult, ClientError> {
     let c = client(opts)?;
-    let body = DeviceRegistration { registration_id: Some(opts.registration_id.clone()), tpm: None, payload: None };
+    let body =
+        DeviceRegistration { registration_id: Some(opts.registration_id.clone()), tpm: None, payload: None, csr: None };
     // A TPM holds a key from the service only after a challenge: ask for one first.
     if let Credential::Tpm(t) = &opts.credential {
         let register = DeviceRegistration { tpm: Some(tpm_block(t)?), ..body.clone() };

@@ -429,6 +429,7 @@ pub(crate) fn registration_body(opts: &Options) -> Result<Vec<u8>, ClientError> 
         registration_id: Some(opts.registration_id.clone()),
         tpm: None,
         payload: opts.payload.clone(),
+        csr: None,
     };
     serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))
 }

@@ -1027,6 +1027,7 @@ mod tests {
                     allocation_policy: None,
                     iot_hubs: hubs,
                     custom_allocation_definition: None,
+                    credential_policy_name: None,
                 },
                 None,
             )
@@ -1389,7 +1390,7 @@ mod tests {
     async fn payload_is_stored_and_null_payload_ignored() {
         let (engine, api, store) = setup(&["h1"]).await;
         let key = enroll(&api, "dev-p", None).await;
-        let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
+        let req = DeviceRegistration { payload: Some(json!({"model": "x1"})), ..DeviceRegistration::default() };
         engine.register(SCOPE, "DEV-P", req, &token("DEV-P", &key)).await.unwrap();
         let rec = wire::record_from_body(&store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body)
             .unwrap();
@@ -1398,8 +1399,8 @@ mod tests {
         assert_eq!(rec.registration_id, "DEV-P");
         let req = DeviceRegistration {
             registration_id: Some("dev-p".into()),
-            tpm: None,
             payload: Some(serde_json::Value::Null),
+            ..DeviceRegistration::default()
         };
         engine.register(SCOPE, "dev-p", req, &token("dev-p", &key)).await.unwrap();
         let rec = wire::record_from_body(&store.get(Collection::Registrations, "dev-p").await.unwrap().unwrap().body)
@@ -1411,7 +1412,7 @@ mod tests {
     async fn a_poll_answered_from_the_recent_operations_equals_one_read_from_the_store() {
         let (mut engine, api, _) = setup(&["h1"]).await;
         let key = enroll(&api, "dev-c", None).await;
-        let req = DeviceRegistration { registration_id: None, tpm: None, payload: Some(json!({"model": "x1"})) };
+        let req = DeviceRegistration { payload: Some(json!({"model": "x1"})), ..DeviceRegistration::default() };
         let op = engine.register(SCOPE, "Dev-C", req, &token("Dev-C", &key)).await.unwrap();
         let cached = engine.operation_status(SCOPE, "Dev-C", &op, &token("Dev-C", &key), None).await.unwrap();
         // Another device's poll of this operation is refused from the cache as from the store.
