@@ -393,6 +393,18 @@ impl Engine {
                 Err(e) => e.answer(),
             };
         }
+        // A csr exists from 2025-07-01-preview on; an older version that sends one is told so
+        // rather than have it silently dropped.
+        let parsed = parsed.and_then(|registration| match (&registration.csr, r.api_version) {
+            (Some(_), Some(v)) if !provisio_proto::CSR_API_VERSIONS.contains(&v.trim()) => {
+                Err(Error::invalid(format!(
+                    "The csr field needs api-version 2025-07-01-preview or later ({}); this request has {}.",
+                    provisio_proto::CSR_API_VERSIONS.join(", "),
+                    provisio_core::text::shorten(v)
+                )))
+            }
+            _ => Ok(registration),
+        });
         match self.register_from(&r.origin, r.scope, r.registration_id, parsed, r.credential).await {
             Ok(operation_id) => {
                 Answer::json(202, Some(self.retry_after_secs()), &RegistrationOperationStatus::accepted(operation_id))
@@ -420,7 +432,14 @@ impl Engine {
 
     async fn device_registration_status(&self, r: &DeviceRequest<'_>, body: &[u8]) -> Result<Answer, Error> {
         check_api_version(DEVICE_API_VERSIONS, r.api_version)?;
-        check_body_id(r.registration_id, &registration_body(body)?)?;
+        let registration = registration_body(body)?;
+        check_body_id(r.registration_id, &registration)?;
+        if registration.csr.is_some() {
+            return Err(Error::invalid(
+                "The status lookup (POST {idScope}/registrations/{registrationId}) takes no csr: send it with a \
+                 register request.",
+            ));
+        }
         let result = self.registration_status(r.scope, r.registration_id, r.credential, r.origin.peer).await?;
         Ok(Answer::json(200, None, &result))
     }

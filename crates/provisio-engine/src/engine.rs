@@ -123,6 +123,8 @@ pub struct Engine {
     refusals: Arc<RefusalRecords>,
     /// Registrations per minute, for the console's chart.
     stats: Arc<crate::stats::Stats>,
+    /// Operational certificates issued at registration.
+    issuance: crate::issuance::Issuance,
 }
 
 /// How long a device waits for a turn to have its chain validated before it is told to come
@@ -168,6 +170,7 @@ impl Engine {
         let settings_ops = settings.max_concurrent_operations;
         let poll_auth_cache = settings.poll_auth_cache;
         let x509_refusals_per_minute = settings.x509_refusals_per_ip_per_minute;
+        let issuance = crate::issuance::Issuance::new(store.clone(), scope.as_str(), None);
         let registrations = Arc::new(crate::limits::RateLimiter::new(settings.registrations_per_second));
         let polls = Arc::new(crate::limits::KeyedWindow::new(
             settings.device_polls_per_10s,
@@ -206,6 +209,7 @@ impl Engine {
             )),
             refusals: Arc::default(),
             stats: crate::stats::Stats::new(),
+            issuance,
         }
     }
 
@@ -284,6 +288,20 @@ impl Engine {
             None => Ok(None),
             Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| Error::Throttled(1)),
         }
+    }
+
+    /// Points the CRL distribution points of issued certificates at `url`
+    /// (`https://host[:port]`, the service as devices and brokers reach it).
+    #[must_use]
+    pub fn with_public_url(mut self, url: Option<String>) -> Self {
+        self.issuance = crate::issuance::Issuance::new(self.store.clone(), self.scope.as_str(), url);
+        self
+    }
+
+    /// Issuing CAs, certificate policies and issued certificates.
+    #[must_use]
+    pub fn issuance(&self) -> &crate::issuance::Issuance {
+        &self.issuance
     }
 
     /// Records every registration attempt in `audit`.
@@ -763,6 +781,12 @@ impl Engine {
             ),
         };
         let payload = request.payload.filter(|p| !p.is_null());
+        // A certificate request is checked before anything is decided: one that cannot be
+        // honoured refuses the registration, and nothing is stored (issue #26).
+        let prepared = match &request.csr {
+            Some(csr) => Some(self.issuance.prepare(&id, settings.credential_policy_name.as_deref(), csr).await?),
+            None => None,
+        };
         // A TPM device's challenge: its key goes to the hub registrar and, wrapped afresh,
         // into the result.
         let tpm_challenge = match &matched {
@@ -798,7 +822,7 @@ impl Engine {
             },
             _ => None,
         };
-        let record = RegistrationRecord {
+        let mut record = RegistrationRecord {
             registration_id: id.as_str().to_owned(),
             created: previous.as_ref().map_or_else(|| now.clone(), |p| p.created.clone()),
             updated: now,
@@ -810,6 +834,12 @@ impl Engine {
             tpm,
             issued: None,
         };
+        // Issued once the device is assigned (a failed or disabled result gets none).
+        if let (Some(p), Outcome::Assigned { .. }) = (&prepared, &record.outcome) {
+            let issued = self.issuance.issue(&id, p).await?;
+            tracing::info!(registration_id = %id, serial = issued.serial, ca = issued.ca_name, "certificate issued");
+            record.issued = Some(issued);
+        }
         let operation_id = new_operation_id();
         let body = crate::to_json(&record)
             .map_err(|e| e.to_string())
@@ -902,7 +932,10 @@ impl Engine {
                 message: format!("Registration '{id}' has no registration state yet."),
             }
         })?;
-        Ok(wire::device_result(&wire::record_from_body(&doc.body)?, &doc.etag))
+        let mut result = wire::device_result(&wire::record_from_body(&doc.body)?, &doc.etag);
+        // The spec keeps the issued chain out of the status lookup's answer.
+        result.issued_certificate_chain = None;
+        Ok(result)
     }
 }
 

@@ -572,3 +572,211 @@ impl Issuance {
 fn not_found(what: &str, name: &str) -> Error {
     Error::NotFound { code: codes::NOT_FOUND, message: format!("No {what} named '{}'.", shorten(name)) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+    use provisio_proto::{
+        device::DeviceRegistration,
+        service::{CertificateAuthority, CredentialPolicy},
+    };
+    use provisio_store::{Collection, SqliteStore, Store};
+    use x509_parser::prelude::FromDer;
+
+    use crate::{
+        Connection, Credential, DeviceOperation, DeviceRequest, Engine, EngineSettings, Origin, Transport,
+        allocation::{AllocationSettings, Assigner},
+    };
+
+    const SCOPE: &str = "0ne00000001";
+
+    async fn engine() -> (Engine, crate::service::ServiceApi, Arc<dyn Store>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let hubs = crate::hubs::Hubs::new(store.clone());
+        hubs.seed(&["hub1.example.net".to_owned()], "unused.example").await.unwrap();
+        let settings = EngineSettings {
+            device_polls_per_10s: 0,
+            poll_auth_cache: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let engine = Engine::new(
+            store.clone(),
+            provisio_core::ids::IdScope::parse(SCOPE).unwrap(),
+            settings,
+            Assigner::new(hubs, AllocationSettings::default()).unwrap(),
+        )
+        .with_public_url(Some("https://dps.example.net".into()));
+        let api = engine.service_api(vec!["localhost".into()], crate::service::ServiceLimits::default());
+        (engine, api, store)
+    }
+
+    fn csr(cn: &str) -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        B64.encode(params.serialize_request(&key).unwrap().der())
+    }
+
+    async fn enroll(api: &crate::service::ServiceApi, id: &str, policy: Option<&str>) -> String {
+        let mut body = serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey"}});
+        if let Some(p) = policy {
+            body["credentialPolicyName"] = serde_json::json!(p);
+        }
+        let e = api.put_enrollment(id, serde_json::from_value(body).unwrap(), None).await.unwrap();
+        e.attestation.symmetric_key.unwrap().primary_key.unwrap()
+    }
+
+    fn token(id: &str, key: &str) -> Credential {
+        Credential::Sas(
+            provisio_core::sas::build_token(
+                &format!("{SCOPE}/registrations/{id}"),
+                key,
+                crate::engine::unix_now_i64().unsigned_abs() + 600,
+                Some("registration"),
+                provisio_core::sas::SrEncoding::Raw,
+            )
+            .unwrap(),
+        )
+    }
+
+    async fn device(
+        engine: &Engine,
+        id: &str,
+        version: &str,
+        operation: DeviceOperation<'_>,
+        credential: &Credential,
+    ) -> crate::Answer {
+        engine
+            .device(DeviceRequest {
+                origin: Origin::new(Transport::Internal, None),
+                scope: SCOPE,
+                registration_id: id,
+                api_version: Some(version),
+                operation,
+                credential,
+                connection: &Connection::default(),
+            })
+            .await
+    }
+
+    async fn setup_policy(engine: &Engine, limit: u32) {
+        let ca = CertificateAuthority {
+            name: "fleet".into(),
+            certificate: None,
+            chain: None,
+            private_key: None,
+            subject: None,
+            sha256_thumbprint: None,
+            not_after_utc: None,
+            crl_path: None,
+            etag: None,
+        };
+        engine.issuance().put_ca("fleet", ca).await.unwrap();
+        let policy = CredentialPolicy {
+            name: "devices".into(),
+            certificate_authority_name: "fleet".into(),
+            validity_in_days: Some(7),
+            key_types: None,
+            issuance_limit_per_day: Some(limit),
+            etag: None,
+        };
+        engine.issuance().put_policy("devices", policy).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_registration_with_a_csr_gets_its_certificate_chain_and_its_refusals_store_nothing() {
+        let (engine, api, store) = engine().await;
+        setup_policy(&engine, 2).await;
+        let key = enroll(&api, "dev-1", Some("devices")).await;
+        let cred = token("dev-1", &key);
+        let req = csr("dev-1");
+        let body = serde_json::to_vec(&DeviceRegistration { csr: Some(req.clone()), ..Default::default() }).unwrap();
+        let a = device(&engine, "dev-1", "2025-07-01-preview", DeviceOperation::Register { body: &body }, &cred).await;
+        assert_eq!(a.status, 202, "{}", String::from_utf8_lossy(&a.body));
+        let op: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        let op = op["operationId"].as_str().unwrap().to_owned();
+        let a = device(
+            &engine,
+            "dev-1",
+            "2025-07-01-preview",
+            DeviceOperation::OperationStatus { operation_id: &op },
+            &cred,
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["status"], "assigned", "{v}");
+        let chain: Vec<Vec<u8>> = v["registrationState"]["issuedCertificateChain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| B64.decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        assert_eq!(chain.len(), 3, "leaf, issuing CA, root");
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0]).unwrap();
+        assert_eq!(leaf.subject().iter_common_name().next().unwrap().as_str().unwrap(), "dev-1");
+        assert!(
+            provisio_pki::x509::verify_chain(&chain[0], &chain[1..2], &chain[2], time::OffsetDateTime::now_utc())
+                .is_ok()
+        );
+        // The status lookup never shows the chain; the service API shows the certificate.
+        let a =
+            device(&engine, "dev-1", "2025-07-01-preview", DeviceOperation::RegistrationStatus { body: b"{}" }, &cred)
+                .await;
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["status"], "assigned");
+        assert!(v.get("issuedCertificateChain").is_none(), "{v}");
+        let state = api.get_registration("dev-1").await.unwrap();
+        let issued = state.issued_certificate.unwrap();
+        assert_eq!(issued.sha256_thumbprint, provisio_pki::x509::sha256_thumbprint(&chain[0]));
+        // A csr with the status lookup, or with an api-version before 2025-07-01-preview: 400.
+        let with_csr =
+            serde_json::to_vec(&DeviceRegistration { csr: Some(req.clone()), ..Default::default() }).unwrap();
+        let a = device(
+            &engine,
+            "dev-1",
+            "2025-07-01-preview",
+            DeviceOperation::RegistrationStatus { body: &with_csr },
+            &cred,
+        )
+        .await;
+        assert_eq!(a.error.map(|e| e.code), Some(400_004));
+        let a = device(&engine, "dev-1", "2021-06-01", DeviceOperation::Register { body: &with_csr }, &cred).await;
+        assert_eq!(a.error.map(|e| e.code), Some(400_004));
+        assert!(String::from_utf8_lossy(&a.body).contains("2025-07-01-preview"));
+        // Refusals: the CN of another device, an enrollment without a policy; nothing stored.
+        let before = store.count(Collection::IssuedCertificates).await.unwrap();
+        let other = csr("dev-2");
+        let wrong = serde_json::to_vec(&DeviceRegistration { csr: Some(other), ..Default::default() }).unwrap();
+        let a = device(&engine, "dev-1", "2025-07-01-preview", DeviceOperation::Register { body: &wrong }, &cred).await;
+        assert_eq!(a.error.map(|e| e.code), Some(400_004));
+        assert!(String::from_utf8_lossy(&a.body).contains("is not the registration id"));
+        let plain_key = enroll(&api, "dev-3", None).await;
+        let own = csr("dev-3");
+        let own = serde_json::to_vec(&DeviceRegistration { csr: Some(own), ..Default::default() }).unwrap();
+        let a = device(
+            &engine,
+            "dev-3",
+            "2025-07-01-preview",
+            DeviceOperation::Register { body: &own },
+            &token("dev-3", &plain_key),
+        )
+        .await;
+        assert_eq!(a.error.map(|e| e.code), Some(400_004));
+        assert!(String::from_utf8_lossy(&a.body).contains("credentialPolicyName"));
+        assert!(store.get(Collection::Registrations, "dev-3").await.unwrap().is_none());
+        assert_eq!(store.count(Collection::IssuedCertificates).await.unwrap(), before);
+        // Renewal issues a new certificate, up to the day's limit (2), then 429.
+        let a = device(&engine, "dev-1", "2026-11-01", DeviceOperation::Register { body: &body }, &cred).await;
+        assert_eq!(a.status, 202);
+        let a = device(&engine, "dev-1", "2026-11-01", DeviceOperation::Register { body: &body }, &cred).await;
+        assert_eq!(a.status, 429);
+        // Revocation: the CRL lists both.
+        let id = provisio_core::ids::RegistrationId::parse("dev-1").unwrap();
+        assert_eq!(engine.issuance().revoke(&id).await.unwrap(), 2);
+        let crl = engine.issuance().crl("fleet").await.unwrap();
+        let (_, list) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl).unwrap();
+        assert_eq!(list.iter_revoked_certificates().count(), 2);
+    }
+}

@@ -32,6 +32,12 @@ pub const DEVICE_API_VERSIONS: &[&str] = &[
     "2026-11-15-preview", // spec: device/examples/2026-11-15-preview (register and Device Update drafts)
 ];
 
+/// The device API versions whose `DeviceRegistration` carries `csr` (and whose result carries
+/// `issuedCertificateChain`): `2025-07-01-preview` and later (spec: `device/models.tsp`,
+/// `@added(Versions.v2025_07_01_preview)`).
+pub const CSR_API_VERSIONS: &[&str] =
+    &["2025-07-01-preview", "2026-04-01", "2026-11-01", "2026-11-02-preview", "2026-11-15-preview"];
+
 /// `api-version` values the service API accepts (`spec/service-api.md` §1.1), with the
 /// source of each ("spec" as for [`DEVICE_API_VERSIONS`]).
 pub const SERVICE_API_VERSIONS: &[&str] = &[
