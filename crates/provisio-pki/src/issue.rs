@@ -128,9 +128,9 @@ const OID_P384: &str = "1.3.132.0.34";
 
 impl Csr {
     /// Reads `base64` (DER PKCS#10 without PEM armour, as the device API carries it) and
-    /// checks it for `registration_id`: the signature verifies with the request's own key,
-    /// the subject CN equals the registration id (compared as registration ids are, without
-    /// regard to ASCII case), and the key is one `allowed` lists.
+    /// checks it for `registration_id`: the key is one `allowed` lists, the signature verifies
+    /// with it, and the subject CN equals the registration id (compared as registration ids
+    /// are, without regard to ASCII case).
     ///
     /// # Errors
     /// The first check that fails.
@@ -143,12 +143,7 @@ impl Csr {
         if !rest.is_empty() {
             return Err(CsrError::Malformed("trailing bytes after the request".into()));
         }
-        req.verify_signature().map_err(|_| CsrError::BadSignature)?;
         let info = &req.certification_request_info;
-        let cn = info.subject.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("").to_owned();
-        if !cn.eq_ignore_ascii_case(registration_id) {
-            return Err(CsrError::WrongCommonName { found: cn, expected: registration_id.to_owned() });
-        }
         let spki = &info.subject_pki;
         let key = match spki.algorithm.algorithm.to_id_string().as_str() {
             OID_EC_PUBLIC_KEY => {
@@ -183,8 +178,15 @@ impl Csr {
                 });
             }
         };
+        // The key first: a key the verifier cannot use (RSA under 2048 bits) would otherwise be
+        // reported as a bad signature.
         if !allowed.allows(key) {
             return Err(CsrError::KeyNotAllowed { found: key.to_string(), allowed: allowed.describe() });
+        }
+        req.verify_signature().map_err(|_| CsrError::BadSignature)?;
+        let cn = info.subject.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("").to_owned();
+        if !cn.eq_ignore_ascii_case(registration_id) {
+            return Err(CsrError::WrongCommonName { found: cn, expected: registration_id.to_owned() });
         }
         Ok(Self { public_key_info: spki.raw.to_vec(), key })
     }

@@ -127,6 +127,10 @@ pub struct ServerConfig {
     pub audit_log_refusals_per_minute: u32,
     /// Serve the web console at `/console` on the HTTPS listener.
     pub console: bool,
+    /// `https://host[:port]` at which devices and brokers reach this service: issued
+    /// certificates name their CA's CRL under it (`{public_url}/crl/{ca}.crl`). Unset: no CRL
+    /// distribution point in issued certificates.
+    pub public_url: Option<String>,
 }
 
 /// A configured secret: kept out of `Debug` output so it never reaches a log.
@@ -192,6 +196,7 @@ impl Default for ServerConfig {
             audit_log_keep: 5,
             audit_log_refusals_per_minute: 10,
             console: true,
+            public_url: None,
         }
     }
 }

@@ -318,8 +318,15 @@ impl Provisio {
         let hubs = Hubs::with_ttl(store.clone(), Duration::from_millis(c.cache_ttl_ms))
             .with_webhook_addresses(self.allocation.webhooks.addresses.clone());
         let assigner = Assigner::new(hubs.clone(), self.allocation.clone())?;
+        let public_url = c
+            .public_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| u.trim_end_matches('/').to_owned());
         let engine = Engine::new(store.clone(), self.instance.scope.clone(), engine_settings(c), assigner)
-            .with_audit(audit.clone());
+            .with_audit(audit.clone())
+            .with_public_url(public_url);
         let service = engine.service_api(
             c.effective_hostnames(),
             ServiceLimits {

@@ -58,6 +58,7 @@ const ENV_KEYS: &[&str] = &[
     "audit_log_keep",
     "audit_log_refusals_per_minute",
     "console",
+    "public_url",
     "amqp_max_frame_bytes",
     "amqp_max_sessions",
     "amqp_max_links",

@@ -247,8 +247,16 @@ async fn console_request(state: &AppState, console: Router, mut request: Request
 
 /// Whether a request would change state through the service API (those are audited).
 fn is_service_change(req: &Req) -> bool {
-    const SERVICE: &[&str] =
-        &["enrollments", "enrollmentgroups", "registrations", "linkedhubs", "policies", "certificates"];
+    const SERVICE: &[&str] = &[
+        "enrollments",
+        "enrollmentgroups",
+        "registrations",
+        "linkedhubs",
+        "policies",
+        "certificates",
+        "certificateauthorities",
+        "credentialpolicies",
+    ];
     let Some(first) = req.segments.first() else { return false };
     let read_only_post = req.segments.last().is_some_and(|l| is(l, "query") || is(l, "attestationmechanism"));
     SERVICE.iter().any(|s| is(first, s))
@@ -409,6 +417,47 @@ async fn route(state: &AppState, req: Req) -> Result<Response, Error> {
             } else {
                 Err(method_not_allowed(&req, "POST"))
             }
+        }
+        [r, id, a] if is(r, "registrations") && is(a, "revokecertificates") => {
+            let id = (*id).to_owned();
+            if m == Method::POST {
+                service::revoke_certificates(state, &req, &id).await
+            } else {
+                Err(method_not_allowed(&req, "POST"))
+            }
+        }
+        // Operational certificates (issue #26): issuing CAs, certificate policies, CRLs.
+        [c] if is(c, "certificateauthorities") => {
+            if m == Method::GET {
+                service::list_certificate_authorities(state, &req).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [c, name] if is(c, "certificateauthorities") => {
+            let name = (*name).to_owned();
+            match m {
+                Method::GET | Method::PUT | Method::DELETE => service::certificate_authority(state, &req, &name).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        [c] if is(c, "credentialpolicies") => {
+            if m == Method::GET {
+                service::list_credential_policies(state, &req).await
+            } else {
+                Err(method_not_allowed(&req, "GET"))
+            }
+        }
+        [c, name] if is(c, "credentialpolicies") => {
+            let name = (*name).to_owned();
+            match m {
+                Method::GET | Method::PUT | Method::DELETE => service::credential_policy(state, &req, &name).await,
+                _ => Err(method_not_allowed(&req, "GET, PUT, DELETE")),
+            }
+        }
+        [c, file] if is(c, "crl") => {
+            let file = (*file).to_owned();
+            if m == Method::GET { service::crl(state, &file).await } else { Err(method_not_allowed(&req, "GET")) }
         }
         [r, id, a] if is(r, "registrations") && is(a, "audit") => {
             let id = (*id).to_owned();

@@ -176,12 +176,102 @@ pub(crate) async fn attestation_mechanism(
 pub(crate) async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
     if req.method == axum::http::Method::GET {
         authorize(state, req, Right::RegistrationStatusRead).await?;
-        Ok(response::json(StatusCode::OK, &state.service.get_registration(id).await?))
+        let mut registration = state.service.get_registration(id).await?;
+        if let Some(c) = registration.issued_certificate.as_mut()
+            && let Ok(rid) = provisio_core::ids::RegistrationId::parse(id)
+        {
+            c.revoked_date_time_utc = state.engine.issuance().revoked_at(&rid, &c.serial_number).await?;
+        }
+        Ok(response::json(StatusCode::OK, &registration))
     } else {
         authorize(state, req, Right::RegistrationStatusWrite).await?;
         state.service.delete_registration(id, req.header(header::IF_MATCH.as_str())).await?;
+        // A deleted registration's certificates are revoked (issue #26).
+        if let Ok(rid) = provisio_core::ids::RegistrationId::parse(id) {
+            state.engine.issuance().revoke(&rid).await?;
+        }
         Ok(response::empty(StatusCode::NO_CONTENT))
     }
+}
+
+/// `POST /registrations/{id}/revokeCertificates`: revokes every certificate issued to the
+/// device; answers how many.
+pub(crate) async fn revoke_certificates(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
+    authorize(state, req, Right::RegistrationStatusWrite).await?;
+    let rid = provisio_core::ids::RegistrationId::parse(id)?;
+    let revoked = state.engine.issuance().revoke(&rid).await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "revoked": revoked })))
+}
+
+/// `GET /certificateAuthorities`.
+pub(crate) async fn list_certificate_authorities(state: &AppState, req: &Req) -> Result<Response, Error> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    let value = state.engine.issuance().list_cas().await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": value })))
+}
+
+/// `GET|PUT|DELETE /certificateAuthorities/{name}`.
+pub(crate) async fn certificate_authority(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    let issuance = state.engine.issuance();
+    match req.method.as_str() {
+        "GET" => Ok(response::json(StatusCode::OK, &issuance.get_ca(name).await?)),
+        "PUT" => {
+            let body = if req.body.iter().all(u8::is_ascii_whitespace) {
+                provisio_proto::service::CertificateAuthority {
+                    name: name.to_owned(),
+                    certificate: None,
+                    chain: None,
+                    private_key: None,
+                    subject: None,
+                    sha256_thumbprint: None,
+                    not_after_utc: None,
+                    crl_path: None,
+                    etag: None,
+                }
+            } else {
+                json_body(req, "certificate authority")?
+            };
+            Ok(response::json(StatusCode::OK, &issuance.put_ca(name, body).await?))
+        }
+        _ => {
+            issuance.delete_ca(name).await?;
+            Ok(response::empty(StatusCode::NO_CONTENT))
+        }
+    }
+}
+
+/// `GET /credentialPolicies`.
+pub(crate) async fn list_credential_policies(state: &AppState, req: &Req) -> Result<Response, Error> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    let value = state.engine.issuance().list_policies().await?;
+    Ok(response::json(StatusCode::OK, &serde_json::json!({ "value": value })))
+}
+
+/// `GET|PUT|DELETE /credentialPolicies/{name}`.
+pub(crate) async fn credential_policy(state: &AppState, req: &Req, name: &str) -> Result<Response, Error> {
+    authorize(state, req, Right::ServiceConfig).await?;
+    let issuance = state.engine.issuance();
+    match req.method.as_str() {
+        "GET" => Ok(response::json(StatusCode::OK, &issuance.get_policy(name).await?)),
+        "PUT" => {
+            let body = json_body(req, "certificate policy")?;
+            Ok(response::json(StatusCode::OK, &issuance.put_policy(name, body).await?))
+        }
+        _ => {
+            issuance.delete_policy(name).await?;
+            Ok(response::empty(StatusCode::NO_CONTENT))
+        }
+    }
+}
+
+/// `GET /crl/{name}.crl`: a CA's CRL (DER), without authentication, as brokers fetch it.
+pub(crate) async fn crl(state: &AppState, file: &str) -> Result<Response, Error> {
+    let name = file.strip_suffix(".crl").unwrap_or(file);
+    let der = state.engine.issuance().crl(name).await?;
+    let mut r = Response::new(axum::body::Body::from(der));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pkix-crl"));
+    Ok(r)
 }
 
 /// `GET /policies`.

@@ -16,6 +16,7 @@ mod console;
 mod device;
 mod durability;
 mod hardening;
+mod issuance;
 mod mqtt;
 mod multinode;
 mod service_api;
