@@ -125,6 +125,8 @@ pub struct Request<'a> {
     /// For TPM devices: the storage root key the key was delivered to (base64
     /// `TPM2B_PUBLIC`, as the device sent it).
     pub tpm_storage_root_key: Option<&'a str>,
+    /// The SHA-256 thumbprint of the operational certificate issued with this registration.
+    pub issued_thumbprint: Option<&'a str>,
 }
 
 impl Assigner {
@@ -243,6 +245,7 @@ impl Assigner {
             previous_iot_hub_host_name: if moved { previous.as_ref().map(|p| p.hub.to_owned()) } else { None },
             migrate_device_data: plan.migrate,
             payload: r.payload.cloned(),
+            issued_certificate_thumbprint: r.issued_thumbprint.map(str::to_owned),
         };
         let url =
             hubs.iter().find(|h| h.host_name.eq_ignore_ascii_case(&hub)).and_then(|h| h.registrar_webhook_url.clone());

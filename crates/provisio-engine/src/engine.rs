@@ -371,6 +371,7 @@ impl Engine {
             .with_webhook_addresses(self.assigner.addresses().clone())
             .with_group_cache(self.group_cache.clone())
             .with_auth_cache(self.auth_cache.clone())
+            .with_issuance(self.issuance.clone())
     }
 
     /// The store this engine works on.
@@ -795,6 +796,13 @@ impl Engine {
             }
             _ => None,
         };
+        // The certificate is issued before the hub registrar is called, so that the registrar
+        // can be told its thumbprint; a registration that then ends other than assigned has
+        // it revoked at once.
+        let issued = match (&prepared, settings.enabled) {
+            (Some(p), true) => Some(self.issuance.issue(&id, p, source_group(&matched)).await?),
+            _ => None,
+        };
         let assignment = if settings.enabled {
             self.assigner
                 .assign(crate::allocation::Request {
@@ -806,6 +814,7 @@ impl Engine {
                     device_id,
                     tpm_key: tpm_challenge.as_ref().map(|c| c.challenge_key.as_str()),
                     tpm_storage_root_key: tpm_challenge.as_ref().map(|c| c.storage_root_key.as_str()),
+                    issued_thumbprint: issued.as_ref().map(|i| i.sha256_thumbprint.as_str()),
                 })
                 .await?
         } else {
@@ -834,11 +843,13 @@ impl Engine {
             tpm,
             issued: None,
         };
-        // Issued once the device is assigned (a failed or disabled result gets none).
-        if let (Some(p), Outcome::Assigned { .. }) = (&prepared, &record.outcome) {
-            let issued = self.issuance.issue(&id, p).await?;
-            tracing::info!(registration_id = %id, serial = issued.serial, ca = issued.ca_name, "certificate issued");
-            record.issued = Some(issued);
+        if let Some(issued) = issued {
+            if matches!(record.outcome, Outcome::Assigned { .. }) {
+                tracing::info!(registration_id = %id, serial = issued.serial, ca = issued.ca_name, "certificate issued");
+                record.issued = Some(issued);
+            } else {
+                self.issuance.revoke_serial(&id, &issued.serial).await?;
+            }
         }
         let operation_id = new_operation_id();
         let body = crate::to_json(&record)
@@ -936,6 +947,14 @@ impl Engine {
         // The spec keeps the issued chain out of the status lookup's answer.
         result.issued_certificate_chain = None;
         Ok(result)
+    }
+}
+
+/// The group a matched enrollment is, if it is one.
+fn source_group(m: &Matched) -> Option<&str> {
+    match m {
+        Matched::Group(g) => Some(g.enrollment_group_id.as_str()),
+        Matched::Individual(_) => None,
     }
 }
 

@@ -75,6 +75,9 @@ struct StoredIssued {
     issued: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     revoked: Option<String>,
+    /// The group the device registered through, if any (revoked with the group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
 }
 
 /// A device's request, checked against its policy, ready to be honoured once it is assigned.
@@ -428,7 +431,12 @@ impl Issuance {
     ///
     /// # Errors
     /// Signing or store failures.
-    pub async fn issue(&self, id: &RegistrationId, p: &Prepared) -> Result<IssuedCertificate, Error> {
+    pub async fn issue(
+        &self,
+        id: &RegistrationId,
+        p: &Prepared,
+        group: Option<&str>,
+    ) -> Result<IssuedCertificate, Error> {
         let ca = CertAndKey { cert_pem: p.ca.cert_pem.clone(), key_pem: p.ca.key_pem.clone() };
         let crl_url = self.public_url.as_ref().map(|u| format!("{u}{}", Self::crl_path(&p.ca.name)));
         let now = time::OffsetDateTime::now_utc();
@@ -454,6 +462,7 @@ impl Issuance {
             ca_name: p.ca.name.clone(),
             issued: now.unix_timestamp(),
             revoked: None,
+            group: group.map(str::to_owned),
         };
         let body = serde_json::to_string(&record).map_err(|e| Error::Internal(e.to_string()))?;
         self.store
@@ -529,6 +538,56 @@ impl Issuance {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Revokes one certificate of a device (issued for a registration that did not end
+    /// assigned).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn revoke_serial(&self, id: &RegistrationId, serial: &str) -> Result<(), Error> {
+        let key = format!("{}/{serial}", id.key());
+        let Some(doc) = self.store.get(Collection::IssuedCertificates, &key).await.or_internal()? else {
+            return Ok(());
+        };
+        let mut i: StoredIssued =
+            serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored certificate record: {e}")))?;
+        if i.revoked.is_none() {
+            i.revoked = Some(timefmt::now());
+            let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
+            self.store.put(Collection::IssuedCertificates, &key, &body, Precondition::Any).await.or_internal()?;
+        }
+        Ok(())
+    }
+
+    /// Revokes every certificate issued through a group (it was disabled or deleted);
+    /// returns how many.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn revoke_group(&self, group: &str) -> Result<usize, Error> {
+        let now = timefmt::now();
+        let mut n = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list(Collection::IssuedCertificates, after.as_deref(), 1000).await.or_internal()?;
+            for doc in &page {
+                let Ok(mut i) = serde_json::from_str::<StoredIssued>(&doc.body) else { continue };
+                if i.revoked.is_none() && i.group.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(group)) {
+                    i.revoked = Some(now.clone());
+                    let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
+                    self.store
+                        .put(Collection::IssuedCertificates, &doc.id, &body, Precondition::Any)
+                        .await
+                        .or_internal()?;
+                    n += 1;
+                }
+            }
+            if page.len() < 1000 {
+                return Ok(n);
+            }
+            after = page.last().map(|d| d.id.clone());
+        }
     }
 
     /// The CRL of a CA, DER, signed now: every revoked certificate it issued.

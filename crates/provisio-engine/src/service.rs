@@ -67,6 +67,8 @@ pub struct ServiceApi {
     auth_cache: Option<Arc<crate::cache::AuthCache>>,
     /// What stored webhook URLs may point at.
     webhooks: crate::addresses::AddressPolicy,
+    /// Operational certificates, revoked with their enrollment.
+    issuance: Option<crate::issuance::Issuance>,
 }
 
 /// Which API a request is for: each has its own api-versions.
@@ -253,6 +255,7 @@ impl ServiceApi {
             )),
             group_cache: None,
             auth_cache: None,
+            issuance: None,
             webhooks: crate::addresses::AddressPolicy::default(),
         }
     }
@@ -291,6 +294,25 @@ impl ServiceApi {
     pub fn with_auth_cache(mut self, c: Arc<crate::cache::AuthCache>) -> Self {
         self.auth_cache = Some(c);
         self
+    }
+
+    /// Revokes operational certificates when their enrollment is disabled or deleted.
+    #[must_use]
+    pub fn with_issuance(mut self, i: crate::issuance::Issuance) -> Self {
+        self.issuance = Some(i);
+        self
+    }
+
+    /// Revokes the certificates of an enrollment (or every device of a group) that was
+    /// disabled or deleted (issue #26).
+    async fn revoke_for(&self, group: bool, id: &str) -> Result<(), Error> {
+        let Some(issuance) = &self.issuance else { return Ok(()) };
+        let n =
+            if group { issuance.revoke_group(id).await? } else { issuance.revoke(&RegistrationId::parse(id)?).await? };
+        if n > 0 {
+            tracing::info!(enrollment = id, group, revoked = n, "certificates revoked with their enrollment");
+        }
+        Ok(())
     }
 
     fn groups_changed(&self) {
@@ -440,6 +462,9 @@ impl ServiceApi {
             .await
             .about(&Self::resource(false, id.as_str()))?;
         self.enrollments_changed();
+        if !enrollment.settings.enabled {
+            self.revoke_for(false, id.as_str()).await?;
+        }
         Ok(model::enrollment_to_wire(&enrollment, &doc.etag, true, None))
     }
 
@@ -496,7 +521,7 @@ impl ServiceApi {
         } else {
             self.enrollments_changed();
         }
-        Ok(())
+        self.revoke_for(group, &shown).await
     }
 
     /// `PUT /enrollmentGroups/{id}`.
@@ -530,6 +555,9 @@ impl ServiceApi {
             .await
             .about(&Self::resource(true, id.as_str()))?;
         self.groups_changed();
+        if !group.settings.enabled {
+            self.revoke_for(true, id.as_str()).await?;
+        }
         Ok(model::group_to_wire(&group, &doc.etag, true))
     }
 

@@ -51,6 +51,10 @@ pub struct HubDevice {
     /// as the custom allocation webhook gets it in `deviceRuntimeContext.payload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// The SHA-256 thumbprint (upper-case hex) of the operational certificate issued with
+    /// this registration, so that a bridge can create the identity at the hub with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_thumbprint: Option<String>,
 }
 
 /// The registrar endpoint's answer (any 2xx; the body is optional).

@@ -183,6 +183,17 @@ async fn devices_get_certificates_for_their_requests_over_every_transport() {
     assert_eq!(st, 204);
     let crl = s.client().get(s.url("/crl/fleet.crl")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(revoked_in(&crl), 2);
+    // Disabling an enrollment revokes its device's certificates too.
+    let (_, e) = service(&s, Method::GET, &format!("/enrollments/cert-dev-2?{V}"), None, None).await;
+    let mut disabled = e.clone();
+    disabled["provisioningStatus"] = json!("disabled");
+    let (_, mech) =
+        service(&s, Method::POST, &format!("/enrollments/cert-dev-2/attestationmechanism?{V}"), None, None).await;
+    disabled["attestation"] = mech;
+    let (st, v) = service(&s, Method::PUT, &format!("/enrollments/cert-dev-2?{V}"), Some("*"), Some(disabled)).await;
+    assert_eq!(st, 200, "{v}");
+    let crl = s.client().get(s.url("/crl/fleet.crl")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(revoked_in(&crl), 3);
     // A CA in use by a policy cannot be deleted.
     let (st, _) = service(&s, Method::DELETE, &format!("/certificateAuthorities/fleet?{V}"), None, None).await;
     assert_eq!(st, 409);
