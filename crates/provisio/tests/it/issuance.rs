@@ -227,3 +227,137 @@ fn revoked_in(der: &[u8]) -> usize {
         .args(["crl", "-inform", "DER", "-in", "c.crl", "-noout", "-text"]));
     text.matches("Serial Number:").count()
 }
+
+/// A Mosquitto broker (Debian's package) on its own port that requires client certificates
+/// from `ca_bundle` and reads `crl`; stopped when dropped.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\npersistence false\nlog_dest stderr\nlistener {port} 127.0.0.1\n\
+                 cafile {d}/clients-ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\n\
+                 require_certificate true\nuse_identity_as_username true\nallow_anonymous true\ncrlfile {d}/crl.pem\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
+            .spawn()
+            .expect("mosquitto (Debian's package; scripts/setup installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("mosquitto did not listen: {}", std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default());
+    }
+
+    /// Whether the device (`device.pem`: its certificate and the issuing CA; `device.key`)
+    /// may publish, and what `mosquitto_pub` said.
+    fn publishes(&self, dir: &Path) -> (bool, String) {
+        let out = Command::new("mosquitto_pub")
+            .current_dir(dir)
+            .args(["-h", "localhost", "-p", &self.port.to_string(), "--cafile", "broker-ca.pem"])
+            .args(["--cert", "device.pem", "--key", "device.key", "-t", "provisio/test", "-m", "hello", "-q", "1"])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The issue's end-to-end case: a device onboards with a symmetric key and a CSR, then
+/// connects to a broker that trusts the issuing CA and reads its CRL; once the certificate is
+/// revoked and the broker re-reads the CRL, the same connection attempt is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reaches_a_broker_with_its_issued_certificate_until_it_is_revoked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let s = Server::start(&dir.join("data"), "127.0.0.1:0", &[]);
+    let scope = s.info.id_scope.clone();
+    let (st, ca) = service(&s, Method::PUT, &format!("/certificateAuthorities/broker-ca?{V}"), None, None).await;
+    assert_eq!(st, 200, "{ca}");
+    let policy = json!({"name": "broker", "certificateAuthorityName": "broker-ca"});
+    let (st, _) = service(&s, Method::PUT, &format!("/credentialPolicies/broker?{V}"), None, Some(policy)).await;
+    assert_eq!(st, 200);
+    let id = "broker-dev";
+    let e = put_enrollment(
+        &s,
+        false,
+        id,
+        json!({"registrationId": id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": "broker"}),
+    )
+    .await;
+    let tok = token(&scope, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
+    let (csr, key) = openssl_csr(dir, id, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let body = serde_json::to_vec(&json!({"registrationId": id, "csr": csr})).unwrap();
+    let r =
+        send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok.clone(), OwnedOp::Register(body))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = r.body["operationId"].as_str().unwrap().to_owned();
+    let r = send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok, OwnedOp::Poll(op))).await;
+    let chain: Vec<String> = r.body["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no chain: {}", r.body))
+        .iter()
+        .map(|c| pem(c.as_str().unwrap()))
+        .collect();
+    // The device's files: its certificate and the issuing CA, its key.
+    std::fs::write(dir.join("device.pem"), format!("{}{}", chain[0], chain[1])).unwrap();
+    std::fs::copy(&key, dir.join("device.key")).unwrap();
+    // The broker trusts the issuing CA (and its root) and serves a certificate of its own.
+    std::fs::write(dir.join("clients-ca.pem"), format!("{}{}", chain[1], chain[2])).unwrap();
+    let broker_ca = provisio_pki::generate_ca("Broker TLS CA").unwrap();
+    let broker = provisio_pki::issue_server_cert(&broker_ca, &["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("broker-ca.pem"), &broker_ca.cert_pem).unwrap();
+    std::fs::write(dir.join("broker.pem"), &broker.cert_pem).unwrap();
+    std::fs::write(dir.join("broker.key"), &broker.key_pem).unwrap();
+    let fetch_crl = async || {
+        let der = s.client().get(s.url("/crl/broker-ca.crl")).send().await.unwrap().bytes().await.unwrap();
+        std::fs::write(dir.join("crl.der"), der).unwrap();
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["crl", "-inform", "DER", "-in", "crl.der", "-out", "crl.pem"]));
+    };
+    fetch_crl().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let b = Broker::start(dir, port);
+    let (ok, said) = b.publishes(dir);
+    assert!(ok, "{said}\n{}", std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default());
+    drop(b);
+    // Revoked, the CRL fetched again, the broker restarted: refused.
+    let (st, v) = service(&s, Method::POST, &format!("/registrations/{id}/revokeCertificates?{V}"), None, None).await;
+    assert_eq!((st, &v["revoked"]), (200, &json!(1)));
+    fetch_crl().await;
+    let b = Broker::start(dir, port);
+    let (ok, said) = b.publishes(dir);
+    assert!(!ok, "a revoked certificate still connects: {said}");
+    // And for the reason that it is revoked (OpenSSL, as the broker checks it).
+    std::fs::write(dir.join("leaf.pem"), &chain[0]).unwrap();
+    let why = Command::new("openssl")
+        .current_dir(dir)
+        .args(["verify", "-crl_check", "-CAfile", "clients-ca.pem", "-CRLfile", "crl.pem", "leaf.pem"])
+        .output()
+        .unwrap();
+    let why = format!("{}{}", String::from_utf8_lossy(&why.stdout), String::from_utf8_lossy(&why.stderr));
+    assert!(why.contains("certificate revoked"), "{why}");
+}
