@@ -35,8 +35,12 @@ pub struct BenchArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Scenarios: handshake, trivial, https-keepalive, https-newconn, mqtt.
-    #[arg(long, value_delimiter = ',', default_value = "handshake,trivial,https-keepalive,https-newconn,mqtt")]
+    /// Scenarios: handshake, trivial, https-keepalive, https-csr, https-newconn, mqtt.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "handshake,trivial,https-keepalive,https-csr,https-newconn,mqtt"
+    )]
     pub scenarios: Vec<String>,
     /// Individual enrollments loaded into the store before the server starts (scale test).
     #[arg(long, default_value_t = 0)]
@@ -302,6 +306,8 @@ struct Setup {
     svc_token: String,
     /// The symmetric-key group's primary key.
     gk: String,
+    /// The primary key of the symmetric-key group that issues certificates (`https-csr`).
+    gk_csr: String,
     /// The root of the X.509 group.
     root: provisio_pki::CertAndKey,
     /// A TLS client configuration without a client certificate.
@@ -311,7 +317,7 @@ struct Setup {
 /// One round: every selected scenario once, with device ids carrying `tag`.
 #[allow(clippy::too_many_lines)]
 async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row>> {
-    let Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, root, cfg } = setup;
+    let Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, gk_csr, root, cfg } = setup;
     let (https_port, tag) = (*https_port, tag.to_owned());
     let (n, c) = (args.devices, args.concurrency);
     let has = |s: &str| args.scenarios.iter().any(|x| x == s);
@@ -396,6 +402,29 @@ async fn run_round(setup: &Setup, args: &BenchArgs, tag: &str) -> Result<Vec<Row
             })
             .await;
         rows.push(probe.row(srv, "HTTPS, keep-alive (a device re-registering)", "X.509 (group)", d));
+    }
+    if has("https-csr") {
+        // The same registration as "HTTPS, keep-alive" with a PKCS#10 request in the body:
+        // the difference is the issuance (a CSR check and a certificate signed and stored).
+        // The requests are made before the clock starts (a device makes its key once).
+        let csrs: Arc<Vec<String>> =
+            Arc::new((0..n).map(|i| bench_csr(&format!("csr-{tag}{i}"))).collect::<Result<_>>()?);
+        let clients: Vec<reqwest::Client> =
+            (0..c.max(1)).map(|_| keepalive_client(ca, https_port, None)).collect::<Result<_>>()?;
+        let clients = Arc::new(clients);
+        let (scope2, gk2, https2, tag2) = (scope.clone(), gk_csr.clone(), https.clone(), tag.clone());
+        let probe = Probe::start(srv);
+        let d = drive("https keep-alive, sym key + CSR", n, c, move |i, worker| {
+            let (clients, scope, gk, https, csrs) =
+                (clients.clone(), scope2.clone(), gk2.clone(), https2.clone(), csrs.clone());
+            let id = format!("csr-{tag2}{i}");
+            async move {
+                let tok = group_device_token(&scope, &gk, &id)?;
+                csr_registration(&clients[worker], &https, &scope, &id, &tok, &csrs[i]).await
+            }
+        })
+        .await;
+        rows.push(probe.row(srv, "HTTPS with a CSR, keep-alive (certificate issued)", "symmetric key (group)", d));
     }
     for (name, transport, endpoint) in
         // By address, as the handshake baseline connects: a name lookup per device is the
@@ -564,8 +593,34 @@ pub async fn run(args: BenchArgs) -> Result<Report> {
         .await?
         .error_for_status()?;
 
+    // A group whose devices get operational certificates: a CA made by the server, a policy
+    // that lets each device be issued as many as the rounds need.
+    let put = async |path: &str, body: Value| -> Result<Value> {
+        Ok(reqw
+            .put(format!("https://{https}/{path}?api-version=2021-10-01"))
+            .header("Authorization", &svc_token)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    };
+    put("certificateAuthorities/bench-ca", json!({"name": "bench-ca"})).await?;
+    put(
+        "credentialPolicies/bench",
+        json!({"name": "bench", "certificateAuthorityName": "bench-ca", "issuanceLimitPerDay": 1000}),
+    )
+    .await?;
+    let group = put(
+        "enrollmentGroups/bench-csr",
+        json!({"enrollmentGroupId": "bench-csr", "attestation": {"type": "symmetricKey"}, "credentialPolicyName": "bench"}),
+    )
+    .await?;
+    let gk_csr = group["attestation"]["symmetricKey"]["primaryKey"].as_str().context("group key")?.to_owned();
+
     let cfg = tls_config(&ca, None)?;
-    let setup = Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, root, cfg };
+    let setup = Setup { srv, https_port, https, mqtt_by_ip, scope, ca, svc_token, gk, gk_csr, root, cfg };
 
     let mut rounds: Vec<Round> = Vec::new();
     for round in 0..args.rounds {
@@ -644,6 +699,56 @@ async fn keepalive_registration(
     }
     let v: Value = get.send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
     if v["status"] != "assigned" {
+        return Err(format!("poll: {v}"));
+    }
+    Ok((first, micros(t0.elapsed())))
+}
+
+/// A PKCS#10 request for `id` with a new ECDSA P-256 key, base64 DER (the device API's `csr`).
+fn bench_csr(id: &str) -> Result<String> {
+    use base64::Engine as _;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, id);
+    Ok(base64::engine::general_purpose::STANDARD.encode(params.serialize_request(&key)?.der()))
+}
+
+/// [`keepalive_registration`] with `csr` in the body (api-version `2025-07-01-preview`); the
+/// poll must carry the issued chain.
+async fn csr_registration(
+    client: &reqwest::Client,
+    https: &str,
+    scope: &str,
+    id: &str,
+    token: &str,
+    csr: &str,
+) -> Result<(u32, u32), String> {
+    const V: &str = "api-version=2025-07-01-preview";
+    let t0 = Instant::now();
+    let r = client
+        .put(format!("https://{https}/{scope}/registrations/{id}/register?{V}"))
+        .header("Content-Type", "application/json")
+        .header("Authorization", token)
+        .body(json!({"registrationId": id, "csr": csr}).to_string())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 202 {
+        return Err(format!("register: HTTP {}: {}", r.status(), r.text().await.unwrap_or_default()));
+    }
+    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    let first = micros(t0.elapsed());
+    let op = v["operationId"].as_str().unwrap_or_default().to_owned();
+    let v: Value = client
+        .get(format!("https://{https}/{scope}/registrations/{id}/operations/{op}?{V}"))
+        .header("Authorization", token)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    if v["status"] != "assigned" || !v["registrationState"]["issuedCertificateChain"].is_array() {
         return Err(format!("poll: {v}"));
     }
     Ok((first, micros(t0.elapsed())))

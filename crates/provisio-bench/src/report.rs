@@ -313,6 +313,13 @@ fn ratios(rows: &[Row]) -> Vec<Ratio> {
             100.0 * tr.server_us() / ka.server_us().max(1e-9),
         );
     }
+    if let (Some(ka), Some(csr)) = (find("HTTPS, keep-alive", "symmetric"), find("HTTPS with a CSR", "symmetric")) {
+        push("registrations with a CSR / without".to_owned(), 100.0 * csr.rate() / ka.rate().max(1e-9));
+        push(
+            "by server CPU: registrations with a CSR / without".to_owned(),
+            100.0 * ka.server_us() / csr.server_us().max(1e-9),
+        );
+    }
     if let Some(hs) = find("baseline: TLS handshake", "-") {
         for a in ["symmetric", "X.509"] {
             if let Some(nc) = find("HTTPS, new TLS", a) {

@@ -34,6 +34,7 @@ async fn a_small_bench_run_registers_every_device_over_every_transport() {
         ("baseline: trivial authenticated request", "-", devices * 4),
         ("HTTPS, keep-alive", "symmetric key (group)", devices),
         ("HTTPS, keep-alive (a device re-registering)", "X.509 (group)", devices),
+        ("HTTPS with a CSR, keep-alive (certificate issued)", "symmetric key (group)", devices),
         ("HTTPS, new TLS connection per device", "symmetric key (group)", devices),
         ("HTTPS, new TLS connection per device", "X.509 (group)", devices),
         ("MQTT, a connection per device", "symmetric key (group)", devices),
@@ -60,10 +61,12 @@ async fn a_small_bench_run_registers_every_device_over_every_transport() {
             "by server CPU: keep-alive registrations / trivial requests",
             "new-connection registrations (symmetric) / bare handshakes",
             "new-connection registrations (X.509) / bare handshakes",
+            "registrations with a CSR / without",
+            "by server CPU: registrations with a CSR / without",
         ] {
             assert!(names.contains(&name), "'{name}' missing: {names:?}");
         }
-        assert_eq!(names.len(), 6, "{names:?}");
+        assert_eq!(names.len(), 8, "{names:?}");
         // By rate only: 24 operations may cost the server less than one 10 ms clock tick of CPU.
         let by_rate = round.ratios.iter().filter(|r| !r.name.starts_with("by server CPU"));
         assert!(by_rate.map(|r| r.percent).all(|p| p > 0.0), "{:?}", round.ratios);
@@ -71,7 +74,7 @@ async fn a_small_bench_run_registers_every_device_over_every_transport() {
 
     let medians = report.medians.as_ref().expect("medians of two rounds");
     assert_eq!(medians.scenarios.len(), expected.len());
-    assert_eq!(medians.ratios.len(), 6);
+    assert_eq!(medians.ratios.len(), 8);
     for m in &medians.ratios {
         assert_eq!(m.per_round.len(), 2, "{m:?}");
         assert!((m.median - (m.per_round[0] + m.per_round[1]) / 2.0).abs() < 1e-6, "{m:?}");
