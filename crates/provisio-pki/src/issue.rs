@@ -8,9 +8,9 @@
 //! request is read with x509-parser here instead.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SerialNumber, SubjectPublicKeyInfo,
+    CertificateParams, CertificateRevocationListParams, CrlDistributionPoint, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SerialNumber, SubjectPublicKeyInfo,
 };
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
@@ -214,18 +214,9 @@ pub fn issuing_ca(parent: &CertAndKey, common_name: &str, days: i64) -> Result<C
     let parent_key = KeyPair::from_pem(&parent.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&parent.cert_pem, parent_key)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    dn.push(DnType::OrganizationName, "Provisio");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let mut params = crate::ca_params(common_name, 0, days);
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(days);
     let cert = params.signed_by(&key, &issuer)?;
     Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
@@ -237,17 +228,8 @@ pub fn issuing_ca(parent: &CertAndKey, common_name: &str, days: i64) -> Result<C
 /// If key generation or signing fails.
 pub fn issuing_root(common_name: &str) -> Result<CertAndKey, crate::PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    dn.push(DnType::OrganizationName, "Provisio");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let mut params = crate::ca_params(common_name, 1, 3650);
     params.serial_number = Some(random_serial());
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(3650);
     let cert = params.self_signed(&key)?;
     Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
@@ -400,6 +382,7 @@ pub fn crl(
 mod tests {
     use super::*;
     use base64::Engine as _;
+    use rcgen::BasicConstraints;
 
     fn csr_for(cn: &str, alg: &'static rcgen::SignatureAlgorithm) -> (KeyPair, String) {
         let key = KeyPair::generate_for(alg).unwrap();

@@ -50,20 +50,27 @@ fn validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + Duration::days(days);
 }
 
+/// The parameters of a Provisio CA named `common_name` (organisation "Provisio"), allowing
+/// `path_len` CAs below it, valid (from an hour ago) for `days`.
+pub(crate) fn ca_params(common_name: &str, path_len: u8, days: i64) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Provisio");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, days);
+    params
+}
+
 /// Generates a self-signed ECDSA P-256 CA for this instance.
 ///
 /// # Errors
 /// If key generation fails.
 pub fn generate_ca(common_name: &str) -> Result<CertAndKey, PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    dn.push(DnType::OrganizationName, "Provisio");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, CA_VALIDITY_DAYS);
+    let params = ca_params(common_name, 0, CA_VALIDITY_DAYS);
     let cert = params.self_signed(&key)?;
     Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
