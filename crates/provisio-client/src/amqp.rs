@@ -61,7 +61,7 @@ async fn connect(opts: &Options) -> Result<Link, ClientError> {
     // DPS asks for the API version on both links, as the SDKs send it.
     let properties = || {
         let mut f = Fields::default();
-        f.insert(Symbol::from("com.microsoft:api-version"), Value::String(crate::API_VERSION.into()));
+        f.insert(Symbol::from("com.microsoft:api-version"), Value::String(opts.api_version().into()));
         f.insert(
             Symbol::from("com.microsoft:client-version"),
             Value::String(concat!("provisio-client/", env!("CARGO_PKG_VERSION")).into()),

@@ -31,7 +31,7 @@ fn url(opts: &Options, tail: &str) -> Result<String, ClientError> {
         "https://{host}:{port}/{}/registrations/{}{tail}?api-version={}",
         enc(&opts.scope),
         enc(&opts.registration_id),
-        crate::API_VERSION
+        opts.api_version()
     ))
 }
 
@@ -91,7 +91,7 @@ pub async fn register(opts: &Options, mut progress: impl FnMut(Progress)) -> Res
         registration_id: Some(opts.registration_id.clone()),
         tpm: tpm.map(tpm_block).transpose()?,
         payload: opts.payload.clone(),
-        csr: None,
+        csr: opts.csr_field(),
     };
     if let Some(t) = tpm {
         challenge(&c, opts, &body, t).await?;

@@ -14,6 +14,7 @@
 //! ```
 
 mod amqp;
+pub mod csr;
 mod http;
 mod mqtt;
 mod tls;
@@ -32,6 +33,11 @@ pub const GLOBAL_ENDPOINT: &str = "global.azure-devices-provisioning.net";
 
 /// The device API version the client speaks.
 pub const API_VERSION: &str = "2019-03-31";
+
+/// The device API version the client speaks when it sends a certificate signing request
+/// ([`Options::csr`]): the first whose `DeviceRegistration` carries `csr` and whose result
+/// carries `issuedCertificateChain`.
+pub const CSR_API_VERSION: &str = "2025-07-01-preview";
 
 /// How the device proves its identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +176,11 @@ pub struct Options {
     /// to use instead of building one from `ca_pem` and the credential: lets a simulator
     /// of many devices parse its CA once. Its ALPN list is set per transport.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// A PKCS#10 certificate signing request (DER) to send with the registration, for an
+    /// operational certificate ([`csr::DeviceKey::request`] makes one). With it the client
+    /// speaks [`CSR_API_VERSION`] on every transport, and an assigned [`Registration`] holds
+    /// the issued chain.
+    pub csr: Option<Vec<u8>>,
 }
 
 impl Options {
@@ -188,7 +199,21 @@ impl Options {
             token_lifetime: Duration::from_secs(3600),
             min_poll_delay: Duration::from_secs(1),
             tls: None,
+            csr: None,
         }
+    }
+
+    /// The device API version of the requests: [`CSR_API_VERSION`] with a [`Options::csr`],
+    /// else [`API_VERSION`].
+    #[must_use]
+    pub fn api_version(&self) -> &'static str {
+        if self.csr.is_some() { CSR_API_VERSION } else { API_VERSION }
+    }
+
+    /// The `csr` field of the register body: base64 of the DER request, no PEM armour.
+    pub(crate) fn csr_field(&self) -> Option<String> {
+        use base64::Engine as _;
+        self.csr.as_ref().map(|der| base64::engine::general_purpose::STANDARD.encode(der))
     }
 
     /// `(host, port)` of the endpoint for the transport.
@@ -284,6 +309,17 @@ pub struct Registration {
     pub device_id: Option<String>,
     /// The payload of a custom allocation webhook.
     pub payload: Option<Value>,
+    /// The certificate issued for [`Options::csr`], DER: the leaf first, then each issuer up
+    /// to the root. Empty when no request was sent (or the service issued none).
+    pub issued_certificate_chain: Vec<Vec<u8>>,
+}
+
+impl Registration {
+    /// [`Registration::issued_certificate_chain`] as PEM (leaf first); `None` when empty.
+    #[must_use]
+    pub fn issued_chain_pem(&self) -> Option<String> {
+        (!self.issued_certificate_chain.is_empty()).then(|| csr::certificates_pem(&self.issued_certificate_chain))
+    }
 }
 
 /// Where a registration stands, for progress displays.
@@ -396,6 +432,7 @@ pub(crate) fn finish(op: RegistrationOperationStatus) -> Result<Registration, Cl
             assigned_hub: state.assigned_hub.clone(),
             device_id: state.device_id.clone(),
             payload: state.payload.clone(),
+            issued_certificate_chain: decode_chain(state.issued_certificate_chain.as_deref().unwrap_or_default())?,
             state,
         }),
         s => Err(ClientError::Assignment {
@@ -405,6 +442,19 @@ pub(crate) fn finish(op: RegistrationOperationStatus) -> Result<Registration, Cl
             state: Box::new(state),
         }),
     }
+}
+
+/// The DER certificates of an `issuedCertificateChain` (base64 each).
+fn decode_chain(chain: &[String]) -> Result<Vec<Vec<u8>>, ClientError> {
+    use base64::Engine as _;
+    chain
+        .iter()
+        .map(|c| {
+            base64::engine::general_purpose::STANDARD.decode(c.trim()).map_err(|_| {
+                ClientError::Protocol("issuedCertificateChain holds an entry that is not base64 DER".into())
+            })
+        })
+        .collect()
 }
 
 /// The wait before the next poll: `Retry-After` (2 s when absent), at most 60 s and at
@@ -429,7 +479,7 @@ pub(crate) fn registration_body(opts: &Options) -> Result<Vec<u8>, ClientError> 
         registration_id: Some(opts.registration_id.clone()),
         tpm: None,
         payload: opts.payload.clone(),
-        csr: None,
+        csr: opts.csr_field(),
     };
     serde_json::to_vec(&body).map_err(|e| ClientError::Protocol(e.to_string()))
 }

@@ -95,7 +95,7 @@ async fn connect(opts: &Options) -> Result<Conn, ClientError> {
         "{}/registrations/{}/api-version={}&ClientVersion={}",
         opts.scope,
         opts.registration_id,
-        crate::API_VERSION,
+        opts.api_version(),
         percent_encoding::utf8_percent_encode(
             concat!("provisio-client/", env!("CARGO_PKG_VERSION")),
             provisio_core::sas::PY_QUOTE

@@ -1,9 +1,15 @@
 //! `provisio device …`: the device side, as one command instead of a page of scripts.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use provisio_client::{ClientError, Credential, Options, Progress, Transport};
+use provisio_client::{
+    ClientError, Credential, Options, Progress, Transport,
+    csr::{DeviceKey, KeyType},
+};
 
 /// Device-side commands.
 #[derive(Debug, clap::Subcommand)]
@@ -35,8 +41,14 @@ pub enum DeviceCommand {
         #[arg(long)]
         expires_at: Option<u64>,
     },
-    /// Register, poll until assigned, and print the result.
-    Register(RegisterArgs),
+    /// Register, poll until assigned, and print the result; with --csr, also get an
+    /// operational certificate.
+    Register {
+        #[command(flatten)]
+        args: RegisterArgs,
+        #[command(flatten)]
+        csr: CsrArgs,
+    },
     /// The device's current registration state (POST status lookup, HTTPS).
     Status(RegisterArgs),
     /// The TPM's endorsement key (base64 of its TPM2B_PUBLIC), to enroll the device with
@@ -92,6 +104,111 @@ pub struct RegisterArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Certificate issuance at registration (`register --csr`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CsrArgs {
+    /// Ask for an operational certificate: make a key, send a certificate signing request for
+    /// it (CN = the registration id, api-version 2025-07-01-preview), and write the issued
+    /// chain to {id}_cert.pem (leaf first) and the key to {id}_key.pem (mode 0600).
+    #[arg(long)]
+    csr: bool,
+    /// The key to make: p256, p384 or rsa2048 [default: p256].
+    #[arg(long, requires = "csr", conflicts_with = "csr_key", value_parser = ["p256", "p384", "rsa2048"])]
+    csr_key_type: Option<String>,
+    /// Request the certificate for this existing private key (PEM: PKCS#8, SEC1 or PKCS#1)
+    /// instead of making one; {id}_key.pem is then not written (the key stays where it is).
+    #[arg(long, requires = "csr", value_name = "FILE")]
+    csr_key: Option<PathBuf>,
+    /// Directory to write {id}_cert.pem and {id}_key.pem to [default: the current one].
+    #[arg(long, requires = "csr", value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Overwrite existing {id}_cert.pem and {id}_key.pem.
+    #[arg(long, requires = "csr")]
+    force: bool,
+}
+
+/// What `register --csr` sends and where it writes the result.
+struct Issuance {
+    /// The certificate file.
+    cert: PathBuf,
+    /// The key file to write a new key to; `None` with --csr-key.
+    new_key: Option<(PathBuf, String)>,
+    /// The key file the certificate goes with.
+    key_file: PathBuf,
+}
+
+/// Makes or reads the key, puts its request into `opts`, and says where the files go; refuses
+/// before registering when a file exists and --force is not given.
+fn prepare_csr(c: &CsrArgs, opts: &mut Options, json: bool) -> Result<Issuance> {
+    let config = |message: String| fail(ClientError::Config(message), json);
+    let id = &opts.registration_id;
+    // The id names the files: DPS's rules (letters, digits, - . _ :) keep it a plain name.
+    provisio_core::ids::RegistrationId::parse(id).map_err(|e| config(format!("--registration-id: {e}")))?;
+    let dir = c.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let cert = dir.join(format!("{id}_cert.pem"));
+    let (key, new_key, key_file) = match &c.csr_key {
+        Some(f) => {
+            let pem = read(f, "--csr-key").map_err(|e| config(format!("{e:#}")))?;
+            let key = DeviceKey::from_pem(&pem).map_err(|e| match e {
+                ClientError::Config(m) => config(format!("--csr-key {}: {m}", f.display())),
+                e => fail(e, json),
+            })?;
+            (key, None, f.clone())
+        }
+        None => {
+            let kind = match c.csr_key_type.as_deref() {
+                Some("p384") => KeyType::EcdsaP384,
+                Some("rsa2048") => KeyType::Rsa2048,
+                _ => KeyType::EcdsaP256,
+            };
+            let key = DeviceKey::generate(kind).map_err(|e| fail(e, json))?;
+            let path = dir.join(format!("{id}_key.pem"));
+            let pem = key.to_pem();
+            (key, Some((path.clone(), pem)), path)
+        }
+    };
+    if !c.force {
+        for p in std::iter::once(&cert).chain(new_key.as_ref().map(|(p, _)| p)) {
+            if p.exists() {
+                return Err(config(format!("{} exists; pass --force to overwrite it", p.display())));
+            }
+        }
+    }
+    opts.csr = Some(key.request(id).map_err(|e| fail(e, json))?);
+    Ok(Issuance { cert, new_key, key_file })
+}
+
+/// Writes `content` to `path` through a new file created with `mode` beside it, renamed into
+/// place: a key is never readable by others, not even for a moment, and a file that existed
+/// (with --force) is replaced whole rather than truncated and rewritten.
+fn write_file(path: &Path, content: &str, mode: u32, force: bool) -> Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut b = tempfile::Builder::new();
+    b.prefix(".provisio-").suffix(".tmp");
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(mode));
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = b.tempfile_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    f.write_all(content.as_bytes())
+        .and_then(|()| f.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    if force {
+        f.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    } else {
+        f.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!("{} exists; pass --force to overwrite it", path.display())
+            } else {
+                anyhow::anyhow!("cannot write {}: {}", path.display(), e.error)
+            }
+        })?;
+    }
+    Ok(())
 }
 
 fn read(p: &PathBuf, what: &str) -> Result<String> {
@@ -191,6 +308,30 @@ fn fail(e: ClientError, json: bool) -> anyhow::Error {
     DeviceFailure { code, message: e.to_string() }.into()
 }
 
+/// Writes the new key (if one was made) and the issued chain; returns how many certificates
+/// the chain holds.
+fn save_certificate(r: &provisio_client::Registration, i: &Issuance, force: bool, json: bool) -> Result<usize> {
+    let Some(chain) = r.issued_chain_pem() else {
+        let e = ClientError::Protocol(format!(
+            "the device was assigned, but the service issued no certificate (does it speak api-version {}?)",
+            provisio_client::CSR_API_VERSION
+        ));
+        return Err(fail(e, json));
+    };
+    let written = i
+        .new_key
+        .as_ref()
+        .map_or(Ok(()), |(path, pem)| write_file(path, pem, 0o600, force))
+        .and_then(|()| write_file(&i.cert, &chain, 0o644, force));
+    if let Err(e) = written {
+        if json {
+            println!("{}", serde_json::json!({"ok": false, "kind": "other", "message": format!("{e:#}")}));
+        }
+        return Err(e);
+    }
+    Ok(r.issued_certificate_chain.len())
+}
+
 /// Runs a device command.
 pub async fn run(cmd: DeviceCommand) -> Result<()> {
     match cmd {
@@ -213,8 +354,9 @@ pub async fn run(cmd: DeviceCommand) -> Result<()> {
                 )?
             );
         }
-        DeviceCommand::Register(a) => {
-            let opts = options(&a)?;
+        DeviceCommand::Register { args: a, csr } => {
+            let mut opts = options(&a)?;
+            let issuance = if csr.csr { Some(prepare_csr(&csr, &mut opts, a.json)?) } else { None };
             let bar = indicatif::ProgressBar::new_spinner();
             bar.enable_steady_tick(Duration::from_millis(120));
             let r = provisio_client::register(&opts, |p| match p {
@@ -230,9 +372,14 @@ pub async fn run(cmd: DeviceCommand) -> Result<()> {
             .await;
             bar.finish_and_clear();
             let r = r.map_err(|e| fail(e, a.json))?;
+            let files = issuance.as_ref().map(|i| save_certificate(&r, i, csr.force, a.json)).transpose()?;
             if a.json {
                 let mut v = serde_json::to_value(&r.state)?;
                 v["operationId"] = serde_json::json!(r.operation_id);
+                if let Some(i) = &issuance {
+                    v["certificateFile"] = serde_json::json!(i.cert);
+                    v["keyFile"] = serde_json::json!(i.key_file);
+                }
                 println!("{v}");
             } else {
                 println!(
@@ -244,6 +391,12 @@ pub async fn run(cmd: DeviceCommand) -> Result<()> {
                 );
                 if let Some(p) = r.payload {
                     println!("payload: {p}");
+                }
+                if let (Some(i), Some(n)) = (&issuance, files) {
+                    if let Some((k, _)) = &i.new_key {
+                        println!("wrote {} (the private key, mode 0600)", k.display());
+                    }
+                    println!("wrote {} (the certificate and its chain: {n} certificates)", i.cert.display());
                 }
             }
         }

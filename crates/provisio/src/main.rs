@@ -68,6 +68,22 @@ enum Command {
         #[command(subcommand)]
         cmd: ops::hub::HubCommand,
     },
+    /// CAs that issue devices' operational certificates at registration, and their CRLs
+    /// (service API; needs ServiceConfig).
+    Ca {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::ca::CaCommand,
+    },
+    /// Credential policies: which CA issues a device's certificate, for how long, to which
+    /// keys (service API; needs ServiceConfig).
+    CredentialPolicy {
+        #[command(flatten)]
+        conn: ops::client::ConnArgs,
+        #[command(subcommand)]
+        cmd: ops::credential_policy::CredentialPolicyCommand,
+    },
     /// Shared access policies (service API; needs ServiceConfig).
     Policy {
         #[command(flatten)]
@@ -139,6 +155,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Certificate { conn, cmd } => ops::certificate::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Hub { conn, cmd } => ops::hub::run(&ops::client::Client::new(&conn)?, cmd).await,
         Command::Policy { conn, cmd } => ops::policy::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::Ca { conn, cmd } => ops::ca::run(&ops::client::Client::new(&conn)?, cmd).await,
+        Command::CredentialPolicy { conn, cmd } => {
+            ops::credential_policy::run(&ops::client::Client::new(&conn)?, cmd).await
+        }
         Command::Audit(args) => audit::run(&args),
         Command::Rekey(args) => rekey(args).await,
     }

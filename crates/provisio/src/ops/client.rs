@@ -181,6 +181,23 @@ impl Client {
     pub async fn get(&self, path: &str) -> Result<Value> {
         Ok(self.send(Method::GET, path, None, &[]).await?.0)
     }
+
+    /// GET of a route that needs no credential and answers bytes (a CA's CRL).
+    ///
+    /// # Errors
+    /// Network failures and non-2xx answers, with the server's message.
+    pub async fn get_public(&self, path: &str) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.http.get(&url).send().await.map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| anyhow!("reading the answer of {url}: {e}"))?;
+        if !status.is_success() {
+            let value = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+            bail!("{}", describe_error(status, &value));
+        }
+        Ok(body.to_vec())
+    }
 }
 
 /// A message an operator can act on, from a DPS error body.
@@ -192,7 +209,8 @@ fn describe_error(status: StatusCode, v: &Value) -> String {
     let hint = match status.as_u16() {
         401 => " Check the connection string (HostName, key name and key).",
         403 => " The policy of the connection string lacks the right; use one with it (`provisio policy list`).",
-        409 => " Use `update` to change an existing item.",
+        // Not after other conflicts (a CA in use by a credential policy).
+        409 if msg.contains("already exists") => " Use `update` to change an existing item.",
         412 => " It changed since you read it; read it again or pass --etag '*'.",
         _ => "",
     };

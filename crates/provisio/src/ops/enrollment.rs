@@ -41,6 +41,10 @@ pub struct Settings {
     /// Enrollment schema version sent to the webhook.
     #[arg(long, default_value = "2021-10-01")]
     webhook_api_version: String,
+    /// The credential policy that issues certificates to devices sending a certificate
+    /// signing request (`provisio credential-policy`); "" removes it.
+    #[arg(long, value_name = "NAME")]
+    credential_policy: Option<String>,
 }
 
 impl Settings {
@@ -69,6 +73,15 @@ impl Settings {
         }
         if let Some(u) = &self.webhook_url {
             e["customAllocationDefinition"] = json!({"webhookUrl": u, "apiVersion": self.webhook_api_version});
+        }
+        match self.credential_policy.as_deref().map(str::trim) {
+            Some("") => {
+                if let Some(o) = e.as_object_mut() {
+                    o.remove("credentialPolicyName");
+                }
+            }
+            Some(p) => e["credentialPolicyName"] = json!(p),
+            None => {}
         }
         Ok(())
     }

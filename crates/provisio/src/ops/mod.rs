@@ -1,8 +1,11 @@
-//! Operator commands: enrollments, groups, registrations, certificates and policies,
-//! through the service API (the same one the Azure service SDKs use).
+//! Operator commands: enrollments, groups, registrations, certificates, policies, and the
+//! issuing CAs and credential policies of operational certificates, through the service API
+//! (the same one the Azure service SDKs use).
 
+pub mod ca;
 pub mod certificate;
 pub mod client;
+pub mod credential_policy;
 mod enrollment;
 pub mod hub;
 pub mod output;

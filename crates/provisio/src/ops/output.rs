@@ -104,7 +104,8 @@ fn leaf(name: &str, v: &Value, show_keys: bool) -> String {
         Value::Null => String::new(),
         Value::String(s) if !show_keys && KEY_FIELDS.contains(&name) => mask(s),
         Value::String(s) if !show_keys && name.to_ascii_lowercase().ends_with("url") => mask_url(s),
-        Value::String(s) if name == "certificate" && s.len() > 80 => {
+        // A CA's certificate and chain (PEM) are long; `--json` prints them.
+        Value::String(s) if (name == "certificate" || name == "chain") && s.len() > 80 => {
             format!("PEM, {} characters (--json prints it)", s.len())
         }
         Value::String(s) => s.clone(),
@@ -150,6 +151,18 @@ fn cert_rows(path: &str, info: &Map<String, Value>, out: &mut Vec<(String, Strin
     out.push((format!("{path}.expiry"), s("notAfterUtc")));
 }
 
+/// A registration's `issuedCertificate`: the operational certificate issued at its last
+/// registration, and whether it was revoked.
+fn issued_rows(path: &str, c: &Map<String, Value>, out: &mut Vec<(String, String)>) {
+    let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    out.push((format!("{path}.serial"), s("serialNumber")));
+    out.push((format!("{path}.thumbprint"), s("sha256Thumbprint")));
+    out.push((format!("{path}.expiry"), s("notAfterUtc")));
+    out.push((format!("{path}.ca"), s("certificateAuthorityName")));
+    let revoked = c.get("revokedDateTimeUtc").and_then(Value::as_str).map_or_else(|| "no".to_owned(), str::to_owned);
+    out.push((format!("{path}.revoked"), revoked));
+}
+
 fn is_cert_info(v: &Value) -> bool {
     v.get("subjectName").is_some_and(Value::is_string)
 }
@@ -171,6 +184,7 @@ fn walk(path: &str, name: &str, v: &Value, show_keys: bool, out: &mut Vec<(Strin
         }
         Value::Object(_) if name == "optionalDeviceInformation" => out.push((path.to_owned(), twin_summary(v))),
         Value::Object(o) if is_cert_info(v) => cert_rows(path, o, out),
+        Value::Object(o) if name == "issuedCertificate" => issued_rows(path, o, out),
         Value::Object(o) if o.get("info").is_some_and(is_cert_info) && o.get("certificate").is_none() => {
             if let Some(info) = o.get("info").and_then(Value::as_object) {
                 cert_rows(path, info, out);
@@ -321,6 +335,22 @@ mod tests {
         assert_eq!(mask_url("https://h.example/hook"), "https://h.example/hook");
         assert_eq!(mask(""), "…");
         assert_eq!(mask("abc"), "…");
+    }
+
+    #[test]
+    fn an_issued_certificate_shows_serial_thumbprint_expiry_and_revocation() {
+        let mut r = json!({"registrationId": "d", "issuedCertificate": {"serialNumber": "4A01",
+            "sha256Thumbprint": "AB".repeat(32), "notAfterUtc": "2030-01-01T00:00:00Z",
+            "certificateAuthorityName": "fleet"}});
+        let rows = fields(&r, false);
+        let get = |rows: &[(String, String)], k: &str| rows.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get(&rows, "issuedCertificate.serial").as_deref(), Some("4A01"));
+        assert_eq!(get(&rows, "issuedCertificate.thumbprint"), Some("AB".repeat(32)));
+        assert_eq!(get(&rows, "issuedCertificate.expiry").as_deref(), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(get(&rows, "issuedCertificate.ca").as_deref(), Some("fleet"));
+        assert_eq!(get(&rows, "issuedCertificate.revoked").as_deref(), Some("no"));
+        r["issuedCertificate"]["revokedDateTimeUtc"] = json!("2026-01-02T03:04:05Z");
+        assert_eq!(get(&fields(&r, false), "issuedCertificate.revoked").as_deref(), Some("2026-01-02T03:04:05Z"));
     }
 
     #[test]

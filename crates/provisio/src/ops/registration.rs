@@ -1,4 +1,4 @@
-//! `provisio registration show|list|delete`.
+//! `provisio registration show|list|delete|revoke`.
 
 use anyhow::Result;
 use reqwest::Method;
@@ -25,7 +25,13 @@ pub enum RegistrationCommand {
         #[command(flatten)]
         top: super::Top,
     },
-    /// Delete a device's registration state (the device may register again).
+    /// Revoke every operational certificate issued to a device (its CA's CRL lists them).
+    Revoke {
+        /// Registration id.
+        id: String,
+    },
+    /// Delete a device's registration state (the device may register again; its
+    /// certificates are revoked).
     Delete {
         /// Registration id.
         id: String,
@@ -87,6 +93,16 @@ pub async fn run(c: &Client, cmd: RegistrationCommand) -> Result<()> {
                 c.json,
                 false,
             );
+        }
+        RegistrationCommand::Revoke { id } => {
+            let (v, _) =
+                c.send(Method::POST, &format!("/registrations/{}/revokeCertificates", seg(&id)), None, &[]).await?;
+            if c.json {
+                print_object(&v, true, false);
+            } else {
+                let n = v["revoked"].as_u64().unwrap_or(0);
+                println!("{n} certificate(s) of '{id}' revoked");
+            }
         }
         RegistrationCommand::Delete { id, etag } => {
             let m = etag.unwrap_or_else(|| "*".into());

@@ -6,13 +6,14 @@ use serde_json::Value;
 
 use crate::common::{Instance, Process, Server, curl, now};
 
-struct Cli<'a> {
-    s: &'a Server,
-    cs: String,
+/// The `provisio` binary with the server's connection string and CA in its environment.
+pub(crate) struct Cli<'a> {
+    pub(crate) s: &'a Server,
+    pub(crate) cs: String,
 }
 
 impl Cli<'_> {
-    fn raw(&self, args: &[&str]) -> Output {
+    pub(crate) fn raw(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_provisio"))
             .args(args)
             .env("PROVISIO_CONNECTION_STRING", &self.cs)
@@ -21,20 +22,20 @@ impl Cli<'_> {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let o = self.raw(args);
         assert!(o.status.success(), "provisio {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     }
 
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.ok(&a);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
     }
 
-    fn fails(&self, args: &[&str]) -> String {
+    pub(crate) fn fails(&self, args: &[&str]) -> String {
         let o = self.raw(args);
         assert!(!o.status.success(), "provisio {args:?} should fail");
         String::from_utf8_lossy(&o.stderr).into_owned()
@@ -279,14 +280,14 @@ fn device_register_help_names_the_endpoint_default_once() {
 }
 
 /// Every line of `out` is at most 100 columns wide.
-fn fits_100_columns(what: &str, out: &str) {
+pub(crate) fn fits_100_columns(what: &str, out: &str) {
     for line in out.lines() {
         assert!(line.chars().count() <= 100, "{what}: a line of {} columns:\n{out}", line.chars().count());
     }
 }
 
 /// The rows of a key/value table (`field  value`), wrapped values joined again.
-fn table_fields(out: &str) -> Vec<(String, String)> {
+pub(crate) fn table_fields(out: &str) -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut body = false;
     for line in out.lines() {
@@ -309,7 +310,7 @@ fn table_fields(out: &str) -> Vec<(String, String)> {
     rows
 }
 
-fn field<'a>(rows: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(rows: &'a [(String, String)], name: &str) -> Option<&'a str> {
     rows.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 

@@ -12,9 +12,12 @@ use provisio_testkit::{
     now, put_enrollment,
 };
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::common::{Instance, run, service};
+use crate::{
+    cli::{Cli, field, fits_100_columns, table_fields},
+    common::{Instance, run, service},
+};
 
 const V: &str = "api-version=2021-10-01";
 
@@ -360,4 +363,340 @@ async fn a_device_reaches_a_broker_with_its_issued_certificate_until_it_is_revok
         .unwrap();
     let why = format!("{}{}", String::from_utf8_lossy(&why.stdout), String::from_utf8_lossy(&why.stderr));
     assert!(why.contains("certificate revoked"), "{why}");
+}
+
+// The operator CLI (`provisio ca`, `credential-policy`, `--credential-policy`, `registration
+// revoke|show`) and the device tooling (`provisio device register --csr`).
+
+/// `provisio device register --scope … {args}` run in `cwd`, trusting the server's CA.
+fn device_register(s: &Server, cwd: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_provisio"))
+        .current_dir(cwd)
+        .args(["device", "register", "--scope", &s.info.id_scope])
+        .args(args)
+        .env("PROVISIO_CA", s.ca_file())
+        .env_remove("PROVISIO_CONNECTION_STRING")
+        .output()
+        .unwrap()
+}
+
+/// The certificates of a PEM file, in order.
+fn split_pem(text: &str) -> Vec<String> {
+    text.split_inclusive("-----END CERTIFICATE-----\n")
+        .filter(|c| c.contains("-----BEGIN CERTIFICATE-----"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks a written `{id}_cert.pem` (leaf, issuing CA, root) with `openssl verify`, the root as
+/// the only trust anchor; returns the leaf's serial (upper-case hex) as openssl reads it.
+fn openssl_verifies(cert_file: &Path) -> String {
+    let chain = split_pem(&std::fs::read_to_string(cert_file).unwrap());
+    assert_eq!(chain.len(), 3, "leaf, issuing CA, root in {}", cert_file.display());
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in ["leaf.pem", "inter.pem", "root.pem"].iter().zip(&chain) {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let verified = run(Command::new("openssl").current_dir(dir.path()).args([
+        "verify",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        "root.pem",
+        "-untrusted",
+        "inter.pem",
+        "leaf.pem",
+    ]));
+    assert!(verified.contains("leaf.pem: OK"), "{verified}");
+    let serial =
+        run(Command::new("openssl").current_dir(dir.path()).args(["x509", "-in", "leaf.pem", "-noout", "-serial"]));
+    serial.trim().trim_start_matches("serial=").to_ascii_uppercase()
+}
+
+/// The public key (PEM) of the first certificate of `cert_file`.
+fn cert_public_key(cert_file: &Path) -> String {
+    run(Command::new("openssl").arg("x509").arg("-in").arg(cert_file).args(["-noout", "-pubkey"]))
+}
+
+/// The public key (PEM) of a private key file.
+fn key_public_key(key_file: &Path) -> String {
+    run(Command::new("openssl").arg("pkey").arg("-in").arg(key_file).arg("-pubout"))
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_manage_issuing_cas_and_credential_policies_with_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &[]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+
+    // A CA made by the service, under its issuing root; never its key.
+    let ca = cli.json(&["ca", "create", "fleet"]);
+    assert_eq!((ca["name"].as_str(), ca["crlPath"].as_str()), (Some("fleet"), Some("/crl/fleet.crl")), "{ca}");
+    assert!(ca["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"), "{ca}");
+    assert!(ca.get("privateKey").is_none(), "{ca}");
+    let err = cli.fails(&["ca", "create", "fleet"]);
+    assert!(err.contains("409"), "{err}");
+    // An operator's CA: an intermediate under an offline root, both made by `provisio cert`.
+    let certs = tmp.path().join("certs");
+    let c = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    cli.ok(&["cert", "root", "op-root", "--out-dir", &c("")]);
+    cli.ok(&["cert", "intermediate", "op-issuing", "--ca", "op-root", "--out-dir", &c("")]);
+    let imported = cli.json(&[
+        "ca",
+        "import",
+        "plant",
+        "--cert",
+        &c("op-issuing_cert.pem"),
+        "--key",
+        &c("op-issuing_key.pem"),
+        "--chain",
+        &c("op-root_cert.pem"),
+    ]);
+    assert_eq!(imported["subject"], "CN=op-issuing", "{imported}");
+    assert!(imported["chain"].as_str().unwrap().contains("BEGIN CERTIFICATE"), "{imported}");
+    assert!(imported.get("privateKey").is_none(), "{imported}");
+    let err =
+        cli.fails(&["ca", "import", "mismatched", "--cert", &c("op-issuing_cert.pem"), "--key", &c("op-root_key.pem")]);
+    assert!(err.contains("400") && err.contains("not the certificate's"), "{err}");
+    // Lists and shows: tables in 100 columns, PEM summarised, --top, --json.
+    let table = cli.ok(&["ca", "list"]);
+    fits_100_columns("ca list", &table);
+    assert!(table.contains("fleet") && table.contains("CN=op-issuing") && table.contains("2 item(s)"), "{table}");
+    assert!(cli.ok(&["ca", "list", "--top", "1"]).contains("more exist"));
+    assert_eq!(cli.json(&["ca", "list"]).as_array().unwrap().len(), 2);
+    let table = cli.ok(&["ca", "show", "plant"]);
+    fits_100_columns("ca show", &table);
+    let rows = table_fields(&table);
+    assert_eq!(field(&rows, "name"), Some("plant"), "{table}");
+    assert!(field(&rows, "certificate").unwrap().starts_with("PEM, "), "{table}");
+    assert!(field(&rows, "chain").unwrap().starts_with("PEM, "), "{table}");
+    assert_eq!(field(&rows, "crlPath"), Some("/crl/plant.crl"), "{table}");
+
+    // Credential policies.
+    let p = cli.json(&[
+        "credential-policy",
+        "create",
+        "sensors",
+        "--ca-name",
+        "fleet",
+        "--validity-days",
+        "7",
+        "--key-types",
+        "ecdsa-p256,rsa",
+        "--issuance-limit",
+        "3",
+    ]);
+    assert_eq!(
+        (&p["certificateAuthorityName"], &p["validityInDays"], &p["keyTypes"], &p["issuanceLimitPerDay"]),
+        (&json!("fleet"), &json!(7), &json!(["ecdsa-p256", "rsa"]), &json!(3)),
+        "{p}"
+    );
+    let p = cli.json(&["credential-policy", "create", "lines", "--certificate-authority", "plant"]);
+    assert_eq!((&p["validityInDays"], &p["issuanceLimitPerDay"]), (&json!(30), &json!(10)), "defaults: {p}");
+    let err = cli.fails(&["credential-policy", "create", "orphan", "--ca-name", "nope"]);
+    assert!(err.contains("400") && err.contains("names no certificate authority"), "{err}");
+    let err = cli.fails(&["credential-policy", "create", "x", "--ca-name", "fleet", "--key-types", "dsa"]);
+    assert!(err.contains("dsa"), "{err}");
+    let table = cli.ok(&["credential-policy", "list"]);
+    fits_100_columns("credential-policy list", &table);
+    assert!(table.contains("sensors") && table.contains("ecdsa-p256, rsa") && table.contains("2 item(s)"), "{table}");
+    assert_eq!(cli.json(&["credential-policy", "list", "--top", "1"]).as_array().unwrap().len(), 1);
+    let rows = table_fields(&cli.ok(&["credential-policy", "show", "sensors"]));
+    assert_eq!(field(&rows, "certificateAuthorityName"), Some("fleet"));
+    assert_eq!(cli.json(&["credential-policy", "show", "lines"])["certificateAuthorityName"], "plant");
+
+    // Enrollments and groups name theirs; "" removes it; other settings stay.
+    let e = cli.json(&["enrollment", "create", "pol-dev", "--credential-policy", "sensors", "--iot-hubs", "h1"]);
+    assert_eq!(e["credentialPolicyName"], "sensors", "{e}");
+    let e = cli.json(&["enrollment", "update", "pol-dev", "--credential-policy", ""]);
+    assert!(e.get("credentialPolicyName").is_none_or(Value::is_null), "{e}");
+    assert_eq!(e["iotHubs"], json!(["h1"]), "{e}");
+    let e = cli.json(&["enrollment", "update", "pol-dev", "--credential-policy", "lines"]);
+    assert_eq!(e["credentialPolicyName"], "lines", "{e}");
+    assert_eq!(cli.json(&["enrollment", "show", "pol-dev"])["credentialPolicyName"], "lines");
+    let g = cli.json(&["enrollment-group", "create", "pol-group", "--credential-policy", "sensors"]);
+    assert_eq!(g["credentialPolicyName"], "sensors", "{g}");
+    let g = cli.json(&["enrollment-group", "update", "pol-group", "--credential-policy", ""]);
+    assert!(g.get("credentialPolicyName").is_none_or(Value::is_null), "{g}");
+    let g = cli.json(&["enrollment-group", "update", "pol-group", "--credential-policy", "lines"]);
+    assert_eq!(g["credentialPolicyName"], "lines", "{g}");
+
+    // A CA in use cannot go, and the message says why (not "use update").
+    let err = cli.fails(&["ca", "delete", "fleet"]);
+    assert!(err.contains("409") && err.contains("sensors") && !err.contains("Use `update`"), "{err}");
+    cli.ok(&["credential-policy", "delete", "sensors"]);
+    assert!(cli.fails(&["credential-policy", "show", "sensors"]).contains("404"));
+    assert!(cli.ok(&["ca", "delete", "fleet"]).contains("deleted"));
+    assert!(cli.fails(&["ca", "show", "fleet"]).contains("404"));
+    assert_eq!(cli.json(&["ca", "list"]).as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_register_with_csr_writes_a_key_and_a_chain_openssl_verifies_on_every_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("provisio.toml");
+    std::fs::write(&cfg, "device_polls_per_10s = 0\n").unwrap();
+    let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let cli = Cli { s: &s, cs: s.info.service_connection_string.clone() };
+    cli.ok(&["ca", "create", "fleet"]);
+    cli.ok(&["credential-policy", "create", "devices", "--ca-name", "fleet"]);
+    let https = format!("localhost:{}", s.port);
+    let (mqtt, amqp) = (s.info.mqtt_endpoint.clone().unwrap(), s.info.amqp_endpoint.clone().unwrap());
+
+    // Every transport, each key type: the files are written, the chain verifies against the
+    // root, the key file is 0600 and its key is the certificate's.
+    let mut first = None;
+    for (transport, endpoint, key_type, openssl_says) in [
+        ("https", &https, None, "ASN1 OID: prime256v1"),
+        ("mqtt", &mqtt, Some("p384"), "ASN1 OID: secp384r1"),
+        ("amqp", &amqp, Some("rsa2048"), "Public-Key: (2048 bit)"),
+        ("mqtt-ws", &https, Some("p256"), "ASN1 OID: prime256v1"),
+        ("amqp-ws", &https, None, "ASN1 OID: prime256v1"),
+    ] {
+        let id = format!("csr-{transport}");
+        let e = cli.json(&["enrollment", "create", &id, "--credential-policy", "devices"]);
+        let key = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+        let out = tmp.path().join(transport);
+        let mut args = vec!["--registration-id", &id, "--key", &key, "--endpoint", endpoint, "--transport", transport];
+        args.extend(["--csr", "--out-dir", out.to_str().unwrap(), "--json"]);
+        if let Some(k) = key_type {
+            args.extend(["--csr-key-type", k]);
+        }
+        let o = device_register(&s, tmp.path(), &args);
+        assert!(o.status.success(), "{transport}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["status"], "assigned", "{transport}: {v}");
+        let (cert, key_file) = (out.join(format!("{id}_cert.pem")), out.join(format!("{id}_key.pem")));
+        assert_eq!(v["certificateFile"], cert.to_str().unwrap(), "{v}");
+        assert_eq!(v["keyFile"], key_file.to_str().unwrap(), "{v}");
+        assert_eq!(v["issuedCertificateChain"].as_array().map(Vec::len), Some(3), "{v}");
+        let serial = openssl_verifies(&cert);
+        #[cfg(unix)]
+        assert_eq!(mode(&key_file), 0o600, "{transport}: the key file is the owner's alone");
+        assert_eq!(cert_public_key(&cert), key_public_key(&key_file), "{transport}: the certificate is for the key");
+        let text = run(Command::new("openssl").arg("x509").arg("-in").arg(&cert).args(["-noout", "-text"]));
+        assert!(text.contains(openssl_says), "{transport}: {text}");
+        assert!(text.contains(&format!("CN={id}")) || text.contains(&format!("CN = {id}")), "{text}");
+        // The service shows the same certificate.
+        let rows = table_fields(&cli.ok(&["registration", "show", &id]));
+        assert_eq!(field(&rows, "issuedCertificate.serial"), Some(serial.as_str()), "{transport}: {rows:?}");
+        assert_eq!(field(&rows, "issuedCertificate.revoked"), Some("no"), "{rows:?}");
+        if first.is_none() {
+            first = Some((id, key, serial));
+        }
+    }
+    let (id, key, serial) = first.unwrap();
+    let out = tmp.path().join("https");
+    let (cert, key_file) = (out.join(format!("{id}_cert.pem")), out.join(format!("{id}_key.pem")));
+    let base = ["--registration-id", id.as_str(), "--key", key.as_str(), "--endpoint", https.as_str(), "--csr"];
+
+    // Existing files are not overwritten without --force: refused before registering.
+    let before = std::fs::read_to_string(&cert).unwrap();
+    let o = device_register(&s, &out, &base);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("exists; pass --force"), "{err}");
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), before);
+    // With --force, in the current directory: a new key and certificate. A key file that
+    // others could read is replaced by one created 0600, not re-permissioned.
+    #[cfg(unix)]
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let old_key = std::fs::read_to_string(&key_file).unwrap();
+    let o = device_register(&s, &out, &[&base[..], &["--force"]].concat());
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains(&format!("wrote ./{id}_key.pem")) && said.contains("3 certificates"), "{said}");
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), old_key, "a new key");
+    #[cfg(unix)]
+    assert_eq!(mode(&key_file), 0o600);
+    assert_ne!(openssl_verifies(&cert), serial, "a new certificate");
+    assert_eq!(cert_public_key(&cert), key_public_key(&key_file));
+
+    // --csr-key: a key of the device's own (an SEC1 key made by openssl) is reused, and not copied.
+    let own = tmp.path().join("own.key");
+    run(Command::new("openssl").args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"]).arg(&own));
+    let reuse = tmp.path().join("reuse");
+    let o = device_register(
+        &s,
+        tmp.path(),
+        &[&base[..], &["--csr-key", own.to_str().unwrap(), "--out-dir", reuse.to_str().unwrap(), "--json"]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["keyFile"], own.to_str().unwrap());
+    let reused_cert = reuse.join(format!("{id}_cert.pem"));
+    openssl_verifies(&reused_cert);
+    assert_eq!(cert_public_key(&reused_cert), key_public_key(&own));
+    assert!(!reuse.join(format!("{id}_key.pem")).exists(), "the key stays where it is");
+    // The same key again (renewal keeping the key), this time from the key file written above.
+    let o = device_register(
+        &s,
+        tmp.path(),
+        &[&base[..], &["--csr-key", key_file.to_str().unwrap(), "--out-dir", reuse.to_str().unwrap(), "--force"]]
+            .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(cert_public_key(&reused_cert), key_public_key(&key_file));
+    let o = device_register(&s, tmp.path(), &[&base[..], &["--csr-key", cfg.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(2), "not a key: {}", String::from_utf8_lossy(&o.stderr));
+
+    // A device whose enrollment names no credential policy: refused with the reason, no files.
+    let e = cli.json(&["enrollment", "create", "no-policy"]);
+    let k = e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+    let none = tmp.path().join("none");
+    let o = device_register(
+        &s,
+        tmp.path(),
+        &[
+            "--registration-id",
+            "no-policy",
+            "--key",
+            &k,
+            "--endpoint",
+            &https,
+            "--csr",
+            "--out-dir",
+            none.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("400004") && err.contains("credentialPolicyName"), "{err}");
+    assert!(!none.join("no-policy_cert.pem").exists() && !none.join("no-policy_key.pem").exists());
+
+    // Revocation: `registration revoke`, then `registration show` and the CA's CRL say so.
+    let current = openssl_verifies(&reused_cert);
+    let said = cli.ok(&["registration", "revoke", &id]);
+    // Every certificate of the device: the four issued above.
+    assert!(said.contains("4 certificate(s)"), "{said}");
+    assert!(cli.ok(&["registration", "revoke", &id]).contains("0 certificate(s)"), "none left to revoke");
+    assert_eq!(cli.json(&["registration", "revoke", "csr-mqtt"])["revoked"], 1);
+    let rows = table_fields(&cli.ok(&["registration", "show", &id]));
+    assert_eq!(field(&rows, "issuedCertificate.serial"), Some(current.as_str()));
+    assert!(field(&rows, "issuedCertificate.revoked").is_some_and(|r| r.ends_with('Z')), "{rows:?}");
+    let crl_file = tmp.path().join("fleet.crl");
+    let table = cli.ok(&["ca", "crl", "fleet", "--out", crl_file.to_str().unwrap()]);
+    fits_100_columns("ca crl", &table);
+    assert!(table.contains(&current) && table.contains("CN=fleet"), "{current} not in\n{table}");
+    let listed = run(Command::new("openssl").args(["crl", "-inform", "DER", "-noout", "-text", "-in"]).arg(&crl_file));
+    assert!(listed.to_ascii_uppercase().contains(&current), "{current} not in {listed}");
+    let v = cli.json(&["ca", "crl", "fleet"]);
+    let serials: Vec<&str> =
+        v["revokedCertificates"].as_array().unwrap().iter().map(|r| r["serialNumber"].as_str().unwrap()).collect();
+    assert!(serials.contains(&current.as_str()), "{v}");
+    assert_eq!(serials.len(), 5, "csr-https's four and csr-mqtt's one: {v}");
+    assert_eq!(serials.len(), revoked_in(&std::fs::read(&crl_file).unwrap()), "{v}");
+    assert!(v["nextUpdate"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+    // A CRL needs no credential: a connection string with a wrong key still fetches it.
+    let stranger = Cli {
+        s: &s,
+        cs: format!("HostName=localhost:{};SharedAccessKeyName=x;SharedAccessKey=AAAAAAAAAAAAAAAAAAAAAA==", s.port),
+    };
+    assert_eq!(stranger.json(&["ca", "crl", "fleet"])["revokedCertificates"], v["revokedCertificates"]);
+    assert!(stranger.fails(&["ca", "crl", "nope"]).contains("404"));
 }
