@@ -198,11 +198,18 @@ impl Issuance {
         };
         let doc_body = serde_json::to_string(&stored).map_err(|e| Error::Internal(e.to_string()))?;
         let key = name.to_ascii_lowercase();
-        self.store.put(Collection::IssuingCas, &key, &doc_body, Precondition::CreateOnly).await.about(&Resource {
-            kind: "Certificate authority",
-            id: name,
-            not_found_code: codes::NOT_FOUND,
-        })?;
+        // A CA is never replaced in place: the certificates it issued name it.
+        self.store.put(Collection::IssuingCas, &key, &doc_body, Precondition::CreateOnly).await.map_err(
+            |e| match e {
+                provisio_store::StoreError::Conflict => Error::Conflict(format!(
+                    "Certificate authority '{}' already exists; a CA is not replaced in place (delete it first, \
+                 or use another name).",
+                    shorten(name)
+                )),
+                other => Resource { kind: "Certificate authority", id: name, not_found_code: codes::NOT_FOUND }
+                    .store_error(other),
+            },
+        )?;
         self.get_ca(name).await
     }
 

@@ -200,6 +200,11 @@ pub(crate) async fn revoke_certificates(state: &AppState, req: &Req, id: &str) -
     authorize(state, req, Right::RegistrationStatusWrite).await?;
     let rid = provisio_core::ids::RegistrationId::parse(id)?;
     let revoked = state.engine.issuance().revoke(&rid).await?;
+    if revoked == 0 {
+        // An id without a registration record is a 404, as GET would answer; one whose
+        // certificates were all revoked already is a 200 with 0.
+        state.service.get_registration(id).await?;
+    }
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "revoked": revoked })))
 }
 

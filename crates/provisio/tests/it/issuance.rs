@@ -64,6 +64,11 @@ async fn devices_get_certificates_for_their_requests_over_every_transport() {
     assert_eq!(st, 200, "{ca}");
     assert_eq!(ca["crlPath"], "/crl/fleet.crl");
     assert!(ca.get("privateKey").is_none(), "{ca}");
+    let (st, again) = service(&s, Method::PUT, &format!("/certificateAuthorities/fleet?{V}"), None, None).await;
+    assert_eq!(st, 409, "{again}");
+    assert!(again["message"].as_str().unwrap().contains("not replaced in place"), "{again}");
+    let (st, _) = service(&s, Method::POST, &format!("/registrations/nobody/revokeCertificates?{V}"), None, None).await;
+    assert_eq!(st, 404, "no such registration");
     let policy = json!({"name": "devices", "certificateAuthorityName": "fleet", "validityInDays": 10});
     let (st, p) = service(&s, Method::PUT, &format!("/credentialPolicies/devices?{V}"), None, Some(policy)).await;
     assert_eq!(st, 200, "{p}");
