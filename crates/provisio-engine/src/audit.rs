@@ -96,6 +96,9 @@ pub struct Entry {
     /// On a summary line: how many refusals were counted and not written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// The serial of the operational certificate issued with this registration (issue #26).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
 }
 
 impl Entry {
@@ -120,6 +123,7 @@ impl Entry {
             assigned_hub: None,
             device_id: None,
             suppressed: None,
+            certificate_serial: None,
         }
     }
 }

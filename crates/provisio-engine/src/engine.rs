@@ -724,6 +724,7 @@ impl Engine {
                 if let EnrollmentSource::Group { enrollment_group_id } = &record.source {
                     entry.enrollment_group_id = Some(enrollment_group_id.clone());
                 }
+                entry.certificate_serial = record.issued.as_ref().map(|i| i.serial.clone());
                 match record.outcome {
                     Outcome::Assigned { assigned_hub, device_id, .. } => {
                         entry.result = "assigned".into();

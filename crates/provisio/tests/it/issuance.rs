@@ -705,3 +705,70 @@ async fn device_register_with_csr_writes_a_key_and_a_chain_openssl_verifies_on_e
     assert_eq!(stranger.json(&["ca", "crl", "fleet"])["revokedCertificates"], v["revokedCertificates"]);
     assert!(stranger.fails(&["ca", "crl", "nope"]).contains("404"));
 }
+
+/// The hub registrar is told the issued certificate's thumbprint (so that a bridge can create
+/// the identity at the hub with it), and the registration's audit line names its serial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_registrar_and_the_audit_log_learn_of_the_issued_certificate() {
+    use axum::{Json, Router, extract::State, routing::post};
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+    async fn registrar(State(seen): State<Seen>, Json(dev): Json<serde_json::Value>) -> Json<serde_json::Value> {
+        seen.lock().unwrap().push(dev);
+        Json(json!({}))
+    }
+    let seen: Seen = std::sync::Arc::default();
+    let app = Router::new().route("/registrar", post(registrar)).with_state(seen.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("provisio.toml");
+    std::fs::write(
+        &cfg,
+        "linked_hubs = [\"hub-r.example.net\"]\nhub_registrar = \"webhook\"\nwebhook_allowed_networks = [\"127.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let scope = s.info.id_scope.clone();
+    let hub = json!({"allocationWeight": 1, "registrarWebhookUrl": format!("http://{addr}/registrar")});
+    let (st, h) = service(&s, Method::PUT, &format!("/linkedHubs/hub-r.example.net?{V}"), Some("*"), Some(hub)).await;
+    assert_eq!(st, 200, "{h}");
+    let (st, _) = service(&s, Method::PUT, &format!("/certificateAuthorities/fleet?{V}"), None, None).await;
+    assert_eq!(st, 200);
+    let policy = json!({"name": "devices", "certificateAuthorityName": "fleet"});
+    let (st, _) = service(&s, Method::PUT, &format!("/credentialPolicies/devices?{V}"), None, Some(policy)).await;
+    assert_eq!(st, 200);
+    let id = "reg-cert-dev";
+    let e = put_enrollment(
+        &s,
+        false,
+        id,
+        json!({"registrationId": id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": "devices"}),
+    )
+    .await;
+    let tok = token(&scope, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
+    let (csr, _) = openssl_csr(tmp.path(), id, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let body = serde_json::to_vec(&json!({"registrationId": id, "csr": csr})).unwrap();
+    let r =
+        send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok.clone(), OwnedOp::Register(body))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = r.body["operationId"].as_str().unwrap().to_owned();
+    let r = send_owned(&s, Transport::Https, (scope, id.to_owned(), tok, OwnedOp::Poll(op))).await;
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    let leaf = B64.decode(r.body["registrationState"]["issuedCertificateChain"][0].as_str().unwrap()).unwrap();
+    let calls = seen.lock().unwrap().clone();
+    let call = calls.iter().find(|c| c["registrationId"] == id).expect("the registrar was called");
+    assert_eq!(call["issuedCertificateThumbprint"], provisio_pki::x509::sha256_thumbprint(&leaf));
+    let (_, state) = service(&s, Method::GET, &format!("/registrations/{id}?{V}"), None, None).await;
+    let serial = state["issuedCertificate"]["serialNumber"].as_str().unwrap().to_owned();
+    let audited = provisio_testkit::eventually(std::time::Duration::from_secs(10), async || {
+        std::fs::read_to_string(s.data_dir.join("audit.jsonl")).unwrap_or_default().lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["registrationId"] == id && v["result"] == "assigned" && v["certificateSerial"] == serial
+            })
+        })
+    })
+    .await;
+    assert!(audited, "no audit line names the certificate {serial}");
+}
