@@ -236,6 +236,34 @@ fn revoked_in(der: &[u8]) -> usize {
     text.matches("Serial Number:").count()
 }
 
+/// Makes the CA `ca` and a policy issuing from it, enrolls `id` under that policy, registers it
+/// over HTTPS with an openssl-made request and polls; returns the assigned answer and the
+/// device's key file.
+async fn onboard_with_csr(s: &Server, dir: &Path, ca: &str, id: &str) -> (Value, std::path::PathBuf) {
+    let (st, v) = service(s, Method::PUT, &format!("/certificateAuthorities/{ca}?{V}"), None, None).await;
+    assert_eq!(st, 200, "{v}");
+    let policy = json!({"name": format!("{ca}-policy"), "certificateAuthorityName": ca});
+    let (st, v) = service(s, Method::PUT, &format!("/credentialPolicies/{ca}-policy?{V}"), None, Some(policy)).await;
+    assert_eq!(st, 200, "{v}");
+    let scope = s.info.id_scope.clone();
+    let e = put_enrollment(
+        s,
+        false,
+        id,
+        json!({"registrationId": id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": format!("{ca}-policy")}),
+    )
+    .await;
+    let tok = token(&scope, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
+    let (csr, key) = openssl_csr(dir, id, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let body = serde_json::to_vec(&json!({"registrationId": id, "csr": csr})).unwrap();
+    let r = send_owned(s, Transport::Https, (scope.clone(), id.to_owned(), tok.clone(), OwnedOp::Register(body))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = r.body["operationId"].as_str().unwrap().to_owned();
+    let r = send_owned(s, Transport::Https, (scope, id.to_owned(), tok, OwnedOp::Poll(op))).await;
+    assert_eq!(r.body["status"], "assigned", "{}", r.body);
+    (r.body, key)
+}
+
 /// A Mosquitto broker (Debian's package) on its own port that requires client certificates
 /// from `ca_bundle` and reads `crl`; stopped when dropped.
 struct Broker {
@@ -301,31 +329,11 @@ async fn a_device_reaches_a_broker_with_its_issued_certificate_until_it_is_revok
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let s = Server::start(&dir.join("data"), "127.0.0.1:0", &[]);
-    let scope = s.info.id_scope.clone();
-    let (st, ca) = service(&s, Method::PUT, &format!("/certificateAuthorities/broker-ca?{V}"), None, None).await;
-    assert_eq!(st, 200, "{ca}");
-    let policy = json!({"name": "broker", "certificateAuthorityName": "broker-ca"});
-    let (st, _) = service(&s, Method::PUT, &format!("/credentialPolicies/broker?{V}"), None, Some(policy)).await;
-    assert_eq!(st, 200);
     let id = "broker-dev";
-    let e = put_enrollment(
-        &s,
-        false,
-        id,
-        json!({"registrationId": id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": "broker"}),
-    )
-    .await;
-    let tok = token(&scope, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
-    let (csr, key) = openssl_csr(dir, id, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
-    let body = serde_json::to_vec(&json!({"registrationId": id, "csr": csr})).unwrap();
-    let r =
-        send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok.clone(), OwnedOp::Register(body))).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = r.body["operationId"].as_str().unwrap().to_owned();
-    let r = send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok, OwnedOp::Poll(op))).await;
-    let chain: Vec<String> = r.body["registrationState"]["issuedCertificateChain"]
+    let (answer, key) = onboard_with_csr(&s, dir, "broker-ca", id).await;
+    let chain: Vec<String> = answer["registrationState"]["issuedCertificateChain"]
         .as_array()
-        .unwrap_or_else(|| panic!("no chain: {}", r.body))
+        .unwrap_or_else(|| panic!("no chain: {answer}"))
         .iter()
         .map(|c| pem(c.as_str().unwrap()))
         .collect();
@@ -730,33 +738,12 @@ async fn the_hub_registrar_and_the_audit_log_learn_of_the_issued_certificate() {
     )
     .unwrap();
     let s = Server::start(&tmp.path().join("data"), "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
-    let scope = s.info.id_scope.clone();
     let hub = json!({"allocationWeight": 1, "registrarWebhookUrl": format!("http://{addr}/registrar")});
     let (st, h) = service(&s, Method::PUT, &format!("/linkedHubs/hub-r.example.net?{V}"), Some("*"), Some(hub)).await;
     assert_eq!(st, 200, "{h}");
-    let (st, _) = service(&s, Method::PUT, &format!("/certificateAuthorities/fleet?{V}"), None, None).await;
-    assert_eq!(st, 200);
-    let policy = json!({"name": "devices", "certificateAuthorityName": "fleet"});
-    let (st, _) = service(&s, Method::PUT, &format!("/credentialPolicies/devices?{V}"), None, Some(policy)).await;
-    assert_eq!(st, 200);
     let id = "reg-cert-dev";
-    let e = put_enrollment(
-        &s,
-        false,
-        id,
-        json!({"registrationId": id, "attestation": {"type": "symmetricKey"}, "credentialPolicyName": "devices"}),
-    )
-    .await;
-    let tok = token(&scope, id, e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap());
-    let (csr, _) = openssl_csr(tmp.path(), id, &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
-    let body = serde_json::to_vec(&json!({"registrationId": id, "csr": csr})).unwrap();
-    let r =
-        send_owned(&s, Transport::Https, (scope.clone(), id.to_owned(), tok.clone(), OwnedOp::Register(body))).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = r.body["operationId"].as_str().unwrap().to_owned();
-    let r = send_owned(&s, Transport::Https, (scope, id.to_owned(), tok, OwnedOp::Poll(op))).await;
-    assert_eq!(r.body["status"], "assigned", "{}", r.body);
-    let leaf = B64.decode(r.body["registrationState"]["issuedCertificateChain"][0].as_str().unwrap()).unwrap();
+    let (answer, _) = onboard_with_csr(&s, tmp.path(), "fleet", id).await;
+    let leaf = B64.decode(answer["registrationState"]["issuedCertificateChain"][0].as_str().unwrap()).unwrap();
     let calls = seen.lock().unwrap().clone();
     let call = calls.iter().find(|c| c["registrationId"] == id).expect("the registrar was called");
     assert_eq!(call["issuedCertificateThumbprint"], provisio_pki::x509::sha256_thumbprint(&leaf));
