@@ -851,6 +851,13 @@ impl Engine {
             } else {
                 self.issuance.revoke_serial(&id, &issued.serial).await?;
             }
+        } else if matches!(record.outcome, Outcome::Assigned { .. }) {
+            // A registration without a request keeps showing the device's current certificate
+            // (its chain is not sent again: the device asked for none).
+            record.issued = previous.as_ref().and_then(|p| p.issued.clone()).map(|mut i| {
+                i.chain.clear();
+                i
+            });
         }
         let operation_id = new_operation_id();
         let body = crate::to_json(&record)

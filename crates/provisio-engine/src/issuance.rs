@@ -833,6 +833,24 @@ mod tests {
         assert!(String::from_utf8_lossy(&a.body).contains("credentialPolicyName"));
         assert!(store.get(Collection::Registrations, "dev-3").await.unwrap().is_none());
         assert_eq!(store.count(Collection::IssuedCertificates).await.unwrap(), before);
+        // A registration without a request still shows the current certificate, without a chain.
+        let plain = serde_json::to_vec(&DeviceRegistration::default()).unwrap();
+        let a = device(&engine, "dev-1", "2025-07-01-preview", DeviceOperation::Register { body: &plain }, &cred).await;
+        let op: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        let op = op["operationId"].as_str().unwrap().to_owned();
+        let a = device(
+            &engine,
+            "dev-1",
+            "2025-07-01-preview",
+            DeviceOperation::OperationStatus { operation_id: &op },
+            &cred,
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["status"], "assigned");
+        assert!(v["registrationState"].get("issuedCertificateChain").is_none(), "{v}");
+        let kept = api.get_registration("dev-1").await.unwrap().issued_certificate.unwrap();
+        assert_eq!(kept.serial_number, issued.serial_number);
         // Renewal issues a new certificate, up to the day's limit (2), then 429.
         let a = device(&engine, "dev-1", "2026-11-01", DeviceOperation::Register { body: &body }, &cred).await;
         assert_eq!(a.status, 202);

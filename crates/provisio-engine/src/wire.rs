@@ -626,7 +626,7 @@ pub fn device_result(record: &RegistrationRecord, etag: &str) -> DeviceRegistrat
     if let Some(t) = &record.tpm {
         r.tpm = Some(serde_json::json!({ "authenticationKey": t.authentication_key }));
     }
-    r.issued_certificate_chain = record.issued.as_ref().map(|i| i.chain.clone());
+    r.issued_certificate_chain = record.issued.as_ref().map(|i| i.chain.clone()).filter(|c| !c.is_empty());
     match &record.x509 {
         Some(x) => {
             r.x509 = Some(X509RegistrationResult {
