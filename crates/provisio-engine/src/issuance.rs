@@ -30,8 +30,13 @@ use crate::{Error, Resource, StoreResult};
 pub const DEFAULT_VALIDITY_DAYS: u32 = 30;
 /// Certificates one device may be issued per day unless the policy says otherwise.
 pub const DEFAULT_ISSUANCE_LIMIT_PER_DAY: u32 = 10;
-/// How long a CRL is valid for (`nextUpdate`); a new one is signed at every request.
+/// How long a CRL is valid for (`nextUpdate`).
 const CRL_VALIDITY: time::Duration = time::Duration::days(7);
+/// How long a signed CRL is served again before a new one is signed. `GET /crl/{ca}.crl` needs
+/// no credential, and signing one reads every issued-certificate record: without this, each
+/// request would cost that much. A revocation on this node signs a new one at the next request;
+/// other nodes' revocations show within this time.
+const CRL_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Validity of CAs made by [`Issuance::create_ca`], days.
 const CA_VALIDITY_DAYS: i64 = 3650;
 /// The `Meta` key of the root that CAs made here are issued under.
@@ -115,6 +120,9 @@ fn check_name(what: &str, name: &str) -> Result<(), Error> {
     }
 }
 
+/// A CRL as signed, and when.
+type SignedCrl = (std::time::Instant, Arc<Vec<u8>>);
+
 /// Issuing CAs, certificate policies and issued certificates, in the store.
 #[derive(Clone)]
 pub struct Issuance {
@@ -123,13 +131,15 @@ pub struct Issuance {
     public_url: Option<String>,
     /// The instance's ID scope, for the issuing root's name.
     scope: String,
+    /// Signed CRLs by case-folded CA name, with when they were signed ([`CRL_REUSE`]).
+    crls: Arc<std::sync::Mutex<std::collections::HashMap<String, SignedCrl>>>,
 }
 
 impl Issuance {
     /// Issuance over `store`; issued certificates point at CRLs under `public_url` when given.
     #[must_use]
     pub fn new(store: Arc<dyn Store>, scope: &str, public_url: Option<String>) -> Self {
-        Self { store, public_url, scope: scope.to_owned() }
+        Self { store, public_url, scope: scope.to_owned(), crls: Arc::default() }
     }
 
     /// The path of a CA's CRL on the HTTPS listener (no authentication).
@@ -492,23 +502,29 @@ impl Issuance {
 
     /// Every certificate issued to a device, oldest key first.
     async fn issued_to(&self, id: &RegistrationId) -> Result<Vec<StoredIssued>, Error> {
-        let prefix = format!("{}/", id.key());
+        Ok(self.issued_records(&format!("{}/", id.key())).await?.into_iter().map(|(_, i)| i).collect())
+    }
+
+    /// Every issued-certificate record whose key starts with `prefix` (`""`: all), with its key,
+    /// a page at a time. A record that does not parse is skipped (and logged): it must not keep a
+    /// CRL from being signed.
+    async fn issued_records(&self, prefix: &str) -> Result<Vec<(String, StoredIssued)>, Error> {
+        const PAGE: u32 = 1000;
         let mut out = Vec::new();
-        let mut after = prefix.clone();
+        let mut after = (!prefix.is_empty()).then(|| prefix.to_owned());
         loop {
-            let page = self.store.list(Collection::IssuedCertificates, Some(&after), 500).await.or_internal()?;
-            let full = page.len() == 500;
+            let page = self.store.list(Collection::IssuedCertificates, after.as_deref(), PAGE).await.or_internal()?;
             for doc in &page {
-                if !doc.id.starts_with(&prefix) {
+                if !doc.id.starts_with(prefix) {
                     return Ok(out);
                 }
-                out.push(
-                    serde_json::from_str(&doc.body)
-                        .map_err(|e| Error::Internal(format!("stored certificate record is corrupt: {e}")))?,
-                );
+                match serde_json::from_str(&doc.body) {
+                    Ok(i) => out.push((doc.id.clone(), i)),
+                    Err(e) => tracing::warn!(key = doc.id, error = %e, "an issued-certificate record is corrupt"),
+                }
             }
             match page.last() {
-                Some(last) if full => after.clone_from(&last.id),
+                Some(last) if page.len() == PAGE as usize => after = Some(last.id.clone()),
                 _ => return Ok(out),
             }
         }
@@ -524,27 +540,38 @@ impl Issuance {
         Ok(doc.and_then(|d| serde_json::from_str::<StoredIssued>(&d.body).ok()).and_then(|i| i.revoked))
     }
 
+    /// Marks one record revoked now and stores it; the next CRL request signs a new CRL.
+    async fn mark_revoked(&self, key: &str, mut i: StoredIssued) -> Result<(), Error> {
+        i.revoked = Some(timefmt::now());
+        let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store.put(Collection::IssuedCertificates, key, &body, Precondition::Any).await.or_internal()?;
+        tracing::info!(registration_id = i.registration_id, serial = i.serial, ca = i.ca_name, "certificate revoked");
+        self.crls_changed();
+        Ok(())
+    }
+
+    /// Revokes every unrevoked record of `records` for which `matches` holds; returns how many.
+    async fn revoke_where(
+        &self,
+        records: Vec<(String, StoredIssued)>,
+        matches: impl Fn(&StoredIssued) -> bool,
+    ) -> Result<usize, Error> {
+        let mut n = 0;
+        for (key, i) in records {
+            if i.revoked.is_none() && matches(&i) {
+                self.mark_revoked(&key, i).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Revokes every unrevoked certificate of a device; returns how many.
     ///
     /// # Errors
     /// Store failures.
     pub async fn revoke(&self, id: &RegistrationId) -> Result<usize, Error> {
-        let now = timefmt::now();
-        let mut n = 0;
-        for mut i in self.issued_to(id).await? {
-            if i.revoked.is_some() {
-                continue;
-            }
-            i.revoked = Some(now.clone());
-            let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
-            self.store
-                .put(Collection::IssuedCertificates, &format!("{}/{}", id.key(), i.serial), &body, Precondition::Any)
-                .await
-                .or_internal()?;
-            tracing::info!(registration_id = %id, serial = i.serial, ca = i.ca_name, "certificate revoked");
-            n += 1;
-        }
-        Ok(n)
+        self.revoke_where(self.issued_records(&format!("{}/", id.key())).await?, |_| true).await
     }
 
     /// Revokes one certificate of a device (issued for a registration that did not end
@@ -554,17 +581,7 @@ impl Issuance {
     /// Store failures.
     pub async fn revoke_serial(&self, id: &RegistrationId, serial: &str) -> Result<(), Error> {
         let key = format!("{}/{serial}", id.key());
-        let Some(doc) = self.store.get(Collection::IssuedCertificates, &key).await.or_internal()? else {
-            return Ok(());
-        };
-        let mut i: StoredIssued =
-            serde_json::from_str(&doc.body).map_err(|e| Error::Internal(format!("stored certificate record: {e}")))?;
-        if i.revoked.is_none() {
-            i.revoked = Some(timefmt::now());
-            let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
-            self.store.put(Collection::IssuedCertificates, &key, &body, Precondition::Any).await.or_internal()?;
-        }
-        Ok(())
+        self.revoke_where(self.issued_records(&key).await?, |i| i.serial == serial).await.map(drop)
     }
 
     /// Revokes every certificate issued through a group (it was disabled or deleted);
@@ -573,65 +590,55 @@ impl Issuance {
     /// # Errors
     /// Store failures.
     pub async fn revoke_group(&self, group: &str) -> Result<usize, Error> {
-        let now = timefmt::now();
-        let mut n = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::IssuedCertificates, after.as_deref(), 1000).await.or_internal()?;
-            for doc in &page {
-                let Ok(mut i) = serde_json::from_str::<StoredIssued>(&doc.body) else { continue };
-                if i.revoked.is_none() && i.group.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(group)) {
-                    i.revoked = Some(now.clone());
-                    let body = serde_json::to_string(&i).map_err(|e| Error::Internal(e.to_string()))?;
-                    self.store
-                        .put(Collection::IssuedCertificates, &doc.id, &body, Precondition::Any)
-                        .await
-                        .or_internal()?;
-                    n += 1;
-                }
-            }
-            if page.len() < 1000 {
-                return Ok(n);
-            }
-            after = page.last().map(|d| d.id.clone());
-        }
+        let of_group = |i: &StoredIssued| i.group.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(group));
+        self.revoke_where(self.issued_records("").await?, of_group).await
     }
 
     /// The CRL of a CA, DER, signed now: every revoked certificate it issued.
     ///
     /// # Errors
     /// `404` for an unknown CA; store or signing failures.
-    pub async fn crl(&self, name: &str) -> Result<Vec<u8>, Error> {
+    pub async fn crl(&self, name: &str) -> Result<Arc<Vec<u8>>, Error> {
+        let key = name.to_ascii_lowercase();
+        if let Some((at, der)) = self.crls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
+            && at.elapsed() < CRL_REUSE
+        {
+            return Ok(der.clone());
+        }
         let (ca, _) = self.stored_ca(name).await?.ok_or_else(|| not_found("certificate authority", name))?;
         let mut revoked = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::IssuedCertificates, after.as_deref(), 1000).await.or_internal()?;
-            for doc in &page {
-                let Ok(i) = serde_json::from_str::<StoredIssued>(&doc.body) else { continue };
-                if let Some(at) = &i.revoked
-                    && i.ca_name.eq_ignore_ascii_case(&ca.name)
-                    && let Ok(at) = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-                {
-                    revoked.push(provisio_pki::issue::Revoked { serial: i.serial, at });
-                }
+        for (_, i) in self.issued_records("").await? {
+            if let Some(at) = &i.revoked
+                && i.ca_name.eq_ignore_ascii_case(&ca.name)
+                && let Ok(at) = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            {
+                revoked.push(provisio_pki::issue::Revoked { serial: i.serial, at });
             }
-            if page.len() < 1000 {
-                break;
-            }
-            after = page.last().map(|d| d.id.clone());
         }
         let now = time::OffsetDateTime::now_utc();
         // CRL numbers must grow: seconds since the epoch do, across nodes too.
         let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
-        provisio_pki::issue::crl(
-            &CertAndKey { cert_pem: ca.cert_pem, key_pem: ca.key_pem },
-            &revoked,
-            number,
-            CRL_VALIDITY,
-            now,
-        )
-        .map_err(|e| Error::Internal(format!("signing the CRL: {e}")))
+        let der = Arc::new(
+            provisio_pki::issue::crl(
+                &CertAndKey { cert_pem: ca.cert_pem, key_pem: ca.key_pem },
+                &revoked,
+                number,
+                CRL_VALIDITY,
+                now,
+            )
+            .map_err(|e| Error::Internal(format!("signing the CRL: {e}")))?,
+        );
+        // One entry per existing CA: unknown names were refused above.
+        self.crls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, (std::time::Instant::now(), der.clone()));
+        Ok(der)
+    }
+
+    /// Forgets the signed CRLs (a certificate was revoked on this node).
+    fn crls_changed(&self) {
+        self.crls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 }
 
@@ -858,7 +865,12 @@ mod tests {
         assert_eq!(a.status, 429);
         // Revocation: the CRL lists both.
         let id = provisio_core::ids::RegistrationId::parse("dev-1").unwrap();
+        // A CRL (its route needs no credential) is signed once and served again, until a
+        // revocation on this node.
+        let first = engine.issuance().crl("fleet").await.unwrap();
+        assert!(Arc::ptr_eq(&first, &engine.issuance().crl("fleet").await.unwrap()), "served again");
         assert_eq!(engine.issuance().revoke(&id).await.unwrap(), 2);
+        assert!(!Arc::ptr_eq(&first, &engine.issuance().crl("fleet").await.unwrap()), "signed anew");
         let crl = engine.issuance().crl("fleet").await.unwrap();
         let (_, list) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl).unwrap();
         assert_eq!(list.iter_revoked_certificates().count(), 2);

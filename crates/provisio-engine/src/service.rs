@@ -740,10 +740,15 @@ impl ServiceApi {
                 message: format!("Registration '{id}' was not found."),
             }
         })?;
-        Ok(model::registration_state_to_wire(&model::record_from_body(&doc.body)?, &doc.etag))
+        let mut state = model::registration_state_to_wire(&model::record_from_body(&doc.body)?, &doc.etag);
+        if let (Some(c), Some(issuance)) = (state.issued_certificate.as_mut(), &self.issuance) {
+            c.revoked_date_time_utc = issuance.revoked_at(&id, &c.serial_number).await?;
+        }
+        Ok(state)
     }
 
-    /// `DELETE /registrations/{id}`: removes the DPS record only (not the hub device).
+    /// `DELETE /registrations/{id}`: removes the DPS record only (not the hub device), and
+    /// revokes the device's operational certificates (issue #26).
     ///
     /// # Errors
     /// 404, 412.
@@ -754,7 +759,26 @@ impl ServiceApi {
             kind: "Registration",
             id: id.as_str(),
             not_found_code: codes::REGISTRATION_NOT_FOUND,
-        })
+        })?;
+        self.revoke_for(false, id.as_str()).await
+    }
+
+    /// `POST /registrations/{id}/revokeCertificates`: revokes every certificate issued to the
+    /// device; returns how many. An id without a registration record is a 404, as GET would
+    /// answer; one whose certificates were all revoked already revokes 0.
+    ///
+    /// # Errors
+    /// 404; store failures.
+    pub async fn revoke_certificates(&self, id: &str) -> Result<usize, Error> {
+        let rid = RegistrationId::parse(id)?;
+        let revoked = match &self.issuance {
+            Some(issuance) => issuance.revoke(&rid).await?,
+            None => 0,
+        };
+        if revoked == 0 {
+            self.get_registration(id).await?;
+        }
+        Ok(revoked)
     }
 
     /// `GET /policies`: every shared access policy, with keys.

@@ -176,20 +176,10 @@ pub(crate) async fn attestation_mechanism(
 pub(crate) async fn registration(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
     if req.method == axum::http::Method::GET {
         authorize(state, req, Right::RegistrationStatusRead).await?;
-        let mut registration = state.service.get_registration(id).await?;
-        if let Some(c) = registration.issued_certificate.as_mut()
-            && let Ok(rid) = provisio_core::ids::RegistrationId::parse(id)
-        {
-            c.revoked_date_time_utc = state.engine.issuance().revoked_at(&rid, &c.serial_number).await?;
-        }
-        Ok(response::json(StatusCode::OK, &registration))
+        Ok(response::json(StatusCode::OK, &state.service.get_registration(id).await?))
     } else {
         authorize(state, req, Right::RegistrationStatusWrite).await?;
         state.service.delete_registration(id, req.header(header::IF_MATCH.as_str())).await?;
-        // A deleted registration's certificates are revoked (issue #26).
-        if let Ok(rid) = provisio_core::ids::RegistrationId::parse(id) {
-            state.engine.issuance().revoke(&rid).await?;
-        }
         Ok(response::empty(StatusCode::NO_CONTENT))
     }
 }
@@ -198,13 +188,7 @@ pub(crate) async fn registration(state: &AppState, req: &Req, id: &str) -> Resul
 /// device; answers how many.
 pub(crate) async fn revoke_certificates(state: &AppState, req: &Req, id: &str) -> Result<Response, Error> {
     authorize(state, req, Right::RegistrationStatusWrite).await?;
-    let rid = provisio_core::ids::RegistrationId::parse(id)?;
-    let revoked = state.engine.issuance().revoke(&rid).await?;
-    if revoked == 0 {
-        // An id without a registration record is a 404, as GET would answer; one whose
-        // certificates were all revoked already is a 200 with 0.
-        state.service.get_registration(id).await?;
-    }
+    let revoked = state.service.revoke_certificates(id).await?;
     Ok(response::json(StatusCode::OK, &serde_json::json!({ "revoked": revoked })))
 }
 
@@ -274,7 +258,7 @@ pub(crate) async fn credential_policy(state: &AppState, req: &Req, name: &str) -
 pub(crate) async fn crl(state: &AppState, file: &str) -> Result<Response, Error> {
     let name = file.strip_suffix(".crl").unwrap_or(file);
     let der = state.engine.issuance().crl(name).await?;
-    let mut r = Response::new(axum::body::Body::from(der));
+    let mut r = Response::new(axum::body::Body::from(der.as_ref().clone()));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pkix-crl"));
     Ok(r)
 }
